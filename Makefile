@@ -1,0 +1,68 @@
+# Apex Ingest. `make run` serves on the embedded SQLite database; `make test` runs everything.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := node_modules/.bin/buf
+PYSRC := apex_ingest gateway tests bench
+
+.PHONY: run test lint proto proto-check breaking install install-dev services bench test-reliability clean
+
+$(VENV)/.run-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev-installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@ $(VENV)/.run-installed
+
+install: $(VENV)/.run-installed
+install-dev: $(VENV)/.dev-installed
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+## run: serve the gRPC server and the HTTP gateway on the embedded SQLite database
+run: install
+	$(VENV)/bin/apex-ingest db upgrade
+	$(VENV)/bin/apex-ingest demo
+	exec $(VENV)/bin/apex-ingest serve
+
+## test: install what the tests need, make sure PostgreSQL and Redis are up, run pytest
+test: install-dev services
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+services:
+	bash scripts/ensure-chromium.sh
+	bash scripts/ensure-services.sh
+
+## proto: regenerate the committed Python stubs from proto/
+proto: install-dev
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
+		$$(find proto -name '*.proto' | sort)
+
+## proto-check: fail if the committed stubs differ from what `make proto` generates
+proto-check: proto
+	@test -z "$$(git status --porcelain -- apex_ingest/v1)" || \
+		{ echo "stubs out of date: run 'make proto' and commit"; git status --porcelain -- apex_ingest/v1; exit 1; }
+
+lint: install-dev $(BUF)
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	$(VENV)/bin/ruff check $(PYSRC)
+	$(VENV)/bin/ruff format --check $(PYSRC)
+	$(VENV)/bin/mypy
+
+## breaking: compare the proto against the previous commit
+breaking: $(BUF)
+	@if git rev-parse -q --verify HEAD~1 >/dev/null; then \
+		$(BUF) breaking --against '.git#ref=HEAD~1'; \
+	else echo "buf breaking: no previous commit, nothing to compare"; fi
+
+clean:
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache apex-ingest.db*

@@ -1,0 +1,1 @@
+"""Generated protobuf stubs for apex_ingest.v1 (see `make proto`)."""

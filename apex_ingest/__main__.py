@@ -1,0 +1,3 @@
+from apex_ingest.cli import main
+
+main()

@@ -1,0 +1,56 @@
+"""Engine and session factory: one of each per process, made at startup."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from apex_ingest.config import Settings
+
+
+def create_db_engine(url: str, settings: Settings | None = None) -> Engine:
+    settings = settings or Settings(database_url=url)
+    sa_url = make_url(url)
+    if sa_url.get_backend_name() == "sqlite":
+        engine = create_engine(url, connect_args={"timeout": settings.db_connect_timeout + 3})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    # Bounded connect, statement and TCP timeouts: when PostgreSQL goes away a call
+    # fails within seconds (UNAVAILABLE) instead of hanging; pre-ping replaces
+    # dead pooled connections, so service resumes by itself when it is back.
+    connect_args: dict[str, Any] = {
+        "connect_timeout": max(1, int(settings.db_connect_timeout)),
+        "options": f"-c statement_timeout={settings.db_statement_timeout_ms}",
+        "tcp_user_timeout": settings.db_statement_timeout_ms,
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 2,
+        "application_name": "apex-ingest",
+    }
+    return create_engine(
+        url,
+        connect_args=connect_args,
+        pool_pre_ping=True,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_pool_size,
+        pool_timeout=settings.db_connect_timeout,
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets readers run beside the writer; synchronous=FULL keeps "OK means
+    # committed" true even across power loss; busy_timeout waits out other writers.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+def create_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,60 @@
+"""Keeps grpc.health.v1 truthful: NOT_SERVING while the database is unreachable."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from grpc_health.v1 import health, health_pb2
+from sqlalchemy import Engine
+
+from apex_ingest.storage import storage_reachable
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "apex_ingest.v1.IngestService"
+
+
+class StorageHealthMonitor:
+    """Probes the database every `interval` seconds and publishes the result."""
+
+    def __init__(self, engine: Engine, servicer: health.HealthServicer, interval: float) -> None:
+        self._engine = engine
+        self._servicer = servicer
+        self._interval = interval
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="storage-health", daemon=True)
+        self._serving: bool | None = None
+
+    def start(self) -> None:
+        self.check()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def mark_unavailable(self) -> None:
+        """Called on a failed write, so health turns before the next probe."""
+        self._publish(False)
+
+    def check(self) -> bool:
+        reachable = storage_reachable(self._engine)
+        self._publish(reachable)
+        return reachable
+
+    def _publish(self, serving: bool) -> None:
+        if self._stopped.is_set() or serving == self._serving:
+            return
+        self._serving = serving
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        log.log(logging.INFO if serving else logging.WARNING, "storage reachable: %s", serving)
+        for service in ("", SERVICE_NAME):
+            self._servicer.set(service, status)
+
+    def _run(self) -> None:
+        while not self._stopped.wait(self._interval):
+            self.check()

@@ -1,0 +1,114 @@
+"""Projects: creating, listing and revoking keys, and the cached key lookup used per request."""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from apex_ingest.models import Project
+
+KEY_PREFIX = "pk_live_"
+
+
+def generate_key() -> str:
+    # 18 random bytes -> 24 URL-safe characters.
+    return KEY_PREFIX + secrets.token_urlsafe(18)
+
+
+def normalize_origin(origin: str) -> str:
+    """`https://Shop.Example:443/` -> `https://shop.example`, as browsers send Origin."""
+    parts = urlsplit(origin.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) origin: {origin!r}")
+    default_port = 443 if parts.scheme == "https" else 80
+    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    port = f":{parts.port}" if parts.port and parts.port != default_port else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def create_project(
+    session: Session, name: str, key: str | None = None, allowed_origins: Iterable[str] = ()
+) -> Project:
+    project = Project(
+        key=key or generate_key(),
+        name=name,
+        allowed_origins=sorted({normalize_origin(o) for o in allowed_origins}),
+        created_at=datetime.now(UTC),
+        revoked_at=None,
+    )
+    session.add(project)
+    session.flush()
+    return project
+
+
+def list_projects(session: Session) -> Sequence[Project]:
+    return session.scalars(select(Project).order_by(Project.id)).all()
+
+
+def find_project(session: Session, key: str) -> Project | None:
+    return session.scalars(select(Project).where(Project.key == key)).one_or_none()
+
+
+def revoke_project(session: Session, key: str) -> bool:
+    """Revoke a key; False if there is no such active key."""
+    project = find_project(session, key)
+    if project is None or project.revoked_at is not None:
+        return False
+    project.revoked_at = datetime.now(UTC)
+    return True
+
+
+@dataclass(frozen=True)
+class ProjectInfo:
+    id: int
+    allowed_origins: frozenset[str]
+
+    def allows_origin(self, origin: str) -> bool:
+        if not self.allowed_origins or not origin:
+            return True
+        try:
+            return normalize_origin(origin) in self.allowed_origins
+        except ValueError:
+            return False  # "null" and other opaque origins never match an allowlist
+
+
+class ProjectDirectory:
+    """Looks up active projects by key, caching answers (misses too) for `ttl` seconds.
+
+    So a revocation, a new project or a changed allowlist takes effect within `ttl`
+    seconds on every server.
+    """
+
+    MAX_ENTRIES = 100_000
+
+    def __init__(self, session_factory: sessionmaker[Session], ttl: float) -> None:
+        self._session_factory = session_factory
+        self._ttl = ttl
+        self._cache: dict[str, tuple[float, ProjectInfo | None]] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, key: str) -> ProjectInfo | None:
+        now = time.monotonic()
+        cached = self._cache.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        with self._session_factory() as session:
+            project = find_project(session, key)
+            info = (
+                ProjectInfo(project.id, frozenset(project.allowed_origins))
+                if project is not None and project.revoked_at is None
+                else None
+            )
+        with self._lock:
+            if len(self._cache) >= self.MAX_ENTRIES:
+                self._cache.clear()  # bounded memory against floods of random keys
+            self._cache[key] = (now + self._ttl, info)
+        return info

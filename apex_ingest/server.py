@@ -1,0 +1,127 @@
+"""The gRPC server: IngestService, grpc.health.v1 and server reflection."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from concurrent import futures
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy import Engine
+
+from apex_ingest.config import Settings
+from apex_ingest.database import create_db_engine, create_session_factory
+from apex_ingest.health import SERVICE_NAME, StorageHealthMonitor
+from apex_ingest.projects import ProjectDirectory
+from apex_ingest.servicer import IngestServicer
+from apex_ingest.storage import EventStore
+from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class IngestServer:
+    """A grpc.Server with what it owns: the database engine and the health monitor."""
+
+    def __init__(
+        self,
+        server: grpc.Server,
+        engine: Engine,
+        health_servicer: health.HealthServicer,
+        monitor: StorageHealthMonitor,
+    ) -> None:
+        self.grpc_server = server
+        self._engine = engine
+        self._health = health_servicer
+        self._monitor = monitor
+
+    def start(self) -> None:
+        self._monitor.start()
+        self.grpc_server.start()
+
+    def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, refuse new calls, let in-flight ones finish within `grace`."""
+        self._monitor.stop()
+        self._health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace).wait()
+        self._engine.dispose()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return bool(self.grpc_server.wait_for_termination(timeout))
+
+
+def create_server(address: str, settings: Settings | None = None) -> tuple[IngestServer, int]:
+    """Build (not start) the server on `address` ("host:port", port 0 picks one)."""
+    settings = settings or Settings.from_env()
+    engine = create_db_engine(settings.database_url, settings)
+    session_factory = create_session_factory(engine)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.grpc_threads),
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+        options=[
+            ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+            ("grpc.max_send_message_length", 1024 * 1024),
+        ],
+    )
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
+    )
+    monitor = StorageHealthMonitor(engine, health_servicer, settings.health_interval)
+    ingest_servicer = IngestServicer(
+        ProjectDirectory(session_factory, settings.project_cache_ttl),
+        EventStore(session_factory, settings.retry_after_seconds),
+        settings.retry_after_seconds,
+        on_storage_unavailable=monitor.mark_unavailable,
+    )
+    ingest_pb2_grpc.add_IngestServiceServicer_to_server(ingest_servicer, server)  # type: ignore[no-untyped-call]
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    assert ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name == SERVICE_NAME
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise RuntimeError(f"cannot listen on {address}")
+    return IngestServer(server, engine, health_servicer, monitor), port
+
+
+def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT, then drain in-flight calls within the grace period."""
+    if os.environ.get("APEX_MIGRATE_ON_START", "1") != "0":
+        _migrate(settings.database_url)
+    server, port = create_server(f"{settings.host}:{settings.grpc_port}", settings)
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s, draining", signal.Signals(signum).name)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    log.info("gRPC server listening on %s:%d", settings.host, port)
+    while not stopping.wait(1.0):
+        pass
+    server.stop(settings.shutdown_grace)
+    log.info("gRPC server stopped")
+
+
+def _migrate(database_url: str) -> None:
+    from apex_ingest.migrate import upgrade
+
+    try:
+        upgrade(database_url)
+    except Exception as error:  # the database may be down: start anyway, NOT_SERVING
+        log.warning("could not apply migrations at start: %s", error)

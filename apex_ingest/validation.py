@@ -1,0 +1,238 @@
+"""Checks every rule of the contract on a request and turns its events into rows.
+
+Plain functions on the generated messages: no gRPC, no database. Every violation
+is collected (not just the first), with its proto field path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from apex_ingest.errors import FieldViolation
+from apex_ingest.v1 import ingest_pb2
+
+MAX_EVENTS = 500
+MAX_TYPE_CHARS = 100
+MAX_ID_CHARS = 128
+MAX_EVENT_ID_CHARS = 64
+MAX_URL_CHARS = 4096
+MAX_DATA_BYTES = 32 * 1024
+MAX_DATA_DEPTH = 16
+MAX_USER_AGENT_CHARS = 1024
+MAX_FUTURE = timedelta(days=1)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+Row = dict[str, Any]
+
+
+def check_request_shape(request: ingest_pb2.IngestEventsRequest) -> list[FieldViolation]:
+    """Rules on the request itself, checked before the project is looked up."""
+    violations = []
+    if not request.project_key:
+        violations.append(FieldViolation("project_key", "is required"))
+    elif len(request.project_key) > 128 or _CONTROL.search(request.project_key):
+        violations.append(FieldViolation("project_key", "is not a valid project key"))
+    if request.user_id:
+        problem = _id_problem(request.user_id, MAX_ID_CHARS)
+        if problem:
+            violations.append(FieldViolation("user_id", problem))
+    if not request.events:
+        violations.append(FieldViolation("events", "must hold at least 1 event"))
+    elif len(request.events) > MAX_EVENTS:
+        violations.append(FieldViolation("events", f"must hold at most {MAX_EVENTS} events"))
+    if request.context.client_ip:
+        try:
+            ipaddress.ip_address(request.context.client_ip)
+        except ValueError:
+            violations.append(FieldViolation("context.client_ip", "is not an IP address"))
+    return violations
+
+
+def build_rows(
+    request: ingest_pb2.IngestEventsRequest,
+    received_at: datetime,
+    violations: list[FieldViolation],
+) -> list[Row]:
+    """Validate every event, appending each problem to `violations`; return the valid rows."""
+    latest = received_at + MAX_FUTURE
+    context = request.context
+    user_id = request.user_id or None
+    ip = _normalized_ip(context.client_ip)
+    user_agent = _CONTROL.sub("", context.user_agent)[:MAX_USER_AGENT_CHARS] or None
+    rows: list[Row] = []
+    for index, event in enumerate(request.events[:MAX_EVENTS]):
+        prefix = f"events[{index}]."
+        before = len(violations)
+
+        event_id = event.id
+        if event_id:
+            problem = _id_problem(event_id, MAX_EVENT_ID_CHARS)
+            if problem:
+                violations.append(FieldViolation(prefix + "id", problem))
+        else:
+            event_id = uuid.uuid4().hex
+
+        problem = _type_problem(event.type)
+        if problem:
+            violations.append(FieldViolation(prefix + "type", problem))
+        if event.visitor_id:
+            problem = _id_problem(event.visitor_id, MAX_ID_CHARS)
+            if problem:
+                violations.append(FieldViolation(prefix + "visitor_id", problem))
+        problem = _url_problem(event.url)
+        if problem:
+            violations.append(FieldViolation(prefix + "url", problem))
+        if event.referrer:
+            if len(event.referrer) > MAX_URL_CHARS:
+                violations.append(
+                    FieldViolation(
+                        prefix + "referrer", f"must be at most {MAX_URL_CHARS} characters"
+                    )
+                )
+            elif _CONTROL.search(event.referrer):
+                violations.append(
+                    FieldViolation(prefix + "referrer", "must not contain control characters")
+                )
+        data = event.data or "{}"
+        problem = data_problem(data)
+        if problem:
+            violations.append(FieldViolation(prefix + "data", problem))
+
+        occurred_at = received_at
+        if event.HasField("timestamp"):
+            ts = event.timestamp
+            if not 0 <= ts.nanos <= 999_999_999:
+                problem = "has invalid nanos"
+            else:
+                occurred_at = _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+                if ts.seconds < 0:
+                    problem = "must not be before 1970-01-01T00:00:00Z"
+                elif occurred_at > latest:
+                    problem = "must not be more than one day after the time of receipt"
+                else:
+                    problem = None
+            if problem:
+                violations.append(FieldViolation(prefix + "timestamp", problem))
+
+        if len(violations) == before:
+            rows.append(
+                {
+                    "event_id": event_id,
+                    "type": event.type,
+                    "visitor_id": event.visitor_id or None,
+                    "user_id": user_id,
+                    "url": event.url,
+                    "referrer": event.referrer or None,
+                    "data": data,
+                    "occurred_at": occurred_at,
+                    "received_at": received_at,
+                    "ip": ip,
+                    "user_agent": user_agent,
+                }
+            )
+    return rows
+
+
+def _normalized_ip(text: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(text)) if text else None
+    except ValueError:
+        return None  # reported by check_request_shape
+
+
+def _id_problem(value: str, max_chars: int) -> str | None:
+    if len(value) > max_chars:
+        return f"must be 1-{max_chars} characters"
+    if _CONTROL.search(value):
+        return "must not contain control characters"
+    return None
+
+
+def _type_problem(value: str) -> str | None:
+    if not value:
+        return "is required"
+    if len(value) > MAX_TYPE_CHARS:
+        return f"must be 1-{MAX_TYPE_CHARS} characters"
+    if _CONTROL.search(value):
+        return "must not contain control characters"
+    return None
+
+
+def _url_problem(url: str) -> str | None:
+    if not url:
+        return "is required"
+    if len(url) > MAX_URL_CHARS:
+        return f"must be at most {MAX_URL_CHARS} characters"
+    if _CONTROL.search(url):
+        return "must not contain control characters"
+    if url.startswith("/"):
+        # "//host/..." is a scheme-relative URL, not a path.
+        return None if not url.startswith("//") else "must be an absolute http(s) URL or a path"
+    if url[:8].lower().startswith(("http://", "https://")):
+        try:
+            if urlsplit(url).hostname:
+                return None
+        except ValueError:
+            pass
+    return "must be an absolute http(s) URL or a path starting with /"
+
+
+def data_problem(data: str) -> str | None:
+    """Why `data` (JSON text) breaks the rules, or None."""
+    # Measuring UTF-8 bytes needs an encode; skip it when the answer is certain.
+    if len(data) > MAX_DATA_BYTES or (
+        len(data) * 4 > MAX_DATA_BYTES
+        and len(data.encode("utf-8", "surrogatepass")) > MAX_DATA_BYTES
+    ):
+        return f"must be at most {MAX_DATA_BYTES} bytes of JSON"
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        return f"must be a JSON object ({exc.msg})"
+    if not isinstance(value, dict):
+        return "must be a JSON object"
+    # Both walks are only needed when the text could break the rule: fewer than
+    # MAX_DATA_DEPTH brackets cannot nest deeper, and NUL is always escaped in JSON.
+    if data.count("{") + data.count("[") > MAX_DATA_DEPTH and _depth(value) > MAX_DATA_DEPTH:
+        return f"must not nest deeper than {MAX_DATA_DEPTH} levels"
+    if "\\u0000" in data and _contains_nul(value):
+        return "must not contain NUL (\\u0000) characters"
+    return None
+
+
+def _depth(value: Any) -> int:
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values() if isinstance(v, dict | list))
+        else:
+            stack.extend((v, depth + 1) for v in item if isinstance(v, dict | list))
+    return deepest
+
+
+def _contains_nul(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            if any("\x00" in key for key in item):
+                return True
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False

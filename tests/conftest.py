@@ -1,0 +1,124 @@
+"""Shared fixtures: databases (SQLite and a PostgreSQL database of the test's own) and servers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from apex_ingest.config import Settings
+from apex_ingest.database import create_db_engine, create_session_factory
+from apex_ingest.migrate import upgrade
+from apex_ingest.projects import create_project
+from apex_ingest.server import IngestServer, create_server
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "APEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+_postgres_problem: str | None = None
+
+
+def _postgres_unreachable() -> str | None:
+    """Why PostgreSQL cannot be used, or None. Checked once per session."""
+    global _postgres_problem
+    if _postgres_problem is None:
+        engine = create_engine(POSTGRES_ADMIN_URL, connect_args={"connect_timeout": 3})
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+            _postgres_problem = ""
+        except Exception as error:
+            _postgres_problem = f"PostgreSQL unreachable at {POSTGRES_ADMIN_URL}: {error}"
+        finally:
+            engine.dispose()
+    return _postgres_problem or None
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _postgres_problem:
+        terminalreporter.write_sep("!", "PostgreSQL tests did NOT run", red=True, bold=True)
+        terminalreporter.write_line(_postgres_problem)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    url = f"sqlite:///{tmp_path / 'apex.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A migrated PostgreSQL database of this test's own, dropped afterwards."""
+    problem = _postgres_unreachable()
+    if problem:
+        if os.environ.get("CI") == "true":
+            pytest.fail(problem)
+        pytest.skip(problem)
+    name = f"apex_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Each storage test runs on both databases."""
+    return str(request.getfixturevalue(f"{request.param}_url"))
+
+
+def make_project(
+    database_url: str, name: str = "test", allowed_origins: tuple[str, ...] = ()
+) -> str:
+    engine = create_db_engine(database_url)
+    try:
+        with create_session_factory(engine).begin() as session:
+            return create_project(session, name, allowed_origins=allowed_origins).key
+    finally:
+        engine.dispose()
+
+
+@dataclass
+class RunningServer:
+    server: IngestServer
+    port: int
+    database_url: str
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+def start_server(database_url: str, **settings: object) -> RunningServer:
+    defaults: dict[str, object] = {"project_cache_ttl": 0.0, "health_interval": 0.2}
+    config = Settings(database_url=database_url, **{**defaults, **settings})  # type: ignore[arg-type]
+    server, port = create_server("127.0.0.1:0", config)
+    server.start()
+    return RunningServer(server, port, database_url)
+
+
+@pytest.fixture
+def grpc_server(sqlite_url: str) -> Iterator[RunningServer]:
+    """A running gRPC server on port 0 against SQLite."""
+    running = start_server(sqlite_url)
+    yield running
+    running.server.stop(0)
+
+
+@pytest.fixture
+def project_key(grpc_server: RunningServer) -> str:
+    return make_project(grpc_server.database_url)

@@ -1,0 +1,126 @@
+"""The `apex-ingest` command: projects, migrations, and the gRPC server's graceful stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from apex_ingest.migrate import current_revision
+from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+
+COMMAND = [sys.executable, "-m", "apex_ingest"]
+
+
+def run(database_url: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "APEX_DATABASE_URL": database_url}
+    return subprocess.run(
+        [*COMMAND, *args], env=env, capture_output=True, text=True, check=check, timeout=60
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'fresh.db'}"
+    assert "up to date" in run(url, "db", "upgrade").stdout
+    assert current_revision(url) == "0001"
+    run(url, "db", "upgrade")  # idempotent
+
+
+def test_projects_create_list_revoke(database_url: str) -> None:
+    key = run(database_url, "projects", "create", "Shop").stdout.strip()
+    assert key.startswith("pk_live_") and len(key) >= len("pk_live_") + 24
+    own = run(
+        database_url,
+        "projects",
+        "create",
+        "Blog",
+        "--key",
+        "pk_live_custom_key_1234567890",
+        "--allowed-origin",
+        "https://Blog.example/",
+    ).stdout.strip()
+    assert own == "pk_live_custom_key_1234567890"
+    listing = run(database_url, "projects", "list").stdout
+    assert f"{key}\tShop\tactive" in listing
+    assert "origins=https://blog.example" in listing
+
+    assert run(database_url, "projects", "revoke", key).returncode == 0
+    assert "revoked" in run(database_url, "projects", "list").stdout.splitlines()[0]
+    again = run(database_url, "projects", "revoke", key, check=False)
+    assert again.returncode != 0 and "no active project" in again.stderr
+
+    clash = run(database_url, "projects", "create", "X", "--key", own, check=False)
+    assert clash.returncode != 0 and "already exists" in clash.stderr
+    bad = run(database_url, "projects", "create", "X", "--allowed-origin", "ftp://x", check=False)
+    assert bad.returncode != 0 and "origin" in bad.stderr
+
+
+def test_demo_prints_a_stable_key_and_curl(sqlite_url: str) -> None:
+    first = run(sqlite_url, "demo").stdout
+    second = run(sqlite_url, "demo").stdout
+    assert "curl" in first and "/api/events" in first
+    key = next(word for word in first.split() if word.startswith("pk_live_"))
+    assert key in second
+
+
+def test_sigterm_drains_in_flight_calls(sqlite_url: str, tmp_path: Path) -> None:
+    key = run(sqlite_url, "projects", "create", "drain").stdout.strip()
+    port = free_port()
+    env = {
+        **os.environ,
+        "APEX_DATABASE_URL": sqlite_url,
+        "APEX_GRPC_PORT": str(port),
+        "APEX_SHUTDOWN_GRACE": "20",
+    }
+    process = subprocess.Popen([*COMMAND, "grpc"], env=env)
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        grpc.channel_ready_future(channel).result(timeout=30)
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        request = ingest_pb2.IngestEventsRequest(
+            project_key=key, events=[ingest_pb2.Event(type="a", url="/", id="in-flight")]
+        )
+        stub.IngestEvents(request, timeout=10)  # warm: project cached, pool open
+
+        # Hold SQLite's write lock so the next call is in flight when SIGTERM arrives.
+        blocker = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+        blocker.execute("BEGIN IMMEDIATE")
+        result: dict[str, object] = {}
+
+        def call() -> None:
+            try:
+                result["received"] = stub.IngestEvents(request, timeout=15).received
+            except grpc.RpcError as error:
+                result["error"] = error.code()
+
+        caller = threading.Thread(target=call)
+        caller.start()
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(grpc.RpcError):  # new calls are refused while draining
+            stub.IngestEvents(request, timeout=2)
+        blocker.rollback()
+        blocker.close()
+        caller.join(15)
+        assert result == {"received": 1}
+        assert process.wait(20) == 0
+        channel.close()
+    finally:
+        if process.poll() is None:
+            process.kill()

@@ -22,11 +22,19 @@ def main() -> None:
 
 
 @main.command()
-def grpc() -> None:
+@click.option("--processes", type=int, default=None, help="Server processes (default: CPU cores).")
+def grpc(processes: int | None) -> None:
     """Run the gRPC server alone."""
-    from apex_ingest.server import serve
+    settings = Settings.from_env()
+    count = _count(processes, "APEX_GRPC_PROCESSES")
+    if count == 1:
+        from apex_ingest.server import serve
 
-    serve(Settings.from_env())
+        serve(settings)
+    else:
+        from apex_ingest.supervisor import run_grpc_processes
+
+        run_grpc_processes(settings, count)
 
 
 @main.command()
@@ -36,22 +44,28 @@ def gateway(workers: int | None) -> None:
     from gateway.serve import run_gateway
 
     settings = Settings.from_env()
-    run_gateway(settings.host, settings.http_port, _gateway_workers(workers))
+    run_gateway(settings.host, settings.http_port, _count(workers, "APEX_HTTP_WORKERS"))
 
 
 @main.command()
 @click.option("--workers", type=int, default=None, help="Gateway worker processes.")
-def serve(workers: int | None) -> None:
+@click.option("--grpc-processes", type=int, default=None, help="gRPC server processes.")
+def serve(workers: int | None, grpc_processes: int | None) -> None:
     """Run the gRPC server and the HTTP gateway together."""
     from apex_ingest.supervisor import serve_all
 
-    serve_all(Settings.from_env(), _gateway_workers(workers))
+    serve_all(
+        Settings.from_env(),
+        _count(workers, "APEX_HTTP_WORKERS"),
+        _count(grpc_processes, "APEX_GRPC_PROCESSES"),
+    )
 
 
-def _gateway_workers(option: int | None) -> int:
+def _count(option: int | None, variable: str) -> int:
+    """A process count: the option, else the variable, else the CPU cores."""
     if option:
         return option
-    raw = os.environ.get("APEX_HTTP_WORKERS", "").strip()
+    raw = os.environ.get(variable, "").strip()
     return int(raw) if raw else (os.cpu_count() or 1)
 
 

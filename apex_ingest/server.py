@@ -99,8 +99,7 @@ def create_server(address: str, settings: Settings | None = None) -> tuple[Inges
 
 def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain in-flight calls within the grace period."""
-    if os.environ.get("APEX_MIGRATE_ON_START", "1") != "0":
-        _migrate(settings.database_url)
+    migrate_at_start(settings.database_url)
     server, port = create_server(f"{settings.host}:{settings.grpc_port}", settings)
     stopping = threading.Event()
 
@@ -118,7 +117,10 @@ def serve(settings: Settings) -> None:
     log.info("gRPC server stopped")
 
 
-def _migrate(database_url: str) -> None:
+def migrate_at_start(database_url: str) -> None:
+    """Apply pending migrations unless APEX_MIGRATE_ON_START=0; never fatal."""
+    if os.environ.get("APEX_MIGRATE_ON_START", "1") == "0":
+        return
     from apex_ingest.migrate import upgrade
 
     try:

@@ -66,3 +66,8 @@ breaking: $(BUF)
 
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache apex-ingest.db*
+
+## bench: the full path against its baselines (needs PostgreSQL and wrk)
+bench: install-dev
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(PY) -m bench.run $(BENCH_ARGS)

@@ -1,0 +1,222 @@
+"""Both SDK clients against the real service: `apex-ingest serve` (gateway + gRPC) + PostgreSQL.
+
+Every test counts rows in the `events` table: "stored exactly once" means as many rows as distinct
+event ids, and exactly the ids the client handed out.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from apex_ingest.client import Apex, ApexError, IngestClient, IngestError
+from tests.conftest import make_project
+from tests.service import running_service
+from tests.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.postgres
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = {"APEX_RATE_LIMIT": "100000/second"}
+
+
+def stored_ids(database_url: str) -> list[str]:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return [r[0] for r in connection.execute(text("SELECT event_id FROM events"))]
+    finally:
+        engine.dispose()
+
+
+def count_rows(database_url: str) -> tuple[int, int]:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            row = connection.execute(
+                text("SELECT count(*), count(DISTINCT event_id) FROM events")
+            ).one()
+            return int(row[0]), int(row[1])
+    finally:
+        engine.dispose()
+
+
+class Errors:
+    def __init__(self) -> None:
+        self.calls: list[tuple[ApexError, list[dict[str, Any]]]] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, error: ApexError, events: list[dict[str, Any]]) -> None:
+        with self.lock:
+            self.calls.append((error, events))
+
+
+@pytest.fixture
+def service(postgres_url: str) -> Iterator[Any]:
+    with running_service(postgres_url, env=FAST) as running:
+        yield running
+
+
+def test_thousands_of_events_from_threads_are_stored_exactly_once(
+    service: Any, postgres_url: str
+) -> None:
+    key = make_project(postgres_url)
+    errors = Errors()
+    apex = Apex(key, service.base_url, flush_interval=0.2, on_error=errors)
+    tracked: list[list[str]] = [[] for _ in range(6)]
+
+    def work(n: int) -> None:
+        for i in range(1000):
+            user = f"user_{(n + i) % 5}" if i % 7 else None
+            tracked[n].append(
+                apex.track("load", f"/t/{n}/{i}", {"thread": n, "i": i}, user_id=user)
+            )
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert apex.close(120)
+    assert errors.calls == []
+    expected = sorted(i for ids in tracked for i in ids)
+    assert len(set(expected)) == 6000
+    assert count_rows(postgres_url) == (6000, 6000)
+    assert sorted(stored_ids(postgres_url)) == expected
+
+
+def test_400_reaches_on_error_and_the_rest_is_stored(service: Any, postgres_url: str) -> None:
+    key = make_project(postgres_url)
+    errors = Errors()
+    with Apex(key, service.base_url, on_error=errors) as apex:
+        good = [apex.track("ok", f"/ok/{i}", user_id="u1") for i in range(3)]
+        bad = apex.track("bad", "not a url", user_id="u1")
+        nul = apex.track("bad", "/nul", {"text": "a\u0000b"}, user_id="u1")
+        assert apex.flush(30)
+    assert sorted(stored_ids(postgres_url)) == sorted(good)
+    reported = {e["id"]: error for error, events in errors.calls for e in events}
+    assert set(reported) == {bad, nul}
+    for error in reported.values():
+        assert error.status == 400
+        assert error.message
+    fields = {f for error, _ in errors.calls for f, _ in error.field_violations}
+    assert any(f.startswith("events[") and f.endswith(".url") for f in fields), fields
+    assert any(".data" in f for f in fields), fields
+
+
+def test_unknown_key_reaches_on_error(service: Any, postgres_url: str) -> None:
+    errors = Errors()
+    with Apex("pk_live_unknown", service.base_url, on_error=errors) as apex:
+        event_id = apex.track("e", "/")
+    [(error, events)] = errors.calls
+    assert error.status == 401 and [e["id"] for e in events] == [event_id]
+
+
+def test_close_at_exit_loses_nothing(service: Any, postgres_url: str, tmp_path: Path) -> None:
+    key = make_project(postgres_url)
+    script = tmp_path / "track_and_exit.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from apex_ingest.client import Apex
+
+            apex = Apex(sys.argv[1], sys.argv[2], flush_interval=3600)
+            for i in range(int(sys.argv[3])):
+                apex.track("exit", f"/exit/{i}", {"i": i}, user_id=f"u{i % 3}")
+            # No flush(), no close(): the atexit hook must deliver all of it.
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), key, service.base_url, "2500"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "not delivered" not in done.stderr, done.stderr
+    assert count_rows(postgres_url) == (2500, 2500)
+
+
+def test_storage_down_503_then_200_stores_one_copy(postgres_url: str) -> None:
+    url = make_url(postgres_url)
+    proxy = TcpProxy(url.host or "127.0.0.1", url.port or 5432)
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    key = make_project(postgres_url)
+    try:
+        with running_service(proxied, env=FAST) as running:
+            errors = Errors()
+            statuses: list[int] = []
+            apex = Apex(key, running.base_url, on_error=errors, backoff_max=5.0, max_retries=10)
+            original = apex._post
+
+            def spy(payload: bytes) -> tuple[int, str | None, bytes]:
+                answer = original(payload)
+                statuses.append(answer[0])
+                return answer
+
+            apex._post = spy  # type: ignore[method-assign]
+            proxy.cut()
+            ids = [apex.track("outage", f"/o/{i}", user_id="u") for i in range(50)]
+            threading.Timer(2.0, proxy.restore).start()
+            assert apex.flush(60)
+            apex.close()
+            assert errors.calls == []
+            assert 503 in statuses and statuses[-1] == 200
+        assert sorted(stored_ids(postgres_url)) == sorted(ids)
+    finally:
+        proxy.close()
+
+
+def test_429_with_retry_after_stores_one_copy(postgres_url: str) -> None:
+    key = make_project(postgres_url)
+    with running_service(postgres_url, env={"APEX_RATE_LIMIT": "1/second"}) as running:
+        errors = Errors()
+        statuses: list[int] = []
+        apex = Apex(key, running.base_url, on_error=errors, max_batch=10)
+        original = apex._post
+
+        def spy(payload: bytes) -> tuple[int, str | None, bytes]:
+            answer = original(payload)
+            statuses.append(answer[0])
+            return answer
+
+        apex._post = spy  # type: ignore[method-assign]
+        started = time.monotonic()
+        ids = [apex.track("limited", f"/l/{i}") for i in range(30)]  # three full batches
+        assert apex.flush(60)
+        apex.close()
+        assert errors.calls == []
+        assert 429 in statuses
+        assert time.monotonic() - started >= 1.0  # the second batch waited for its turn
+    assert sorted(stored_ids(postgres_url)) == sorted(ids)
+
+
+def test_grpc_client_against_the_service(service: Any, postgres_url: str) -> None:
+    key = make_project(postgres_url)
+    with IngestClient(service.grpc_target) as client:
+        events = [{"type": "grpc", "url": f"/g/{i}", "data": {"i": i}} for i in range(20)]
+        assert client.ingest(key, events, user_id="svc") == 20
+
+        with pytest.raises(IngestError) as invalid:
+            client.ingest(key, [{"type": "ok", "url": "/"}, {"type": "x", "url": "nope"}])
+        assert invalid.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [f for f, _ in invalid.value.field_violations] == ["events[1].url"]
+
+        with pytest.raises(IngestError) as unknown:
+            client.ingest("pk_live_unknown", [{"type": "x", "url": "/"}])
+        assert unknown.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert count_rows(postgres_url) == (20, 20)

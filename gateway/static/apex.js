@@ -1,0 +1,169 @@
+/*! apex.js, the Apex Ingest browser snippet. ES2017, no dependencies. How it works: docs/snippet.md */
+((w, d) => {
+'use strict';
+const nav = navigator, loc = location, old = w.apex, NUL = /\u0000/g, FIELD = /^(INPUT|SELECT|TEXTAREA)$/;
+let s, api, key, vid, last, lastRef, timer, off = 1, pending = [];
+
+const dict = () => Object.create(null);
+const attr = (n) => s && s.getAttribute('data-' + n);
+const on = (t, ev, fn, capture) => t.addEventListener(ev, (e) => { try { fn(e); } catch (x) {} }, capture);
+const hex = (n) => [].map.call(w.crypto.getRandomValues(new Uint8Array(n)),
+  (b) => (256 + b).toString(16).slice(1)).join('');
+const href = () => /^https?:/.test(loc.href) ? loc.href : loc.pathname;
+
+const cut = (v, n) => {
+  v = String(v == null ? '' : v).replace(NUL, '');
+  return v.length > n ? v.slice(0, n).replace(/[\ud800-\udbff]$/, '') : v;
+};
+const clip = (v, n, depth) => {
+  if (typeof v == 'string') return cut(v, n);
+  if (!v || typeof v != 'object') return v;
+  if (depth > 14) return null;
+  const o = Array.isArray(v) ? [] : dict();
+  for (const k of Object.keys(v).slice(0, n)) o[k.replace(NUL, '')] = clip(v[k], n, depth + 1);
+  return o;
+};
+const fit = (data) => {
+  let o;
+  try { o = JSON.parse(JSON.stringify(data)); } catch (e) {}
+  o = o == null ? {} : typeof o != 'object' || Array.isArray(o) ? { value: o } : o;
+  for (let n = 32768; n > 8; n >>= 1) {
+    data = clip(o, n, 1);
+    if (new Blob([JSON.stringify(data)]).size < 30000) return data;
+  }
+  return { truncated: true };
+};
+
+const flush = () => {
+  const p = pending;
+  pending = [];
+  p.forEach((b) => post(b[0], b[1]));
+};
+const post = (body, tries) => {
+  const retry = () => {
+    if (tries < 3) pending.push([body, tries + 1]);
+    clearTimeout(timer);
+    timer = setTimeout(flush, 1000 << tries);
+  };
+  try { if (nav.sendBeacon(api, body)) return; } catch (e) {}
+  try {
+    fetch(api, {
+      method: 'POST', body, keepalive: true, credentials: 'omit', headers: { 'Content-Type': 'text/plain' }
+    }).catch(retry);
+  } catch (e) { retry(); }
+};
+const send = (type, data) => {
+  type = cut(type, 100).replace(/[\x00-\x1f\x7f-\x9f]/g, '');
+  if (!off && type) post(JSON.stringify({
+    type, visitorId: vid, projectKey: key, url: cut(href(), 4096), referrer: cut(lastRef, 4096),
+    data: fit(data), timestamp: new Date().toISOString(), id: hex(16)
+  }), 0);
+};
+const pv = (force) => {
+  const u = href();
+  if (u != last) { lastRef = last; last = u; } else if (!force) return;
+  send('pageview', {});
+};
+
+const visitor = () => {
+  const k = 'apex_vid';
+  let v, ls;
+  try { ls = w.localStorage; v = ls.getItem(k); } catch (e) {}
+  try { v = v || (/(?:^|; *)apex_vid=([\w-]+)/.exec(d.cookie) || [])[1]; } catch (e) {}
+  if (!/^[\w-]{1,128}$/.test(v || '')) v = hex(16);
+  try { ls.setItem(k, v); } catch (e) {
+    try {
+      d.cookie = k + '=' + v + ';max-age=63072000;path=/;SameSite=Lax' + (loc.protocol == 'https:' ? ';Secure' : '');
+    } catch (x) {}
+  }
+  return v;
+};
+
+const apexAttrs = (el, o) => {
+  let n = 0;
+  for (const at of el.attributes) {
+    const m = /^data-apex-(.+)/.exec(at.name);
+    if (m && m[1] != 'ignore') { n++; if (o) o[m[1]] = cut(at.value, 1000); }
+  }
+  return n;
+};
+const click = (e) => {
+  const t = e.target, o = dict();
+  let el = t;
+  if (!t.closest || t.closest('[data-apex-ignore]')) return;
+  // the nearest link, button, data-apex-* element or element with an id (not <body> nor its children)
+  while (el && !apexAttrs(el) && !el.matches('a,button,input[type=submit],input[type=button],[role=button]') &&
+    !(el.id && el.parentElement && el.parentElement != d.body && el != d.body)) el = el.parentElement;
+  if (!el) return;
+  const a = t.closest('a');
+  o.id = el.getAttribute('id') || '';
+  o.tag = el.tagName.toLowerCase();
+  o.text = cut((el.tagName == 'INPUT' ? (/^(submit|button)$/.test(el.type) ? el.value : '')
+    : FIELD.test(el.tagName) || el.isContentEditable ? '' : el.innerText || el.textContent).replace(/\s+/g, ' ').trim(), 100);
+  o.href = (a && typeof a.href == 'string' && a.href) || '';
+  apexAttrs(el, o);
+  send('click', o);
+};
+const submit = (e) => {
+  const f = e.target, fields = dict();
+  if (f.tagName != 'FORM' || f.closest('[data-apex-ignore]')) return;
+  for (const el of Object.getOwnPropertyDescriptor(HTMLFormElement.prototype, 'elements').get.call(f)) {
+    const ty = String(el.type).toLowerCase(), n = el.getAttribute('name') || el.getAttribute('id');
+    if (!n || !FIELD.test(el.tagName) || /^(password|hidden|file|submit|button|reset|image)$/.test(ty) ||
+      /passw|^pass$|pwd|cvc|cvv|card.?num|ccnum|^ssn$/i.test(n) || el.matches(':disabled') ||
+      /(^|\s)cc-/i.test(el.getAttribute('autocomplete')) || el.closest('[data-apex-ignore]') ||
+      (/^(checkbox|radio)$/.test(ty) && !el.checked)) continue;
+    const v = ty == 'select-multiple' ? [...el.selectedOptions].map((x) => cut(x.value, 1000)) : cut(el.value, 1000);
+    fields[n] = n in fields ? [].concat(fields[n], v) : v;
+  }
+  send('form_submit', {
+    id: f.getAttribute('id') || '', name: f.getAttribute('name') || '',
+    action: new URL(f.getAttribute('action') || '', d.baseURI).href,
+    method: (f.getAttribute('method') || 'get').toLowerCase(), fields
+  });
+};
+
+const apex = (cmd, name, data) => {
+  try {
+    if (cmd == 'track') send(name, data);
+    if (cmd == 'pageview') pv(1);
+  } catch (e) {}
+};
+apex.track = (name, data) => apex('track', name, data);
+apex.pageview = () => apex('pageview');
+
+try {
+  if (old && old.loaded) return; // the tag is on the page twice
+  apex.loaded = true;
+  w.apex = apex;
+  s = d.currentScript || d.querySelector('script[data-project-key]');
+  key = attr('project-key');
+  api = new URL(attr('api') || '/api/events', (s && s.src) || loc.href).href;
+  if (!key || (attr('respect-dnt') != null && attr('respect-dnt') != 'false' &&
+    (nav.doNotTrack == '1' || nav.globalPrivacyControl === true))) return; // nothing stored, nothing sent
+  apex.visitorId = vid = visitor();
+  last = href();
+  lastRef = d.referrer;
+  off = 0;
+  on(w, 'pagehide', flush);
+  on(d, 'visibilitychange', () => { if (d.visibilityState == 'hidden') flush(); });
+  if (attr('auto') != 'false') {
+    if (d.prerendering) on(d, 'prerenderingchange', () => pv(1));
+    else pv(1);
+    for (const m of ['pushState', 'replaceState']) {
+      const f = history[m];
+      history[m] = function (...args) {
+        const r = f.apply(this, args);
+        try { pv(); } catch (e) {}
+        return r;
+      };
+    }
+    on(w, 'popstate', () => pv());
+    on(w, 'hashchange', () => pv());
+    on(w, 'pageshow', (e) => { if (e.persisted) pv(1); });
+    on(d, 'click', click, true);
+    on(d, 'submit', submit, true);
+  }
+  for (const args of (old && old.q) || []) apex(...args);
+} catch (e) {}
+})(window, document);

@@ -1,0 +1,156 @@
+"""The contract's error body, and JSON error handlers for every HTTP error."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from flask import Flask, Response, g
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from gateway.json_codec import json_response
+
+log = logging.getLogger(__name__)
+
+#: Stable machine-readable codes, one per HTTP status the gateway answers with.
+#: Documented in openapi.json; clients may branch on them, so never rename one.
+CODES: dict[int, str] = {
+    400: "invalid_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    500: "internal_error",
+    502: "bad_gateway",
+    503: "unavailable",
+    504: "timeout",
+}
+
+MESSAGES: dict[int, str] = {
+    400: "The request is invalid.",
+    401: "Unknown or revoked project key.",
+    403: "This request is not allowed for the project.",
+    404: "No such endpoint.",
+    405: "Method not allowed.",
+    413: "The request body is too large.",
+    415: "Unsupported content type or encoding.",
+    429: "Too many requests; retry after the number of seconds in Retry-After.",
+    500: "Internal error.",
+    502: "The ingest server gave an unexpected answer.",
+    503: "The service is temporarily unavailable; retry after Retry-After seconds.",
+    504: "The ingest server did not answer in time.",
+}
+
+#: Statuses that tell the client to come back later; they always carry Retry-After.
+RETRY_STATUSES = frozenset({429, 503})
+
+
+@dataclass(frozen=True, slots=True)
+class FieldViolation:
+    """One offending field, named by its public JSON path (e.g. ``events[2].visitorId``)."""
+
+    field: str
+    description: str
+
+
+class ApiError(HTTPException):
+    """An HTTP error with the contract's body: a stable code, a message and field details."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str | None = None,
+        details: Iterable[FieldViolation] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(description=message or MESSAGES.get(status, ""))
+        self.code = status
+        self.details: tuple[FieldViolation, ...] = tuple(details)
+        self.retry_after = retry_after
+
+
+def invalid(details: Sequence[FieldViolation], message: str | None = None) -> ApiError:
+    if message is None:
+        count = len(details)
+        message = f"The request has {count} invalid field{'s' if count != 1 else ''}."
+    return ApiError(400, message, details)
+
+
+def error_body(status: int, message: str, details: Iterable[FieldViolation] = ()) -> object:
+    return {
+        "error": {
+            "code": error_code(status),
+            "message": message,
+            "details": [{"field": d.field, "description": d.description} for d in details],
+        }
+    }
+
+
+def error_code(status: int) -> str:
+    if status in CODES:
+        return CODES[status]
+    return "invalid_request" if status < 500 else "internal_error"
+
+
+def retry_after_seconds(seconds: float | None) -> int:
+    """Retry-After is whole seconds; round up so clients never come back too early."""
+    if seconds is None or not math.isfinite(seconds):
+        return 1
+    return max(1, math.ceil(seconds))
+
+
+def handle_http_exception(exc: HTTPException) -> Response:
+    status = exc.code or 500
+    if isinstance(exc, ApiError):
+        message, details = exc.description or MESSAGES.get(status, ""), exc.details
+    else:
+        # werkzeug's own descriptions are written for HTML pages and name no fields.
+        message, details = MESSAGES.get(status, exc.name), ()
+    response = json_response(error_body(status, message, details), status)
+    # Keep what werkzeug puts in headers (Allow on 405, Retry-After on 429/503).
+    for name, value in exc.get_headers():
+        if name.lower() not in ("content-type", "content-length"):
+            response.headers[name] = value
+    if status in RETRY_STATUSES:
+        if isinstance(exc, ApiError):
+            # The server said when to come back (RetryInfo); that, not the rate-limit window.
+            g.apex_retry_after = retry_after_seconds(exc.retry_after)
+            response.headers["Retry-After"] = str(g.apex_retry_after)
+        elif "Retry-After" not in response.headers:
+            response.headers["Retry-After"] = "1"
+    return response
+
+
+def handle_unexpected(exc: Exception) -> Response:
+    # Reached only by a bug: log it with the traceback, answer with the contract's shape.
+    log.exception("unhandled error in the gateway", exc_info=exc)
+    return handle_http_exception(InternalServerError())
+
+
+def fix_retry_after(response: Response) -> Response:
+    """Keep Retry-After on 429/503 only, and make it say the right thing.
+
+    Flask-Limiter sets Retry-After on every answer it counts, to the end of the rate-limit
+    window, truncated to whole seconds (so it can read 0). That is right for its own 429. A
+    429 or 503 from the ingest server carries the server's RetryInfo instead, and other
+    answers carry none: clients treat Retry-After as an order to wait.
+    """
+    if response.status_code not in RETRY_STATUSES:
+        response.headers.pop("Retry-After", None)
+        return response
+    wanted: int | None = g.get("apex_retry_after")
+    if wanted is None:
+        current = response.headers.get("Retry-After", "")
+        wanted = max(1, int(current)) if current.isdigit() else 1
+    response.headers["Retry-After"] = str(wanted)
+    return response
+
+
+def register_error_handlers(app: Flask) -> None:
+    app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(Exception, handle_unexpected)

@@ -1,0 +1,136 @@
+"""The gateway's gRPC channel to the ingest server: one per process, made on first use.
+
+A gRPC channel must not cross fork(): WSGI servers import the app and then fork workers, so the
+channel is created lazily, by the process that uses it, and remade if the pid changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any
+
+import grpc
+from flask import Flask, current_app
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from gateway.config import get_settings
+
+SERVICE_NAME = "apex_ingest.v1.IngestService"
+_EXTENSION_KEY = "apex_gateway.grpc"
+
+#: How long /healthz waits at most; a load balancer's probe should not hang on a dead server.
+HEALTH_TIMEOUT = 2.0
+
+
+def service_config() -> str:
+    """The channel's service config: retries and load balancing, done by gRPC itself.
+
+    UNAVAILABLE means nothing was stored (the server could not be reached, or its storage was
+    down), so it is always safe to retry, and the event ids stamped before the call make even a
+    lost answer harmless. Few attempts with short backoff: the client's deadline bounds them
+    anyway, and a fast 503 with Retry-After serves callers better than a long wait. Retry
+    throttling stops retries from piling onto a server that is down.
+    """
+    retry = {
+        "maxAttempts": 3,
+        "initialBackoff": "0.1s",
+        "maxBackoff": "1s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    config = {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": retry}],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
+    return json.dumps(config)
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    return [
+        ("grpc.service_config", service_config()),
+        ("grpc.enable_retries", 1),
+        # gRPC's default reconnect backoff grows to 120 s; the gateway should notice a restarted
+        # server within about a second.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+        ("grpc.primary_user_agent", "apex-gateway"),
+    ]
+
+
+class IngestClient:
+    """IngestService and health calls over a per-process channel, each with a deadline."""
+
+    def __init__(self, target: str, timeout: float) -> None:
+        self.target = target
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._pid: int | None = None
+        self._channel: grpc.Channel | None = None
+        self._ingest: ingest_pb2_grpc.IngestServiceStub | None = None
+        self._health: health_pb2_grpc.HealthStub | None = None
+
+    def _connect(self) -> None:
+        pid = os.getpid()
+        if self._pid == pid:
+            return
+        with self._lock:
+            if self._pid == pid:
+                return
+            # A channel inherited from the parent is dead weight: drop it without closing, as
+            # closing would act on the parent's gRPC state.
+            self._channel = grpc.insecure_channel(self.target, options=channel_options())
+            self._ingest = ingest_pb2_grpc.IngestServiceStub(self._channel)  # type: ignore[no-untyped-call]
+            self._health = health_pb2_grpc.HealthStub(self._channel)
+            self._pid = pid
+
+    def ingest(self, request: ingest_pb2.IngestEventsRequest) -> int:
+        """Call IngestEvents; return how many events were received. Raises grpc.RpcError."""
+        self._connect()
+        assert self._ingest is not None
+        response: ingest_pb2.IngestEventsResponse = self._ingest.IngestEvents(
+            request, timeout=self.timeout
+        )
+        return int(response.received)
+
+    def health(self) -> str:
+        """The server's health status name (e.g. "SERVING"), or the gRPC error code's name."""
+        self._connect()
+        assert self._health is not None
+        timeout = min(self.timeout, HEALTH_TIMEOUT)
+        try:
+            answer = self._health.Check(
+                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=timeout
+            )
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                return str(exc.code().name)
+            # The server reports only the overall status; that will do.
+            try:
+                answer = self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            except grpc.RpcError as again:
+                return str(again.code().name)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._channel is not None and self._pid == os.getpid():
+                self._channel.close()
+            self._channel = self._ingest = self._health = None
+            self._pid = None
+
+
+def install(app: Flask) -> IngestClient:
+    settings = get_settings(app)
+    client = IngestClient(settings.grpc_target, settings.grpc_timeout)
+    app.extensions[_EXTENSION_KEY] = client
+    return client
+
+
+def get_client() -> IngestClient:
+    client: IngestClient = current_app.extensions[_EXTENSION_KEY]
+    return client

@@ -1,0 +1,81 @@
+"""gRPC status to HTTP: the status code, the contract's error body, and Retry-After."""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from gateway.errors import ApiError, FieldViolation, invalid
+from gateway.payload import public_field
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
+
+_HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    # Transient server-side conditions where nothing was stored: come back later.
+    grpc.StatusCode.ABORTED: 503,
+    grpc.StatusCode.CANCELLED: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+#: The server writes these messages for its callers; pass them on. Other statuses get the
+#: gateway's generic message so that no internal detail reaches the public.
+_FORWARD_MESSAGE = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+_MAX_MESSAGE = 300
+
+
+def to_api_error(error: grpc.RpcError, snippet: bool) -> ApiError:
+    """The HTTP answer for a failed IngestEvents call."""
+    code: grpc.StatusCode = error.code()
+    status = _HTTP_STATUS.get(code, 502)
+    rich = _rich_status(error)
+    if status >= 500:
+        log.warning("IngestEvents failed: %s %r", code.name, error.details())
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        violations = [
+            FieldViolation(public_field(v.field, snippet), v.description)
+            for bad_request in _unpack(rich, error_details_pb2.BadRequest)
+            for v in bad_request.field_violations
+        ]
+        return invalid(violations)
+    message = None
+    if code in _FORWARD_MESSAGE:
+        message = (error.details() or "")[:_MAX_MESSAGE] or None
+    retry_after = None
+    if status in (429, 503):
+        for info in _unpack(rich, error_details_pb2.RetryInfo):
+            retry_after = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return ApiError(status, message, retry_after=retry_after)
+
+
+def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
+    try:
+        status: status_pb2.Status | None = rpc_status.from_call(error)
+    except ValueError:
+        # Details that disagree with the call's own status: trust the status, drop the details.
+        return None
+    return status
+
+
+def _unpack(rich: status_pb2.Status | None, kind: type[M]) -> list[M]:
+    """Each ``kind`` message among the status details."""
+    found: list[M] = []
+    if rich is None:
+        return found
+    for detail in rich.details:
+        if detail.Is(kind.DESCRIPTOR):
+            message = kind()
+            detail.Unpack(message)
+            found.append(message)
+    return found

@@ -1,0 +1,37 @@
+"""GET /healthz for load balancers, and GET / describing the service."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from gateway.grpc_client import get_client
+from gateway.json_codec import json_response
+
+bp = Blueprint("health", __name__)
+
+
+@bp.get("/healthz")
+def healthz() -> Response:
+    # The gateway is only as healthy as the server behind it: with the server NOT_SERVING
+    # (storage down) or unreachable, a load balancer should send traffic elsewhere.
+    status = get_client().health()
+    return json_response({"status": status}, 200 if status == "SERVING" else 503)
+
+
+@bp.get("/")
+def index() -> Response:
+    return json_response(
+        {
+            "name": "Apex Ingest",
+            "description": (
+                "Event ingestion. POST events (one browser event, or a batch from a server) "
+                'as JSON to /api/events; the answer is {"received": N}.'
+            ),
+            "links": {
+                "events": "/api/events",
+                "openapi": "/api/openapi.json",
+                "health": "/healthz",
+                "snippet": "/apex.js",
+            },
+        }
+    )

@@ -1,0 +1,119 @@
+"""JSON in and out with orjson, keeping every number of the client's text digit for digit.
+
+orjson is fast, but it reads an integer beyond 64 bits or a decimal with more digits than a
+double keeps as a float, silently changing its value, and it writes floats in its own shortest
+form (49.90 comes back as 49.9, 1e5 as 100000.0). Event ``data`` must be stored exactly as
+sent, so a body holding a number orjson might not give back verbatim takes a slower exact
+path: the standard library parser hands over each number's text, kept as an orjson.Fragment
+that orjson then writes verbatim.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, NoReturn
+
+import orjson
+from flask import Response
+from flask.json.provider import JSONProvider
+
+#: A number token (after ``:``, ``,`` or ``[``) that orjson might not give back verbatim: one
+#: with a fraction or an exponent, 16 or more digits (beyond what a double holds exactly, and
+#: orjson turns integers past 64 bits into floats), or a negative zero. Integers are common
+#: and safe, so integer-only bodies keep the fast path. It can also match inside a string (a
+#: time like "12:00:00.5"); that only costs the exact path, never correctness.
+_AT_RISK = re.compile(rb"[:,\[]\s*(?:-?[0-9]+[.eE]|-?[0-9]{16}|-0(?![0-9]))")
+
+_BOM = b"\xef\xbb\xbf"
+
+
+class JSONSyntaxError(ValueError):
+    """The body is not JSON we can accept: a syntax error, NaN, invalid UTF-8, too deep."""
+
+
+def _reject_constant(name: str) -> NoReturn:
+    raise JSONSyntaxError(f"{name} is not valid JSON")
+
+
+def _number_text(text: str) -> orjson.Fragment:
+    return orjson.Fragment(text)
+
+
+def parse(body: bytes) -> Any:
+    """Parse a JSON document; numbers at risk come back as orjson.Fragment holding their text.
+
+    Raises JSONSyntaxError for anything that is not strict JSON (RFC 8259, UTF-8).
+    """
+    if body.startswith(_BOM):
+        # RFC 8259 lets a parser ignore a BOM; some Windows tools write one.
+        body = body[len(_BOM) :]
+    if _AT_RISK.search(body) is None:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise JSONSyntaxError(str(exc)) from None
+    return _parse_exact(body)
+
+
+def _parse_exact(body: bytes) -> Any:
+    try:
+        text = body.decode("utf-8")
+        value = json.loads(
+            text,
+            parse_int=_number_text,
+            parse_float=_number_text,
+            parse_constant=_reject_constant,
+        )
+        # The standard library accepts lone surrogates ("\ud800") that no UTF-8 store can hold;
+        # serializing once rejects them (and absurd depth) just as orjson's own parser would.
+        orjson.dumps(value)
+    except JSONSyntaxError:
+        raise
+    except UnicodeDecodeError:
+        raise JSONSyntaxError("the body is not valid UTF-8") from None
+    except RecursionError:
+        raise JSONSyntaxError("the JSON is nested too deeply") from None
+    except orjson.JSONEncodeError as exc:
+        raise JSONSyntaxError(_encode_error_message(exc)) from None
+    except ValueError as exc:
+        raise JSONSyntaxError(str(exc)) from None
+    return value
+
+
+def _encode_error_message(exc: orjson.JSONEncodeError) -> str:
+    text = str(exc)
+    if "surrogates" in text:
+        return "a string holds an unpaired UTF-16 surrogate"
+    if "Recursion" in text:
+        return "the JSON is nested too deeply"
+    return text
+
+
+def dumps(value: Any) -> bytes:
+    """Serialize compactly; Fragment numbers from parse() come out exactly as they came in.
+
+    Raises JSONSyntaxError when ``value`` nests deeper than orjson writes (254 levels).
+    """
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError as exc:
+        raise JSONSyntaxError(_encode_error_message(exc)) from None
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(body), status=status, mimetype="application/json")
+
+
+class OrjsonProvider(JSONProvider):
+    """Flask's JSON (jsonify, request.get_json) through orjson, so all JSON uses one codec."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return orjson.dumps(obj).decode()
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return orjson.loads(s)
+
+    def response(self, *args: Any, **kwargs: Any) -> Response:
+        obj = self._prepare_response_obj(args, kwargs)
+        return json_response(obj)

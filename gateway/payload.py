@@ -1,0 +1,180 @@
+"""The public JSON payloads (snippet and batch) to an IngestEventsRequest, and field names back.
+
+The gateway checks JSON *types* only and reports every type error at once. Every rule about
+values (lengths, URL shapes, counts, timestamp range, data size, keys, origins) belongs to the
+gRPC server, which reports violations by proto path; public_field() turns those paths into
+the JSON names the client sent.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from apex_ingest.v1 import ingest_pb2
+from gateway import json_codec
+from gateway.errors import FieldViolation, invalid
+
+_TIMESTAMP_EXAMPLE = "2024-05-01T12:00:00Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A request ready for IngestEvents (the request context is added by the caller)."""
+
+    request: ingest_pb2.IngestEventsRequest
+    #: The snippet format (one browser event) rather than a batch; field names differ.
+    snippet: bool
+
+
+def is_snippet(document: Mapping[str, Any]) -> bool:
+    return "events" not in document
+
+
+def to_request(document: Any) -> Payload:
+    """Translate a parsed JSON body; raise ApiError 400 listing every type violation."""
+    if not isinstance(document, dict):
+        raise invalid([], "The body must be a JSON object.")
+    check = _Checker()
+    request = ingest_pb2.IngestEventsRequest(
+        project_key=check.string(document, "projectKey", "projectKey")
+    )
+    snippet = is_snippet(document)
+    if snippet:
+        request.events.add(**check.event(document, prefix="", visitor_required=True))
+    else:
+        request.user_id = check.string(document, "userId", "userId")
+        events = document["events"]
+        if isinstance(events, list):
+            for index, item in enumerate(events):
+                prefix = f"events[{index}]"
+                if isinstance(item, dict):
+                    # add() builds the event in place; append() would copy it.
+                    request.events.add(**check.event(item, prefix=prefix + "."))
+                else:
+                    check.add(prefix, "must be an event object")
+        else:
+            check.add("events", "must be an array of event objects")
+    if check.violations:
+        raise invalid(check.violations)
+    return Payload(request=request, snippet=snippet)
+
+
+class _Checker:
+    """Reads typed fields out of JSON objects, noting each type error instead of stopping."""
+
+    def __init__(self) -> None:
+        self.violations: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.violations.append(FieldViolation(field, description))
+
+    def string(self, obj: Mapping[str, Any], key: str, field: str) -> str:
+        # null is the same as leaving the field out: many JSON encoders write absent values so.
+        value = obj.get(key)
+        if value is None:
+            return ""
+        if isinstance(value, str):
+            return value
+        self.add(field, "must be a string")
+        return ""
+
+    def event(
+        self, obj: Mapping[str, Any], prefix: str, visitor_required: bool = False
+    ) -> dict[str, Any]:
+        """The Event fields of one JSON event object, as keyword arguments."""
+        event_id = self.string(obj, "id", prefix + "id")
+        visitor_id = self.string(obj, "visitorId", prefix + "visitorId")
+        if visitor_required and obj.get("visitorId") in (None, ""):
+            # The snippet format requires it, but the RPC treats "" as "no visitor": only the
+            # gateway knows which format the client used.
+            self.add(prefix + "visitorId", "is required")
+        fields: dict[str, Any] = {
+            # An id stamped here, before the call, makes gRPC's own retries idempotent: a retried
+            # call carries the same ids, and the server stores each id once.
+            "id": event_id or str(uuid.uuid4()),
+            "type": self.string(obj, "type", prefix + "type"),
+            "visitor_id": visitor_id,
+            "url": self.string(obj, "url", prefix + "url"),
+            "referrer": self.string(obj, "referrer", prefix + "referrer"),
+            "data": self.data(obj.get("data"), prefix + "data"),
+        }
+        timestamp = self.timestamp(obj.get("timestamp"), prefix + "timestamp")
+        if timestamp is not None:
+            fields["timestamp"] = timestamp
+        return fields
+
+    def data(self, value: object, field: str) -> str:
+        if value is None:
+            return ""
+        if not isinstance(value, dict):
+            self.add(field, "must be a JSON object")
+            return ""
+        try:
+            return json_codec.dumps(value).decode()
+        except json_codec.JSONSyntaxError as exc:
+            self.add(field, str(exc))
+            return ""
+
+    def timestamp(self, value: object, field: str) -> Timestamp | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            parsed = parse_timestamp(value)
+            if parsed is not None:
+                return parsed
+        self.add(field, f"must be an RFC 3339 timestamp string such as {_TIMESTAMP_EXAMPLE}")
+        return None
+
+
+def parse_timestamp(text: str) -> Timestamp | None:
+    """RFC 3339 / ISO 8601 text to a Timestamp; no offset means UTC. None if unparseable.
+
+    Fractions beyond microseconds are dropped (the database keeps microseconds).
+    """
+    try:
+        moment = datetime.fromisoformat(text)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        timestamp = Timestamp()
+        timestamp.FromDatetime(moment)
+    except (ValueError, OverflowError):
+        return None
+    return timestamp
+
+
+# "events[12].visitor_id.more" -> ("events[12]", "visitor_id", ".more")
+_EVENT_PATH = re.compile(r"^(events\[\d+\])\.([a-z][a-z0-9_]*)(.*)$", re.DOTALL)
+_TOP_PATH = re.compile(r"^([a-z][a-z0-9_]*)(.*)$", re.DOTALL)
+
+
+def public_field(path: str, snippet: bool) -> str:
+    """A server field path (proto names) as the client wrote it.
+
+    ``events[2].visitor_id`` becomes ``events[2].visitorId``, ``project_key`` becomes
+    ``projectKey``; in the snippet format the single event's fields are top-level, so
+    ``events[0].url`` becomes ``url``. Whatever follows the field (a path inside ``data``) is
+    kept as is: those are the client's own keys.
+    """
+    match = _EVENT_PATH.match(path)
+    if match is not None:
+        head, name, rest = match.groups()
+        if snippet and head == "events[0]":
+            return _camel(name) + rest
+        return f"{head}.{_camel(name)}{rest}"
+    match = _TOP_PATH.match(path)
+    if match is not None:
+        name, rest = match.groups()
+        return _camel(name) + rest
+    return path
+
+
+def _camel(name: str) -> str:
+    first, *others = name.split("_")
+    return first + "".join(part[:1].upper() + part[1:] for part in others)

@@ -1,0 +1,71 @@
+"""What the gateway works out about the current request, once, cached on flask.g.
+
+The rate limiter's key function runs before the view and needs the body's projectKey; the view
+needs the whole payload. Both go through parsed_body(), so the body is read and parsed once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import g, request
+
+from apex_ingest.v1 import ingest_pb2
+from gateway import json_codec
+from gateway.body import read_body
+from gateway.client_ip import client_ip as resolve_client_ip
+from gateway.config import get_settings
+from gateway.errors import ApiError, invalid
+from gateway.payload import Payload, to_request
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedBody:
+    """The outcome of reading and translating the body: a payload, or the error to answer."""
+
+    #: The body's projectKey if it has a string one (even when the body is otherwise invalid).
+    project_key: str
+    payload: Payload | None
+    error: ApiError | None
+
+
+def parsed_body() -> ParsedBody:
+    parsed: ParsedBody | None = g.get("apex_parsed_body")
+    if parsed is None:
+        parsed = _parse_body()
+        g.apex_parsed_body = parsed
+    return parsed
+
+
+def _parse_body() -> ParsedBody:
+    try:
+        raw = read_body(request, get_settings().max_body_bytes)
+        document = json_codec.parse(raw)
+    except ApiError as exc:
+        return ParsedBody("", None, exc)
+    except json_codec.JSONSyntaxError as exc:
+        return ParsedBody("", None, invalid([], f"The body is not valid JSON: {exc}"))
+    key = document.get("projectKey") if isinstance(document, dict) else None
+    project_key = key if isinstance(key, str) else ""
+    try:
+        payload = to_request(document)
+    except ApiError as exc:
+        return ParsedBody(project_key, None, exc)
+    return ParsedBody(project_key, payload, None)
+
+
+def client_ip() -> str:
+    ip: str | None = g.get("apex_client_ip")
+    if ip is None:
+        ip = resolve_client_ip(request.environ, get_settings().trusted_proxies)
+        g.apex_client_ip = ip
+    return ip
+
+
+def request_context() -> ingest_pb2.RequestContext:
+    """Who sent the request, as the server should record and check it."""
+    return ingest_pb2.RequestContext(
+        client_ip=client_ip(),
+        user_agent=request.headers.get("User-Agent", ""),
+        origin=request.headers.get("Origin", ""),
+    )

@@ -1,0 +1,37 @@
+"""Run the gateway under granian, a production WSGI server (never Flask's development server)."""
+
+from __future__ import annotations
+
+import os
+
+from granian import Granian
+from granian.constants import Interfaces
+from granian.http import HTTP1Settings
+
+#: Pending connections the kernel queues per listening socket before refusing more.
+BACKLOG = 2048
+#: A client must send its request headers within this time: a connection that trickles bytes
+#: (slowloris) is dropped instead of holding a worker thread.
+HEADER_READ_TIMEOUT_MS = 10_000
+#: On shutdown, a worker gets this long to finish in-flight requests before it is killed.
+WORKER_KILL_TIMEOUT_S = 30
+
+
+def run_gateway(host: str, port: int, workers: int | None = None) -> None:
+    """Serve ``gateway.wsgi:app`` on host:port until SIGINT/SIGTERM; blocks.
+
+    ``workers`` processes (default: one per CPU core). Each worker imports the app itself and
+    opens its own gRPC channel on first use, so nothing gRPC crosses a fork.
+    """
+    server = Granian(
+        "gateway.wsgi:app",
+        address=host,
+        port=port,
+        interface=Interfaces.WSGI,
+        workers=workers or os.cpu_count() or 1,
+        backlog=BACKLOG,
+        http1_settings=HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS),
+        workers_kill_timeout=WORKER_KILL_TIMEOUT_S,
+        log_access=False,
+    )
+    server.serve()

@@ -1,0 +1,166 @@
+"""Content types, content encodings and the body size limit (plain, chunked, gzip)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tracemalloc
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from flask import Flask, Request
+from werkzeug.test import EnvironBuilder, TestResponse, run_wsgi_app
+
+from tests.gateway.conftest import Api, assert_documented
+
+Rows = Callable[[], list[dict[str, Any]]]
+LIMIT = 4096
+
+
+def body_of_size(key: str, size: int) -> bytes:
+    """A valid snippet body of exactly `size` bytes (padded inside data)."""
+    base = {"type": "pageview", "visitorId": "v", "projectKey": key, "url": "/", "data": {"p": ""}}
+    overhead = len(json.dumps(base, separators=(",", ":")))
+    base["data"] = {"p": "x" * (size - overhead)}
+    raw = json.dumps(base, separators=(",", ":")).encode()
+    assert len(raw) == size
+    return raw
+
+
+def post_chunked(app: Flask, raw: bytes) -> TestResponse:
+    """POST with no Content-Length, as a chunked request arrives from a WSGI server."""
+    environ = EnvironBuilder(
+        "/api/events", method="POST", data=raw, content_type="application/json"
+    ).get_environ()
+    del environ["CONTENT_LENGTH"]
+    # What granian promises: it ends wsgi.input where the chunked body ends.
+    environ["wsgi.input_terminated"] = True
+    app_iter, status, headers = run_wsgi_app(app.wsgi_app, environ, buffered=True)
+    return TestResponse(app_iter, status, headers, request=Request(environ))
+
+
+def code(response: Any) -> str:
+    return str(response.get_json()["error"]["code"])
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "text/plain",
+        "text/plain;charset=UTF-8",
+        "Application/JSON",
+    ],
+)
+def test_accepted_content_types(api: Api, project_key: str, content_type: str) -> None:
+    raw = body_of_size(project_key, 200)
+    assert api.post(raw=raw, content_type=content_type).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    ["application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/html", ""],
+)
+def test_other_content_types_are_415(
+    api: Api, project_key: str, rows: Rows, content_type: str
+) -> None:
+    response = api.post(raw=body_of_size(project_key, 200), content_type=content_type)
+    assert response.status_code == 415
+    assert code(response) == "unsupported_media_type"
+    assert rows() == []
+
+
+@pytest.mark.parametrize("encoding", ["br", "deflate", "compress", "gzip, br"])
+def test_other_encodings_are_415(api: Api, project_key: str, rows: Rows, encoding: str) -> None:
+    raw = body_of_size(project_key, 200)
+    response = api.post(raw=raw, headers={"Content-Encoding": encoding})
+    assert response.status_code == 415
+    assert rows() == []
+
+
+def test_gzip_body(api: Api, project_key: str, rows: Rows) -> None:
+    raw = gzip.compress(body_of_size(project_key, 300))
+    response = api.post(raw=raw, headers={"Content-Encoding": "gzip"})
+    assert response.status_code == 200
+    assert len(rows()) == 1
+
+
+def test_concatenated_gzip_members(api: Api, project_key: str) -> None:
+    raw = body_of_size(project_key, 300)
+    split = gzip.compress(raw[:100]) + gzip.compress(raw[100:])
+    assert api.post(raw=split, headers={"Content-Encoding": "gzip"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"not gzip at all", b"", gzip.compress(b'{"a":1}')[:-6], gzip.compress(b"{}") + b"junk"],
+    ids=["garbage", "empty", "truncated", "trailing-junk"],
+)
+def test_corrupt_gzip_is_400(api: Api, rows: Rows, raw: bytes) -> None:
+    response = api.post(raw=raw, headers={"Content-Encoding": "gzip"})
+    assert response.status_code == 400
+    assert rows() == []
+
+
+@pytest.mark.parametrize("app_config", [{"APEX_MAX_BODY_BYTES": LIMIT}])
+class TestLimit:
+    def test_at_the_limit_is_accepted(self, api: Api, project_key: str) -> None:
+        assert api.post(raw=body_of_size(project_key, LIMIT)).status_code == 200
+
+    def test_over_the_limit_is_413(self, api: Api, project_key: str, rows: Rows) -> None:
+        response = api.post(raw=body_of_size(project_key, LIMIT + 1))
+        assert response.status_code == 413
+        assert code(response) == "payload_too_large"
+        assert rows() == []
+
+    def test_chunked_over_the_limit_is_413(self, app: Flask, project_key: str, rows: Rows) -> None:
+        response = post_chunked(app, body_of_size(project_key, LIMIT + 1))
+        assert response.status_code == 413
+        assert_documented(response)
+        assert rows() == []
+
+    def test_chunked_within_the_limit(self, app: Flask, project_key: str, rows: Rows) -> None:
+        response = post_chunked(app, body_of_size(project_key, LIMIT))
+        assert response.status_code == 200
+        assert len(rows()) == 1
+
+    def test_gzip_within_the_limit_when_compressed_but_over_it_inflated(
+        self, api: Api, project_key: str, rows: Rows
+    ) -> None:
+        raw = gzip.compress(body_of_size(project_key, LIMIT + 1))
+        assert len(raw) < LIMIT
+        response = api.post(raw=raw, headers={"Content-Encoding": "gzip"})
+        assert response.status_code == 413
+        assert rows() == []
+
+    def test_gzip_inflating_to_exactly_the_limit(self, api: Api, project_key: str) -> None:
+        raw = gzip.compress(body_of_size(project_key, LIMIT))
+        assert api.post(raw=raw, headers={"Content-Encoding": "gzip"}).status_code == 200
+
+
+def test_default_limit_is_one_mebibyte(api: Api, project_key: str) -> None:
+    too_big = b" " * (1024 * 1024 - 1) + b"{}"
+    response = api.post(raw=too_big)
+    assert response.status_code == 413
+
+
+def test_gzip_bomb_is_413_in_bounded_memory(api: Api, rows: Rows) -> None:
+    inflated = 200 * 1024 * 1024
+    compressor = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    chunk = b"\0" * (1024 * 1024)
+    bomb = b"".join(compressor.compress(chunk) for _ in range(inflated // len(chunk)))
+    bomb += compressor.flush()
+    assert len(bomb) < 1024 * 1024  # it fits under the limit as sent
+    tracemalloc.start()
+    try:
+        response = api.post(raw=bomb, headers={"Content-Encoding": "gzip"})
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert response.status_code == 413
+    # The body as sent plus at most the limit inflated, with slack: nowhere near 200 MiB.
+    assert peak < 8 * 1024 * 1024, f"peak {peak} bytes"
+    assert rows() == []

@@ -1,0 +1,120 @@
+"""Rate limits per project key with Flask-Limiter: a batch counts once; 429 with Retry-After."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from gateway import create_app
+from tests.conftest import RunningServer, make_project
+from tests.gateway.conftest import Api, closed_port_target
+
+Rows = Callable[[], list[dict[str, Any]]]
+LIMITED = {"APEX_RATE_LIMIT": "2/minute"}
+
+
+def batch(key: str, size: int = 3) -> dict[str, Any]:
+    return {"projectKey": key, "events": [{"type": "t", "url": "/"} for _ in range(size)]}
+
+
+@pytest.mark.parametrize("app_config", [LIMITED])
+def test_a_batch_counts_once(api: Api, project_key: str, rows: Rows) -> None:
+    first = api.post(batch(project_key))
+    assert first.get_json() == {"received": 3}
+    assert first.headers["X-RateLimit-Limit"] == "2"
+    assert first.headers["X-RateLimit-Remaining"] == "1"
+    assert "X-RateLimit-Reset" in first.headers
+    assert "Retry-After" not in first.headers  # only throttling answers carry it
+    second = api.post(batch(project_key))
+    assert second.get_json() == {"received": 3}
+    assert second.headers["X-RateLimit-Remaining"] == "0"
+
+    refused = api.post(batch(project_key))
+    assert refused.status_code == 429
+    assert refused.get_json()["error"]["code"] == "rate_limited"
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["X-RateLimit-Remaining"] == "0"
+    assert len(rows()) == 6  # the refused batch stored nothing
+
+
+@pytest.mark.parametrize("app_config", [LIMITED])
+def test_limits_are_per_project(api: Api, grpc_server: RunningServer) -> None:
+    one = make_project(grpc_server.database_url, "one")
+    two = make_project(grpc_server.database_url, "two")
+    for _ in range(2):
+        assert api.post(batch(one)).status_code == 200
+    assert api.post(batch(one)).status_code == 429
+    assert api.post(batch(two)).status_code == 200
+
+
+@pytest.mark.parametrize("app_config", [LIMITED])
+def test_rejected_bodies_count_too(api: Api, project_key: str) -> None:
+    # An invalid request from a project still uses its budget (it cost a parse and a call).
+    bad = {"projectKey": project_key, "type": 5, "visitorId": "v", "url": "/"}
+    assert api.post(bad).status_code == 400
+    assert api.post(bad).status_code == 400
+    assert api.post(batch(project_key)).status_code == 429
+
+
+@pytest.mark.parametrize("app_config", [LIMITED])
+def test_bodies_without_a_key_are_limited_by_ip(api: Api) -> None:
+    for _ in range(2):
+        assert api.post(raw=b"not json").status_code == 400
+    assert api.post(raw=b"not json").status_code == 429
+    other = api.post(raw=b"not json", environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert other.status_code == 400
+
+
+@pytest.mark.parametrize("app_config", [LIMITED])
+def test_preflight_and_other_routes_are_not_limited(api: Api, project_key: str) -> None:
+    for _ in range(5):
+        preflight = api.client.options(
+            "/api/events",
+            headers={"Origin": "https://a.example", "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.status_code == 200
+        assert api.client.get("/api/openapi.json").status_code == 200
+    assert api.post(batch(project_key)).status_code == 200
+
+
+def redis_reachable() -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", 6379), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_redis_storage_shares_the_limit_between_gateways(
+    grpc_server: RunningServer, project_key: str
+) -> None:
+    if not redis_reachable():
+        pytest.fail("Redis is not reachable on 127.0.0.1:6379 (make test starts it)")
+    config = {
+        "TESTING": True,
+        "APEX_GRPC_TARGET": grpc_server.target,
+        "APEX_RATE_LIMIT": "3/minute",
+        "APEX_RATE_LIMIT_STORAGE": "redis://127.0.0.1:6379/0",
+    }
+    # Two gateway instances, one Redis: the project's budget is shared.
+    gateways = [Api(create_app(config).test_client()) for _ in range(2)]
+    statuses = [gateways[i % 2].post(batch(project_key, 1)).status_code for i in range(5)]
+    assert statuses == [200, 200, 200, 429, 429]
+
+
+def test_unreachable_redis_falls_back_to_per_process_limits(
+    grpc_server: RunningServer, project_key: str
+) -> None:
+    config = {
+        "TESTING": True,
+        "APEX_GRPC_TARGET": grpc_server.target,
+        "APEX_RATE_LIMIT": "2/minute",
+        "APEX_RATE_LIMIT_STORAGE": "redis://" + closed_port_target(),
+    }
+    api = Api(create_app(config).test_client())
+    # Serving goes on (events matter more than exact limits), still limited in memory.
+    statuses = [api.post(batch(project_key, 1)).status_code for _ in range(3)]
+    assert statuses == [200, 200, 429]

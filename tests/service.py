@@ -1,0 +1,120 @@
+"""Run the whole service (`python -m apex_ingest serve`) as a subprocess, for end-to-end tests.
+
+with running_service(postgres_url) as service:
+    requests.post(f"{service.base_url}/api/events", json=...)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 30.0
+
+
+@dataclass
+class Service:
+    base_url: str
+    grpc_target: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def output(self) -> str:
+        """Everything the service printed so far (stdout and stderr)."""
+        return self.log_path.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def running_service(database_url: str, env: dict[str, str] | None = None) -> Iterator[Service]:
+    """Start `apex_ingest serve` on two free ports; yield once GET /healthz answers 200.
+
+    On exit: SIGTERM, and wait for the process to drain and stop (killed if it takes longer
+    than STOP_TIMEOUT).
+    """
+    http_port, grpc_port = free_port(), free_port()
+    environment = {
+        **os.environ,
+        "APEX_DATABASE_URL": database_url,
+        "APEX_HOST": "127.0.0.1",
+        "APEX_HTTP_PORT": str(http_port),
+        "APEX_GRPC_PORT": str(grpc_port),
+        "APEX_HTTP_WORKERS": "2",
+        **(env or {}),
+    }
+    # The service must find its own target from the ports, not from the caller's environment.
+    if env is None or "APEX_GRPC_TARGET" not in env:
+        environment.pop("APEX_GRPC_TARGET", None)
+    with tempfile.NamedTemporaryFile(prefix="apex-service-", suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "apex_ingest", "serve"],
+            env=environment,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    service = Service(
+        base_url=f"http://127.0.0.1:{http_port}",
+        grpc_target=f"127.0.0.1:{grpc_port}",
+        process=process,
+        log_path=log_path,
+    )
+    try:
+        _wait_healthy(service)
+        yield service
+    finally:
+        _stop(process)
+        with contextlib.suppress(OSError):
+            log_path.unlink()
+
+
+def _wait_healthy(service: Service) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if service.process.poll() is not None:
+            raise RuntimeError(
+                f"the service exited with {service.process.returncode} before it was healthy:\n"
+                + service.output()
+            )
+        try:
+            response = requests.get(f"{service.base_url}/healthz", timeout=2)
+            if response.status_code == 200:
+                return
+            last = f"{response.status_code} {response.text}"
+        except requests.RequestException as error:
+            last = str(error)
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"the service was not healthy after {START_TIMEOUT:.0f} s (last: {last}):\n"
+        + service.output()
+    )
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

@@ -37,6 +37,10 @@ run: install
 test: install-dev services
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+## test-reliability: the full fault and hostile-input suite (a fast subset runs in `make test`)
+test-reliability: install-dev services
+	$(PY) -m pytest tests/reliability -m reliability
+
 services:
 	bash scripts/ensure-chromium.sh
 	bash scripts/ensure-services.sh

@@ -110,16 +110,17 @@ def build_rows(
         occurred_at = received_at
         if event.HasField("timestamp"):
             ts = event.timestamp
+            too_late = "must not be more than one day after the time of receipt"
             if not 0 <= ts.nanos <= 999_999_999:
                 problem = "has invalid nanos"
+            elif ts.seconds < 0:
+                problem = "must not be before 1970-01-01T00:00:00Z"
+            elif ts.seconds > (latest - _EPOCH).total_seconds():
+                # Checked before building a datetime: seconds near 2**63 overflow it.
+                problem = too_late
             else:
                 occurred_at = _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
-                if ts.seconds < 0:
-                    problem = "must not be before 1970-01-01T00:00:00Z"
-                elif occurred_at > latest:
-                    problem = "must not be more than one day after the time of receipt"
-                else:
-                    problem = None
+                problem = too_late if occurred_at > latest else None
             if problem:
                 violations.append(FieldViolation(prefix + "timestamp", problem))
 

@@ -2,23 +2,43 @@
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import os
 import shlex
+from collections.abc import Iterator
 
 import click
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.config import Settings
 
+#: Commands that run servers: they log JSON lines unless APEX_LOG_FORMAT=text.
+_SERVER_COMMANDS = frozenset({"serve", "grpc", "gateway"})
+
 
 @click.group()
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """Apex Ingest: the event-ingestion service of Apex."""
-    logging.basicConfig(
-        level=os.environ.get("APEX_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from apex_ingest.logs import configure_logging
+
+    try:
+        configure_logging("json" if ctx.invoked_subcommand in _SERVER_COMMANDS else "text")
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+
+
+def _serve_children_metrics(settings: Settings) -> None:
+    """Before starting server processes: one metrics directory for all of them, and the
+    APEX_METRICS_PORT endpoint (if set) served here, adding up every child's samples."""
+    from apex_ingest.metrics_dir import SERVED_BY_PARENT_ENV, prepare_multiprocess_dir
+
+    prepare_multiprocess_dir()
+    from apex_ingest import metrics  # only now: prometheus-client reads the directory at import
+
+    metrics.serve_metrics(settings.host)
+    os.environ[SERVED_BY_PARENT_ENV] = "1"
 
 
 @main.command()
@@ -32,6 +52,7 @@ def grpc(processes: int | None) -> None:
 
         serve(settings)
     else:
+        _serve_children_metrics(settings)
         from apex_ingest.supervisor import run_grpc_processes
 
         run_grpc_processes(settings, count)
@@ -41,32 +62,41 @@ def grpc(processes: int | None) -> None:
 @click.option("--workers", type=int, default=None, help="Worker processes (default: CPU cores).")
 def gateway(workers: int | None) -> None:
     """Run the HTTP gateway alone (granian)."""
+    from apex_ingest.metrics_dir import prepare_multiprocess_dir
     from gateway.serve import run_gateway
 
+    prepare_multiprocess_dir()  # granian's workers share it; /metrics adds them up
     settings = Settings.from_env()
     run_gateway(settings.host, settings.http_port, _count(workers, "APEX_HTTP_WORKERS"))
 
 
 @main.command()
 @click.option("--workers", type=int, default=None, help="Gateway worker processes.")
-@click.option("--grpc-processes", type=int, default=None, help="gRPC server processes.")
+@click.option(
+    "--grpc-processes", type=int, default=None, help="gRPC server processes (default: cores / 2)."
+)
 def serve(workers: int | None, grpc_processes: int | None) -> None:
     """Run the gRPC server and the HTTP gateway together."""
     from apex_ingest.supervisor import serve_all
 
+    settings = Settings.from_env()
+    # The gateway's /metrics then shows the gRPC processes' metrics too (one directory).
+    _serve_children_metrics(settings)
     serve_all(
-        Settings.from_env(),
+        settings,
         _count(workers, "APEX_HTTP_WORKERS"),
-        _count(grpc_processes, "APEX_GRPC_PROCESSES"),
+        # Half the cores: the gateway's workers use most of the CPU per request, and one gRPC
+        # process commits bigger groups with fewer wake-ups (bench/README.md has the figures).
+        _count(grpc_processes, "APEX_GRPC_PROCESSES", default=max(1, (os.cpu_count() or 1) // 2)),
     )
 
 
-def _count(option: int | None, variable: str) -> int:
-    """A process count: the option, else the variable, else the CPU cores."""
+def _count(option: int | None, variable: str, default: int | None = None) -> int:
+    """A process count: the option, else the variable, else `default` or the CPU cores."""
     if option:
         return option
     raw = os.environ.get(variable, "").strip()
-    return int(raw) if raw else (os.cpu_count() or 1)
+    return int(raw) if raw else (default or os.cpu_count() or 1)
 
 
 @main.group()
@@ -81,6 +111,57 @@ def upgrade() -> None:
 
     run_upgrade(Settings.from_env().database_url)
     click.echo("database is up to date")
+
+
+@db.command()
+@click.option(
+    "--months-ahead",
+    type=click.IntRange(0, 120),
+    default=3,
+    show_default=True,
+    help="Create partitions for this many months after the current one.",
+)
+def partitions(months_ahead: int) -> None:
+    """PostgreSQL: create the monthly partitions of events ahead of time (and the default one).
+
+    Run it from cron (e.g. daily); it is idempotent.
+    """
+    from apex_ingest import partitions as parts
+
+    with _engine_connection() as connection:
+        try:
+            created = parts.ensure_partitions(connection, months_ahead)
+        except RuntimeError as error:
+            raise click.ClickException(str(error)) from error
+    click.echo("created " + ", ".join(created) if created else "partitions are up to date")
+
+
+@db.command()
+@click.option("--days", type=click.IntRange(min=1), required=True, help="Keep this many days.")
+def retention(days: int) -> None:
+    """PostgreSQL: drop the monthly partitions of events older than --days (whole months)."""
+    from apex_ingest import partitions as parts
+
+    with _engine_connection() as connection:
+        try:
+            dropped = parts.apply_retention(connection, days)
+        except RuntimeError as error:
+            raise click.ClickException(str(error)) from error
+    click.echo("dropped " + ", ".join(dropped) if dropped else "no partition is old enough")
+
+
+@contextlib.contextmanager
+def _engine_connection() -> Iterator[Connection]:
+    """One transaction on the configured database."""
+    from apex_ingest.database import create_db_engine
+
+    settings = Settings.from_env()
+    engine = create_db_engine(settings.database_url, settings)
+    try:
+        with engine.begin() as connection:
+            yield connection
+    finally:
+        engine.dispose()
 
 
 @main.group()
@@ -158,11 +239,16 @@ def demo() -> None:
         f'{{"type":"pageview","visitorId":"v_123","projectKey":"{key}",'
         f'"url":"https://example.com/pricing","data":{{"plan":"pro","seats":3}}}}'
     )
-    click.echo(f"\nDemo project key: {key}\n\nSend an event:\n")
-    click.echo(
-        f"  curl -sS -X POST {url} -H 'Content-Type: application/json' \\\n"
-        f"    -d {shlex.quote(snippet)}\n"
+    batch = (
+        f'{{"projectKey":"{key}","userId":"user_42","events":['
+        '{"type":"signup","url":"/signup","id":"evt-1","data":{"plan":"pro"}},'
+        '{"type":"form_submit","url":"/contact","visitorId":"v_123"},'
+        '{"type":"purchase","url":"/checkout","data":{"amount":49.90,"currency":"EUR"}}]}'
     )
+    click.echo(f"\nDemo project key: {key}\n")
+    for title, body in (("A browser event", snippet), ("A server-side batch", batch)):
+        click.echo(f"{title}:\n  curl -sS -X POST {url} -H 'Content-Type: application/json' \\")
+        click.echo(f"    -d {shlex.quote(body)}\n")
 
 
 def _display_host(host: str) -> str:

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
+from apex_ingest import metrics
 from apex_ingest.config import Settings
 from apex_ingest.database import create_db_engine, create_session_factory
 from apex_ingest.health import SERVICE_NAME, StorageHealthMonitor
@@ -59,6 +60,7 @@ def create_server(address: str, settings: Settings | None = None) -> tuple[Inges
     """Build (not start) the server on `address` ("host:port", port 0 picks one)."""
     settings = settings or Settings.from_env()
     engine = create_db_engine(settings.database_url, settings)
+    metrics.instrument_pool(engine)
     session_factory = create_session_factory(engine)
 
     server = grpc.server(
@@ -111,6 +113,7 @@ def serve(settings: Settings) -> None:
     signal.signal(signal.SIGINT, on_signal)
     server.start()
     log.info("gRPC server listening on %s:%d", settings.host, port)
+    metrics.serve_metrics(settings.host)
     while not stopping.wait(1.0):
         pass
     server.stop(settings.shutdown_grace)

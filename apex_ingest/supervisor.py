@@ -70,12 +70,21 @@ class Supervised:
         while not self._stopping.is_set():
             assert self._process is not None
             code = self._process.wait()
+            _forget_metrics_of(self._process.pid)
             if self._stopping.is_set():
                 return
             log.error("%s exited with %s; restarting it", " ".join(self._argv[-2:]), code)
             time.sleep(1.0)
             if not self._stopping.is_set():
                 self._spawn()
+
+
+def _forget_metrics_of(pid: int) -> None:
+    """A dead child's live gauges (in flight, pool) must leave the multiprocess sums."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from apex_ingest.metrics import mark_process_dead
+
+        mark_process_dead(pid)
 
 
 def start_grpc_processes(settings: Settings, processes: int) -> list[Supervised]:

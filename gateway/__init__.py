@@ -12,7 +12,7 @@ from typing import Any
 from flask import Flask
 from flask_cors import CORS
 
-from gateway import api, config, errors, grpc_client, health, ratelimit
+from gateway import api, config, errors, grpc_client, health, observability, ratelimit
 from gateway.json_codec import OrjsonProvider
 
 #: Headers a browser script may read from our answers, to pace itself.
@@ -28,6 +28,8 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         app.config.from_mapping(test_config)
     settings = config.GatewaySettings.from_mapping(app.config)
     config.install(app, settings)
+    # First: its hooks then see every request (request id, timing), even those refused early.
+    observability.install(app)
 
     errors.register_error_handlers(app)
     # Registered before the limiter so it runs after the limiter's header hook (Flask runs

@@ -8,6 +8,8 @@ from granian import Granian
 from granian.constants import Interfaces
 from granian.http import HTTP1Settings
 
+from apex_ingest.logs import granian_log_config
+
 #: Pending connections the kernel queues per listening socket before refusing more.
 BACKLOG = 2048
 #: A client must send its request headers within this time: a connection that trickles bytes
@@ -33,5 +35,6 @@ def run_gateway(host: str, port: int, workers: int | None = None) -> None:
         http1_settings=HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS),
         workers_kill_timeout=WORKER_KILL_TIMEOUT_S,
         log_access=False,
+        log_dictconfig=granian_log_config(),
     )
     server.serve()

@@ -1,0 +1,146 @@
+"""Logging: one JSON object per line (default for the servers) or plain text, with request ids.
+
+`APEX_LOG_FORMAT=json|text` chooses. A JSON record is written with json.dumps, which escapes
+CR, LF, ESC and every other control character: whatever a client puts in a header or a field,
+it cannot start a new log line or forge a record. The text format escapes them as well.
+
+The request id of the call being handled (`X-Request-ID` at the gateway, the `x-request-id`
+gRPC metadata at the server) lives in a context variable; every record logged while handling
+that call carries it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import uuid
+from contextvars import ContextVar
+from datetime import UTC, datetime
+from typing import Any
+
+#: The current call's request id, if any.
+request_id_var: ContextVar[str | None] = ContextVar("apex_request_id", default=None)
+
+#: Header (HTTP) and metadata key (gRPC) carrying the request id.
+REQUEST_ID_HEADER = "X-Request-ID"
+REQUEST_ID_METADATA = "x-request-id"
+
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+#: LogRecord attributes that are not user-supplied `extra` fields.
+_STANDARD_ATTRS = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", (), None)).keys() | {"message", "asctime"}
+)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def clean_request_id(value: str | None) -> str:
+    """The caller's request id if a sane token (1-128 of [A-Za-z0-9._:@/+=-]), else a new one."""
+    if value and _REQUEST_ID_RE.fullmatch(value):
+        return value
+    return new_request_id()
+
+
+def _extra_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {
+        key: value
+        for key, value in vars(record).items()
+        if key not in _STANDARD_ATTRS and not key.startswith("_")
+    }
+
+
+class JsonFormatter(logging.Formatter):
+    """{"ts", "level", "logger", "message", "request_id"?, extra fields..., "exc_info"?}"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        if request_id:
+            document["request_id"] = request_id
+        for key, value in _extra_fields(record).items():
+            document.setdefault(key, value)
+        if record.exc_info:
+            document["exc_info"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            document["stack_info"] = self.formatStack(record.stack_info)
+        return json.dumps(document, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """Classic `time level logger: message`, with control characters escaped (one line each)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = (
+            f"{self.formatTime(record)} {record.levelname} {record.name}: "
+            f"{_escape(record.getMessage())}"
+        )
+        request_id = getattr(record, "request_id", None) or request_id_var.get()
+        if request_id:
+            line += f" request_id={_escape(str(request_id))}"
+        for key, value in _extra_fields(record).items():
+            if key != "request_id":
+                line += f" {key}={_escape(repr(value) if isinstance(value, str) else str(value))}"
+        if record.exc_info:  # a traceback is ours, not the client's: it keeps its lines
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def _escape(text: str) -> str:
+    return _CONTROL_RE.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
+def log_format(default: str = "json") -> str:
+    value = os.environ.get("APEX_LOG_FORMAT", "").strip().lower() or default
+    if value not in ("json", "text"):
+        raise ValueError("APEX_LOG_FORMAT must be json or text")
+    return value
+
+
+def configure_logging(default_format: str = "json") -> None:
+    """Log to stderr in APEX_LOG_FORMAT (else `default_format`) at APEX_LOG_LEVEL (INFO)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if log_format(default_format) == "json" else TextFormatter()
+    )
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(os.environ.get("APEX_LOG_LEVEL", "INFO").strip().upper() or "INFO")
+
+
+def access_log_enabled() -> bool:
+    """One INFO record per request/RPC unless APEX_ACCESS_LOG=0."""
+    return os.environ.get("APEX_ACCESS_LOG", "1").strip() != "0"
+
+
+def make_formatter() -> logging.Formatter:
+    """The formatter APEX_LOG_FORMAT asks for (for logging.config's "()" factories)."""
+    return JsonFormatter() if log_format() == "json" else TextFormatter()
+
+
+def granian_log_config() -> dict[str, Any]:
+    """granian's own loggers, in our format on stderr (its default is text on stdout)."""
+    handler = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "apex"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"apex": {"()": "apex_ingest.logs.make_formatter"}},
+        "handlers": {"console": handler, "access": handler},
+        "loggers": {
+            "_granian": {"handlers": ["console"], "level": "INFO", "propagate": False},
+            "granian.access": {"handlers": ["access"], "level": "INFO", "propagate": False},
+        },
+    }

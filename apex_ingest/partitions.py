@@ -1,0 +1,169 @@
+"""Monthly partitions of `events` on PostgreSQL (`apex-ingest db partitions` / `db retention`).
+
+Since migration 0002, `events` on PostgreSQL is partitioned by range of `occurred_at`, one
+partition per calendar month in UTC (`events_p2026_11` holds [2026-11-01, 2026-12-01)), plus
+`events_default` for anything no monthly partition covers, so an insert never fails for want
+of a partition. Deduplication on (project_id, event_id) cannot be a unique index of a table
+partitioned by occurred_at (it would have to include occurred_at, and a retried event without
+timestamp gets a new occurred_at): it lives in the unpartitioned `event_ids` table, written in
+the same statement as the events (see storage.py).
+
+Creating partitions ahead of time keeps `events_default` empty in normal operation. If rows for
+a month did land in the default partition, creating that month's partition moves them into it.
+Retention drops whole monthly partitions that end before the cutoff, deletes older rows from
+the default partition, and forgets event ids received before the cutoff (so a retry arriving
+after the retention period would be stored again: the dedup window is the retention period).
+
+SQLite has no partitioning: these functions refuse it (the commands say so).
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import Connection, text
+
+DEFAULT_PARTITION = "events_default"
+_NAME_RE = re.compile(r"^events_p(\d{4})_(\d{2})$")
+
+
+def month_start(moment: datetime) -> datetime:
+    moment = moment.astimezone(UTC)
+    return datetime(moment.year, moment.month, 1, tzinfo=UTC)
+
+
+def add_months(start: datetime, months: int) -> datetime:
+    index = start.year * 12 + start.month - 1 + months
+    return datetime(index // 12, index % 12 + 1, 1, tzinfo=UTC)
+
+
+def partition_name(start: datetime) -> str:
+    return f"events_p{start.year:04d}_{start.month:02d}"
+
+
+def is_partitioned(connection: Connection) -> bool:
+    if connection.dialect.name != "postgresql":
+        return False
+    return bool(
+        connection.execute(
+            text(
+                "SELECT EXISTS (SELECT 1 FROM pg_partitioned_table p "
+                "JOIN pg_class c ON c.oid = p.partrelid "
+                "WHERE c.relname = 'events' AND c.relnamespace = current_schema()::regnamespace)"
+            )
+        ).scalar()
+    )
+
+
+def monthly_partitions(connection: Connection) -> dict[str, datetime]:
+    """The monthly partitions of `events`: name -> first instant of the month."""
+    names = connection.execute(
+        text(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'events'::regclass"
+        )
+    ).scalars()
+    found = {}
+    for name in names:
+        match = _NAME_RE.match(name)
+        if match:
+            found[name] = datetime(int(match[1]), int(match[2]), 1, tzinfo=UTC)
+    return found
+
+
+def ensure_default_partition(connection: Connection) -> bool:
+    """Create events_default if missing; True if it was created."""
+    exists = connection.execute(text("SELECT to_regclass(:name)"), {"name": DEFAULT_PARTITION})
+    if exists.scalar() is not None:
+        return False
+    connection.execute(text(f"CREATE TABLE {DEFAULT_PARTITION} PARTITION OF events DEFAULT"))
+    return True
+
+
+def create_month_partition(connection: Connection, start: datetime) -> str | None:
+    """Create the partition of the month starting at `start`; None if it exists already.
+
+    Rows of that month sitting in the default partition are moved into the new one (a
+    partition cannot be created over rows the default partition holds).
+    """
+    start = month_start(start)
+    end = add_months(start, 1)
+    name = partition_name(start)
+    if name in monthly_partitions(connection):
+        return None
+    bounds = {"start": start, "end": end}
+    has_default = connection.execute(
+        text("SELECT to_regclass(:name)"), {"name": DEFAULT_PARTITION}
+    ).scalar()
+    stranded = (
+        has_default is not None
+        and connection.execute(
+            text(
+                f"SELECT EXISTS (SELECT 1 FROM {DEFAULT_PARTITION} "
+                "WHERE occurred_at >= :start AND occurred_at < :end)"
+            ),
+            bounds,
+        ).scalar()
+    )
+    # Bounds are timestamps we computed, rendered as literals (DDL takes no parameters).
+    values = f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
+    if not stranded:
+        connection.execute(text(f"CREATE TABLE {name} PARTITION OF events {values}"))
+        return name
+    connection.execute(text(f"LOCK TABLE {DEFAULT_PARTITION} IN ACCESS EXCLUSIVE MODE"))
+    connection.execute(text(f"CREATE TABLE {name} (LIKE events INCLUDING DEFAULTS)"))
+    connection.execute(
+        text(
+            f"WITH moved AS (DELETE FROM {DEFAULT_PARTITION} "
+            "WHERE occurred_at >= :start AND occurred_at < :end RETURNING *) "
+            f"INSERT INTO {name} SELECT * FROM moved"
+        ),
+        bounds,
+    )
+    connection.execute(text(f"ALTER TABLE events ATTACH PARTITION {name} {values}"))
+    return name
+
+
+def ensure_partitions(
+    connection: Connection, months_ahead: int = 3, now: datetime | None = None
+) -> list[str]:
+    """The default partition and this month's and the next `months_ahead` months' partitions.
+
+    Returns the names of the partitions created.
+    """
+    _require_partitioned(connection)
+    created = [DEFAULT_PARTITION] if ensure_default_partition(connection) else []
+    current = month_start(now or datetime.now(UTC))
+    for offset in range(months_ahead + 1):
+        name = create_month_partition(connection, add_months(current, offset))
+        if name is not None:
+            created.append(name)
+    return created
+
+
+def apply_retention(connection: Connection, days: int, now: datetime | None = None) -> list[str]:
+    """Drop monthly partitions ending before now - `days`; trim the rest. Return dropped names."""
+    if days < 1:
+        raise ValueError("retention must be at least one day")
+    _require_partitioned(connection)
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
+    dropped = []
+    for name, start in sorted(monthly_partitions(connection).items(), key=lambda item: item[1]):
+        if add_months(start, 1) <= cutoff:
+            connection.execute(text(f"DROP TABLE {name}"))
+            dropped.append(name)
+    connection.execute(
+        text(f"DELETE FROM {DEFAULT_PARTITION} WHERE occurred_at < :cutoff"), {"cutoff": cutoff}
+    )
+    connection.execute(
+        text("DELETE FROM event_ids WHERE received_at < :cutoff"), {"cutoff": cutoff}
+    )
+    return dropped
+
+
+def _require_partitioned(connection: Connection) -> None:
+    if not is_partitioned(connection):
+        raise RuntimeError(
+            "events is not partitioned: partitions need PostgreSQL and `apex-ingest db upgrade`"
+        )

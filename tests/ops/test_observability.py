@@ -1,0 +1,161 @@
+"""Metrics and logs of the real service (`apex-ingest serve`, two gateway workers)."""
+
+from __future__ import annotations
+
+import http.client
+import time
+from urllib.parse import urlsplit
+
+import requests
+
+from tests.conftest import make_project
+from tests.ops.support import has_metric, json_lines, scrape, value
+from tests.service import free_port, running_service
+
+
+def _post(base_url: str, key: str, count: int, **headers: str) -> requests.Response:
+    events = [{"type": "signup", "url": "/signup"} for _ in range(count)]
+    return requests.post(
+        f"{base_url}/api/events",
+        json={"projectKey": key, "events": events},
+        headers=headers,
+        timeout=10,
+    )
+
+
+def test_gateway_and_grpc_metrics_move(sqlite_url: str) -> None:
+    key = make_project(sqlite_url)
+    metrics_port = free_port()
+    with running_service(sqlite_url, env={"APEX_METRICS_PORT": str(metrics_port)}) as service:
+        gateway_url = f"{service.base_url}/metrics"
+        grpc_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        before = scrape(gateway_url)
+        grpc_before = scrape(grpc_url)
+
+        # Several requests, so both gateway workers are likely to answer some.
+        for _ in range(6):
+            assert _post(service.base_url, key, 3).status_code == 200
+        assert _post(service.base_url, "pk_nope_" + "x" * 20, 2).status_code == 401
+        bad = requests.post(
+            f"{service.base_url}/api/events",
+            json={"projectKey": key, "events": [{"type": "x", "url": "nope"}]},
+            timeout=10,
+        )
+        assert bad.status_code == 400
+
+        after = scrape(gateway_url)
+        grpc_after = scrape(grpc_url)
+
+    def moved(samples_before: object, samples_after: object, name: str, **labels: str) -> float:
+        return value(samples_after, name, **labels) - value(samples_before, name, **labels)  # type: ignore[arg-type]
+
+    # Gateway: events by project and reason, requests by endpoint and status, latency, in-flight.
+    assert moved(before, after, "apex_gateway_events_accepted_total", project=key) == 18
+    assert (
+        moved(
+            before,
+            after,
+            "apex_gateway_events_rejected_total",
+            project="unverified",
+            reason="unauthorized",
+        )
+        == 2
+    )
+    assert moved(before, after, "apex_gateway_events_rejected_total", reason="invalid_request") == 1
+    assert (
+        moved(
+            before,
+            after,
+            "apex_gateway_http_requests_total",
+            endpoint="/api/events",
+            method="POST",
+            status="200",
+        )
+        == 6
+    )
+    assert (
+        moved(
+            before,
+            after,
+            "apex_gateway_http_request_duration_seconds_count",
+            endpoint="/api/events",
+        )
+        == 8
+    )
+    assert has_metric(after, "apex_gateway_http_requests_in_flight")
+    # Client input never becomes a label: the unknown key does not appear anywhere.
+    assert not any("pk_nope_" in str(labels) for _, labels, _ in after)
+
+    # gRPC server: RPC latency, events by project and reason, group commits, pool.
+    assert moved(grpc_before, grpc_after, "apex_grpc_events_accepted_total", project=key) == 18
+    assert (
+        moved(
+            grpc_before,
+            grpc_after,
+            "apex_grpc_events_rejected_total",
+            project="unknown",
+            reason="unauthenticated",
+        )
+        == 2
+    )
+    assert (
+        moved(
+            grpc_before,
+            grpc_after,
+            "apex_grpc_request_duration_seconds_count",
+            method="IngestEvents",
+            code="OK",
+        )
+        == 6
+    )
+    assert moved(grpc_before, grpc_after, "apex_group_commit_requests_count") >= 1
+    assert moved(grpc_before, grpc_after, "apex_group_commit_rows_sum") == 18
+    assert has_metric(grpc_after, "apex_db_pool_connections_in_use")
+    assert has_metric(grpc_after, "apex_grpc_requests_in_flight")
+    # `serve` shares one metrics directory: the gateway's /metrics shows the gRPC side too.
+    assert moved(before, after, "apex_grpc_events_accepted_total", project=key) == 18
+
+
+def test_json_logs_carry_the_request_id_and_stay_one_line(sqlite_url: str) -> None:
+    key = make_project(sqlite_url)
+    with running_service(sqlite_url) as service:
+        answer = _post(service.base_url, key, 1, **{"X-Request-ID": "req-abc.123"})
+        assert answer.status_code == 200
+        assert answer.headers["X-Request-ID"] == "req-abc.123"
+
+        generated = _post(service.base_url, key, 1)
+        assert len(generated.headers["X-Request-ID"]) == 32  # a fresh uuid4, hex
+
+        # Not a sane token (a space, quotes): replaced, never echoed or logged.
+        hostile = _post(service.base_url, key, 1, **{"X-Request-ID": 'a b"c'})
+        replaced = hostile.headers["X-Request-ID"]
+        assert replaced != 'a b"c' and len(replaced) == 32
+
+        # CR/LF reach the log through the (percent-decoded) path, a tab through the User-Agent.
+        parts = urlsplit(service.base_url)
+        connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        connection.putrequest(
+            "GET", "/nowhere%0d%0a%7b%22forged%22%3a1%7d", skip_accept_encoding=True
+        )
+        connection.putheader("User-Agent", "evil\tagent")
+        connection.putheader("X-Request-ID", "req-crlf")
+        connection.endheaders()
+        assert connection.getresponse().status == 404
+        connection.close()
+        time.sleep(0.5)  # let the workers' stderr reach the log file
+        output = service.output()
+
+    records = json_lines(output)  # every line of every process is one JSON object
+    assert not any(record.get("forged") for record in records)
+    by_id = [record for record in records if record.get("request_id") == "req-abc.123"]
+    loggers = {record["logger"] for record in by_id}
+    # The gateway logged it, and so did the gRPC server, from the x-request-id metadata.
+    assert {"gateway.access", "apex_ingest.access"} <= loggers, by_id
+    gateway_line = next(r for r in by_id if r["logger"] == "gateway.access")
+    assert gateway_line["status"] == 200 and gateway_line["path"] == "/api/events"
+    assert not any(r.get("request_id") == 'a b"c' for r in records)
+
+    crlf = next(r for r in records if r.get("request_id") == "req-crlf")
+    assert crlf["path"] == '/nowhere\r\n{"forged":1}'
+    assert crlf["user_agent"] == "evil\tagent"
+    assert crlf["status"] == 404

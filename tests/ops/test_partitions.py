@@ -1,0 +1,190 @@
+"""PostgreSQL: monthly partitions of events, dedup through event_ids, retention."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from apex_ingest import partitions
+from apex_ingest.database import create_db_engine, create_session_factory
+from apex_ingest.migrate import upgrade
+from apex_ingest.storage import EventStore, insert_events
+from tests.conftest import make_project
+
+pytestmark = pytest.mark.postgres
+
+
+def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "APEX_DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", "apex_ingest", "db", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def _row(project_id: int, event_id: str, occurred_at: datetime) -> dict[str, object]:
+    return {
+        "project_id": project_id,
+        "event_id": event_id,
+        "type": "pageview",
+        "visitor_id": "v1",
+        "user_id": None,
+        "url": "/",
+        "referrer": None,
+        "data": '{"n": 1}',
+        "occurred_at": occurred_at,
+        "received_at": datetime.now(UTC),
+        "ip": None,
+        "user_agent": None,
+    }
+
+
+def _project_id(database_url: str) -> int:
+    key = make_project(database_url)
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        project_id = connection.execute(
+            text("SELECT id FROM projects WHERE key = :key"), {"key": key}
+        ).scalar_one()
+    engine.dispose()
+    return int(project_id)
+
+
+def _partition_of(connection: object, event_id: str) -> str:
+    return str(
+        connection.execute(  # type: ignore[attr-defined]
+            text("SELECT tableoid::regclass::text FROM events WHERE event_id = :id"),
+            {"id": event_id},
+        ).scalar_one()
+    )
+
+
+def test_events_are_partitioned_by_month_and_stored_once(postgres_url: str) -> None:
+    project_id = _project_id(postgres_url)
+    engine = create_db_engine(postgres_url)
+    now = datetime.now(UTC)
+    this_month = partitions.partition_name(partitions.month_start(now))
+    long_ago = datetime(2001, 5, 17, tzinfo=UTC)
+    try:
+        with engine.begin() as connection:
+            assert partitions.is_partitioned(connection)
+            names = set(partitions.monthly_partitions(connection))
+            # The migration made this month and the next three, so inserts land in place.
+            assert this_month in names and len(names) >= 4
+            insert_events(
+                connection, [_row(project_id, "a", now), _row(project_id, "old", long_ago)]
+            )
+        # A retry of "a" with another occurred_at (no client timestamp): still stored once;
+        # repeats inside one statement too.
+        store = EventStore(create_session_factory(engine), retry_after_seconds=1)
+        store.store(project_id, [_row(project_id, "a", now - timedelta(days=40))])
+        store.store(project_id, [_row(project_id, "b", now), _row(project_id, "b", now)])
+        with engine.begin() as connection:
+            counts = dict(
+                connection.execute(
+                    text("SELECT event_id, count(*) FROM events GROUP BY event_id")
+                ).all()
+            )
+            assert counts == {"a": 1, "b": 1, "old": 1}
+            assert _partition_of(connection, "a") == this_month
+            assert _partition_of(connection, "old") == partitions.DEFAULT_PARTITION
+            # The events table keeps its columns for analytics.
+            columns = connection.execute(
+                text(
+                    "SELECT column_name FROM information_schema.columns "
+                    "WHERE table_name = 'events' ORDER BY ordinal_position"
+                )
+            ).scalars()
+            assert list(columns) == [
+                "id", "project_id", "event_id", "type", "visitor_id", "user_id", "url",
+                "referrer", "data", "occurred_at", "received_at", "ip", "user_agent",
+            ]  # fmt: skip
+            # Creating a month that has rows in the default partition moves them over.
+            created = partitions.create_month_partition(connection, long_ago)
+            assert created == "events_p2001_05"
+            assert _partition_of(connection, "old") == "events_p2001_05"
+    finally:
+        engine.dispose()
+
+
+def test_partitions_and_retention_commands(postgres_url: str) -> None:
+    project_id = _project_id(postgres_url)
+    engine = create_db_engine(postgres_url)
+    now = datetime.now(UTC)
+    try:
+        assert "created" in _cli(postgres_url, "partitions", "--months-ahead", "6").stdout
+        assert "up to date" in _cli(postgres_url, "partitions", "--months-ahead", "6").stdout
+        old_month = partitions.add_months(partitions.month_start(now), -4)
+        with engine.begin() as connection:
+            horizon = partitions.add_months(partitions.month_start(now), 6)
+            assert partitions.partition_name(horizon) in partitions.monthly_partitions(connection)
+            partitions.create_month_partition(connection, old_month)
+            old_row = _row(project_id, "old", old_month + timedelta(days=2))
+            old_row["received_at"] = old_month + timedelta(days=2)
+            insert_events(connection, [old_row, _row(project_id, "new", now)])
+
+        out = _cli(postgres_url, "retention", "--days", "60").stdout
+        assert partitions.partition_name(old_month) in out
+
+        with engine.begin() as connection:
+            remaining = partitions.monthly_partitions(connection)
+            assert partitions.partition_name(old_month) not in remaining
+            assert partitions.partition_name(partitions.month_start(now)) in remaining
+            stored = connection.execute(text("SELECT event_id FROM events")).scalars().all()
+            assert stored == ["new"]
+            ids = connection.execute(text("SELECT event_id FROM event_ids")).scalars().all()
+            assert ids == ["new"]  # the dedup window is the retention period
+    finally:
+        engine.dispose()
+
+
+def test_migration_keeps_existing_rows(postgres_url: str) -> None:
+    """Downgrade to the unpartitioned table, store rows, upgrade again: nothing is lost."""
+    from alembic import command
+
+    from apex_ingest.migrate import alembic_config
+
+    project_id = _project_id(postgres_url)
+    command.downgrade(alembic_config(postgres_url), "0001")
+    engine = create_db_engine(postgres_url)
+    try:
+        with engine.begin() as connection:
+            assert not partitions.is_partitioned(connection)
+            connection.execute(
+                text(
+                    "INSERT INTO events (project_id, event_id, type, url, data, occurred_at, "
+                    "received_at) VALUES (:p, 'x', 'click', '/', '{}', :t, :t), "
+                    "(:p, 'y', 'click', '/', '{}', '2019-02-03T00:00:00Z', :t)"
+                ),
+                {"p": project_id, "t": datetime.now(UTC)},
+            )
+        upgrade(postgres_url)
+        with engine.begin() as connection:
+            assert partitions.is_partitioned(connection)
+            assert _partition_of(connection, "y") == "events_p2019_02"
+            insert_events(connection, [_row(project_id, "x", datetime.now(UTC))])  # a repeat
+            count = connection.execute(text("SELECT count(*) FROM events")).scalar_one()
+            assert count == 2
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_has_no_partitions(sqlite_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "apex_ingest", "db", "partitions"],
+        env={**os.environ, "APEX_DATABASE_URL": sqlite_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "PostgreSQL" in result.stderr

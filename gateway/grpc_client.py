@@ -1,4 +1,4 @@
-"""The gateway's gRPC channel to the ingest server: one per process, made on first use.
+"""The gateway's gRPC channels to the ingest server: a few per process, made on first use.
 
 A gRPC channel must not cross fork(): WSGI servers import the app and then fork workers, so the
 channel is created lazily, by the process that uses it, and remade if the pid changes.
@@ -6,6 +6,7 @@ channel is created lazily, by the process that uses it, and remade if the pid ch
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
@@ -15,6 +16,7 @@ import grpc
 from flask import Flask, current_app
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from apex_ingest.logs import REQUEST_ID_METADATA, request_id_var
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from gateway.config import get_settings
 
@@ -59,11 +61,21 @@ def channel_options() -> list[tuple[str, Any]]:
         ("grpc.min_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", 1000),
         ("grpc.primary_user_agent", "apex-gateway"),
+        # Each channel its own connection: without this, channels with the same target and
+        # options share one subchannel (one TCP connection) through gRPC's global pool.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 
+#: Channels (HTTP/2 connections) per gateway process. `apex-ingest serve` runs several gRPC
+#: server processes on one SO_REUSEPORT port and the kernel assigns each *connection* to one of
+#: them: with a single channel per worker, a worker's whole load lands on one server process.
+#: Calls go round-robin over the channels.
+CHANNELS = max(1, int(os.environ.get("APEX_GRPC_CHANNELS", "") or 4))
+
+
 class IngestClient:
-    """IngestService and health calls over a per-process channel, each with a deadline."""
+    """IngestService and health calls over per-process channels, each call with a deadline."""
 
     def __init__(self, target: str, timeout: float) -> None:
         self.target = target
@@ -72,6 +84,9 @@ class IngestClient:
         self._pid: int | None = None
         self._channel: grpc.Channel | None = None
         self._ingest: ingest_pb2_grpc.IngestServiceStub | None = None
+        self._channels: list[grpc.Channel] = []
+        self._stubs: list[ingest_pb2_grpc.IngestServiceStub] = []
+        self._next = itertools.count()
         self._health: health_pb2_grpc.HealthStub | None = None
 
     def _connect(self) -> None:
@@ -83,8 +98,16 @@ class IngestClient:
                 return
             # A channel inherited from the parent is dead weight: drop it without closing, as
             # closing would act on the parent's gRPC state.
-            self._channel = grpc.insecure_channel(self.target, options=channel_options())
-            self._ingest = ingest_pb2_grpc.IngestServiceStub(self._channel)  # type: ignore[no-untyped-call]
+            self._channels = [
+                grpc.insecure_channel(self.target, options=channel_options())
+                for _ in range(CHANNELS)
+            ]
+            self._stubs = [
+                ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
+                for channel in self._channels
+            ]
+            self._channel = self._channels[0]
+            self._ingest = self._stubs[0]
             self._health = health_pb2_grpc.HealthStub(self._channel)
             self._pid = pid
 
@@ -92,8 +115,12 @@ class IngestClient:
         """Call IngestEvents; return how many events were received. Raises grpc.RpcError."""
         self._connect()
         assert self._ingest is not None
-        response: ingest_pb2.IngestEventsResponse = self._ingest.IngestEvents(
-            request, timeout=self.timeout
+        stub = self._stubs[next(self._next) % len(self._stubs)]
+        request_id = request_id_var.get()
+        response: ingest_pb2.IngestEventsResponse = stub.IngestEvents(
+            request,
+            timeout=self.timeout,
+            metadata=((REQUEST_ID_METADATA, request_id),) if request_id else None,
         )
         return int(response.received)
 
@@ -118,9 +145,11 @@ class IngestClient:
 
     def close(self) -> None:
         with self._lock:
-            if self._channel is not None and self._pid == os.getpid():
-                self._channel.close()
+            if self._pid == os.getpid():
+                for channel in self._channels:
+                    channel.close()
             self._channel = self._ingest = self._health = None
+            self._channels, self._stubs = [], []
             self._pid = None
 
 

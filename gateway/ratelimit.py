@@ -1,20 +1,46 @@
-"""Per-project rate limits with Flask-Limiter.
+"""Per-project rate limits, with the `limits` library (fixed windows).
 
 A request counts once whatever the number of events it carries. The key is the body's
 projectKey, so the key function needs the parsed body: it reuses the one parse of the request
 (cached on flask.g by gateway.api). Bodies without a usable projectKey are limited by client IP.
+
+Only POSTs to the limited blueprint count (CORS preflights must not use up the budget). Every
+counted answer carries X-RateLimit-Limit/-Remaining/-Reset, so clients can pace themselves; a
+refused one is a 429 with Retry-After. If the shared storage (Redis) fails, the gateway keeps
+serving with per-process limits and tries the storage again a few seconds later: losing events
+is worse than a looser limit for a while.
+
+(This used to be Flask-Limiter. Working out on every request which of its many kinds of limits
+apply cost about as much as all the rest of the gateway's own work for a 1-event request; the
+one thing used here takes a few lines.)
 """
 
 from __future__ import annotations
 
-from flask import Blueprint, Flask
-from flask_limiter import Limiter
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass
+
+from flask import Blueprint, Flask, Response, g, request
+from limits import RateLimitItem, parse_many
+from limits.storage import MemoryStorage, storage_from_string
+from limits.strategies import FixedWindowRateLimiter
+from werkzeug.exceptions import TooManyRequests
 
 from gateway import request_state
 from gateway.config import GatewaySettings
 
+log = logging.getLogger(__name__)
+
 #: A projectKey longer than this cannot be real; don't let it become a storage key.
 _MAX_KEY_LENGTH = 256
+_KEY_PREFIX = "apex"
+#: After a storage error, limits are kept per process for this long before the storage is tried.
+STORAGE_RETRY_SECONDS = 5.0
+#: Past this many per-process windows, expired ones are dropped (floods of random keys).
+_MAX_LOCAL_WINDOWS = 100_000
 
 
 def rate_limit_key() -> str:
@@ -24,21 +50,104 @@ def rate_limit_key() -> str:
     return f"ip:{request_state.client_ip()}"
 
 
-def install(app: Flask, settings: GatewaySettings, limited: Blueprint) -> Limiter:
-    limiter = Limiter(
-        key_func=rate_limit_key,
-        storage_uri=settings.rate_limit_storage,
-        strategy="fixed-window",
-        key_prefix="apex",
-        # X-RateLimit-Limit/-Remaining/-Reset on every counted answer, so clients can pace
-        # themselves before they are refused.
-        headers_enabled=True,
-        # If Redis is unreachable, keep serving and limit per process instead of failing every
-        # request: losing events is worse than a looser limit for a while.
-        swallow_errors=True,
-        in_memory_fallback_enabled=True,
-    )
-    limiter.init_app(app)
-    # Only POST: CORS preflights must not use up the budget (nor be refused).
-    limiter.limit(settings.rate_limit, methods=["POST"])(limited)
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    limit: RateLimitItem
+    remaining: int
+    reset_at: float
+    allowed: bool
+
+
+class RateLimiter:
+    """Counts hits per key against every configured limit (e.g. "100/second;5000/hour")."""
+
+    def __init__(self, limits: str, storage_uri: str) -> None:
+        self.limits = parse_many(limits)
+        if not self.limits:
+            raise ValueError(f"no rate limit in {limits!r}")
+        storage = storage_from_string(storage_uri)
+        # memory:// is counted here, by _hit_local: limits' MemoryStorage starts a timer thread
+        # every few hits to expire keys, a visible cost per request.
+        self._shared = (
+            None if isinstance(storage, MemoryStorage) else FixedWindowRateLimiter(storage)
+        )
+        self._shared_down_until = 0.0
+        self._lock = threading.Lock()
+        self._windows: dict[str, list[float]] = {}  # key -> [expires at, hits]
+
+    def hit(self, key: str) -> _Outcome:
+        if self._shared is None or (
+            self._shared_down_until and time.monotonic() < self._shared_down_until
+        ):
+            return self._hit_local(key)
+        try:
+            return self._hit(self._shared, key)
+        except Exception as error:
+            with self._lock:
+                if time.monotonic() >= self._shared_down_until:
+                    log.warning("rate-limit storage failed (%r); limiting per process", error)
+                self._shared_down_until = time.monotonic() + STORAGE_RETRY_SECONDS
+            return self._hit_local(key)
+
+    def _hit_local(self, key: str) -> _Outcome:
+        now = time.time()
+        reported: _Outcome | None = None
+        with self._lock:
+            if len(self._windows) > _MAX_LOCAL_WINDOWS:
+                self._windows = {k: w for k, w in self._windows.items() if w[0] > now}
+            for limit in self.limits:
+                name = limit.key_for(_KEY_PREFIX, key)
+                window = self._windows.get(name)
+                if window is None or window[0] <= now:
+                    window = self._windows[name] = [now + limit.get_expiry(), 0]
+                window[1] += 1
+                outcome = _Outcome(
+                    limit,
+                    max(0, limit.amount - int(window[1])),
+                    window[0],
+                    window[1] <= limit.amount,
+                )
+                if not outcome.allowed:
+                    return outcome
+                if reported is None or outcome.remaining < reported.remaining:
+                    reported = outcome
+        assert reported is not None
+        return reported
+
+    def _hit(self, strategy: FixedWindowRateLimiter, key: str) -> _Outcome:
+        reported: _Outcome | None = None
+        for limit in self.limits:
+            allowed = strategy.hit(limit, _KEY_PREFIX, key)
+            stats = strategy.get_window_stats(limit, _KEY_PREFIX, key)
+            outcome = _Outcome(limit, max(0, stats.remaining), stats.reset_time, allowed)
+            if not allowed:
+                return outcome
+            if reported is None or outcome.remaining < reported.remaining:
+                reported = outcome
+        assert reported is not None
+        return reported
+
+
+def install(app: Flask, settings: GatewaySettings, limited: Blueprint) -> RateLimiter:
+    limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage)
+
+    def check() -> None:
+        if request.method != "POST" or request.blueprint != limited.name:
+            return
+        outcome = limiter.hit(rate_limit_key())
+        g.apex_rate_limit = outcome
+        if not outcome.allowed:
+            retry_after = max(1, math.ceil(outcome.reset_at - time.time()))
+            raise TooManyRequests(retry_after=retry_after)
+
+    def add_headers(response: Response) -> Response:
+        outcome: _Outcome | None = g.get("apex_rate_limit")
+        if outcome is not None:
+            response.headers["X-RateLimit-Limit"] = str(outcome.limit.amount)
+            response.headers["X-RateLimit-Remaining"] = str(outcome.remaining)
+            response.headers["X-RateLimit-Reset"] = str(int(outcome.reset_at))
+        return response
+
+    app.before_request(check)
+    app.after_request(add_headers)
     return limiter

@@ -135,8 +135,8 @@ def handle_unexpected(exc: Exception) -> Response:
 def fix_retry_after(response: Response) -> Response:
     """Keep Retry-After on 429/503 only, and make it say the right thing.
 
-    Flask-Limiter sets Retry-After on every answer it counts, to the end of the rate-limit
-    window, truncated to whole seconds (so it can read 0). That is right for its own 429. A
+    The rate limiter (gateway/ratelimit.py) may set Retry-After, to the end of its window in
+    whole seconds (so it can read 0); that is right for its own 429 once at least 1. A
     429 or 503 from the ingest server carries the server's RetryInfo instead, and other
     answers carry none: clients treat Retry-After as an order to wait.
     """

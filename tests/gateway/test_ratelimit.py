@@ -1,4 +1,4 @@
-"""Rate limits per project key with Flask-Limiter: a batch counts once; 429 with Retry-After."""
+"""Rate limits per project key: a batch counts once; 429 with Retry-After."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,15 +54,18 @@ def sqlite_url(tmp_path: Path) -> str:
     return url
 
 
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A migrated PostgreSQL database of this test's own, dropped afterwards."""
+@contextmanager
+def fresh_postgres_database(prefix: str = "apex_test") -> Iterator[str]:
+    """A migrated PostgreSQL database of the caller's own, dropped afterwards.
+
+    Unreachable PostgreSQL fails the test under CI=true and skips it (loudly) elsewhere.
+    """
     problem = _postgres_unreachable()
     if problem:
         if os.environ.get("CI") == "true":
             pytest.fail(problem)
         pytest.skip(problem)
-    name = f"apex_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
@@ -73,6 +77,13 @@ def postgres_url() -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A migrated PostgreSQL database of this test's own, dropped afterwards."""
+    with fresh_postgres_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -8,16 +8,14 @@ import json
 import re
 import socket
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 import requests
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-from tests.conftest import POSTGRES_ADMIN_URL, _postgres_unreachable, make_project
+from tests.conftest import fresh_postgres_database, make_project
 from tests.reliability.support import record
 from tests.service import Service, running_service
 
@@ -49,27 +47,12 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[Live]:
-    problem = _postgres_unreachable()
-    if problem:
-        pytest.skip(problem)
-    name = f"apex_rel_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        from apex_ingest.migrate import upgrade
-
-        upgrade(url)
+    with fresh_postgres_database("apex_rel") as url:
         key = make_project(url, "open")
         locked = make_project(url, "locked", allowed_origins=(SHOP,))
         env = {"APEX_RATE_LIMIT": "100000/second", "APEX_PROJECT_CACHE_TTL": "0"}
         with running_service(url, env) as service:
             yield Live(service, url, key, locked)
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def raw_http(live: Live, head: bytes, body_chunks: list[bytes]) -> tuple[int, bytes]:

@@ -12,7 +12,16 @@ from typing import Any
 from flask import Flask
 from flask_cors import CORS
 
-from gateway import api, config, errors, grpc_client, health, observability, ratelimit
+from gateway import (
+    api,
+    config,
+    errors,
+    grpc_client,
+    health,
+    observability,
+    ratelimit,
+    shutdown,
+)
 from gateway.json_codec import OrjsonProvider
 
 #: Headers a browser script may read from our answers, to pace itself.
@@ -37,6 +46,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.after_request(errors.fix_retry_after)
 
     grpc_client.install(app)
+    shutdown.install(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     _register_snippet(app)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
+from gateway import shutdown
 from gateway.grpc_client import get_client
 from gateway.json_codec import json_response
 
@@ -13,8 +14,9 @@ bp = Blueprint("health", __name__)
 @bp.get("/healthz")
 def healthz() -> Response:
     # The gateway is only as healthy as the server behind it: with the server NOT_SERVING
-    # (storage down) or unreachable, a load balancer should send traffic elsewhere.
-    status = get_client().health()
+    # (storage down) or unreachable, a load balancer should send traffic elsewhere; and so
+    # while this worker drains before it stops.
+    status = "DRAINING" if shutdown.draining() else get_client().health()
     return json_response({"status": status}, 200 if status == "SERVING" else 503)
 
 

@@ -34,6 +34,7 @@ def run_gateway(host: str, port: int, workers: int | None = None) -> None:
         backlog=BACKLOG,
         http1_settings=HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS),
         workers_kill_timeout=WORKER_KILL_TIMEOUT_S,
+        respawn_failed_workers=True,  # a crashed worker is replaced, the gateway stays up
         log_access=False,
         log_dictconfig=granian_log_config(),
     )

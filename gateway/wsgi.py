@@ -1,7 +1,8 @@
 """The WSGI entry point: ``gateway.wsgi:app`` (configured from the environment)."""
 
 from apex_ingest.logs import configure_logging
-from gateway import create_app
+from gateway import create_app, shutdown
 
 configure_logging()  # in each worker process: JSON lines unless APEX_LOG_FORMAT=text
+shutdown.install_in_granian_worker(shutdown.drain_seconds())
 app = create_app()

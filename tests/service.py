@@ -57,6 +57,7 @@ def running_service(database_url: str, env: dict[str, str] | None = None) -> Ite
         "APEX_HTTP_PORT": str(http_port),
         "APEX_GRPC_PORT": str(grpc_port),
         "APEX_HTTP_WORKERS": "2",
+        "APEX_SHUTDOWN_DRAIN": "0.2",  # tests stop services often; the drain has its own test
         **(env or {}),
     }
     # The service must find its own target from the ports, not from the caller's environment.

@@ -88,6 +88,7 @@ def test_two_gateways_two_servers_share_limits_and_store_once(
         "APEX_DATABASE_URL": postgres_url,
         "APEX_HOST": "127.0.0.1",
         "APEX_PROJECT_CACHE_TTL": "0",
+        "APEX_SHUTDOWN_DRAIN": "0.2",
     }
     base_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in grpc_ports)

@@ -89,6 +89,7 @@ def service_env(database_url: str, **extra: str) -> dict[str, str]:
         "APEX_GRPC_PROCESSES": "2",
         "APEX_RATE_LIMIT": "100000/second",
         "APEX_PROJECT_CACHE_TTL": "0",
+        "APEX_SHUTDOWN_DRAIN": "0.2",
         **extra,
     }
 

@@ -115,9 +115,17 @@ def serve(settings: Settings) -> None:
     log.info("gRPC server listening on %s:%d", settings.host, port)
     metrics.serve_metrics(settings.host)
     while not stopping.wait(1.0):
-        pass
+        if _orphaned():
+            log.warning("the supervising process is gone; draining")
+            break
     server.stop(settings.shutdown_grace)
     log.info("gRPC server stopped")
+
+
+def _orphaned() -> bool:
+    """True once the `serve` process that started this one (APEX_PARENT_PID) has died."""
+    parent = os.environ.get("APEX_PARENT_PID", "")
+    return parent.isdigit() and os.getppid() != int(parent)
 
 
 def migrate_at_start(database_url: str) -> None:

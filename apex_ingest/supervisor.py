@@ -92,7 +92,14 @@ def start_grpc_processes(settings: Settings, processes: int) -> list[Supervised]
     from apex_ingest.server import migrate_at_start
 
     migrate_at_start(settings.database_url)
-    env = {**os.environ, "APEX_MIGRATE_ON_START": "0", "APEX_GRPC_PROCESSES": "1"}
+    env = {
+        **os.environ,
+        "APEX_MIGRATE_ON_START": "0",
+        "APEX_GRPC_PROCESSES": "1",
+        # Children live in sessions of their own (see the module docstring), so a SIGKILL of
+        # this process would not reach them: they stop by themselves when it is gone.
+        "APEX_PARENT_PID": str(os.getpid()),
+    }
     argv = [sys.executable, "-m", "apex_ingest", "grpc"]
     children = [Supervised(argv, env, settings.shutdown_grace + 5) for _ in range(processes)]
     for child in children:

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Any
 
@@ -77,6 +78,23 @@ def install_in_granian_worker(seconds: float) -> None:
         return stop
 
     granian_signals.set_sync_signals = set_draining_signals
+
+
+def stop_when_orphaned(interval: float = 1.0) -> None:
+    """Stop this worker (drain, then exit) once granian's master process is gone.
+
+    A master killed with SIGKILL cannot stop its workers, and granian's workers do not notice
+    on their own: they would keep the port and serve with no supervisor.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        log.warning("the gateway's master process is gone; stopping")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 def install(app: Flask) -> None:

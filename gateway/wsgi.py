@@ -5,4 +5,5 @@ from gateway import create_app, shutdown
 
 configure_logging()  # in each worker process: JSON lines unless APEX_LOG_FORMAT=text
 shutdown.install_in_granian_worker(shutdown.drain_seconds())
+shutdown.stop_when_orphaned()
 app = create_app()

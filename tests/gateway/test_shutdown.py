@@ -33,9 +33,7 @@ def test_answers_say_connection_close_only_while_draining(client: FlaskClient) -
         shutdown._draining.clear()
 
 
-@pytest.mark.parametrize(
-    ("raw", "seconds"), [("", 2.0), ("0", 0.0), ("1.5", 1.5), (" 30 ", 30.0)]
-)
+@pytest.mark.parametrize(("raw", "seconds"), [("", 2.0), ("0", 0.0), ("1.5", 1.5), (" 30 ", 30.0)])
 def test_drain_seconds(raw: str, seconds: float) -> None:
     assert shutdown.drain_seconds({"APEX_SHUTDOWN_DRAIN": raw}) == seconds
 

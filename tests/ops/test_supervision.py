@@ -1,0 +1,46 @@
+"""`apex-ingest serve` supervises its processes: none outlives it, even when it is SIGKILLed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.service import running_service
+
+pytestmark = pytest.mark.postgres
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        found.extend(int(child) for child in children)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_no_process_outlives_a_killed_serve(postgres_url: str) -> None:
+    with running_service(postgres_url, {"APEX_GRPC_PROCESSES": "2"}) as service:
+        children = _children(service.process.pid)
+        # 2 gRPC processes and 2 gateway workers (granian forks or spawns those).
+        assert len(children) >= 4, children
+        service.process.send_signal(signal.SIGKILL)
+        service.process.wait(5)
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(pid) for pid in children):
+            time.sleep(0.2)
+        survivors = [pid for pid in children if _alive(pid)]
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+        assert not survivors, [Path(f"/proc/{p}/cmdline").read_bytes() for p in survivors]

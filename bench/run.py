@@ -199,6 +199,30 @@ def stored_events(database_url: str) -> tuple[int, int]:
     return int(total), int(distinct)
 
 
+def granian_load(
+    python: str, app: str, key: str, seconds: int, env: dict[str, str] | None = None
+) -> Load:
+    """Serve `app` with granian, 2 workers (as the baseline is defined), and load it."""
+    port = free_port()
+    argv = [python, "-m", "granian", "--interface", "wsgi", "--workers", "2", "--no-ws"]
+    server = subprocess.Popen(
+        [*argv, "--host", "127.0.0.1", "--port", str(port), app],
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(3)
+        url = f"http://127.0.0.1:{port}/api/events"
+        wrk(url, snippet_body(key), 32, 3)
+        return wrk(url, snippet_body(key), 32, seconds)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=15)
@@ -209,7 +233,7 @@ def main() -> int:
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     database_url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    http_port, grpc_port, base_port = free_port(), free_port(), free_port()
+    http_port, grpc_port = free_port(), free_port()
     env = {
         **os.environ,
         "APEX_DATABASE_URL": database_url,
@@ -218,7 +242,7 @@ def main() -> int:
         "APEX_RATE_LIMIT": "1000000/second",
         "APEX_LOG_LEVEL": "WARNING",
     }
-    service = baseline = None
+    service = None
     try:
         subprocess.run(
             [python, "-m", "apex_ingest", "db", "upgrade"], env=env, check=True, capture_output=True
@@ -255,34 +279,22 @@ def main() -> int:
         service.wait(60)
         service = None
 
-        baseline = subprocess.Popen(
-            [
-                python,
-                "-m",
-                "granian",
-                "--interface",
-                "wsgi",
-                "--workers",
-                "2",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(base_port),
-                "--no-ws",
-                "bench.baseline_app:app",
-            ],
+        flask_base = granian_load(python, "bench.baseline_app:app", key, args.seconds)
+        # The floor: the same Flask-on-granian gateway shape making one gRPC call per request
+        # to a server that does nothing (bench/floor_app.py): the best the architecture allows.
+        echo_address = f"127.0.0.1:{free_port()}"
+        echo = subprocess.Popen(
+            [python, "-m", "bench.grpc_ceiling", "--serve", "sync", "--address", echo_address],
             cwd=ROOT,
             start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
         )
-        time.sleep(3)
-        base_url = f"http://127.0.0.1:{base_port}/api/events"
-        wrk(base_url, snippet_body(key), 32, 3)
-        flask_base = wrk(base_url, snippet_body(key), 32, args.seconds)
-        os.killpg(baseline.pid, signal.SIGTERM)
-        baseline.wait(30)
-        baseline = None
+        try:
+            floor = granian_load(
+                python, "bench.floor_app:app", key, args.seconds, {"APEX_GRPC_TARGET": echo_address}
+            )
+        finally:
+            os.killpg(echo.pid, signal.SIGTERM)
+            echo.wait(30)
         copy = copy_rate(database_url, project_id)
 
         snippet_ratio = snippet.requests_per_s / flask_base.requests_per_s
@@ -299,6 +311,15 @@ def main() -> int:
             f"p99 {flask_base.p99_ms:.1f} ms"
         )
         print(f"  ratio {snippet_ratio:.2f} (target >= 0.30), p99 target < 25 ms")
+        floor_ratio = floor.requests_per_s / flask_base.requests_per_s
+        print(
+            f"floor: Flask/granian x2 + 1 gRPC call to an empty server: {floor.requests_per_s:9.0f}"
+            f" req/s  p99 {floor.p99_ms:.1f} ms"
+        )
+        print(
+            f"  = {floor_ratio:.2f} of bare Flask (no gateway of this shape can beat it); the full"
+            f" path reaches {snippet.requests_per_s / floor.requests_per_s:.2f} of the floor"
+        )
         print(
             f"batch 100-event, 16 conn : {batch_events:9.0f} events/s  ({batch.requests_per_s:.0f}"
             f" req/s, p99 {batch.p99_ms:.1f} ms, non-200 {batch.other})"
@@ -325,9 +346,8 @@ def main() -> int:
         print("all targets met" if all(targets) else "some targets NOT met")
         return 0 if consistent else 1
     finally:
-        for process in (service, baseline):
-            if process is not None and process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+        if service is not None and service.poll() is None:
+            os.killpg(service.pid, signal.SIGKILL)
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 

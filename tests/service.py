@@ -36,6 +36,23 @@ class Service:
         return self.log_path.read_text(errors="replace")
 
 
+@contextlib.contextmanager
+def logged_process(
+    argv: list[str], env: dict[str, str], prefix: str = "apex-"
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """Run argv with its stdout and stderr in a log file; on exit SIGTERM it (killed if it
+    takes longer than STOP_TIMEOUT to stop) and remove the log."""
+    with tempfile.NamedTemporaryFile(prefix=prefix, suffix=".log", delete=False) as log:
+        log_path = Path(log.name)
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        yield process, log_path
+    finally:
+        _stop(process)
+        log_path.unlink(missing_ok=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -63,28 +80,16 @@ def running_service(database_url: str, env: dict[str, str] | None = None) -> Ite
     # The service must find its own target from the ports, not from the caller's environment.
     if env is None or "APEX_GRPC_TARGET" not in env:
         environment.pop("APEX_GRPC_TARGET", None)
-    with tempfile.NamedTemporaryFile(prefix="apex-service-", suffix=".log", delete=False) as log:
-        log_path = Path(log.name)
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "apex_ingest", "serve"],
-            env=environment,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
+    argv = [sys.executable, "-m", "apex_ingest", "serve"]
+    with logged_process(argv, environment, prefix="apex-service-") as (process, log_path):
+        service = Service(
+            base_url=f"http://127.0.0.1:{http_port}",
+            grpc_target=f"127.0.0.1:{grpc_port}",
+            process=process,
+            log_path=log_path,
         )
-    service = Service(
-        base_url=f"http://127.0.0.1:{http_port}",
-        grpc_target=f"127.0.0.1:{grpc_port}",
-        process=process,
-        log_path=log_path,
-    )
-    try:
         _wait_healthy(service)
         yield service
-    finally:
-        _stop(process)
-        with contextlib.suppress(OSError):
-            log_path.unlink()
 
 
 def _wait_healthy(service: Service) -> None:

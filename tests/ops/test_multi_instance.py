@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +22,7 @@ from sqlalchemy import create_engine, text
 
 from tests.conftest import make_project
 from tests.ops.support import scrape, value
-from tests.service import free_port
+from tests.service import free_port, logged_process
 
 REDIS_URL = os.environ.get("APEX_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 LIMIT = 40
@@ -47,21 +44,8 @@ def redis_client() -> Iterator[redis.Redis]:
 
 @contextlib.contextmanager
 def _process(argv: list[str], env: dict[str, str]) -> Iterator[Path]:
-    with tempfile.NamedTemporaryFile(prefix="apex-multi-", suffix=".log", delete=False) as log:
-        log_path = Path(log.name)
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    try:
+    with logged_process(argv, env, prefix="apex-multi-") as (_, log_path):
         yield log_path
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log_path.unlink(missing_ok=True)
 
 
 def _wait_healthy(url: str, logs: list[Path], timeout: float = 30.0) -> None:

@@ -16,10 +16,8 @@ import collections
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ import requests
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from tests.service import free_port
+from tests.service import free_port, logged_process
 
 BATCH_SIZE = 20
 FIGURES: list[dict[str, Any]] = []
@@ -55,28 +53,10 @@ class Proc:
 @contextlib.contextmanager
 def spawn(args: list[str], env: dict[str, str]) -> Iterator[Proc]:
     """Run `python -m apex_ingest ARGS` with env on top of ours; SIGTERM (then kill) on exit."""
-    with tempfile.NamedTemporaryFile(prefix="apex-rel-", suffix=".log", delete=False) as log:
-        log_path = Path(log.name)
     environment = {**os.environ, "APEX_HOST": "127.0.0.1", **env}
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "apex_ingest", *args],
-            env=environment,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    argv = [sys.executable, "-m", "apex_ingest", *args]
+    with logged_process(argv, environment, prefix="apex-rel-") as (process, log_path):
         yield Proc(process, log_path)
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        with contextlib.suppress(OSError):
-            log_path.unlink()
 
 
 def service_env(database_url: str, **extra: str) -> dict[str, str]:

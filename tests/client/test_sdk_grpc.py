@@ -15,11 +15,11 @@ import pytest
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
-from sqlalchemy import create_engine, text
 
 from apex_ingest.client import IngestClient, IngestError
 from apex_ingest.client.grpc_client import to_event
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from tests.client.support import count_rows
 from tests.conftest import RunningServer, make_project
 
 Handler = Callable[[ingest_pb2.IngestEventsRequest, grpc.ServicerContext], Any]
@@ -214,18 +214,6 @@ def test_import_is_lazy() -> None:
 # ------------------------------------------------------------------ the real server
 
 
-def _stored(database_url: str) -> tuple[int, int]:
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            row = connection.execute(
-                text("SELECT count(*), count(DISTINCT event_id) FROM events")
-            ).one()
-            return int(row[0]), int(row[1])
-    finally:
-        engine.dispose()
-
-
 def test_real_server_stores_events_once(grpc_server: RunningServer, project_key: str) -> None:
     events = [
         {"type": "pageview", "url": f"/p/{i}", "data": {"i": i}, "timestamp": datetime.now(UTC)}
@@ -237,7 +225,7 @@ def test_real_server_stores_events_once(grpc_server: RunningServer, project_key:
         messages = [to_event(e) for e in events[:10]]
         assert client.ingest(project_key, messages) == 10
         assert client.ingest(project_key, messages) == 10
-    assert _stored(grpc_server.database_url) == (110, 110)
+    assert count_rows(grpc_server.database_url) == (110, 110)
 
 
 def test_real_server_field_violations(grpc_server: RunningServer, project_key: str) -> None:
@@ -249,7 +237,7 @@ def test_real_server_field_violations(grpc_server: RunningServer, project_key: s
     error = caught.value
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT
     assert [f for f, _ in error.field_violations] == ["events[1].url"]
-    assert _stored(grpc_server.database_url) == (0, 0)
+    assert count_rows(grpc_server.database_url) == (0, 0)
 
 
 def test_real_server_unknown_key(grpc_server: RunningServer) -> None:
@@ -277,7 +265,7 @@ def test_real_server_on_postgres_from_threads(postgres_url: str) -> None:
                 t.start()
             for t in threads:
                 t.join()
-        assert _stored(postgres_url) == (2000, 2000)
+        assert count_rows(postgres_url) == (2000, 2000)
     finally:
         running.server.stop(0)
 

@@ -23,6 +23,7 @@ import pytest
 from apex_ingest.client import Apex, ApexError
 from apex_ingest.client.http import format_timestamp
 from tests.client.sdk_fake_ingest import Answer, FakeIngest, Received, error_body, fake_ingest, ok
+from tests.client.support import Errors
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,22 +32,6 @@ ROOT = Path(__file__).resolve().parents[2]
 def fake() -> Iterator[FakeIngest]:
     with fake_ingest() as server:
         yield server
-
-
-class Errors:
-    """An on_error callback that records what it was given."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[ApexError, list[dict[str, Any]]]] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, error: ApexError, events: list[dict[str, Any]]) -> None:
-        with self.lock:
-            self.calls.append((error, events))
-
-    @property
-    def events(self) -> list[dict[str, Any]]:
-        return [e for _, batch in self.calls for e in batch]
 
 
 def client(fake: FakeIngest, **kwargs: Any) -> Apex:

@@ -20,7 +20,8 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from apex_ingest.client import Apex, ApexError, IngestClient, IngestError
+from apex_ingest.client import Apex, IngestClient, IngestError
+from tests.client.support import Errors, count_rows
 from tests.conftest import make_project
 from tests.service import running_service
 from tests.tcp_proxy import TcpProxy
@@ -38,28 +39,6 @@ def stored_ids(database_url: str) -> list[str]:
             return [r[0] for r in connection.execute(text("SELECT event_id FROM events"))]
     finally:
         engine.dispose()
-
-
-def count_rows(database_url: str) -> tuple[int, int]:
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            row = connection.execute(
-                text("SELECT count(*), count(DISTINCT event_id) FROM events")
-            ).one()
-            return int(row[0]), int(row[1])
-    finally:
-        engine.dispose()
-
-
-class Errors:
-    def __init__(self) -> None:
-        self.calls: list[tuple[ApexError, list[dict[str, Any]]]] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, error: ApexError, events: list[dict[str, Any]]) -> None:
-        with self.lock:
-            self.calls.append((error, events))
 
 
 @pytest.fixture

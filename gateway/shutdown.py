@@ -19,7 +19,6 @@ import os
 import signal
 import threading
 import time
-from types import FrameType
 from typing import Any
 
 from flask import Flask, Response
@@ -29,6 +28,7 @@ log = logging.getLogger(__name__)
 #: Seconds a worker keeps serving after it is told to stop.
 DEFAULT_DRAIN_SECONDS = 2.0
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _draining = threading.Event()
 
 
@@ -50,34 +50,39 @@ def drain_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) -> fl
 def install_in_granian_worker(seconds: float) -> None:
     """Make this granian worker drain for `seconds` before its server stops.
 
-    Must run while the app is imported, which granian does before it installs the worker's
-    signal handlers: ours replace its handlers and delay its stop event.
+    Must run while the app is imported: before granian starts the worker's threads and
+    installs its signal handlers.
+
+    SIGINT and SIGTERM are blocked here, so every thread started from now on (granian's
+    runtime threads included) inherits the block, and one thread takes them with sigwait().
+    With handlers instead, the kernel may deliver the signal to a runtime thread: Python then
+    only flags it for the main thread, which sits blocked in granian's wait and never ran the
+    handler, and the worker was killed 30 s later (seen, with Ctrl-C).
     """
     import granian._signals as granian_signals
 
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     set_sync_signals = granian_signals.set_sync_signals
 
     def set_draining_signals() -> Any:
         stop = set_sync_signals()  # type: ignore[no-untyped-call]
-
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            if _draining.is_set():
-                return  # the master relays the signal the worker already got from the group
-            _draining.set()
-            log.info(
-                "received %s: draining for %.1f s, then stopping",
-                signal.Signals(signum).name,
-                seconds,
-            )
-            timer = threading.Timer(seconds, stop.set)
-            timer.daemon = True
-            timer.start()
-
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, on_signal)
+        threading.Thread(
+            target=_drain_on_signal, args=(stop, seconds), name="drain-on-signal", daemon=True
+        ).start()
         return stop
 
     granian_signals.set_sync_signals = set_draining_signals
+
+
+def _drain_on_signal(stop: Any, seconds: float) -> None:
+    # Later signals (the master relays the one the group got) stay pending: already draining.
+    signum = signal.sigwait(_STOP_SIGNALS)
+    _draining.set()
+    log.info(
+        "received %s: draining for %.1f s, then stopping", signal.Signals(signum).name, seconds
+    )
+    time.sleep(seconds)
+    stop.set()
 
 
 def stop_when_orphaned(interval: float = 1.0) -> None:

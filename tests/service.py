@@ -41,11 +41,16 @@ def logged_process(
     argv: list[str], env: dict[str, str], prefix: str = "apex-"
 ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
     """Run argv with its stdout and stderr in a log file; on exit SIGTERM it (killed if it
-    takes longer than STOP_TIMEOUT to stop) and remove the log."""
+    takes longer than STOP_TIMEOUT to stop) and remove the log.
+
+    In a session of its own, so a test can signal its whole process group as a terminal would.
+    """
     with tempfile.NamedTemporaryFile(prefix=prefix, suffix=".log", delete=False) as log:
         log_path = Path(log.name)
     with log_path.open("wb") as log_file:
-        process = subprocess.Popen(argv, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            argv, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
     try:
         yield process, log_path
     finally:

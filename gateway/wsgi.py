@@ -1,9 +1,13 @@
 """The WSGI entry point: ``gateway.wsgi:app`` (configured from the environment)."""
 
+import sys
+
 from apex_ingest.logs import configure_logging
 from gateway import create_app, shutdown
 
 configure_logging()  # in each worker process: JSON lines unless APEX_LOG_FORMAT=text
-shutdown.install_in_granian_worker(shutdown.drain_seconds())
-shutdown.stop_when_orphaned()
+if "granian" in sys.modules:  # a granian worker (what `serve` and `gateway` run); another
+    # WSGI server keeps its own signal handling.
+    shutdown.install_in_granian_worker(shutdown.drain_seconds())
+    shutdown.stop_when_orphaned()
 app = create_app()

@@ -23,10 +23,8 @@ from pathlib import Path
 
 import grpc
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc  # noqa: E402
+from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from bench.run import ROOT, free_port
 
 
 class SyncEcho(ingest_pb2_grpc.IngestServiceServicer):
@@ -104,11 +102,7 @@ def cpu_seconds(pid: int) -> float:
 
 def measure(kind: str, seconds: float) -> tuple[float, float, float]:
     """(calls/s, server CPU ms per call, client CPU ms per call)"""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    address = f"127.0.0.1:{free_port()}"
     me = [sys.executable, "-m", "bench.grpc_ceiling"]
     server = subprocess.Popen([*me, "--serve", kind, "--address", address], cwd=ROOT)
     try:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.service import running_service
 
@@ -62,3 +63,28 @@ def test_no_process_outlives_a_killed_serve(postgres_url: str) -> None:
         for pid in survivors:
             os.kill(pid, signal.SIGKILL)
         assert not survivors, [Path(f"/proc/{p}/cmdline").read_bytes() for p in survivors]
+
+
+def _gateway_workers(serve_pid: int) -> list[int]:
+    return [
+        pid
+        for pid in _children(serve_pid)
+        if b"apex_ingest\x00grpc" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+
+
+def test_a_crashed_gateway_worker_is_replaced(postgres_url: str) -> None:
+    with running_service(postgres_url) as service:
+        workers = _gateway_workers(service.process.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        replaced: list[int] = []
+        while time.monotonic() < deadline and len(replaced) < 2:
+            time.sleep(0.2)
+            replaced = [pid for pid in _gateway_workers(service.process.pid) if _alive(pid)]
+        # granian without respawn_failed_workers shuts the whole gateway down instead.
+        assert service.process.poll() is None, service.output()[-3000:]
+        assert workers[0] not in replaced and len(replaced) == 2, (replaced, workers)
+        for _ in range(10):  # the kernel spreads connections over both workers
+            assert requests.get(f"{service.base_url}/healthz", timeout=5).status_code == 200

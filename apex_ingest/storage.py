@@ -63,6 +63,10 @@ def _pg_insert_sql(arrays: Sequence[str]) -> str:
     the rows whose ids were new (RETURNING; the first of repeats within the statement) go into
     `events`, in their order. One statement, one transaction: both or neither.
     (COPY is not an option: it cannot skip rows that conflict.)
+
+    The ids are inserted in key order, not request order: two statements holding some of the
+    same ids (a client retrying a request still in flight, in another order) then wait for
+    each other in one direction only, instead of deadlocking.
     """
     names = [name for name, _ in _COLUMNS]
     columns = ", ".join(names)
@@ -70,7 +74,7 @@ def _pg_insert_sql(arrays: Sequence[str]) -> str:
         f"WITH input AS (SELECT * FROM unnest({', '.join(arrays)}) WITH ORDINALITY "
         f"AS i({columns}, ord)), "
         "new_ids AS (INSERT INTO event_ids (project_id, event_id, received_at) "
-        "SELECT project_id, event_id, received_at FROM input ORDER BY ord "
+        "SELECT project_id, event_id, received_at FROM input ORDER BY project_id, event_id "
         "ON CONFLICT DO NOTHING RETURNING project_id, event_id) "
         f"INSERT INTO events ({columns}) SELECT {columns} FROM ("
         "SELECT DISTINCT ON (i.project_id, i.event_id) i.* FROM input i JOIN new_ids n "
@@ -87,7 +91,6 @@ _PG_INSERT = text(_pg_insert_sql([f"CAST(:{name} AS {pg_type}[])" for name, pg_t
 # (no pre-ping, no BEGIN, no COMMIT) and none of the ORM's per-call work. Arrays travel in binary
 # (%b): psycopg's text array format escapes every element in Python, 4x the CPU.
 _PG_INSERT_DRIVER = _pg_insert_sql([f"%b::{pg_type}[]" for _, pg_type in _COLUMNS])
-_DISCONNECTED = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
 def insert_events(connection: Connection | Session, rows: Sequence[Row]) -> None:
@@ -197,9 +200,11 @@ class EventStore:
         reused = getattr(self._local, "connection", None) is not None
         try:
             self._pg_execute(columns)
-        except _DISCONNECTED as error:
-            self._drop_pg_connection()
-            if not reused:
+        except psycopg.Error as error:
+            # A statement timeout or a constraint error leaves the connection usable (autocommit:
+            # nothing to roll back); only a lost connection is replaced.
+            lost = self._drop_pg_connection_if_lost()
+            if not (lost and reused):
                 raise _as_sqlalchemy_error(error) from error
             # The kept connection went stale (server restarted, idle timeout): what pre-ping
             # would have caught. Retrying on a fresh one is safe: every row has an event id and
@@ -207,15 +212,8 @@ class EventStore:
             try:
                 self._pg_execute(columns)
             except psycopg.Error as again:
-                self._drop_pg_connection()
+                self._drop_pg_connection_if_lost()
                 raise _as_sqlalchemy_error(again) from again
-        except psycopg.Error as error:
-            # E.g. a row naming no project: in autocommit mode the connection is ready for the
-            # next statement, unless the error broke it.
-            connection = getattr(self._local, "connection", None)
-            if connection is not None and connection.driver_connection.broken:
-                self._drop_pg_connection()
-            raise _as_sqlalchemy_error(error) from error
 
     def _pg_execute(self, columns: list[list[Any]]) -> None:
         proxy: Any = getattr(self._local, "connection", None)
@@ -224,16 +222,22 @@ class EventStore:
             proxy = self._pg_engine.raw_connection()  # pre-pinged once, here
             proxy.driver_connection.autocommit = True
             self._local.connection = proxy
-        for attempt in range(3):
-            try:
-                proxy.driver_connection.execute(_PG_INSERT_DRIVER, columns)
-                return
-            except psycopg.errors.DeadlockDetected:
-                # Two writers inserting the same ids in opposite orders (a client retrying a
-                # request still in flight): PostgreSQL cancels one. Once the other commits,
-                # the ids it stored are skipped.
-                if attempt == 2:
-                    raise
+        try:
+            proxy.driver_connection.execute(_PG_INSERT_DRIVER, columns)
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+            # A deadlock with some other session (ours insert ids in key order and cannot
+            # deadlock each other): the statement was rolled back, so running it again is safe.
+            proxy.driver_connection.execute(_PG_INSERT_DRIVER, columns)
+
+    def _drop_pg_connection_if_lost(self) -> bool:
+        """Forget this writer's connection if it is closed or broken; True if it was."""
+        proxy: Any = getattr(self._local, "connection", None)
+        if proxy is not None and not (
+            proxy.driver_connection.closed or proxy.driver_connection.broken
+        ):
+            return False
+        self._drop_pg_connection()
+        return True
 
     def _drop_pg_connection(self) -> None:
         proxy, self._local.connection = getattr(self._local, "connection", None), None

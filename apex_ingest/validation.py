@@ -7,6 +7,7 @@ is collected (not just the first), with its proto field path.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,13 @@ MAX_USER_AGENT_CHARS = 1024
 MAX_FUTURE = timedelta(days=1)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: PostgreSQL stores JSON numbers as `numeric`: at most 16383 digits after the decimal point
+#: once the exponent is applied, and an exponent below 2**30 in size.
+MAX_NUMBER_SCALE = 16383
+_MAX_EXPONENT = 2**30 - 1  # INT_MAX / 2 in numeric.c
+#: Only a long exponent or a very long run of digits can break those limits (the data limit
+#: caps a literal at 32 KiB); anything else skips the exact check.
+_NUMBER_AT_RISK = re.compile(r"[eE][+-]?[0-9]{4}|[0-9]{15000}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 Row = dict[str, Any]
@@ -207,7 +215,37 @@ def data_problem(data: str) -> str | None:
         return f"must not nest deeper than {MAX_DATA_DEPTH} levels"
     if "\\u0000" in data and _contains_nul(value):
         return "must not contain NUL (\\u0000) characters"
+    if _NUMBER_AT_RISK.search(data) and not _numbers_storable(data):
+        return (
+            "holds a number that cannot be stored (at most "
+            f"{MAX_NUMBER_SCALE} digits after the decimal point, exponent included)"
+        )
     return None
+
+
+class _Unstorable(Exception):
+    pass
+
+
+def _check_number(text: str) -> None:
+    mantissa, _, exponent_text = text.lower().partition("e")
+    digits = exponent_text.lstrip("+-").lstrip("0")
+    if len(digits) > 10:
+        raise _Unstorable
+    exponent = int(exponent_text) if exponent_text else 0
+    scale = len(mantissa.partition(".")[2]) - exponent
+    if abs(exponent) >= _MAX_EXPONENT or scale > MAX_NUMBER_SCALE:
+        raise _Unstorable
+
+
+def _numbers_storable(data: str) -> bool:
+    """Whether PostgreSQL can store every number literal of `data` (orjson reads 1e-20000 as 0)."""
+    try:
+        # The standard parser hands over each number's text; integers are never a problem.
+        json.loads(data, parse_float=_check_number, parse_int=lambda _text: 0)
+    except _Unstorable:
+        return False
+    return True
 
 
 def _depth(value: Any) -> int:

@@ -90,6 +90,18 @@ def test_nul_in_data_is_400_naming_the_field(
     assert rows() == []
 
 
+@pytest.mark.parametrize("number", ["1e-20000", "0." + "0" * 16383 + "1"], ids=["exp", "digits"])
+def test_a_number_the_database_cannot_hold_is_400_naming_the_field(
+    api: Api, project_key: str, rows: Rows, number: str
+) -> None:
+    """PostgreSQL keeps at most 16383 digits after the point; the rule is the same on SQLite."""
+    response = api.post(raw=body_with_data(project_key, '{"n":' + number + "}"))
+    assert response.status_code == 400
+    fields = [d["field"] for d in response.get_json()["error"]["details"]]
+    assert fields == ["data"]
+    assert rows() == []
+
+
 def test_nul_in_batch_data_names_the_event(api: Api, project_key: str, rows: Rows) -> None:
     body = {
         "projectKey": project_key,

@@ -198,3 +198,47 @@ class TestData:
 
     def test_nesting_past_the_parser_limit_is_a_violation(self) -> None:
         assert data_problem('{"a":' + "[" * 15000 + "]" * 15000 + "}") is not None
+
+
+_DIGITS_16383 = "0." + "0" * 16382 + "1"
+_DIGITS_16384 = "0." + "0" * 16383 + "1"
+
+
+@pytest.mark.parametrize(
+    "number",
+    [
+        "1e-16383",
+        "1e-16384",
+        "1.5e-16382",
+        "1.5e-16383",
+        "0e999999",
+        "0e-16384",
+        "1e-000000000000000000000016384",
+        "0e1073741822",
+        "0e1073741823",
+        "1e308",
+        _DIGITS_16383,
+        _DIGITS_16384,
+    ],
+)
+@pytest.mark.postgres
+def test_numbers_in_data_are_accepted_exactly_when_postgresql_can_store_them(
+    number: str, postgres_url: str
+) -> None:
+    """orjson reads 1e-20000 as 0.0; PostgreSQL refuses it. The rule follows PostgreSQL."""
+    from sqlalchemy import create_engine, exc, text
+
+    data = f'{{"n": {number}, "s": "1e-99999"}}'
+    engine = create_engine(postgres_url)
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT CAST(:data AS jsonb)"), {"data": data})
+        storable = True
+    except exc.DataError:
+        storable = False
+    finally:
+        engine.dispose()
+    problem = data_problem(data)
+    assert (problem is None) == storable, problem
+    if problem is not None:
+        assert "16383 digits" in problem

@@ -10,12 +10,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+import idna
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.models import Project
+from apex_ingest.validation import project_key_problem
 
 KEY_PREFIX = "pk_live_"
+
+
+class InvalidKey(ValueError):
+    """A chosen key that requests could never authenticate with."""
 
 
 def generate_key() -> str:
@@ -24,12 +30,22 @@ def generate_key() -> str:
 
 
 def normalize_origin(origin: str) -> str:
-    """`https://Shop.Example:443/` -> `https://shop.example`, as browsers send Origin."""
+    """`https://Shop.Example:443/` -> `https://shop.example`, as browsers send Origin.
+
+    A non-ASCII host name becomes its punycode form (`bücher.example` ->
+    `xn--bcher-kva.example`), which is what browsers send.
+    """
     parts = urlsplit(origin.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) origin: {origin!r}")
     default_port = 443 if parts.scheme == "https" else 80
-    host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+    host = parts.hostname
+    if not host.isascii():
+        try:
+            host = idna.encode(host, uts46=True).decode("ascii")
+        except idna.IDNAError as error:
+            raise ValueError(f"not a valid host name in {origin!r}: {error}") from error
+    host = host if ":" not in host else f"[{host}]"
     port = f":{parts.port}" if parts.port and parts.port != default_port else ""
     return f"{parts.scheme}://{host}{port}"
 
@@ -37,6 +53,10 @@ def normalize_origin(origin: str) -> str:
 def create_project(
     session: Session, name: str, key: str | None = None, allowed_origins: Iterable[str] = ()
 ) -> Project:
+    if key is not None:
+        problem = project_key_problem(key)
+        if problem:
+            raise InvalidKey(f"the key {problem}")
     project = Project(
         key=key or generate_key(),
         name=name,
@@ -103,7 +123,7 @@ class ProjectDirectory:
         with self._session_factory() as session:
             project = find_project(session, key)
             info = (
-                ProjectInfo(project.id, frozenset(project.allowed_origins))
+                ProjectInfo(project.id, _normalized_origins(project.allowed_origins))
                 if project is not None and project.revoked_at is None
                 else None
             )
@@ -112,3 +132,14 @@ class ProjectDirectory:
                 self._cache.clear()  # bounded memory against floods of random keys
             self._cache[key] = (now + self._ttl, info)
         return info
+
+
+def _normalized_origins(stored: Iterable[str]) -> frozenset[str]:
+    """The allowlist in the form browsers send (rows written before IDN hosts were encoded)."""
+    origins = set()
+    for origin in stored:
+        try:
+            origins.add(normalize_origin(origin))
+        except ValueError:
+            origins.add(origin)
+    return frozenset(origins)

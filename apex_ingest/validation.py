@@ -47,7 +47,7 @@ def check_request_shape(request: ingest_pb2.IngestEventsRequest) -> list[FieldVi
     violations = []
     if not request.project_key:
         violations.append(FieldViolation("project_key", "is required"))
-    elif len(request.project_key) > 128 or _CONTROL.search(request.project_key):
+    elif project_key_problem(request.project_key):
         violations.append(FieldViolation("project_key", "is not a valid project key"))
     if request.user_id:
         problem = _id_problem(request.user_id, MAX_ID_CHARS)
@@ -63,6 +63,15 @@ def check_request_shape(request: ingest_pb2.IngestEventsRequest) -> list[FieldVi
         except ValueError:
             violations.append(FieldViolation("context.client_ip", "is not an IP address"))
     return violations
+
+
+def project_key_problem(key: str) -> str | None:
+    """Why `key` can never be a project key, or None."""
+    if not 1 <= len(key) <= MAX_ID_CHARS:
+        return f"must be 1-{MAX_ID_CHARS} characters"
+    if _CONTROL.search(key) or key != key.strip():
+        return "must not contain control characters nor start or end with spaces"
+    return None
 
 
 def build_rows(

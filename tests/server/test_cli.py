@@ -70,6 +70,19 @@ def test_projects_create_list_revoke(database_url: str) -> None:
     assert bad.returncode != 0 and "origin" in bad.stderr
 
 
+@pytest.mark.parametrize("key", ["pk_live_\x01bad", "k" * 129, " pk_live_padded", ""])
+def test_projects_create_refuses_a_key_no_request_could_use(database_url: str, key: str) -> None:
+    refused = run(database_url, "projects", "create", "X", "--key", key, check=False)
+    assert refused.returncode == 2, refused.stderr
+    assert "--key" in refused.stderr and "Traceback" not in refused.stderr
+    assert run(database_url, "projects", "list").stdout == ""
+
+
+def test_an_internationalized_origin_is_kept_as_browsers_send_it(sqlite_url: str) -> None:
+    run(sqlite_url, "projects", "create", "Books", "--allowed-origin", "https://Bücher.example")
+    assert "origins=https://xn--bcher-kva.example" in run(sqlite_url, "projects", "list").stdout
+
+
 def test_demo_prints_a_stable_key_and_curl(sqlite_url: str) -> None:
     first = run(sqlite_url, "demo").stdout
     second = run(sqlite_url, "demo").stdout

@@ -106,3 +106,25 @@ def test_unexpected_failure_is_internal_not_unknown(sqlite_url: str) -> None:
     _, code, _ = invoke(server, request)
     assert code is grpc.StatusCode.INTERNAL
     engine.dispose()
+
+
+def test_an_allowlist_stored_in_unicode_matches_the_punycode_origin(sqlite_url: str) -> None:
+    """Rows written before hosts were encoded still let the real site in."""
+    from sqlalchemy import update
+
+    from apex_ingest.models import Project
+
+    key = make_project(sqlite_url)
+    engine = create_db_engine(sqlite_url)
+    sessions = create_session_factory(engine)
+    with sessions.begin() as session:
+        session.execute(
+            update(Project)
+            .where(Project.key == key)
+            .values(allowed_origins=["https://bücher.example"])
+        )
+    info = ProjectDirectory(sessions, ttl=0).lookup(key)
+    engine.dispose()
+    assert info is not None
+    assert info.allows_origin("https://xn--bcher-kva.example")
+    assert not info.allows_origin("https://other.example")

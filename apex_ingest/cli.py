@@ -8,7 +8,7 @@ import shlex
 from collections.abc import Iterator
 
 import click
-from sqlalchemy import Connection
+from sqlalchemy import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.config import Settings
@@ -142,26 +142,31 @@ def retention(days: int) -> None:
     """PostgreSQL: drop the monthly partitions of events older than --days (whole months)."""
     from apex_ingest import partitions as parts
 
-    with _engine_connection() as connection:
+    with _engine() as engine:
         try:
-            dropped = parts.apply_retention(connection, days)
+            dropped = parts.apply_retention(engine, days)
         except RuntimeError as error:
             raise click.ClickException(str(error)) from error
     click.echo("dropped " + ", ".join(dropped) if dropped else "no partition is old enough")
 
 
 @contextlib.contextmanager
-def _engine_connection() -> Iterator[Connection]:
-    """One transaction on the configured database."""
+def _engine() -> Iterator[Engine]:
     from apex_ingest.database import create_db_engine
 
     settings = Settings.from_env()
     engine = create_db_engine(settings.database_url, settings)
     try:
-        with engine.begin() as connection:
-            yield connection
+        yield engine
     finally:
         engine.dispose()
+
+
+@contextlib.contextmanager
+def _engine_connection() -> Iterator[Connection]:
+    """One transaction on the configured database."""
+    with _engine() as engine, engine.begin() as connection:
+        yield connection
 
 
 @main.group()

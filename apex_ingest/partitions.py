@@ -10,9 +10,10 @@ the same statement as the events (see storage.py).
 
 Creating partitions ahead of time keeps `events_default` empty in normal operation. If rows for
 a month did land in the default partition, creating that month's partition moves them into it.
-Retention drops whole monthly partitions that end before the cutoff, deletes older rows from
-the default partition, and forgets event ids received before the cutoff (so a retry arriving
-after the retention period would be stored again: the dedup window is the retention period).
+Retention drops whole monthly partitions that end before the cutoff and deletes older rows
+from the default partition; then it forgets the ids of events no longer stored (so a retry
+arriving after the retention period would be stored again: the dedup window is the retention
+period, rounded up to the start of the oldest month kept).
 
 SQLite has no partitioning: these functions refuse it (the commands say so).
 """
@@ -22,7 +23,9 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Engine, text
+
+from apex_ingest.validation import MAX_FUTURE
 
 DEFAULT_PARTITION = "events_default"
 _NAME_RE = re.compile(r"^events_p(\d{4})_(\d{2})$")
@@ -142,24 +145,46 @@ def ensure_partitions(
     return created
 
 
-def apply_retention(connection: Connection, days: int, now: datetime | None = None) -> list[str]:
-    """Drop monthly partitions ending before now - `days`; trim the rest. Return dropped names."""
+def apply_retention(
+    engine: Engine, days: int, now: datetime | None = None, batch_rows: int = 10_000
+) -> list[str]:
+    """Drop monthly partitions ending before now - `days`; trim the rest. Return dropped names.
+
+    Dropping takes an exclusive lock on `events`, so it is one short transaction; event ids are
+    then forgotten in batches of their own, while ingestion goes on. Only ids of events no
+    longer stored are forgotten: a kept event's id must keep refusing its repeats.
+    """
     if days < 1:
         raise ValueError("retention must be at least one day")
-    _require_partitioned(connection)
     cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
     dropped = []
-    for name, start in sorted(monthly_partitions(connection).items(), key=lambda item: item[1]):
-        if add_months(start, 1) <= cutoff:
-            connection.execute(text(f"DROP TABLE {name}"))
-            dropped.append(name)
-    connection.execute(
-        text(f"DELETE FROM {DEFAULT_PARTITION} WHERE occurred_at < :cutoff"), {"cutoff": cutoff}
+    with engine.begin() as connection:
+        _require_partitioned(connection)
+        kept = []
+        for name, start in sorted(monthly_partitions(connection).items(), key=lambda i: i[1]):
+            if add_months(start, 1) <= cutoff:
+                connection.execute(text(f"DROP TABLE {name}"))
+                dropped.append(name)
+            else:
+                kept.append(start)
+        connection.execute(
+            text(f"DELETE FROM {DEFAULT_PARTITION} WHERE occurred_at < :cutoff"),
+            {"cutoff": cutoff},
+        )
+    # Every event still stored occurred at or after `floor`, and so was received after
+    # floor - MAX_FUTURE (no timestamp is accepted more than that ahead of its receipt).
+    floor = min([cutoff, *kept])
+    forget = text(
+        "DELETE FROM event_ids WHERE ctid IN (SELECT ctid FROM event_ids "
+        "WHERE received_at < :before LIMIT :rows)"
     )
-    connection.execute(
-        text("DELETE FROM event_ids WHERE received_at < :cutoff"), {"cutoff": cutoff}
-    )
-    return dropped
+    while True:
+        with engine.begin() as connection:
+            deleted = connection.execute(
+                forget, {"before": floor - MAX_FUTURE, "rows": batch_rows}
+            ).rowcount
+        if deleted < batch_rows:
+            return dropped
 
 
 def _require_partitioned(connection: Connection) -> None:

@@ -188,3 +188,36 @@ def test_sqlite_has_no_partitions(sqlite_url: str) -> None:
     )
     assert result.returncode != 0
     assert "PostgreSQL" in result.stderr
+
+
+def test_retention_forgets_only_the_ids_of_events_it_removed(postgres_url: str) -> None:
+    """A kept event's id keeps refusing repeats, even if it was received before the cutoff."""
+    project_id = _project_id(postgres_url)
+    engine = create_db_engine(postgres_url)
+    now = datetime(2026, 11, 28, 12, tzinfo=UTC)  # 30 days: the cutoff is 2026-10-29 12:00
+    september, october = datetime(2026, 9, 1, tzinfo=UTC), datetime(2026, 10, 1, tzinfo=UTC)
+    try:
+        with engine.begin() as connection:
+            for month in (september, october, datetime(2026, 11, 1, tzinfo=UTC)):
+                partitions.create_month_partition(connection, month)
+            rows = []
+            old = [("sep-3", september), ("sep-20", september)]
+            old += [("oct-20", october), ("oct-2", october)]
+            for event_id, when in old:
+                row = _row(project_id, event_id, when + timedelta(days=int(event_id[4:]) - 1))
+                row["received_at"] = row["occurred_at"]
+                rows.append(row)
+            insert_events(connection, rows)
+
+        assert partitions.apply_retention(engine, 30, now=now, batch_rows=1) == ["events_p2026_09"]
+
+        with engine.begin() as connection:
+            ids = connection.execute(text("SELECT event_id FROM event_ids ORDER BY 1"))
+            assert ids.scalars().all() == ["oct-2", "oct-20"]
+            # A repeat of a kept event is still refused; one of a dropped event is stored again.
+            repeat = _row(project_id, "oct-20", october + timedelta(days=19))
+            insert_events(connection, [repeat, _row(project_id, "sep-20", now)])
+            stored = connection.execute(text("SELECT event_id FROM events ORDER BY 1"))
+            assert stored.scalars().all() == ["oct-2", "oct-20", "sep-20"]
+    finally:
+        engine.dispose()

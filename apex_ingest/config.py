@@ -45,6 +45,11 @@ class Settings:
         # the gateway stamps (<= 500 x 64 bytes): twice the body limit leaves room.
         return 2 * self.max_body_bytes + 64 * 1024
 
+    @property
+    def commit_timeout(self) -> float:
+        # Getting a connection and running the statement, with a second to spare.
+        return self.db_connect_timeout + self.db_statement_timeout_ms / 1000 + 1
+
     @classmethod
     def from_env(cls) -> Settings:
         return cls(

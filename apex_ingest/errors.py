@@ -12,7 +12,7 @@ class FieldViolation:
 
 
 class IngestError(Exception):
-    """A request we refuse; nothing of it was stored."""
+    """A request we refuse; nothing of it was stored (but see StorageUnavailable.maybe_stored)."""
 
 
 class InvalidRequest(IngestError):
@@ -35,6 +35,19 @@ class OriginNotAllowed(IngestError):
 
 
 class StorageUnavailable(IngestError):
-    def __init__(self, retry_after_seconds: int) -> None:
+    """Not committed; or, with `maybe_stored`, not known to be (retrying with the same ids is safe).
+
+    `maybe_stored`: the database connection broke while the commit was in flight, or the
+    database stopped answering: the commit may have happened, and nothing can tell until it
+    is back. Events carrying ids are stored once however often they are sent again.
+    """
+
+    def __init__(self, retry_after_seconds: int, maybe_stored: bool = False) -> None:
         self.retry_after_seconds = retry_after_seconds
-        super().__init__("storage unavailable; nothing was stored, retry later")
+        self.maybe_stored = maybe_stored
+        super().__init__(
+            "storage unavailable; the events may have been stored before the connection to the "
+            "database broke: retry with the same event ids"
+            if maybe_stored
+            else "storage unavailable; nothing was stored, retry later"
+        )

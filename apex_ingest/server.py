@@ -78,7 +78,11 @@ def create_server(address: str, settings: Settings | None = None) -> tuple[Inges
     monitor = StorageHealthMonitor(engine, health_servicer, settings.health_interval)
     ingest_servicer = IngestServicer(
         ProjectDirectory(session_factory, settings.project_cache_ttl),
-        EventStore(session_factory, settings.retry_after_seconds),
+        EventStore(
+            session_factory,
+            settings.retry_after_seconds,
+            commit_timeout=settings.commit_timeout,
+        ),
         settings.retry_after_seconds,
         on_storage_unavailable=monitor.mark_unavailable,
     )

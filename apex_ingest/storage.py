@@ -106,6 +106,10 @@ def insert_events(connection: Connection | Session, rows: Sequence[Row]) -> None
         connection.execute(statement, list(rows))
 
 
+class _OutcomeUnknown(Exception):
+    """The connection broke during a commit and the database cannot be asked whether it happened."""
+
+
 @dataclass(eq=False)
 class _Pending:
     rows: list[Row]
@@ -122,9 +126,14 @@ class EventStore:
         retry_after_seconds: int,
         max_group_rows: int = 5000,
         writers: int = 2,
+        commit_timeout: float | None = None,
     ) -> None:
         self._session_factory = session_factory
         self._retry_after = retry_after_seconds
+        # A database that stops answering without closing the connection (frozen, or behind a
+        # middlebox that still acknowledges) would hold callers until their deadlines: past
+        # this many seconds they are answered UNAVAILABLE (maybe stored) instead.
+        self._commit_timeout = commit_timeout
         self._max_group_rows = max_group_rows
         self._queue: deque[_Pending] = deque()
         self._wakeup = threading.Condition()
@@ -155,7 +164,9 @@ class EventStore:
                     writer.start()
             self._queue.append(pending)
             self._wakeup.notify()
-        pending.done.wait()
+        if not pending.done.wait(self._commit_timeout):
+            log.warning("no answer from the database within %s s", self._commit_timeout)
+            raise StorageUnavailable(self._retry_after, maybe_stored=True)
         if pending.error is not None:
             raise pending.error
 
@@ -169,7 +180,11 @@ class EventStore:
                 while self._queue and total + len(self._queue[0].rows) <= self._max_group_rows:
                     total += len(self._queue[0].rows)
                     group.append(self._queue.popleft())
-            self._write_group(group)
+            try:
+                self._write_group(group)
+            except Exception:  # a bug: the callers must still be answered, the writer live on
+                log.exception("group commit failed")
+                self._finish(group, IngestError("could not store the events"))
 
     def _write_group(self, group: list[_Pending]) -> None:
         self.group_sizes = [*self.group_sizes[-99:], len(group)]
@@ -177,6 +192,9 @@ class EventStore:
         metrics.GROUP_ROWS.observe(sum(len(pending.rows) for pending in group))
         try:
             self._commit([row for pending in group for row in pending.rows])
+        except _OutcomeUnknown as error:
+            log.warning("storage unavailable during a commit: %s", error.__cause__)
+            self._finish(group, StorageUnavailable(self._retry_after, maybe_stored=True))
         except UNAVAILABLE_ERRORS as error:
             log.warning("storage unavailable: %s", error.__class__.__name__)
             self._finish(group, StorageUnavailable(self._retry_after))
@@ -197,23 +215,24 @@ class EventStore:
                 insert_events(session, rows)
             return
         columns = [[row[name] for row in rows] for name, _ in _COLUMNS]
-        reused = getattr(self._local, "connection", None) is not None
         try:
             self._pg_execute(columns)
         except psycopg.Error as error:
             # A statement timeout or a constraint error leaves the connection usable (autocommit:
             # nothing to roll back); only a lost connection is replaced.
-            lost = self._drop_pg_connection_if_lost()
-            if not (lost and reused):
+            if not self._drop_pg_connection_if_lost():
                 raise _as_sqlalchemy_error(error) from error
-            # The kept connection went stale (server restarted, idle timeout): what pre-ping
-            # would have caught. Retrying on a fresh one is safe: every row has an event id and
-            # the insert skips ids already stored, so a commit that did happen is not repeated.
+            # The connection broke (server restarted, idle timeout, network): the statement may
+            # or may not have committed. Running it again on a fresh connection settles it:
+            # every row has an event id and the insert skips ids already stored.
             try:
                 self._pg_execute(columns)
             except psycopg.Error as again:
-                self._drop_pg_connection_if_lost()
-                raise _as_sqlalchemy_error(again) from again
+                if not self._drop_pg_connection_if_lost():
+                    raise _as_sqlalchemy_error(again) from again
+                raise _OutcomeUnknown() from again
+            except UNAVAILABLE_ERRORS as again:  # no new connection
+                raise _OutcomeUnknown() from again
 
     def _pg_execute(self, columns: list[list[Any]]) -> None:
         proxy: Any = getattr(self._local, "connection", None)

@@ -30,11 +30,12 @@ HEALTH_TIMEOUT = 2.0
 def service_config() -> str:
     """The channel's service config: retries and load balancing, done by gRPC itself.
 
-    UNAVAILABLE means nothing was stored (the server could not be reached, or its storage was
-    down), so it is always safe to retry, and the event ids stamped before the call make even a
-    lost answer harmless. Few attempts with short backoff: the client's deadline bounds them
-    anyway, and a fast 503 with Retry-After serves callers better than a long wait. Retry
-    throttling stops retries from piling onto a server that is down.
+    UNAVAILABLE means the server could not be reached or its storage was down: nothing was stored,
+    or (a connection broken mid-commit) nothing is known; the event ids stamped before the call
+    make a retry harmless either way, as they do a lost answer. Few attempts with short backoff:
+    the client's deadline bounds them anyway, and a fast 503 with Retry-After serves callers
+    better than a long wait. Retry throttling stops retries from piling onto a server that is
+    down.
     """
     retry = {
         "maxAttempts": 3,

@@ -28,8 +28,9 @@ SERVICE: Final = "apex_ingest.v1.IngestService"
 
 
 def _service_config(max_attempts: int) -> str:
-    # UNAVAILABLE means nothing was stored, and every event carries an id, so replaying the same
-    # request cannot duplicate anything. gRPC requires maxAttempts >= 2 in a retry policy.
+    # UNAVAILABLE means not stored (or, rarely, not known to be), and every event carries an id,
+    # so replaying the same request cannot duplicate anything. gRPC requires maxAttempts >= 2
+    # in a retry policy.
     retry = {
         "maxAttempts": max(2, min(max_attempts, 5)),
         "initialBackoff": "0.1s",

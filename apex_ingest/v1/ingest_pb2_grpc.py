@@ -57,10 +57,13 @@ class IngestServiceServicer:
         PERMISSION_DENIED  - the request's Origin is not in the project's allowlist.
         RESOURCE_EXHAUSTED - the server is saturated; google.rpc.RetryInfo says when to retry.
         UNAVAILABLE        - storage is unreachable; google.rpc.RetryInfo says when to retry.
-        Nothing was stored, so retrying the same request is safe.
+        Nothing was stored, except when the database connection
+        broke during the commit (the message then says the events
+        may have been stored): retry with the same event ids.
         DEADLINE_EXCEEDED  - the caller's deadline passed.
 
         Retrying is safe: events carrying an `id` are stored at most once per project.
+        Send ids when retrying yourself: an event without one gets a new id each time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest import storage
 from apex_ingest.database import create_db_engine, create_session_factory
-from apex_ingest.errors import IngestError
+from apex_ingest.errors import IngestError, StorageUnavailable
 from apex_ingest.projects import create_project
 from apex_ingest.storage import EventStore, _Pending
 
@@ -164,3 +164,76 @@ def test_a_writer_whose_connection_was_killed_stores_on_a_new_one(postgres_url: 
         assert sorted(stored_ids(postgres_url)) == ["after-0", "after-1", "before-0"]
     finally:
         engine.dispose()
+
+
+def test_a_bug_while_writing_answers_the_callers_and_the_writer_lives_on(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = create_db_engine(sqlite_url)
+    sessions = create_session_factory(engine)
+    project_id = new_project(sessions)
+    store = EventStore(sessions, 1, commit_timeout=10)
+    broken = iter([RuntimeError("a bug")])
+
+    def observe_once(_value: float) -> None:
+        for error in broken:
+            raise error
+
+    monkeypatch.setattr(storage.metrics.GROUP_REQUESTS, "observe", observe_once)
+    with pytest.raises(IngestError):
+        store.store(project_id, rows_for("first", 1, project_id))  # type: ignore[arg-type]
+    store.store(project_id, rows_for("second", 1, project_id))  # type: ignore[arg-type]
+    assert stored_ids(sqlite_url) == ["second-0"]
+    engine.dispose()
+
+
+def test_a_database_that_stops_answering_is_unavailable_within_the_commit_timeout(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = create_db_engine(sqlite_url)
+    sessions = create_session_factory(engine)
+    project_id = new_project(sessions)
+    store = EventStore(sessions, 1, commit_timeout=0.5)
+    answer = threading.Event()
+    monkeypatch.setattr(store, "_commit", lambda rows: answer.wait(10))
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable) as refused:
+        store.store(project_id, rows_for("stuck", 1, project_id))  # type: ignore[arg-type]
+    answer.set()
+    assert time.monotonic() - started < 5
+    assert refused.value.maybe_stored and "same event ids" in str(refused.value)
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_connection_lost_during_the_commit_with_no_new_one_is_maybe_stored(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing can tell whether the statement committed: the answer must not say it did not."""
+    from sqlalchemy import exc
+
+    engine = create_db_engine(postgres_url)
+    sessions = create_session_factory(engine)
+    project_id = new_project(sessions)
+    store = EventStore(sessions, 1, writers=1)
+    store.store(project_id, rows_for("warm", 1, project_id))  # type: ignore[arg-type]
+    real_execute = store._pg_execute
+    calls = []
+
+    def commit_then_lose_the_connection(columns: list[list[object]]) -> None:
+        calls.append(columns)
+        if len(calls) == 1:
+            real_execute(columns)  # committed ...
+            store._local.connection.driver_connection.close()  # ... but the answer is lost
+            raise storage.psycopg.OperationalError("server closed the connection unexpectedly")
+        raise exc.OperationalError("connect", {}, Exception("connection refused"))
+
+    monkeypatch.setattr(store, "_pg_execute", commit_then_lose_the_connection)
+    with pytest.raises(StorageUnavailable) as refused:
+        store.store(project_id, rows_for("lost", 2, project_id))  # type: ignore[arg-type]
+    assert refused.value.maybe_stored
+    assert len(calls) == 2  # tried again on a new connection before answering
+    monkeypatch.undo()
+    store.store(project_id, rows_for("lost", 2, project_id))  # type: ignore[arg-type]  # a retry
+    assert sorted(stored_ids(postgres_url)) == ["lost-0", "lost-1", "warm-0"]
+    engine.dispose()

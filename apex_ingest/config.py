@@ -33,7 +33,8 @@ class Settings:
     grpc_max_concurrent_rpcs: int = 256
     shutdown_grace: float = 10.0
     db_connect_timeout: float = 2.0
-    db_statement_timeout_ms: int = 5000
+    # Below the gateway's gRPC deadline (APEX_GRPC_TIMEOUT, 5 s): see database.py.
+    db_statement_timeout_ms: int = 3000
     db_pool_size: int = 10
     health_interval: float = 1.0
     retry_after_seconds: int = 1
@@ -63,6 +64,6 @@ class Settings:
             grpc_max_concurrent_rpcs=_env_int("APEX_GRPC_MAX_CONCURRENT_RPCS", 256),
             shutdown_grace=_env_float("APEX_SHUTDOWN_GRACE", 10.0),
             db_connect_timeout=_env_float("APEX_DB_CONNECT_TIMEOUT", 2.0),
-            db_statement_timeout_ms=_env_int("APEX_DB_STATEMENT_TIMEOUT_MS", 5000),
+            db_statement_timeout_ms=_env_int("APEX_DB_STATEMENT_TIMEOUT_MS", 3000),
             db_pool_size=_env_int("APEX_DB_POOL_SIZE", 10),
         )

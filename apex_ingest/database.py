@@ -14,8 +14,11 @@ from apex_ingest.config import Settings
 def create_db_engine(url: str, settings: Settings | None = None) -> Engine:
     settings = settings or Settings(database_url=url)
     sa_url = make_url(url)
+    # Both databases give up on a statement (a lock wait included) before the gateway's
+    # deadline passes, so a blocked database is a 503 with Retry-After, not a 504.
+    wait_s = settings.db_statement_timeout_ms / 1000
     if sa_url.get_backend_name() == "sqlite":
-        engine = create_engine(url, connect_args={"timeout": settings.db_connect_timeout + 3})
+        engine = create_engine(url, connect_args={"timeout": wait_s})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     # Bounded connect, statement and TCP timeouts: when PostgreSQL goes away a call
@@ -44,10 +47,10 @@ def create_db_engine(url: str, settings: Settings | None = None) -> Engine:
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets readers run beside the writer; synchronous=FULL keeps "OK means
-    # committed" true even across power loss; busy_timeout waits out other writers.
+    # committed" true even across power loss; other writers are waited out for the
+    # connect argument `timeout` (sqlite3 sets busy_timeout from it).
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA busy_timeout=5000")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 

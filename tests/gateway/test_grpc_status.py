@@ -247,3 +247,23 @@ def test_server_retry_after_wins_over_the_rate_limit_window(fake_server: StartFa
     assert response.status_code == 503
     assert response.headers["Retry-After"] == "2"
     assert response.headers["X-RateLimit-Remaining"] == "999"
+
+
+def test_a_database_locked_past_the_statement_timeout_is_a_503_before_the_deadline(
+    api: Api, project_key: str, grpc_server: Any
+) -> None:
+    """The server gives up on the lock (3 s by default) before the gateway's 5 s deadline."""
+    import sqlite3
+
+    holder = sqlite3.connect(grpc_server.database_url.removeprefix("sqlite:///"))
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        started = time.monotonic()
+        response = api.post({**SNIPPET, "projectKey": project_key})
+        waited = time.monotonic() - started
+    finally:
+        holder.rollback()
+        holder.close()
+    assert response.status_code == 503, response.get_json()
+    assert response.headers["Retry-After"] == "1"
+    assert waited < 5

@@ -175,6 +175,14 @@ def test_user_agent_is_cleaned_and_truncated() -> None:
     assert row["ip"] == "::1"
 
 
+def test_an_ipv6_zone_is_dropped() -> None:
+    """A trusted proxy may forward "fe80::1%<interface>": the zone would not fit the column."""
+    context = ingest_pb2.RequestContext(client_ip="fe80::1%" + "z" * 60)
+    violations: list[FieldViolation] = []
+    assert check_request_shape(request(event(), context=context)) == []
+    assert build_rows(request(event(), context=context), NOW, violations)[0]["ip"] == "fe80::1"
+
+
 class TestData:
     def test_size_limit_counts_utf8_bytes(self) -> None:
         fits = '{"a":"' + "x" * (32 * 1024 - 8) + '"}'

@@ -12,7 +12,7 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -133,15 +133,26 @@ class _Checker:
         return None
 
 
+_LEAP_SECOND = re.compile(r"(T\d\d:\d\d:)60(?![0-9])")
+
+
 def parse_timestamp(text: str) -> Timestamp | None:
     """RFC 3339 / ISO 8601 text to a Timestamp; no offset means UTC. None if unparseable.
 
-    Fractions beyond microseconds are dropped (the database keeps microseconds).
+    Fractions beyond microseconds are dropped (the database keeps microseconds). RFC 3339 also
+    allows a lower-case "t" and "z", and a leap second (":60"), which becomes the next second
+    (as in PostgreSQL: Python's datetime has no 61st second).
     """
+    text = text.upper()
+    leap = _LEAP_SECOND.search(text)
+    if leap is not None:
+        text = text[: leap.start()] + leap[1] + "59" + text[leap.end() :]
     try:
         moment = datetime.fromisoformat(text)
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
+        if leap is not None:
+            moment += timedelta(seconds=1)
         timestamp = Timestamp()
         timestamp.FromDatetime(moment)
     except (ValueError, OverflowError):

@@ -46,6 +46,9 @@ def test_public_field(path: str, snippet: bool, public: str) -> None:
         ("2024-05-01T12:00:00.123456789Z", 1714564800, 123_456_000),
         ("2024-05-01", 1714521600, 0),
         ("2024-05-01 12:00:00Z", 1714564800, 0),
+        ("2024-05-01t12:00:00z", 1714564800, 0),  # RFC 3339 5.6: "t" and "z" may be lower case
+        ("2016-12-31T23:59:60Z", 1483228800, 0),  # a leap second: the next second
+        ("2016-12-31T23:59:60.25Z", 1483228800, 250_000_000),
     ],
 )
 def test_parse_timestamp(text: str, seconds: int, nanos: int) -> None:
@@ -55,7 +58,15 @@ def test_parse_timestamp(text: str, seconds: int, nanos: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "yesterday", "2024-13-01T00:00:00Z", "2024-05-01T25:00:00Z", "1700000000"]
+    "text",
+    [
+        "",
+        "yesterday",
+        "2024-13-01T00:00:00Z",
+        "2024-05-01T25:00:00Z",
+        "1700000000",
+        "2016-12-31T23:59:61Z",
+    ],
 )
 def test_parse_timestamp_refuses(text: str) -> None:
     assert parse_timestamp(text) is None

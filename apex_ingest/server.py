@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
 from apex_ingest import metrics
+from apex_ingest.admission import AdmissionInterceptor, CountingExecutor
 from apex_ingest.config import Settings
 from apex_ingest.database import create_db_engine, create_session_factory
 from apex_ingest.health import SERVICE_NAME, StorageHealthMonitor
@@ -63,9 +64,18 @@ def create_server(address: str, settings: Settings | None = None) -> tuple[Inges
     metrics.instrument_pool(engine)
     session_factory = create_session_factory(engine)
 
+    pool = CountingExecutor(settings.grpc_threads)
+    ingest_method = f"/{SERVICE_NAME}/IngestEvents"
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.grpc_threads),
-        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
+        pool,
+        interceptors=[
+            AdmissionInterceptor(
+                pool,
+                settings.grpc_max_concurrent_rpcs,
+                settings.retry_after_seconds,
+                frozenset({ingest_method}),
+            )
+        ],
         options=[
             ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
             ("grpc.max_send_message_length", 1024 * 1024),

@@ -368,3 +368,40 @@ def test_revocation_applies_within_cache_ttl(database_url: str) -> None:
             assert code is grpc.StatusCode.UNAUTHENTICATED
     finally:
         running.server.stop(0)
+
+
+def test_calls_past_the_concurrency_limit_are_refused_with_retry_info(sqlite_url: str) -> None:
+    """gRPC's own maximum_concurrent_rpcs would refuse them with no RetryInfo."""
+    import sqlite3
+
+    running = start_server(sqlite_url, grpc_max_concurrent_rpcs=2, db_statement_timeout_ms=20_000)
+    key = make_project(sqlite_url)
+    holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            ingest(stub, key, Event(type="warm", url="/"))  # the key is cached from here on
+            holder.execute("BEGIN EXCLUSIVE")  # the next commits wait for the lock
+            request = ingest_pb2.IngestEventsRequest(
+                project_key=key, events=[Event(type="held", url="/")]
+            )
+            held = [stub.IngestEvents.future(request, timeout=30) for _ in range(2)]
+            time.sleep(0.5)
+            code, _, error = rejection(lambda: ingest(stub, key, Event(type="refused", url="/")))
+            assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            status = rpc_status.from_call(error)
+            assert status is not None
+            retry = error_details_pb2.RetryInfo()
+            assert status.details[0].Unpack(retry) and retry.retry_delay.seconds == 1
+            # An overloaded server is still alive to its load balancer.
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5
+            )
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            holder.rollback()
+            assert [call.result().received for call in held] == [1, 1]
+            assert ingest(stub, key, Event(type="after", url="/")) == 1  # capacity is back
+    finally:
+        holder.close()
+        running.server.stop(0)
+    assert [row["type"] for row in rows(sqlite_url)] == ["warm", "held", "held", "after"]

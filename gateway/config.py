@@ -19,6 +19,7 @@ KEYS = (
     "APEX_MAX_BODY_BYTES",
     "APEX_RATE_LIMIT",
     "APEX_RATE_LIMIT_STORAGE",
+    "APEX_RATE_LIMIT_SHARED_FILE",
     "APEX_TRUSTED_PROXIES",
     "APEX_CORS_MAX_AGE",
 )
@@ -42,6 +43,8 @@ class GatewaySettings:
     max_body_bytes: int
     rate_limit: str
     rate_limit_storage: str
+    #: Set by `apex-ingest gateway`/`serve` for their workers (gateway/shared_windows.py).
+    rate_limit_shared_file: str
     trusted_proxies: tuple[IPNetwork, ...]
     cors_max_age: int
 
@@ -72,6 +75,7 @@ class GatewaySettings:
             rate_limit_storage=str(
                 values.get("APEX_RATE_LIMIT_STORAGE") or DEFAULT_RATE_LIMIT_STORAGE
             ).strip(),
+            rate_limit_shared_file=str(values.get("APEX_RATE_LIMIT_SHARED_FILE") or "").strip(),
             trusted_proxies=parse_networks(values.get("APEX_TRUSTED_PROXIES")),
             cors_max_age=max_age,
         )

@@ -6,9 +6,10 @@ projectKey, so the key function needs the parsed body: it reuses the one parse o
 
 Only POSTs to the limited blueprint count (CORS preflights must not use up the budget). Every
 counted answer carries X-RateLimit-Limit/-Remaining/-Reset, so clients can pace themselves; a
-refused one is a 429 with Retry-After. If the shared storage (Redis) fails, the gateway keeps
-serving with per-process limits and tries the storage again a few seconds later: losing events
-is worse than a looser limit for a while.
+refused one is a 429 with Retry-After. With memory://, the worker processes of one
+`apex-ingest gateway`/`serve` count in one table (gateway/shared_windows.py). If the shared
+storage (Redis) fails, the gateway keeps serving with this machine's limits and tries the
+storage again a few seconds later: losing events is worse than a looser limit for a while.
 
 (This used to be Flask-Limiter. Working out on every request which of its many kinds of limits
 apply cost about as much as all the rest of the gateway's own work for a 1-event request; the
@@ -31,6 +32,7 @@ from werkzeug.exceptions import TooManyRequests
 
 from gateway import request_state
 from gateway.config import GatewaySettings
+from gateway.shared_windows import SharedWindows
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ class _Outcome:
 class RateLimiter:
     """Counts hits per key against every configured limit (e.g. "100/second;5000/hour")."""
 
-    def __init__(self, limits: str, storage_uri: str) -> None:
+    def __init__(self, limits: str, storage_uri: str, shared_file: str = "") -> None:
         self.limits = parse_many(limits)
         if not self.limits:
             raise ValueError(f"no rate limit in {limits!r}")
@@ -72,6 +74,9 @@ class RateLimiter:
             None if isinstance(storage, MemoryStorage) else FixedWindowRateLimiter(storage)
         )
         self._shared_down_until = 0.0
+        # memory:// (and the fallback): one table for all of this machine's gateway workers
+        # when `apex-ingest gateway`/`serve` made one, else this process's own dict.
+        self._machine = SharedWindows(shared_file) if shared_file else None
         self._lock = threading.Lock()
         self._windows: dict[str, list[float]] = {}  # key -> [expires at, hits]
 
@@ -92,27 +97,29 @@ class RateLimiter:
     def _hit_local(self, key: str) -> _Outcome:
         now = time.time()
         reported: _Outcome | None = None
+        for limit in self.limits:
+            name = limit.key_for(_KEY_PREFIX, key)
+            counted = None
+            if self._machine is not None:
+                counted = self._machine.hit(name, limit.get_expiry(), now)
+            window_end, hits = counted or self._hit_process(name, limit.get_expiry(), now)
+            outcome = _Outcome(limit, max(0, limit.amount - hits), window_end, hits <= limit.amount)
+            if not outcome.allowed:
+                return outcome
+            if reported is None or outcome.remaining < reported.remaining:
+                reported = outcome
+        assert reported is not None
+        return reported
+
+    def _hit_process(self, name: str, seconds: float, now: float) -> tuple[float, int]:
         with self._lock:
             if len(self._windows) > _MAX_LOCAL_WINDOWS:
                 self._windows = {k: w for k, w in self._windows.items() if w[0] > now}
-            for limit in self.limits:
-                name = limit.key_for(_KEY_PREFIX, key)
-                window = self._windows.get(name)
-                if window is None or window[0] <= now:
-                    window = self._windows[name] = [now + limit.get_expiry(), 0]
-                window[1] += 1
-                outcome = _Outcome(
-                    limit,
-                    max(0, limit.amount - int(window[1])),
-                    window[0],
-                    window[1] <= limit.amount,
-                )
-                if not outcome.allowed:
-                    return outcome
-                if reported is None or outcome.remaining < reported.remaining:
-                    reported = outcome
-        assert reported is not None
-        return reported
+            window = self._windows.get(name)
+            if window is None or window[0] <= now:
+                window = self._windows[name] = [now + seconds, 0]
+            window[1] += 1
+            return window[0], int(window[1])
 
     def _hit(self, strategy: FixedWindowRateLimiter, key: str) -> _Outcome:
         reported: _Outcome | None = None
@@ -129,7 +136,9 @@ class RateLimiter:
 
 
 def install(app: Flask, settings: GatewaySettings, limited: Blueprint) -> RateLimiter:
-    limiter = RateLimiter(settings.rate_limit, settings.rate_limit_storage)
+    limiter = RateLimiter(
+        settings.rate_limit, settings.rate_limit_storage, settings.rate_limit_shared_file
+    )
 
     def check() -> None:
         if request.method != "POST" or request.blueprint != limited.name:

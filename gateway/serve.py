@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
+import tempfile
 
 from granian import Granian
 from granian.constants import Interfaces
 from granian.http import HTTP1Settings
 
 from apex_ingest.logs import granian_log_config
+from gateway.shared_windows import create_table
+
+SHARED_FILE_ENV = "APEX_RATE_LIMIT_SHARED_FILE"
 
 #: Pending connections the kernel queues per listening socket before refusing more.
 BACKLOG = 2048
@@ -39,8 +45,15 @@ def run_gateway(host: str, port: int, workers: int | None = None) -> None:
     """Serve ``gateway.wsgi:app`` on host:port until SIGINT/SIGTERM; blocks.
 
     ``workers`` processes (default: one per CPU core). Each worker imports the app itself and
-    opens its own gRPC channel on first use, so nothing gRPC crosses a fork.
+    opens its own gRPC channel on first use, so nothing gRPC crosses a fork. With in-memory rate
+    limits, the workers count in one table (gateway/shared_windows.py), removed at exit.
     """
+    if not os.environ.get(SHARED_FILE_ENV):
+        descriptor, path = tempfile.mkstemp(prefix="apex-ratelimit-")
+        os.close(descriptor)
+        create_table(path)
+        atexit.register(_remove, path)
+        os.environ[SHARED_FILE_ENV] = path  # the workers inherit it
     server = Granian(
         "gateway.wsgi:app",
         address=host,
@@ -56,3 +69,8 @@ def run_gateway(host: str, port: int, workers: int | None = None) -> None:
         log_dictconfig=granian_log_config(),
     )
     server.serve()
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)

@@ -134,3 +134,17 @@ def test_real_http_behaviour(service: Service, postgres_url: str) -> None:
         "huge": "123456789012345678901234567890",
         "pi": "3.14159265358979323846264",
     }
+
+
+def test_the_in_memory_rate_limit_holds_across_gateway_workers(sqlite_url: str) -> None:
+    """Two granian workers, one limit: each used to count alone and let twice the limit in."""
+    key = make_project(sqlite_url)
+    body = {"type": "pageview", "visitorId": "v", "projectKey": key, "url": "/"}
+    with running_service(sqlite_url, env={"APEX_RATE_LIMIT": "20/minute"}) as running:
+        # A new connection per request: the kernel spreads connections over the workers.
+        statuses = [
+            requests.post(f"{running.base_url}/api/events", json=body, timeout=10).status_code
+            for _ in range(60)
+        ]
+    assert statuses.count(200) == 20, statuses
+    assert statuses.count(429) == 40

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import socket
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway import create_app
+from gateway import create_app, shared_windows
+from gateway.ratelimit import RateLimiter
+from gateway.shared_windows import SharedWindows, create_table
 from tests.conftest import RunningServer, make_project
 from tests.gateway.conftest import Api, closed_port_target
 
@@ -118,3 +123,44 @@ def test_unreachable_redis_falls_back_to_per_process_limits(
     # Serving goes on (events matter more than exact limits), still limited in memory.
     statuses = [api.post(batch(project_key, 1)).status_code for _ in range(3)]
     assert statuses == [200, 200, 429]
+
+
+def test_workers_count_in_one_table(tmp_path: Path) -> None:
+    """Processes with the same table file share each window; a window ends and starts anew."""
+    path = str(tmp_path / "table")
+    create_table(path)
+    now = 1_000.0
+    context = multiprocessing.get_context("fork")
+    with context.Pool(4) as pool:
+        counts = pool.starmap(_hit_many, [(path, "project:a", now, 25)] * 4)
+    assert sorted(hits for hits, _end in counts)[-1] == 100  # the last of 100 hits saw 100
+    assert {end for _hits, end in counts} == {now + 60}
+    table = SharedWindows(path)
+    assert table.hit("project:a", 60, now + 1) == (now + 60, 101)
+    assert table.hit("project:b", 60, now + 1) == (now + 61, 1)
+    assert table.hit("project:a", 60, now + 60) == (now + 120, 1)  # a new window
+
+
+def test_a_full_table_hands_the_hit_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shared_windows, "SLOTS", 8)
+    monkeypatch.setattr(shared_windows, "TABLE_BYTES", 8 * shared_windows._SLOT.size)
+    path = str(tmp_path / "table")
+    create_table(path)
+    table = SharedWindows(path)
+    assert all(table.hit(f"key-{i}", 60, 0.0) is not None for i in range(8))
+    assert table.hit("one-too-many", 60, 1.0) is None
+    assert table.hit("one-too-many", 60, 61.0) == (121.0, 1)  # windows ended: room again
+    limiter = RateLimiter("1/minute", "memory://", path)
+    for name in (f"other-{i}" for i in range(8)):
+        table.hit(name, 60, time.time())
+    # Counted per process instead: still limited.
+    assert [limiter.hit("project:x").allowed for _ in range(2)] == [True, False]
+
+
+def _hit_many(path: str, name: str, now: float, times: int) -> tuple[int, float]:
+    """Hit `name` `times` times; (the highest count seen, the window end)."""
+    table = SharedWindows(path)
+    counted = [table.hit(name, 60, now) for _ in range(times)]
+    ends, hits = zip(*(c for c in counted if c is not None), strict=True)
+    assert len(hits) == times
+    return max(hits), ends[0]

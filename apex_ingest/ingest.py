@@ -36,5 +36,6 @@ def ingest_events(
     rows = build_rows(request, received_at, violations)
     if violations:
         raise InvalidRequest(violations)
-    store.store(project.id, rows)
+    if not request.validate_only:
+        store.store(project.id, rows)
     return len(rows)

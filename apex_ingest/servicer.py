@@ -68,7 +68,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 code, project = _rejected(request, IngestError())
                 return _refuse(context, error_status(IngestError()))
             project = request.project_key  # authenticated by now
-            metrics.EVENTS_ACCEPTED.labels(project).inc(received)
+            if not request.validate_only:
+                metrics.EVENTS_ACCEPTED.labels(project).inc(received)
             return ingest_pb2.IngestEventsResponse(received=received)
         finally:
             elapsed = time.perf_counter() - started

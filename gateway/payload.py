@@ -1,9 +1,10 @@
 """The public JSON payloads (snippet and batch) to an IngestEventsRequest, and field names back.
 
-The gateway checks JSON *types* only and reports every type error at once. Every rule about
-values (lengths, URL shapes, counts, timestamp range, data size, keys, origins) belongs to the
-gRPC server, which reports violations by proto path; public_field() turns those paths into
-the JSON names the client sent.
+The gateway checks JSON *types* only. Every rule about values (lengths, URL shapes, counts,
+timestamp range, data size, keys, origins) belongs to the gRPC server, which reports violations
+by proto path; public_field() turns those paths into the JSON names the client sent. A body with
+type errors still becomes a request of its well-typed fields, so that the server can name the
+value errors too (gateway.api asks it with validate_only) and the answer lists every one.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ class Payload:
     request: ingest_pb2.IngestEventsRequest
     #: The snippet format (one browser event) rather than a batch; field names differ.
     snippet: bool
+    #: JSON type errors (public field names); the request then lacks those fields.
+    violations: tuple[FieldViolation, ...] = ()
 
 
 def is_snippet(document: Mapping[str, Any]) -> bool:
@@ -38,7 +41,7 @@ def is_snippet(document: Mapping[str, Any]) -> bool:
 
 
 def to_request(document: Any) -> Payload:
-    """Translate a parsed JSON body; raise ApiError 400 listing every type violation."""
+    """Translate a parsed JSON body, noting every type violation; ApiError 400 if not an object."""
     if not isinstance(document, dict):
         raise invalid([], "The body must be a JSON object.")
     check = _Checker()
@@ -59,11 +62,10 @@ def to_request(document: Any) -> Payload:
                     request.events.add(**check.event(item, prefix=prefix + "."))
                 else:
                     check.add(prefix, "must be an event object")
+                    request.events.add()  # keeps the indices of the events after it
         else:
             check.add("events", "must be an array of event objects")
-    if check.violations:
-        raise invalid(check.violations)
-    return Payload(request=request, snippet=snippet)
+    return Payload(request=request, snippet=snippet, violations=tuple(check.violations))
 
 
 class _Checker:

@@ -10,16 +10,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class IngestEventsRequest(_message.Message):
-    __slots__ = ("project_key", "user_id", "events", "context")
+    __slots__ = ("project_key", "user_id", "events", "context", "validate_only")
     PROJECT_KEY_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     project_key: str
     user_id: str
     events: _containers.RepeatedCompositeFieldContainer[Event]
     context: RequestContext
-    def __init__(self, project_key: _Optional[str] = ..., user_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., context: _Optional[_Union[RequestContext, _Mapping]] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, project_key: _Optional[str] = ..., user_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., context: _Optional[_Union[RequestContext, _Mapping]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class RequestContext(_message.Message):
     __slots__ = ("client_ip", "user_agent", "origin")

@@ -172,6 +172,51 @@ def test_batch_type_errors_are_all_named(api: Api, project_key: str, rows: Rows)
     assert rows() == []
 
 
+def test_value_errors_are_named_beside_type_errors(api: Api, project_key: str, rows: Rows) -> None:
+    """The contract: the answer names each offending field, whatever kind of rule it breaks."""
+    body = {
+        "projectKey": project_key,
+        "userId": "u" * 200,
+        "events": [
+            {
+                "type": "",
+                "url": "x",
+                "id": "i" * 65,
+                "visitorId": "v" * 129,
+                "referrer": "r" * 4097,
+            },
+            {"type": "ok", "url": "/", "timestamp": "bad", "data": []},
+        ],
+    }
+    response = api.post(body)
+    assert response.status_code == 400
+    assert set(details(response)) == {
+        "userId",
+        "events[0].type",
+        "events[0].url",
+        "events[0].id",
+        "events[0].visitorId",
+        "events[0].referrer",
+        "events[1].timestamp",
+        "events[1].data",
+    }
+    assert rows() == []
+
+
+def test_an_empty_object_names_every_required_field(api: Api, rows: Rows) -> None:
+    response = api.post({})
+    assert response.status_code == 400
+    assert set(details(response)) == {"projectKey", "visitorId", "type", "url"}
+    assert rows() == []
+
+
+def test_type_errors_with_an_unknown_key_are_still_400(api: Api, rows: Rows) -> None:
+    response = api.post({"projectKey": "pk_nobody", "events": [{"type": 5, "url": "/"}]})
+    assert response.status_code == 400
+    assert set(details(response)) == {"events[0].type"}
+    assert rows() == []
+
+
 def test_server_rules_come_back_with_public_names(api: Api, project_key: str, rows: Rows) -> None:
     body = {
         "projectKey": project_key,

@@ -102,11 +102,19 @@ def test_data_is_forwarded_as_compact_json_text() -> None:
     assert payload.request.events[0].data == '{"a":[1,2.50,"é"]}'
 
 
-def test_type_errors_are_all_reported() -> None:
-    with pytest.raises(ApiError) as caught:
-        to_request({"projectKey": 1, "userId": [], "events": [{"type": None, "url": 5}, 7]})
-    fields = [d.field for d in caught.value.details]
+def test_type_errors_are_all_noted_and_the_rest_kept() -> None:
+    payload = to_request(
+        {"projectKey": 1, "userId": [], "events": [{"type": None, "url": 5}, 7, {"type": "t"}]}
+    )
+    fields = [v.field for v in payload.violations]
     assert fields == ["projectKey", "userId", "events[0].url", "events[1]"]
+    # Event indices stay those of the body, so the server's paths name the right events.
+    assert [e.type for e in payload.request.events] == ["", "", "t"]
+
+
+def test_a_body_that_is_not_an_object_is_refused_at_once() -> None:
+    with pytest.raises(ApiError):
+        to_request([{"type": "t"}])
 
 
 # -- the JSON codec -----------------------------------------------------------------------------

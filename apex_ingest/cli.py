@@ -63,9 +63,12 @@ def grpc(processes: int | None) -> None:
 def gateway(workers: int | None) -> None:
     """Run the HTTP gateway alone (granian)."""
     from apex_ingest.metrics_dir import prepare_multiprocess_dir
+
+    # Before anything imports prometheus-client (the gateway package does): it decides at
+    # import whether samples go to the shared directory that /metrics adds up.
+    prepare_multiprocess_dir()
     from gateway.serve import run_gateway
 
-    prepare_multiprocess_dir()  # granian's workers share it; /metrics adds them up
     settings = Settings.from_env()
     run_gateway(settings.host, settings.http_port, _count(workers, "APEX_HTTP_WORKERS"))
 

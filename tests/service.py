@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -129,3 +130,14 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> float | None:
+    """Seconds until predicate() is true (an exception counts as not yet), or None after timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        with contextlib.suppress(Exception):
+            if predicate():
+                return time.monotonic() - start
+        time.sleep(interval)
+    return None

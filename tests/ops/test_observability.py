@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import http.client
+import os
+import sys
 import time
 from urllib.parse import urlsplit
 
@@ -10,7 +12,7 @@ import requests
 
 from tests.conftest import make_project
 from tests.ops.support import has_metric, json_lines, scrape, value
-from tests.service import free_port, running_service
+from tests.service import free_port, logged_process, running_service, wait_for
 
 
 def _post(base_url: str, key: str, count: int, **headers: str) -> requests.Response:
@@ -159,3 +161,29 @@ def test_json_logs_carry_the_request_id_and_stay_one_line(sqlite_url: str) -> No
     assert crlf["path"] == '/nowhere\r\n{"forged":1}'
     assert crlf["user_agent"] == "evil\tagent"
     assert crlf["status"] == 404
+
+
+def test_a_gateway_run_alone_serves_its_workers_metrics(sqlite_url: str) -> None:
+    """`apex-ingest gateway` (deploy.md's topology) must not answer an empty /metrics."""
+    key = make_project(sqlite_url)
+    grpc_port, http_port = free_port(), free_port()
+    base = {**os.environ, "APEX_DATABASE_URL": sqlite_url, "APEX_HOST": "127.0.0.1"}
+    base.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    grpc_env = {**base, "APEX_GRPC_PORT": str(grpc_port)}
+    gateway_env = {
+        **base,
+        "APEX_HTTP_PORT": str(http_port),
+        "APEX_GRPC_TARGET": f"127.0.0.1:{grpc_port}",
+        "APEX_SHUTDOWN_DRAIN": "0.2",
+    }
+    command = [sys.executable, "-m", "apex_ingest"]
+    with (
+        logged_process([*command, "grpc", "--processes", "1"], grpc_env),
+        logged_process([*command, "gateway", "--workers", "2"], gateway_env),
+    ):
+        base_url = f"http://127.0.0.1:{http_port}"
+        wait_for(lambda: requests.get(f"{base_url}/healthz", timeout=2).ok, timeout=60)
+        for _ in range(4):
+            assert _post(base_url, key, 2).status_code == 200
+        samples = scrape(f"{base_url}/metrics")
+    assert value(samples, "apex_gateway_events_accepted_total", project=key) == 8

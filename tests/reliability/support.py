@@ -74,17 +74,6 @@ def service_env(database_url: str, **extra: str) -> dict[str, str]:
     }
 
 
-def wait_for(predicate: Any, timeout: float, interval: float = 0.1) -> float | None:
-    """Seconds until predicate() is true, or None after timeout."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        with contextlib.suppress(Exception):
-            if predicate():
-                return time.monotonic() - start
-        time.sleep(interval)
-    return None
-
-
 def healthz(base_url: str) -> int:
     try:
         return requests.get(f"{base_url}/healthz", timeout=3).status_code

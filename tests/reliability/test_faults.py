@@ -25,9 +25,8 @@ from tests.reliability.support import (
     record,
     service_env,
     spawn,
-    wait_for,
 )
-from tests.service import free_port
+from tests.service import free_port, wait_for
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.reliability(slow=True), pytest.mark.postgres]

@@ -20,7 +20,8 @@ import pytest
 import requests
 
 from tests.conftest import make_project
-from tests.reliability.support import healthz, record, service_env, spawn, wait_for
+from tests.reliability.support import healthz, record, service_env, spawn
+from tests.service import wait_for
 
 pytestmark = [pytest.mark.reliability(slow=True), pytest.mark.postgres]
 

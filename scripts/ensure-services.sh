@@ -2,12 +2,13 @@
 # Make sure the PostgreSQL and Redis that the tests use are up; start them if this machine has them.
 # Without PostgreSQL the postgres tests cannot run: say so loudly, and fail under CI.
 set -u
-pg_host=${APEX_TEST_PG_HOST:-127.0.0.1}
-pg_port=${APEX_TEST_PG_PORT:-5432}
+# The server the tests use: APEX_TEST_POSTGRES_URL (SQLAlchemy form) if set, else the local one.
+pg_url=${APEX_TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/postgres}
+pg_url=${pg_url/+psycopg:/:}
 
-pg_up() { pg_isready -q -h "$pg_host" -p "$pg_port" 2>/dev/null; }
+pg_up() { pg_isready -q -d "$pg_url" 2>/dev/null; }
 if ! pg_up && command -v pg_ctlcluster >/dev/null 2>&1; then
-    echo "PostgreSQL is not answering on $pg_host:$pg_port; starting it"
+    echo "PostgreSQL is not answering at $pg_url; starting it"
     for v in $(ls /etc/postgresql 2>/dev/null); do
         pg_ctlcluster --skip-systemctl-redirect "$v" main start || true
     done
@@ -15,7 +16,7 @@ if ! pg_up && command -v pg_ctlcluster >/dev/null 2>&1; then
 fi
 if ! pg_up; then
     echo "#####################################################################" >&2
-    echo "# PostgreSQL is NOT reachable on $pg_host:$pg_port." >&2
+    echo "# PostgreSQL is NOT reachable at $pg_url." >&2
     echo "# The PostgreSQL tests cannot run. Start PostgreSQL, or set" >&2
     echo "# APEX_TEST_POSTGRES_URL to a server where you may create databases." >&2
     echo "#####################################################################" >&2

@@ -3,21 +3,42 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shlex
+import socket
 from collections.abc import Iterator
+from typing import Any
 
 import click
 from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from apex_ingest.config import Settings
+from apex_ingest.config import ConfigError, Settings, env_int
 
 #: Commands that run servers: they log JSON lines unless APEX_LOG_FORMAT=text.
 _SERVER_COMMANDS = frozenset({"serve", "grpc", "gateway"})
 
 
-@click.group()
+class BadSetting(click.ClickException):
+    exit_code = 2
+
+
+class _Commands(click.Group):
+    """A bad setting or an unreachable database is one line naming it, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfigError as error:
+            raise BadSetting(str(error)) from None
+        except DBAPIError as error:
+            reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+            raise click.ClickException(f"database error: {reason}") from None
+
+
+@click.group(cls=_Commands)
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Apex Ingest: the event-ingestion service of Apex."""
@@ -41,12 +62,16 @@ def _serve_children_metrics(settings: Settings) -> None:
     os.environ[SERVED_BY_PARENT_ENV] = "1"
 
 
+_COUNT = click.IntRange(min=1)
+
+
 @main.command()
-@click.option("--processes", type=int, default=None, help="Server processes (default: CPU cores).")
+@click.option("--processes", type=_COUNT, default=None, help="Server processes (default: cores).")
 def grpc(processes: int | None) -> None:
     """Run the gRPC server alone."""
     settings = Settings.from_env()
     count = _count(processes, "APEX_GRPC_PROCESSES")
+    _ensure_free(settings.host, settings.grpc_port, "APEX_GRPC_PORT")
     if count == 1:
         from apex_ingest.server import serve
 
@@ -59,47 +84,92 @@ def grpc(processes: int | None) -> None:
 
 
 @main.command()
-@click.option("--workers", type=int, default=None, help="Worker processes (default: CPU cores).")
+@click.option("--workers", type=_COUNT, default=None, help="Worker processes (default: cores).")
 def gateway(workers: int | None) -> None:
     """Run the HTTP gateway alone (granian)."""
     from apex_ingest.metrics_dir import prepare_multiprocess_dir
 
+    settings = Settings.from_env()
+    count = _count(workers, "APEX_HTTP_WORKERS")
     # Before anything imports prometheus-client (the gateway package does): it decides at
     # import whether samples go to the shared directory that /metrics adds up.
     prepare_multiprocess_dir()
+    _check_gateway_settings()
+    _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
     from gateway.serve import run_gateway
 
-    settings = Settings.from_env()
-    run_gateway(settings.host, settings.http_port, _count(workers, "APEX_HTTP_WORKERS"))
+    run_gateway(settings.host, settings.http_port, count)
 
 
 @main.command()
-@click.option("--workers", type=int, default=None, help="Gateway worker processes.")
+@click.option("--workers", type=_COUNT, default=None, help="Gateway worker processes.")
 @click.option(
-    "--grpc-processes", type=int, default=None, help="gRPC server processes (default: cores / 2)."
+    "--grpc-processes", type=_COUNT, default=None, help="gRPC processes (default: cores / 2)."
 )
 def serve(workers: int | None, grpc_processes: int | None) -> None:
     """Run the gRPC server and the HTTP gateway together."""
     from apex_ingest.supervisor import serve_all
 
     settings = Settings.from_env()
+    http_workers = _count(workers, "APEX_HTTP_WORKERS")
+    # Half the cores: the gateway's workers use most of the CPU per request, and one gRPC
+    # process commits bigger groups with fewer wake-ups (bench/README.md has the figures).
+    grpc_count = _count(grpc_processes, "APEX_GRPC_PROCESSES", max(1, (os.cpu_count() or 1) // 2))
+    _ensure_free(settings.host, settings.grpc_port, "APEX_GRPC_PORT")
+    _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
     # The gateway's /metrics then shows the gRPC processes' metrics too (one directory).
     _serve_children_metrics(settings)
-    serve_all(
-        settings,
-        _count(workers, "APEX_HTTP_WORKERS"),
-        # Half the cores: the gateway's workers use most of the CPU per request, and one gRPC
-        # process commits bigger groups with fewer wake-ups (bench/README.md has the figures).
-        _count(grpc_processes, "APEX_GRPC_PROCESSES", default=max(1, (os.cpu_count() or 1) // 2)),
-    )
+    _check_gateway_settings()
+    serve_all(settings, http_workers, grpc_count)
 
 
 def _count(option: int | None, variable: str, default: int | None = None) -> int:
     """A process count: the option, else the variable, else `default` or the CPU cores."""
-    if option:
+    if option is not None:
         return option
-    raw = os.environ.get(variable, "").strip()
-    return int(raw) if raw else (default or os.cpu_count() or 1)
+    return env_int(variable, default or os.cpu_count() or 1)
+
+
+def _check_gateway_settings() -> None:
+    """Fail here, once, rather than in every gateway worker as it starts (and restarts)."""
+    try:
+        # grpc_client reads APEX_GRPC_CHANNELS when imported.
+        from gateway import config, grpc_client, serve, shutdown
+
+        config.GatewaySettings.from_mapping(config.from_environ(os.environ))
+        shutdown.drain_seconds()
+        serve.threads_per_worker()
+        grpc_client.channel_count()
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _ensure_free(host: str, port: int, variable: str) -> None:
+    """Refuse to start where something already listens.
+
+    The servers bind with SO_REUSEPORT (several processes share a port), so a second
+    apex-ingest on the same port would not fail: it would silently take part of the traffic,
+    into its own database. A probe without SO_REUSEPORT fails if anything listens there.
+    """
+    if os.environ.get("APEX_PARENT_PID"):
+        return  # a supervised child: its siblings hold the port on purpose
+    try:
+        family, kind, _proto, _name, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise ConfigError(f"APEX_HOST: cannot resolve {host!r}: {error.strerror}") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
+        try:
+            probe.bind(address)
+        except OSError as error:
+            where = f"{_display_host(host)}:{port} ({variable})"
+            if error.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"{where} is already in use: is another apex-ingest running there?"
+                ) from None
+            raise ConfigError(f"cannot listen on {where}: {error.strerror}") from None
 
 
 @main.group()
@@ -262,7 +332,10 @@ def demo() -> None:
 
 
 def _display_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    """Where to reach a server bound to `host`, as written in a URL."""
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
 
 
 def _session_factory() -> sessionmaker[Session]:

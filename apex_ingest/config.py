@@ -2,20 +2,71 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATABASE_URL = "sqlite:///apex-ingest.db"
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else default
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the environment variable."""
 
 
-def _env_float(name: str, default: float) -> float:
+def env_int(name: str, default: int, low: int = 1, high: int | None = None) -> int:
     raw = os.environ.get(name, "").strip()
-    return float(raw) if raw else default
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{name} must be {bounds}, got {raw!r}")
+    return value
+
+
+def env_float(name: str, default: float, low: float = 0.0) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value) or value < low:
+        raise ConfigError(f"{name} must be a number of at least {low}, got {raw!r}")
+    return value
+
+
+def check_database_url(url: str) -> str:
+    """`url` if it names a database this service supports, else ConfigError saying why."""
+    try:
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
+    except ArgumentError:
+        raise ConfigError(f"APEX_DATABASE_URL is not a database URL: {url!r}") from None
+    if backend == "postgres":
+        raise ConfigError("APEX_DATABASE_URL: write postgresql+psycopg://..., not postgres://...")
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            "APEX_DATABASE_URL must be sqlite:///PATH or postgresql+psycopg://..., "
+            f"got {backend}://..."
+        )
+    if parsed.drivername == "postgresql":
+        # SQLAlchemy's default driver is psycopg2, which is not installed; psycopg 3 is.
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    database = parsed.database
+    if backend == "sqlite" and database and database != ":memory:":
+        directory = Path(database).parent
+        if not directory.is_dir():
+            raise ConfigError(f"APEX_DATABASE_URL: the directory {directory} does not exist")
+    return url
 
 
 @dataclass(frozen=True)
@@ -54,16 +105,18 @@ class Settings:
     @classmethod
     def from_env(cls) -> Settings:
         return cls(
-            database_url=os.environ.get("APEX_DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL,
+            database_url=check_database_url(
+                os.environ.get("APEX_DATABASE_URL", "").strip() or DEFAULT_DATABASE_URL
+            ),
             host=os.environ.get("APEX_HOST", "").strip() or "127.0.0.1",
-            grpc_port=_env_int("APEX_GRPC_PORT", 50051),
-            http_port=_env_int("APEX_HTTP_PORT", 8080),
-            max_body_bytes=_env_int("APEX_MAX_BODY_BYTES", 1024 * 1024),
-            project_cache_ttl=_env_float("APEX_PROJECT_CACHE_TTL", 5.0),
-            grpc_threads=_env_int("APEX_GRPC_THREADS", 32),
-            grpc_max_concurrent_rpcs=_env_int("APEX_GRPC_MAX_CONCURRENT_RPCS", 256),
-            shutdown_grace=_env_float("APEX_SHUTDOWN_GRACE", 10.0),
-            db_connect_timeout=_env_float("APEX_DB_CONNECT_TIMEOUT", 2.0),
-            db_statement_timeout_ms=_env_int("APEX_DB_STATEMENT_TIMEOUT_MS", 3000),
-            db_pool_size=_env_int("APEX_DB_POOL_SIZE", 10),
+            grpc_port=env_int("APEX_GRPC_PORT", 50051, high=65535),
+            http_port=env_int("APEX_HTTP_PORT", 8080, high=65535),
+            max_body_bytes=env_int("APEX_MAX_BODY_BYTES", 1024 * 1024),
+            project_cache_ttl=env_float("APEX_PROJECT_CACHE_TTL", 5.0),
+            grpc_threads=env_int("APEX_GRPC_THREADS", 32),
+            grpc_max_concurrent_rpcs=env_int("APEX_GRPC_MAX_CONCURRENT_RPCS", 256),
+            shutdown_grace=env_float("APEX_SHUTDOWN_GRACE", 10.0),
+            db_connect_timeout=env_float("APEX_DB_CONNECT_TIMEOUT", 2.0, low=0.1),
+            db_statement_timeout_ms=env_int("APEX_DB_STATEMENT_TIMEOUT_MS", 3000),
+            db_pool_size=env_int("APEX_DB_POOL_SIZE", 10),
         )

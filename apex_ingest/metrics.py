@@ -27,6 +27,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 from sqlalchemy import Engine, event
 
+from apex_ingest.config import env_int
 from apex_ingest.metrics_dir import MULTIPROC_ENV, SERVED_BY_PARENT_ENV
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,9 @@ def mark_process_dead(pid: int) -> None:
 
 def metrics_port() -> int | None:
     """APEX_METRICS_PORT: where the gRPC server serves /metrics; unset or empty: nowhere."""
-    raw = os.environ.get("APEX_METRICS_PORT", "").strip()
-    return int(raw) if raw else None
+    if not os.environ.get("APEX_METRICS_PORT", "").strip():
+        return None
+    return env_int("APEX_METRICS_PORT", 0, high=65535)
 
 
 def serve_metrics(host: str, port: int | None = None) -> int | None:

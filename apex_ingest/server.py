@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from concurrent import futures
-from types import FrameType
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -21,6 +18,7 @@ from apex_ingest.database import create_db_engine, create_session_factory
 from apex_ingest.health import SERVICE_NAME, StorageHealthMonitor
 from apex_ingest.projects import ProjectDirectory
 from apex_ingest.servicer import IngestServicer
+from apex_ingest.stop_signals import StopSignals
 from apex_ingest.storage import EventStore
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -116,22 +114,17 @@ def create_server(address: str, settings: Settings | None = None) -> tuple[Inges
 def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain in-flight calls within the grace period."""
     migrate_at_start(settings.database_url)
-    server, port = create_server(f"{settings.host}:{settings.grpc_port}", settings)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        log.info("received %s, draining", signal.Signals(signum).name)
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 literal
+    server, port = create_server(f"{host}:{settings.grpc_port}", settings)
+    stop = StopSignals()
     server.start()
     log.info("gRPC server listening on %s:%d", settings.host, port)
     metrics.serve_metrics(settings.host)
-    while not stopping.wait(1.0):
-        if _orphaned():
-            log.warning("the supervising process is gone; draining")
-            break
+    received = stop.wait(until=_orphaned)
+    if received:
+        log.info("received %s, draining", received)
+    else:
+        log.warning("the supervising process is gone; draining")
     server.stop(settings.shutdown_grace)
     log.info("gRPC server stopped")
 

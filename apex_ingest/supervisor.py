@@ -20,32 +20,61 @@ import subprocess
 import sys
 import threading
 import time
-from types import FrameType
+from collections.abc import Callable
 
 from apex_ingest.config import Settings
+from apex_ingest.stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
 
 
-class Supervised:
-    """One child process, restarted after a second if it exits unexpectedly."""
+#: A child that exits this soon after starting, this many times in a row, cannot start at all
+#: (its port taken, its code broken): restarting it forever would only fill the log.
+QUICK_EXIT_SECONDS = 10.0
+QUICK_EXITS_TO_GIVE_UP = 5
 
-    def __init__(self, argv: list[str], env: dict[str, str], stop_timeout: float) -> None:
+
+def _stop_this_process() -> None:
+    # The caller's own stop-signal handling then stops every child (see serve_all).
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+class Supervised:
+    """One child process, restarted after a second if it exits unexpectedly.
+
+    If it keeps exiting right after it starts, it is given up: `gave_up` is set and `give_up`
+    called (by default: SIGTERM to this process, which stops the rest).
+    """
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        stop_timeout: float,
+        give_up: Callable[[], None] = _stop_this_process,
+        restart_delay: float = 1.0,
+    ) -> None:
         self._argv = argv
         self._env = env
         self._stop_timeout = stop_timeout
+        self._give_up = give_up
+        self._restart_delay = restart_delay
         self._process: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
         self._stopping = threading.Event()
         self._lock = threading.Lock()
+        self.gave_up = False
 
     def start(self) -> None:
         self._spawn()
         threading.Thread(target=self._watch, name="supervise", daemon=True).start()
 
     def begin_stop(self) -> None:
-        """Ask the child to drain (SIGTERM) without waiting for it."""
-        self._stopping.set()
+        """Ask the child to drain (SIGTERM, once) without waiting for it."""
         with self._lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
             if self._process is not None and self._process.poll() is None:
                 self._process.send_signal(signal.SIGTERM)
 
@@ -64,17 +93,27 @@ class Supervised:
 
     def _spawn(self) -> None:
         with self._lock:
+            self._started_at = time.monotonic()
             self._process = subprocess.Popen(self._argv, env=self._env, start_new_session=True)
 
     def _watch(self) -> None:
+        quick_exits = 0
         while not self._stopping.is_set():
             assert self._process is not None
             code = self._process.wait()
             _forget_metrics_of(self._process.pid)
             if self._stopping.is_set():
                 return
-            log.error("%s exited with %s; restarting it", " ".join(self._argv[-2:]), code)
-            time.sleep(1.0)
+            name = " ".join(self._argv[-2:])
+            quick = time.monotonic() - self._started_at < QUICK_EXIT_SECONDS
+            quick_exits = quick_exits + 1 if quick else 0
+            if quick_exits >= QUICK_EXITS_TO_GIVE_UP:
+                log.error("%s exited with %s at start, %d times in a row", name, code, quick_exits)
+                self.gave_up = True
+                self._give_up()
+                return
+            log.error("%s exited with %s; restarting it", name, code)
+            time.sleep(self._restart_delay)
             if not self._stopping.is_set():
                 self._spawn()
 
@@ -108,29 +147,31 @@ def start_grpc_processes(settings: Settings, processes: int) -> list[Supervised]
 
 
 def run_grpc_processes(settings: Settings, processes: int) -> None:
+    stop = StopSignals()
     children = start_grpc_processes(settings, processes)
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    while not stopping.wait(1.0):
-        pass
+    stop.wait()
     _stop_all(children)
+    _exit_if_given_up(children)
 
 
 def serve_all(settings: Settings, gateway_workers: int, grpc_processes: int) -> None:
     from gateway.serve import run_gateway
 
-    os.environ.setdefault("APEX_GRPC_TARGET", f"{_local(settings.host)}:{settings.grpc_port}")
+    host = _local(settings.host)
+    target_host = f"[{host}]" if ":" in host else host  # an IPv6 literal
+    os.environ.setdefault("APEX_GRPC_TARGET", f"{target_host}:{settings.grpc_port}")
     children = start_grpc_processes(settings, grpc_processes)
     try:
         _wait_listening(_local(settings.host), settings.grpc_port, timeout=30.0)
         run_gateway(settings.host, settings.http_port, gateway_workers)
     finally:
         _stop_all(children)
+    _exit_if_given_up(children)
+
+
+def _exit_if_given_up(children: list[Supervised]) -> None:
+    if any(child.gave_up for child in children):
+        raise SystemExit("a gRPC server process could not start; see the log above")
 
 
 def _stop_all(children: list[Supervised]) -> None:

@@ -67,18 +67,39 @@ class GatewaySettings:
             raise ValueError("APEX_MAX_BODY_BYTES must be a positive number of bytes")
         if max_age < 0:
             raise ValueError("APEX_CORS_MAX_AGE must not be negative")
+        rate_limit = str(values.get("APEX_RATE_LIMIT") or DEFAULT_RATE_LIMIT).strip()
+        rate_limit_storage = str(
+            values.get("APEX_RATE_LIMIT_STORAGE") or DEFAULT_RATE_LIMIT_STORAGE
+        ).strip()
+        _check_rate_limit(rate_limit, rate_limit_storage)
         return cls(
             grpc_target=target,
             grpc_timeout=timeout,
             max_body_bytes=max_body,
-            rate_limit=str(values.get("APEX_RATE_LIMIT") or DEFAULT_RATE_LIMIT).strip(),
-            rate_limit_storage=str(
-                values.get("APEX_RATE_LIMIT_STORAGE") or DEFAULT_RATE_LIMIT_STORAGE
-            ).strip(),
+            rate_limit=rate_limit,
+            rate_limit_storage=rate_limit_storage,
             rate_limit_shared_file=str(values.get("APEX_RATE_LIMIT_SHARED_FILE") or "").strip(),
             trusted_proxies=parse_networks(values.get("APEX_TRUSTED_PROXIES")),
             cors_max_age=max_age,
         )
+
+
+def _check_rate_limit(limit: str, storage: str) -> None:
+    # Imported here: `limits` is only needed once settings are read.
+    from limits import parse_many
+    from limits.errors import ConfigurationError
+    from limits.storage import storage_from_string
+
+    try:
+        parse_many(limit)
+    except ValueError:
+        raise ValueError(
+            f"APEX_RATE_LIMIT must be like 100/second or 100/second;5000/hour, got {limit!r}"
+        ) from None
+    try:
+        storage_from_string(storage)  # builds a client; connects only when first used
+    except ConfigurationError as exc:
+        raise ValueError(f"APEX_RATE_LIMIT_STORAGE: {exc} ({storage!r})") from None
 
 
 def from_environ(environ: Mapping[str, str]) -> dict[str, str]:
@@ -137,6 +158,16 @@ def _integer(values: Mapping[str, object], key: str, default: int) -> int:
         return int(str(value).strip())
     except ValueError as exc:
         raise ValueError(f"{key}: {value!r} is not a whole number") from exc
+
+
+def positive_int_env(name: str) -> int | None:
+    """A whole number of at least 1 from the environment; None if unset."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a positive whole number, got {raw!r}")
+    return int(raw)
 
 
 def install(app: Flask, settings: GatewaySettings) -> None:

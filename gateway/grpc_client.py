@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from apex_ingest.logs import REQUEST_ID_METADATA, request_id_var
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from gateway.config import get_settings
+from gateway.config import get_settings, positive_int_env
 
 SERVICE_NAME = "apex_ingest.v1.IngestService"
 _EXTENSION_KEY = "apex_gateway.grpc"
@@ -72,7 +72,11 @@ def channel_options() -> list[tuple[str, Any]]:
 #: server processes on one SO_REUSEPORT port and the kernel assigns each *connection* to one of
 #: them: with a single channel per worker, a worker's whole load lands on one server process.
 #: Calls go round-robin over the channels.
-CHANNELS = max(1, int(os.environ.get("APEX_GRPC_CHANNELS", "") or 4))
+def channel_count() -> int:
+    return positive_int_env("APEX_GRPC_CHANNELS") or 4
+
+
+CHANNELS = channel_count()
 
 
 class IngestClient:

@@ -6,12 +6,14 @@ import atexit
 import contextlib
 import os
 import tempfile
+from typing import Any
 
 from granian import Granian
 from granian.constants import Interfaces
 from granian.http import HTTP1Settings
 
 from apex_ingest.logs import granian_log_config
+from gateway.config import positive_int_env
 from gateway.shared_windows import create_table
 
 SHARED_FILE_ENV = "APEX_RATE_LIMIT_SHARED_FILE"
@@ -25,7 +27,7 @@ HEADER_READ_TIMEOUT_MS = 10_000
 WORKER_KILL_TIMEOUT_S = 30
 
 
-def _threads_per_worker() -> int | None:
+def threads_per_worker() -> int | None:
     """APEX_HTTP_THREADS, else granian's default (half its backpressure: 512 here).
 
     A request holds its thread while its body arrives, so many threads are what keeps clients
@@ -33,12 +35,7 @@ def _threads_per_worker() -> int | None:
     with 8). Behind a proxy that buffers request bodies, 8 threads gave the same throughput and
     half the p99 latency (fewer threads contending for the GIL).
     """
-    raw = os.environ.get("APEX_HTTP_THREADS", "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"APEX_HTTP_THREADS must be a positive integer, got {raw!r}")
-    return int(raw)
+    return positive_int_env("APEX_HTTP_THREADS")
 
 
 def run_gateway(host: str, port: int, workers: int | None = None) -> None:
@@ -60,7 +57,7 @@ def run_gateway(host: str, port: int, workers: int | None = None) -> None:
         port=port,
         interface=Interfaces.WSGI,
         workers=workers or os.cpu_count() or 1,
-        blocking_threads=_threads_per_worker(),
+        blocking_threads=threads_per_worker(),
         backlog=BACKLOG,
         http1_settings=HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS),
         workers_kill_timeout=WORKER_KILL_TIMEOUT_S,
@@ -68,9 +65,24 @@ def run_gateway(host: str, port: int, workers: int | None = None) -> None:
         log_access=False,
         log_dictconfig=granian_log_config(),
     )
+    ignore_repeated_interrupts(server)
     server.serve()
 
 
 def _remove(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
+
+
+def ignore_repeated_interrupts(server: Any) -> None:
+    """granian's master handler sets a threading.Event: a second signal arriving while the first
+    handler holds that Event's lock deadlocked the master for good (seen with `timeout -s INT`,
+    which signals the process and then its group). Once interrupted, further signals are no-ops.
+    """
+    interrupt = server.signal_handler_interrupt
+
+    def interrupt_once(*args: Any, **kwargs: Any) -> None:
+        if not server.interrupt_signal:
+            interrupt(*args, **kwargs)
+
+    server.signal_handler_interrupt = interrupt_once

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,3 +90,21 @@ def test_a_crashed_gateway_worker_is_replaced(postgres_url: str) -> None:
         assert workers[0] not in replaced and len(replaced) == 2, (replaced, workers)
         for _ in range(10):  # the kernel spreads connections over both workers
             assert requests.get(f"{service.base_url}/healthz", timeout=5).status_code == 200
+
+
+def test_a_child_that_cannot_start_is_given_up() -> None:
+    """Instead of being restarted every second forever, filling the log with tracebacks."""
+    from apex_ingest.supervisor import Supervised
+
+    given_up = threading.Event()
+    child = Supervised(
+        [sys.executable, "-c", "import sys; sys.exit(3)"],
+        dict(os.environ),
+        stop_timeout=5,
+        give_up=given_up.set,
+        restart_delay=0.05,
+    )
+    child.start()
+    assert given_up.wait(30)
+    assert child.gave_up
+    child.stop()

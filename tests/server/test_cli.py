@@ -137,3 +137,80 @@ def test_sigterm_drains_in_flight_calls(sqlite_url: str, tmp_path: Path) -> None
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("APEX_HTTP_PORT", "abc"),
+        ("APEX_GRPC_PORT", "99999"),
+        ("APEX_DATABASE_URL", "garbage"),
+        ("APEX_DATABASE_URL", "postgres://postgres@127.0.0.1/x"),
+        ("APEX_DATABASE_URL", "sqlite:////no/such/directory/apex.db"),
+        ("APEX_GRPC_PROCESSES", "0"),
+        ("APEX_HTTP_WORKERS", "-3"),
+        ("APEX_RATE_LIMIT", "garbage"),
+        ("APEX_RATE_LIMIT_STORAGE", "bogus://"),
+        ("APEX_GRPC_TIMEOUT", "abc"),
+        ("APEX_SHUTDOWN_DRAIN", "500"),
+        ("APEX_GRPC_CHANNELS", "abc"),
+        ("APEX_METRICS_PORT", "abc"),
+        ("APEX_DB_POOL_SIZE", "0"),
+    ],
+)
+def test_a_bad_setting_stops_serve_at_once_naming_it(
+    sqlite_url: str, variable: str, value: str
+) -> None:
+    """One line naming the variable, before any process starts: not a crash loop of tracebacks."""
+    env = {
+        **os.environ,
+        "APEX_DATABASE_URL": sqlite_url,
+        "APEX_HTTP_PORT": str(free_port()),
+        "APEX_GRPC_PORT": str(free_port()),
+        variable: value,
+    }
+    result = subprocess.run(
+        [*COMMAND, "serve"], env=env, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert variable in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_postgresql_urls_without_a_driver_use_psycopg() -> None:
+    from apex_ingest.config import check_database_url
+
+    url = check_database_url("postgresql://postgres@127.0.0.1:5432/x")
+    assert url == "postgresql+psycopg://postgres@127.0.0.1:5432/x"
+
+
+@pytest.mark.parametrize("command", ["serve", "grpc", "gateway"])
+def test_a_port_already_listened_on_is_refused(sqlite_url: str, command: str) -> None:
+    """The servers share ports through SO_REUSEPORT: a second instance would silently take half
+    the traffic (into its own database) instead of failing."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        variable = "APEX_HTTP_PORT" if command == "gateway" else "APEX_GRPC_PORT"
+        env = {
+            **os.environ,
+            "APEX_DATABASE_URL": sqlite_url,
+            "APEX_HTTP_PORT": str(free_port()),
+            "APEX_GRPC_PORT": str(free_port()),
+            variable: str(taken),
+        }
+        result = subprocess.run(
+            [*COMMAND, command], env=env, capture_output=True, text=True, timeout=30
+        )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"127.0.0.1:{taken} ({variable}) is already in use" in result.stderr
+
+
+def test_admin_commands_report_an_unreachable_database_in_one_line() -> None:
+    result = run(
+        "postgresql+psycopg://postgres@127.0.0.1:1/nothing", "projects", "list", check=False
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("Error: database error:") and "Traceback" not in result.stderr

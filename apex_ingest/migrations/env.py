@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
+from apex_ingest.migrate import include_in_autogenerate
 from apex_ingest.models import Base
 
 config = context.config
@@ -21,6 +22,7 @@ def run_migrations() -> None:
             target_metadata=target_metadata,
             # SQLite cannot ALTER most things in place; batch mode copies the table.
             render_as_batch=connection.dialect.name == "sqlite",
+            include_object=include_in_autogenerate(connection.dialect.name),
         )
         with context.begin_transaction():
             if connection.dialect.name == "postgresql":

@@ -221,3 +221,23 @@ def test_retention_forgets_only_the_ids_of_events_it_removed(postgres_url: str) 
             assert stored.scalars().all() == ["oct-2", "oct-20", "sep-20"]
     finally:
         engine.dispose()
+
+
+def test_autogenerate_sees_no_difference_on_a_migrated_database(postgres_url: str) -> None:
+    """Else the next migration's author would get one that drops event_ids and every partition."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from apex_ingest.migrate import include_in_autogenerate
+    from apex_ingest.models import Base
+
+    engine = create_engine(postgres_url)
+    try:
+        with engine.begin() as connection:
+            partitions.ensure_partitions(connection, months_ahead=1)
+            context = MigrationContext.configure(
+                connection, opts={"include_object": include_in_autogenerate("postgresql")}
+            )
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()

@@ -69,7 +69,8 @@ breaking: $(BUF)
 	else echo "buf breaking: no previous commit, nothing to compare"; fi
 
 clean:
-	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache apex-ingest.db*
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache
+	@test ! -e apex-ingest.db || echo "kept apex-ingest.db (your events): delete it yourself if you mean to"
 
 ## bench: the full path against its baselines (needs PostgreSQL and wrk)
 bench: install-dev

@@ -180,10 +180,17 @@ def db() -> None:
 @db.command()
 def upgrade() -> None:
     """Apply every pending migration."""
+    from apex_ingest.migrate import current_revision
     from apex_ingest.migrate import upgrade as run_upgrade
 
-    run_upgrade(Settings.from_env().database_url)
-    click.echo("database is up to date")
+    url = Settings.from_env().database_url
+    before = current_revision(url)
+    run_upgrade(url)
+    after = current_revision(url)
+    if before == after:
+        click.echo(f"database is up to date (revision {after})")
+    else:
+        click.echo(f"database migrated from revision {before or 'none'} to {after}")
 
 
 @db.command()

@@ -36,9 +36,9 @@ def free_port() -> int:
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    assert "up to date" in run(url, "db", "upgrade").stdout
+    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0002\n"
     assert current_revision(url) == "0002"  # the head: 0002 partitions events (PostgreSQL only)
-    run(url, "db", "upgrade")  # idempotent
+    assert "up to date (revision 0002)" in run(url, "db", "upgrade").stdout  # idempotent
 
 
 def test_projects_create_list_revoke(database_url: str) -> None:

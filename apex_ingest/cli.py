@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import shlex
@@ -232,9 +233,14 @@ def retention(days: int) -> None:
 
 @contextlib.contextmanager
 def _engine() -> Iterator[Engine]:
+    """An engine for maintenance (partitions, retention): no statement timeout.
+
+    The servers' timeout is kept short so that callers get a 503 in time; moving a month of rows
+    out of the default partition may take longer, and blocks no ingest call meanwhile.
+    """
     from apex_ingest.database import create_db_engine
 
-    settings = Settings.from_env()
+    settings = dataclasses.replace(Settings.from_env(), db_statement_timeout_ms=0)
     engine = create_db_engine(settings.database_url, settings)
     try:
         yield engine

@@ -219,6 +219,8 @@ def data_problem(data: str) -> str | None:
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
+        if "infinity" in exc.msg:
+            return "holds a number beyond what a double can hold (about 1.8e308)"
         return f"must be a JSON object ({exc.msg})"
     if not isinstance(value, dict):
         return "must be a JSON object"

@@ -184,6 +184,10 @@ def test_an_ipv6_zone_is_dropped() -> None:
 
 
 class TestData:
+    def test_a_number_beyond_a_double_says_so(self) -> None:
+        problem = data_problem('{"n":1e400}')
+        assert problem is not None and "double" in problem
+
     def test_size_limit_counts_utf8_bytes(self) -> None:
         fits = '{"a":"' + "x" * (32 * 1024 - 8) + '"}'
         assert data_problem(fits) is None

@@ -34,6 +34,13 @@ class OriginNotAllowed(IngestError):
         super().__init__("origin not allowed for this project")
 
 
+class DeadlinePassed(IngestError):
+    """The caller's deadline passed before the events were written: they never will be."""
+
+    def __init__(self) -> None:
+        super().__init__("the deadline passed before the events could be stored; nothing was")
+
+
 class StorageUnavailable(IngestError):
     """Not committed; or, with `maybe_stored`, not known to be (retrying with the same ids is safe).
 

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 
-from apex_ingest.errors import InvalidRequest, OriginNotAllowed, StorageUnavailable, UnknownProject
+from apex_ingest.errors import (
+    DeadlinePassed,
+    InvalidRequest,
+    OriginNotAllowed,
+    StorageUnavailable,
+    UnknownProject,
+)
 from apex_ingest.projects import ProjectDirectory
 from apex_ingest.storage import UNAVAILABLE_ERRORS, EventStore
 from apex_ingest.v1 import ingest_pb2
@@ -16,8 +23,12 @@ def ingest_events(
     projects: ProjectDirectory,
     store: EventStore,
     retry_after_seconds: int = 1,
+    deadline: float | None = None,
 ) -> int:
-    """Store the request's events atomically and return how many were accepted."""
+    """Store the request's events atomically and return how many were accepted.
+
+    `deadline` (time.monotonic()): past it, nothing is stored (DeadlinePassed).
+    """
     received_at = datetime.now(UTC)
     violations = check_request_shape(request)
     if any(v.field == "project_key" for v in violations):
@@ -36,6 +47,9 @@ def ingest_events(
     rows = build_rows(request, received_at, violations)
     if violations:
         raise InvalidRequest(violations)
-    if not request.validate_only:
-        store.store(project.id, rows)
+    if request.validate_only:
+        return len(rows)
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlinePassed()  # e.g. the call waited for a server thread that long
+    store.store(project.id, rows, deadline)
     return len(rows)

@@ -53,7 +53,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         code, project = grpc.StatusCode.OK, metrics.UNKNOWN_PROJECT
         try:
             try:
-                received = ingest_events(request, self._projects, self._store, self._retry_after)
+                remaining = context.time_remaining()
+                received = ingest_events(
+                    request,
+                    self._projects,
+                    self._store,
+                    self._retry_after,
+                    None if remaining is None else time.monotonic() + remaining,
+                )
             except StorageUnavailable as error:
                 log.warning("storage unavailable: %r", error.__cause__)
                 self._on_storage_unavailable()

@@ -8,6 +8,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from apex_ingest.errors import (
+    DeadlinePassed,
     IngestError,
     InvalidRequest,
     OriginNotAllowed,
@@ -43,6 +44,8 @@ def error_status(error: IngestError) -> grpc.Status:
         status = status_pb2.Status(code=code_pb2.UNAUTHENTICATED, message=str(error))
     elif isinstance(error, OriginNotAllowed):
         status = status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=str(error))
+    elif isinstance(error, DeadlinePassed):
+        status = status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message=str(error))
     elif isinstance(error, StorageUnavailable):
         status = status_pb2.Status(
             code=code_pb2.UNAVAILABLE,

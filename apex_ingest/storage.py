@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest import metrics
-from apex_ingest.errors import IngestError, StorageUnavailable
+from apex_ingest.errors import DeadlinePassed, IngestError, StorageUnavailable
 from apex_ingest.models import Event
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ class _OutcomeUnknown(Exception):
 @dataclass(eq=False)
 class _Pending:
     rows: list[Row]
+    #: time.monotonic() past which the caller has given up (None: no deadline).
+    deadline: float | None = None
     done: threading.Event = field(default_factory=threading.Event)
     error: IngestError | None = None
 
@@ -148,11 +151,16 @@ class EventStore:
         self._local = threading.local()  # .connection: a writer's pooled connection proxy
         self.group_sizes: list[int] = []  # last groups' request counts, for tests and metrics
 
-    def store(self, project_id: int, rows: list[Row]) -> None:
-        """Return once the rows are committed; raise StorageUnavailable if they cannot be."""
+    def store(self, project_id: int, rows: list[Row], deadline: float | None = None) -> None:
+        """Return once the rows are committed; raise StorageUnavailable if they cannot be.
+
+        `deadline` (time.monotonic()): if it passes while the rows wait for a writer, they are
+        not written (DeadlinePassed): the caller was already told DEADLINE_EXCEEDED, and one
+        that retries without event ids would otherwise store them twice.
+        """
         for row in rows:
             row["project_id"] = project_id
-        pending = _Pending(rows)
+        pending = _Pending(rows, deadline)
         with self._wakeup:
             if len(self._writers) < self._writer_count or not self._writers[0].is_alive():
                 # Started on first use, so a forked child gets its own writers.
@@ -180,6 +188,13 @@ class EventStore:
                 while self._queue and total + len(self._queue[0].rows) <= self._max_group_rows:
                     total += len(self._queue[0].rows)
                     group.append(self._queue.popleft())
+            now = time.monotonic()
+            expired = [p for p in group if p.deadline is not None and p.deadline <= now]
+            if expired:
+                self._finish(expired, DeadlinePassed())
+                group = [p for p in group if p not in expired]
+                if not group:
+                    continue
             try:
                 self._write_group(group)
             except Exception:  # a bug: the callers must still be answered, the writer live on

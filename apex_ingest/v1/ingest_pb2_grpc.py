@@ -60,7 +60,9 @@ class IngestServiceServicer:
         Nothing was stored, except when the database connection
         broke during the commit (the message then says the events
         may have been stored): retry with the same event ids.
-        DEADLINE_EXCEEDED  - the caller's deadline passed.
+        DEADLINE_EXCEEDED  - the caller's deadline passed. Events still waiting to be
+        written are then dropped; if it passed during their
+        commit they may be stored: retry with the same event ids.
 
         Retrying is safe: events carrying an `id` are stored at most once per project.
         Send ids when retrying yourself: an event without one gets a new id each time.

@@ -405,3 +405,39 @@ def test_calls_past_the_concurrency_limit_are_refused_with_retry_info(sqlite_url
         holder.close()
         running.server.stop(0)
     assert [row["type"] for row in rows(sqlite_url)] == ["warm", "held", "held", "after"]
+
+
+def test_a_call_whose_deadline_passed_while_it_waited_is_not_stored(sqlite_url: str) -> None:
+    """The caller was told DEADLINE_EXCEEDED: storing its events later would make a retry
+    without ids a duplicate. (gRPC itself drops calls that expire before a thread takes them;
+    this one expires while queued for the database writer.)"""
+    import sqlite3
+
+    running = start_server(sqlite_url, db_statement_timeout_ms=20_000)
+    key = make_project(sqlite_url)
+    holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            ingest(stub, key, Event(type="warm", url="/"))
+            holder.execute("BEGIN EXCLUSIVE")
+
+            def call(kind: str, timeout: float) -> Any:
+                request = ingest_pb2.IngestEventsRequest(
+                    project_key=key, events=[Event(type=kind, url="/")]
+                )
+                return stub.IngestEvents.future(request, timeout=timeout)
+
+            first = call("first", 30)  # SQLite's one writer waits for the lock with it
+            time.sleep(0.3)
+            late = call("late", 0.5)  # queued behind it past its deadline
+            with pytest.raises(grpc.RpcError) as info:
+                late.result()
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            holder.rollback()
+            assert first.result().received == 1
+            time.sleep(0.5)  # the writer has taken the late call by now, and dropped it
+    finally:
+        holder.close()
+        running.server.stop(0)
+    assert [row["type"] for row in rows(sqlite_url)] == ["warm", "first"]

@@ -131,13 +131,29 @@ def make_formatter() -> logging.Formatter:
     return JsonFormatter() if log_format() == "json" else TextFormatter()
 
 
+class _DropThreadCountWarning(logging.Filter):
+    """Drops granian's warning about its many threads: the gateway chose them on purpose (slow
+    clients hold a thread each; gateway/serve.py), so every start would warn about nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Configuration allows spawning up to")
+
+
 def granian_log_config() -> dict[str, Any]:
     """granian's own loggers, in our format on stderr (its default is text on stdout)."""
-    handler = {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "formatter": "apex"}
+    handler = {
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+        "formatter": "apex",
+        "filters": ["drop_thread_count_warning"],
+    }
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"apex": {"()": "apex_ingest.logs.make_formatter"}},
+        "filters": {
+            "drop_thread_count_warning": {"()": "apex_ingest.logs._DropThreadCountWarning"}
+        },
         "handlers": {"console": handler, "access": handler},
         "loggers": {
             "_granian": {"handlers": ["console"], "level": "INFO", "propagate": False},

@@ -7,8 +7,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
+# Alembic announces every plugin it loads (at import) and its context at INFO; only its warnings
+# matter to operators.
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+from alembic import command  # noqa: E402  (after quieting its logger)
+from alembic.config import Config  # noqa: E402
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -43,8 +47,6 @@ def alembic_config(database_url: str) -> Config:
 
 
 def upgrade(database_url: str, revision: str = "head") -> None:
-    # Alembic announces every plugin it loads at INFO; only its warnings matter to operators.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
     command.upgrade(alembic_config(database_url), revision)
 
 

@@ -197,11 +197,16 @@ def _url_problem(url: str) -> str | None:
     if _CONTROL.search(url):
         return "must not contain control characters"
     if url.startswith("/"):
-        # "//host/..." is a scheme-relative URL, not a path.
-        return None if not url.startswith("//") else "must be an absolute http(s) URL or a path"
+        # "//host/..." is a scheme-relative URL, not a path, and browsers read "/\host" so too.
+        if url.startswith(("//", "/\\")):
+            return "must be an absolute http(s) URL or a path"
+        return None
     if url[:8].lower().startswith(("http://", "https://")):
         try:
-            if urlsplit(url).hostname:
+            parts = urlsplit(url)
+            _port = parts.port  # raises ValueError unless absent or 0-65535
+            # A path or query may hold a raw space (servers send such URLs); a host may not.
+            if parts.hostname and " " not in parts.hostname:
                 return None
         except ValueError:
             pass

@@ -55,7 +55,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         app,
         resources={r"/api/*": {"origins": "*"}},
         methods=["POST", "GET", "OPTIONS"],
-        allow_headers=["Content-Type", "Content-Encoding"],
+        allow_headers=["Content-Type", "Content-Encoding", "X-Request-ID"],
         expose_headers=EXPOSED_HEADERS,
         max_age=settings.cors_max_age,
         # "*" rather than echoing the Origin: the answer is the same for every site (any

@@ -76,6 +76,10 @@ def test_empty_data_and_referrer_mean_none() -> None:
         ({"url": "//evil.example/"}, "events[0].url"),
         ({"url": "https://"}, "events[0].url"),
         ({"url": "http://[::1"}, "events[0].url"),
+        ({"url": "https://exa mple.com/"}, "events[0].url"),
+        ({"url": "https://x.example:abc/"}, "events[0].url"),
+        ({"url": "https://x.example:99999/"}, "events[0].url"),
+        ({"url": "/\\evil.example"}, "events[0].url"),
         ({"url": "/" + "a" * 4096}, "events[0].url"),
         ({"url": "/a\x00"}, "events[0].url"),
         ({"referrer": "r" * 4097}, "events[0].referrer"),
@@ -102,7 +106,14 @@ def test_type_and_url_limits_are_inclusive() -> None:
 
 
 def test_urls_that_are_allowed() -> None:
-    for url in ("https://a.example/p?q=1#h", "HTTP://A.EXAMPLE", "/", "/pricing?x=1"):
+    for url in (
+        "https://a.example/p?q=1#h",
+        "HTTP://A.EXAMPLE",
+        "/",
+        "/pricing?x=1",
+        "https://a.example:8443/p%20q",
+        "/search?q=two words",
+    ):
         assert violations_of(request(event(url=url))) == {}, url
 
 

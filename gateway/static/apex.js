@@ -1,4 +1,4 @@
-/*! apex.js, the Apex Ingest browser snippet. ES2017, no dependencies. How it works: docs/snippet.md */
+/*! apex.js, the Apex Ingest browser snippet. ES2015 syntax, no dependencies. How it works: docs/snippet.md */
 ((w, d) => {
 'use strict';
 const nav = navigator, loc = location, old = w.apex, NUL = /\u0000/g, FIELD = /^(INPUT|SELECT|TEXTAREA)$/;

@@ -166,13 +166,18 @@ def test_a_writer_whose_connection_was_killed_stores_on_a_new_one(postgres_url: 
         engine.dispose()
 
 
-def test_a_bug_while_writing_answers_the_callers_and_the_writer_lives_on(
-    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def sqlite_sessions(sqlite_url: str) -> Iterator[sessionmaker[Session]]:
     engine = create_db_engine(sqlite_url)
-    sessions = create_session_factory(engine)
-    project_id = new_project(sessions)
-    store = EventStore(sessions, 1, commit_timeout=10)
+    yield create_session_factory(engine)
+    engine.dispose()
+
+
+def test_a_bug_while_writing_answers_the_callers_and_the_writer_lives_on(
+    sqlite_url: str, sqlite_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project_id = new_project(sqlite_sessions)
+    store = EventStore(sqlite_sessions, 1, commit_timeout=10)
     broken = iter([RuntimeError("a bug")])
 
     def observe_once(_value: float) -> None:
@@ -184,16 +189,13 @@ def test_a_bug_while_writing_answers_the_callers_and_the_writer_lives_on(
         store.store(project_id, rows_for("first", 1, project_id))  # type: ignore[arg-type]
     store.store(project_id, rows_for("second", 1, project_id))  # type: ignore[arg-type]
     assert stored_ids(sqlite_url) == ["second-0"]
-    engine.dispose()
 
 
 def test_a_database_that_stops_answering_is_unavailable_within_the_commit_timeout(
-    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+    sqlite_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = create_db_engine(sqlite_url)
-    sessions = create_session_factory(engine)
-    project_id = new_project(sessions)
-    store = EventStore(sessions, 1, commit_timeout=0.5)
+    project_id = new_project(sqlite_sessions)
+    store = EventStore(sqlite_sessions, 1, commit_timeout=0.5)
     answer = threading.Event()
     monkeypatch.setattr(store, "_commit", lambda rows: answer.wait(10))
     started = time.monotonic()
@@ -202,7 +204,6 @@ def test_a_database_that_stops_answering_is_unavailable_within_the_commit_timeou
     answer.set()
     assert time.monotonic() - started < 5
     assert refused.value.maybe_stored and "same event ids" in str(refused.value)
-    engine.dispose()
 
 
 @pytest.mark.postgres

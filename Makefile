@@ -31,7 +31,7 @@ $(BUF): package.json package-lock.json
 run: install
 	$(VENV)/bin/apex-ingest db upgrade
 	$(VENV)/bin/apex-ingest demo
-	exec $(VENV)/bin/apex-ingest serve
+	APEX_LOG_FORMAT=$${APEX_LOG_FORMAT:-text} exec $(VENV)/bin/apex-ingest serve
 
 ## test: install what the tests need, make sure PostgreSQL and Redis are up, run pytest
 test: install-dev services

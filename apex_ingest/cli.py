@@ -40,6 +40,7 @@ class _Commands(click.Group):
 
 
 @click.group(cls=_Commands)
+@click.version_option(package_name="apex-ingest")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Apex Ingest: the event-ingestion service of Apex."""

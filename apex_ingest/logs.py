@@ -121,9 +121,13 @@ def configure_logging(default_format: str = "json") -> None:
     root.setLevel(os.environ.get("APEX_LOG_LEVEL", "INFO").strip().upper() or "INFO")
 
 
+#: How a yes/no environment variable says no (anything else, or unset, is yes).
+OFF_VALUES = frozenset({"0", "false", "no", "off"})
+
+
 def access_log_enabled() -> bool:
-    """One INFO record per request/RPC unless APEX_ACCESS_LOG=0."""
-    return os.environ.get("APEX_ACCESS_LOG", "1").strip() != "0"
+    """One INFO record per request/RPC unless APEX_ACCESS_LOG is 0/false/no/off."""
+    return os.environ.get("APEX_ACCESS_LOG", "1").strip().lower() not in OFF_VALUES
 
 
 def make_formatter() -> logging.Formatter:

@@ -16,6 +16,7 @@ from apex_ingest.admission import AdmissionInterceptor, CountingExecutor
 from apex_ingest.config import Settings
 from apex_ingest.database import create_db_engine, create_session_factory
 from apex_ingest.health import SERVICE_NAME, StorageHealthMonitor
+from apex_ingest.logs import OFF_VALUES
 from apex_ingest.projects import ProjectDirectory
 from apex_ingest.servicer import IngestServicer
 from apex_ingest.stop_signals import StopSignals
@@ -136,8 +137,8 @@ def _orphaned() -> bool:
 
 
 def migrate_at_start(database_url: str) -> None:
-    """Apply pending migrations unless APEX_MIGRATE_ON_START=0; never fatal."""
-    if os.environ.get("APEX_MIGRATE_ON_START", "1") == "0":
+    """Apply pending migrations unless APEX_MIGRATE_ON_START is 0/false/no/off; never fatal."""
+    if os.environ.get("APEX_MIGRATE_ON_START", "1").strip().lower() in OFF_VALUES:
         return
     from apex_ingest.migrate import upgrade
 

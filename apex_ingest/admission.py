@@ -6,6 +6,12 @@ the gateway turns into Retry-After. So the server's thread pool counts the calls
 (queued or running), and an interceptor, which gRPC runs in its one serving thread just before
 handing a call to that pool, refuses ingest calls past the limit with a rich status. Health
 checks and reflection are never refused: an overloaded server is still alive.
+
+A refusal is a handler like any other, which gRPC hands to the pool; queued behind the calls
+that made the server full, it would come after the caller's deadline. So the interceptor marks
+it, and the pool runs the next task its serving thread submits (that refusal) on threads of its
+own, ahead of the queue and outside the count. Health checks (`Check`, answered from memory) go
+the same way, so a load balancer hears from a busy server in time.
 """
 
 from __future__ import annotations
@@ -30,12 +36,21 @@ class CountingExecutor(futures.ThreadPoolExecutor):
         super().__init__(max_workers=max_workers, thread_name_prefix="grpc-call")
         self._held = 0
         self._held_lock = threading.Lock()
+        self._apart = futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grpc-apart")
+        self._next_apart = threading.local()
 
     @property
     def held(self) -> int:
         return self._held
 
+    def run_next_apart(self) -> None:
+        """Run the next task this thread submits (a quick one) ahead of the queue, uncounted."""
+        self._next_apart.value = True
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> futures.Future[Any]:
+        if getattr(self._next_apart, "value", False):
+            self._next_apart.value = False
+            return self._apart.submit(fn, *args, **kwargs)
         with self._held_lock:
             self._held += 1
         try:
@@ -50,14 +65,27 @@ class CountingExecutor(futures.ThreadPoolExecutor):
         with self._held_lock:
             self._held -= 1
 
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._apart.shutdown(wait, cancel_futures=cancel_futures)
+        super().shutdown(wait, cancel_futures=cancel_futures)
+
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+
 
 class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
     def __init__(
-        self, pool: CountingExecutor, limit: int, retry_after_seconds: int, methods: frozenset[str]
+        self,
+        pool: CountingExecutor,
+        limit: int,
+        retry_after_seconds: int,
+        methods: frozenset[str],
+        quick_methods: frozenset[str] = frozenset({HEALTH_CHECK}),
     ) -> None:
         self._pool = pool
         self._limit = limit
         self._methods = methods
+        self._quick = quick_methods
         self._refusal = rpc_status.to_status(
             status_pb2.Status(
                 code=code_pb2.RESOURCE_EXHAUSTED,
@@ -72,13 +100,16 @@ class AdmissionInterceptor(grpc.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         handler = continuation(handler_call_details)
-        if (
-            handler is None
-            or self._pool.held < self._limit
-            or handler_call_details.method not in self._methods
-        ):
+        method = handler_call_details.method
+        if handler is None:
+            return None
+        if method in self._quick:
+            self._pool.run_next_apart()  # gRPC submits this handler next, from this thread
+            return handler
+        if self._pool.held < self._limit or method not in self._methods:
             return handler
         metrics.EVENTS_REJECTED.labels(metrics.UNKNOWN_PROJECT, "resource_exhausted").inc()
+        self._pool.run_next_apart()
         # No request deserializer: the refused request is never read.
         return grpc.unary_unary_rpc_method_handler(
             self._refuse, response_serializer=handler.response_serializer

@@ -371,10 +371,13 @@ def test_revocation_applies_within_cache_ttl(database_url: str) -> None:
 
 
 def test_calls_past_the_concurrency_limit_are_refused_with_retry_info(sqlite_url: str) -> None:
-    """gRPC's own maximum_concurrent_rpcs would refuse them with no RetryInfo."""
+    """gRPC's own maximum_concurrent_rpcs would refuse them with no RetryInfo. The refusal must
+    not wait behind the calls queued for the server's only thread."""
     import sqlite3
 
-    running = start_server(sqlite_url, grpc_max_concurrent_rpcs=2, db_statement_timeout_ms=20_000)
+    running = start_server(
+        sqlite_url, grpc_max_concurrent_rpcs=2, grpc_threads=1, db_statement_timeout_ms=20_000
+    )
     key = make_project(sqlite_url)
     holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
     try:
@@ -387,7 +390,9 @@ def test_calls_past_the_concurrency_limit_are_refused_with_retry_info(sqlite_url
             )
             held = [stub.IngestEvents.future(request, timeout=30) for _ in range(2)]
             time.sleep(0.5)
+            started = time.monotonic()
             code, _, error = rejection(lambda: ingest(stub, key, Event(type="refused", url="/")))
+            assert time.monotonic() - started < 2
             assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
             status = rpc_status.from_call(error)
             assert status is not None

@@ -278,6 +278,8 @@ def projects_create(name: str, key: str | None, allowed_origins: tuple[str, ...]
         with _session_factory().begin() as session:
             project = project_store.create_project(session, name, key, allowed_origins)
             click.echo(project.key)
+    except ConfigError:
+        raise
     except project_store.InvalidKey as error:
         raise click.BadParameter(str(error), param_hint="--key") from error
     except ValueError as error:

@@ -49,7 +49,7 @@ def check_database_url(url: str) -> str:
     try:
         parsed = make_url(url)
         backend = parsed.get_backend_name()
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: e.g. a port that is not a number
         raise ConfigError(f"APEX_DATABASE_URL is not a database URL: {url!r}") from None
     if backend == "postgres":
         raise ConfigError("APEX_DATABASE_URL: write postgresql+psycopg://..., not postgres://...")

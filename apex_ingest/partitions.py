@@ -21,9 +21,12 @@ SQLite has no partitioning: these functions refuse it (the commands say so).
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
 
+from psycopg.errors import LockNotAvailable
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import OperationalError
 
 from apex_ingest.validation import MAX_FUTURE
 
@@ -145,8 +148,20 @@ def ensure_partitions(
     return created
 
 
+#: Dropping a partition needs an exclusive lock on `events`; while it waits for one (behind a
+#: long query), every insert waits behind it. So it waits at most this long, then lets go and
+#: tries again later, up to DROP_ATTEMPTS times.
+LOCK_WAIT = "1s"
+DROP_ATTEMPTS = 30
+DROP_RETRY_SECONDS = 2.0
+
+
 def apply_retention(
-    engine: Engine, days: int, now: datetime | None = None, batch_rows: int = 10_000
+    engine: Engine,
+    days: int,
+    now: datetime | None = None,
+    batch_rows: int = 10_000,
+    attempts: int = DROP_ATTEMPTS,
 ) -> list[str]:
     """Drop monthly partitions ending before now - `days`; trim the rest. Return dropped names.
 
@@ -157,10 +172,28 @@ def apply_retention(
     if days < 1:
         raise ValueError("retention must be at least one day")
     cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
-    dropped = []
+    for attempt in range(1, attempts + 1):
+        try:
+            dropped, kept = _drop_old_months(engine, cutoff)
+            break
+        except OperationalError as error:
+            if not isinstance(error.orig, LockNotAvailable):
+                raise
+            if attempt == attempts:
+                raise RuntimeError(
+                    f"could not lock events for {attempts} tries: a long query or transaction "
+                    "holds it (see pg_stat_activity); nothing was dropped"
+                ) from error
+            time.sleep(DROP_RETRY_SECONDS)
+    _forget_ids(engine, min([cutoff, *kept]), batch_rows)
+    return dropped
+
+
+def _drop_old_months(engine: Engine, cutoff: datetime) -> tuple[list[str], list[datetime]]:
+    dropped, kept = [], []
     with engine.begin() as connection:
         _require_partitioned(connection)
-        kept = []
+        connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'"))
         for name, start in sorted(monthly_partitions(connection).items(), key=lambda i: i[1]):
             if add_months(start, 1) <= cutoff:
                 connection.execute(text(f"DROP TABLE {name}"))
@@ -171,9 +204,12 @@ def apply_retention(
             text(f"DELETE FROM {DEFAULT_PARTITION} WHERE occurred_at < :cutoff"),
             {"cutoff": cutoff},
         )
+    return dropped, kept
+
+
+def _forget_ids(engine: Engine, floor: datetime, batch_rows: int) -> None:
     # Every event still stored occurred at or after `floor`, and so was received after
     # floor - MAX_FUTURE (no timestamp is accepted more than that ahead of its receipt).
-    floor = min([cutoff, *kept])
     forget = text(
         "DELETE FROM event_ids WHERE ctid IN (SELECT ctid FROM event_ids "
         "WHERE received_at < :before LIMIT :rows)"
@@ -184,7 +220,7 @@ def apply_retention(
                 forget, {"before": floor - MAX_FUTURE, "rows": batch_rows}
             ).rowcount
         if deleted < batch_rows:
-            return dropped
+            return
 
 
 def _require_partitioned(connection: Connection) -> None:

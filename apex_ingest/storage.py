@@ -199,7 +199,9 @@ class EventStore:
                 self._write_group(group)
             except Exception:  # a bug: the callers must still be answered, the writer live on
                 log.exception("group commit failed")
-                self._finish(group, IngestError("could not store the events"))
+                # Requests already answered (committed one by one) keep their answer.
+                unanswered = [pending for pending in group if not pending.done.is_set()]
+                self._finish(unanswered, IngestError("could not store the events"))
 
     def _write_group(self, group: list[_Pending]) -> None:
         self.group_sizes = [*self.group_sizes[-99:], len(group)]
@@ -243,8 +245,9 @@ class EventStore:
             try:
                 self._pg_execute(columns)
             except psycopg.Error as again:
-                if not self._drop_pg_connection_if_lost():
-                    raise _as_sqlalchemy_error(again) from again
+                # Whatever stopped the second try (even a lock the first one's session still
+                # holds), nothing tells whether the first committed.
+                self._drop_pg_connection_if_lost()
                 raise _OutcomeUnknown() from again
             except UNAVAILABLE_ERRORS as again:  # no new connection
                 raise _OutcomeUnknown() from again

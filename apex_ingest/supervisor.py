@@ -160,10 +160,19 @@ def serve_all(settings: Settings, gateway_workers: int, grpc_processes: int) -> 
     host = _local(settings.host)
     target_host = f"[{host}]" if ":" in host else host  # an IPv6 literal
     os.environ.setdefault("APEX_GRPC_TARGET", f"{target_host}:{settings.grpc_port}")
+    # Until granian installs its own handlers: a stop signal (or a child given up, which sends
+    # one) while waiting for the gRPC server must stop everything in order, not kill us.
+    early = StopSignals()
     children = start_grpc_processes(settings, grpc_processes)
     try:
-        _wait_listening(_local(settings.host), settings.grpc_port, timeout=30.0)
-        run_gateway(settings.host, settings.http_port, gateway_workers)
+        _wait_listening(
+            host,
+            settings.grpc_port,
+            timeout=30.0,
+            give_up=lambda: bool(early.received) or any(child.gave_up for child in children),
+        )
+        if not early.received:
+            run_gateway(settings.host, settings.http_port, gateway_workers)
     finally:
         _stop_all(children)
     _exit_if_given_up(children)
@@ -181,9 +190,13 @@ def _stop_all(children: list[Supervised]) -> None:
         child.stop()
 
 
-def _wait_listening(host: str, port: int, timeout: float) -> None:
+def _wait_listening(
+    host: str, port: int, timeout: float, give_up: Callable[[], bool] = lambda: False
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if give_up():
+            return
         try:
             with socket.create_connection((host, port), timeout=1):
                 return

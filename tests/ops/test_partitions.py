@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -239,5 +240,27 @@ def test_autogenerate_sees_no_difference_on_a_migrated_database(postgres_url: st
                 connection, opts={"include_object": include_in_autogenerate("postgresql")}
             )
             assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_retention_behind_a_long_query_gives_up_instead_of_blocking_inserts(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Waiting for the exclusive lock, the DROP would queue every insert behind it."""
+    monkeypatch.setattr(partitions, "DROP_RETRY_SECONDS", 0.1)
+    engine = create_db_engine(postgres_url)
+    old = datetime(2020, 1, 1, tzinfo=UTC)
+    try:
+        with engine.begin() as connection:
+            partitions.create_month_partition(connection, old)
+        with engine.connect() as reader:
+            reader.execute(text("SELECT count(*) FROM events"))  # holds its lock until rollback
+            started = time.monotonic()
+            with pytest.raises(RuntimeError, match="could not lock events"):
+                partitions.apply_retention(engine, 30, attempts=2)
+            assert time.monotonic() - started < 10
+            reader.rollback()
+        assert partitions.apply_retention(engine, 30) == ["events_p2020_01"]
     finally:
         engine.dispose()

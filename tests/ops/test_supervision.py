@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.service import running_service
+from tests.service import free_port, running_service
 
 pytestmark = pytest.mark.postgres
 
@@ -108,3 +109,21 @@ def test_a_child_that_cannot_start_is_given_up() -> None:
     assert given_up.wait(30)
     assert child.gave_up
     child.stop()
+
+
+def test_serve_stops_with_an_error_when_its_grpc_server_cannot_start(sqlite_url: str) -> None:
+    """Given up before the gateway started, `serve` used to die of its own SIGTERM (143)."""
+    script = f"""
+import sys
+from apex_ingest import supervisor
+from apex_ingest.config import Settings
+sys.executable = "/bin/false"  # every gRPC child exits at once
+settings = Settings(database_url={sqlite_url!r}, http_port={free_port()}, grpc_port={free_port()})
+supervisor.serve_all(settings, 1, 1)
+"""
+    env = {**os.environ, "APEX_SHUTDOWN_DRAIN": "0.2"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=90
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "could not start" in result.stderr

@@ -147,6 +147,7 @@ def test_sigterm_drains_in_flight_calls(sqlite_url: str, tmp_path: Path) -> None
         ("APEX_DATABASE_URL", "garbage"),
         ("APEX_DATABASE_URL", "postgres://postgres@127.0.0.1/x"),
         ("APEX_DATABASE_URL", "sqlite:////no/such/directory/apex.db"),
+        ("APEX_DATABASE_URL", "postgresql://u@h:notaport/db"),
         ("APEX_GRPC_PROCESSES", "0"),
         ("APEX_HTTP_WORKERS", "-3"),
         ("APEX_RATE_LIMIT", "garbage"),
@@ -175,6 +176,12 @@ def test_a_bad_setting_stops_serve_at_once_naming_it(
     assert result.returncode == 2, result.stderr[-2000:]
     assert variable in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_admin_commands_name_a_bad_setting_too() -> None:
+    result = run("mysql://x/y", "projects", "create", "demo", check=False)
+    assert result.returncode == 2
+    assert "APEX_DATABASE_URL" in result.stderr and "--allowed-origin" not in result.stderr
 
 
 def test_postgresql_urls_without_a_driver_use_psycopg() -> None:

@@ -41,18 +41,24 @@ def _every_violation(payload: Payload) -> list[FieldViolation]:
     If the server cannot say (unknown key, server down), the type errors alone are the answer.
     """
     payload.request.validate_only = True
+    # A server older than validate_only ignores it (an unknown field) and would store the
+    # well-typed events; an address that is not one makes every server refuse the request.
+    payload.request.context.client_ip = _NOT_AN_ADDRESS
     try:
         get_client().ingest(payload.request)
         found: tuple[FieldViolation, ...] = ()
     except grpc.RpcError as exc:
         error = to_api_error(exc, payload.snippet)
         found = error.details if error.code == 400 else ()
-    reported = [v.field for v in payload.violations]
+    reported = [v.field for v in payload.violations] + ["context.client_ip"]
     # A field with a type error went to the server empty: its "is required" is no news.
     return [
         *payload.violations,
         *(v for v in found if not any(_within(v.field, field) for field in reported)),
     ]
+
+
+_NOT_AN_ADDRESS = "validate-only"
 
 
 def _within(field: str, reported: str) -> bool:

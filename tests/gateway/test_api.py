@@ -359,3 +359,21 @@ def test_a_bug_is_a_json_500_without_internals(
     assert response.status_code == 500
     assert response.get_json()["error"]["code"] == "internal_error"
     assert "hunter2" not in response.get_data(as_text=True)
+
+
+def test_a_server_older_than_validate_only_stores_nothing_either(
+    api: Api, project_key: str, rows: Rows, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """During a rolling deploy a new gateway may call an old server, which ignores the field."""
+    from apex_ingest import servicer
+
+    def old_server(request: Any, *args: Any) -> int:
+        request.validate_only = False  # what a server without the field sees
+        return real_ingest(request, *args)
+
+    real_ingest = servicer.ingest_events
+    monkeypatch.setattr(servicer, "ingest_events", old_server)
+    response = api.post(snippet(project_key, referrer={"not": "a string"}))
+    assert response.status_code == 400
+    assert set(details(response)) == {"referrer"}
+    assert rows() == []

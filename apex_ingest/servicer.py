@@ -116,7 +116,8 @@ def _rejected(
         and not any(v.field == "project_key" for v in error.violations)
     )
     project = request.project_key if authenticated else metrics.UNKNOWN_PROJECT
-    metrics.EVENTS_REJECTED.labels(project, code.name.lower()).inc(max(1, len(request.events)))
+    if not request.validate_only:  # a check, not an attempt: the caller counts its refusal
+        metrics.EVENTS_REJECTED.labels(project, code.name.lower()).inc(max(1, len(request.events)))
     return code, project
 
 

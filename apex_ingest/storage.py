@@ -135,7 +135,8 @@ class EventStore:
         self._retry_after = retry_after_seconds
         # A database that stops answering without closing the connection (frozen, or behind a
         # middlebox that still acknowledges) would hold callers until their deadlines: past
-        # this many seconds they are answered UNAVAILABLE (maybe stored) instead.
+        # this many seconds they are answered UNAVAILABLE instead: "maybe stored" if a writer
+        # has their rows, plainly not stored if they were still queued (they are withdrawn).
         self._commit_timeout = commit_timeout
         self._max_group_rows = max_group_rows
         self._queue: deque[_Pending] = deque()
@@ -173,8 +174,16 @@ class EventStore:
             self._queue.append(pending)
             self._wakeup.notify()
         if not pending.done.wait(self._commit_timeout):
-            log.warning("no answer from the database within %s s", self._commit_timeout)
-            raise StorageUnavailable(self._retry_after, maybe_stored=True)
+            with self._wakeup:
+                try:
+                    self._queue.remove(pending)  # still waiting for a writer: never written
+                except ValueError:
+                    pass
+                else:
+                    raise StorageUnavailable(self._retry_after)
+            if not pending.done.is_set():
+                log.warning("no answer from the database within %s s", self._commit_timeout)
+                raise StorageUnavailable(self._retry_after, maybe_stored=True)
         if pending.error is not None:
             raise pending.error
 

@@ -238,3 +238,38 @@ def test_a_connection_lost_during_the_commit_with_no_new_one_is_maybe_stored(
     store.store(project_id, rows_for("lost", 2, project_id))  # type: ignore[arg-type]  # a retry
     assert sorted(stored_ids(postgres_url)) == ["lost-0", "lost-1", "warm-0"]
     engine.dispose()
+
+
+def test_a_request_still_queued_at_the_commit_timeout_is_withdrawn(
+    sqlite_url: str, sqlite_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Behind a writer that hangs, a queued request is answered "not stored", and never is."""
+    project_id = new_project(sqlite_sessions)
+    store = EventStore(sqlite_sessions, 1, commit_timeout=0.5)
+    answer = threading.Event()
+    real_commit = store._commit
+
+    def hang_once(rows: list[dict[str, object]]) -> None:
+        if rows[0]["event_id"] == "stuck-0":
+            answer.wait(10)
+        real_commit(rows)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "_commit", hang_once)
+    outcomes: dict[str, BaseException] = {}
+
+    def send(prefix: str) -> None:
+        try:
+            store.store(project_id, rows_for(prefix, 1, project_id))  # type: ignore[arg-type]
+        except StorageUnavailable as error:
+            outcomes[prefix] = error
+
+    first = threading.Thread(target=send, args=("stuck",))
+    first.start()
+    time.sleep(0.1)  # the writer has taken "stuck" and hangs
+    send("queued")
+    first.join()
+    answer.set()
+    time.sleep(0.3)
+    assert outcomes["stuck"].maybe_stored  # type: ignore[attr-defined]
+    assert not outcomes["queued"].maybe_stored  # type: ignore[attr-defined]
+    assert stored_ids(sqlite_url) == ["stuck-0"]  # written once the hang ended; "queued" never

@@ -48,8 +48,10 @@ def test_a_signal_to_the_process_group_stops_everything_after_the_drain(
         assert code == 0, service.output()[-3000:]
         assert not [pid for pid in children if _alive(pid)]
         # A worker that missed the signal is killed by granian after 30 s; 25 s failed above.
+        # (granian may still log "refused to gracefully stop" for a worker that has closed its
+        # pipes but is not yet reaped, 1 ms after join() returned: seen once under load, in a
+        # run that stopped in time. The time is what tells a worker that ignored the signal.)
         assert took < 10, service.output()[-3000:]
-        assert "refused to gracefully stop" not in service.output()
 
 
 def test_no_process_outlives_a_killed_serve(postgres_url: str) -> None:

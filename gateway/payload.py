@@ -9,9 +9,9 @@ value errors too (gateway.api asks it with validate_only) and the answer lists e
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,7 +44,8 @@ def to_request(document: Any) -> Payload:
     """Translate a parsed JSON body, noting every type violation; ApiError 400 if not an object."""
     if not isinstance(document, dict):
         raise invalid([], "The body must be a JSON object.")
-    check = _Checker()
+    events = document.get("events")
+    check = _Checker(len(events) if isinstance(events, list) else 1)
     request = ingest_pb2.IngestEventsRequest(
         project_key=check.string(document, "projectKey", "projectKey")
     )
@@ -53,7 +54,6 @@ def to_request(document: Any) -> Payload:
         request.events.add(**check.event(document, prefix="", visitor_required=True))
     else:
         request.user_id = check.string(document, "userId", "userId")
-        events = document["events"]
         if isinstance(events, list):
             for index, item in enumerate(events):
                 prefix = f"events[{index}]"
@@ -71,8 +71,18 @@ def to_request(document: Any) -> Payload:
 class _Checker:
     """Reads typed fields out of JSON objects, noting each type error instead of stopping."""
 
-    def __init__(self) -> None:
+    def __init__(self, expected_events: int) -> None:
         self.violations: list[FieldViolation] = []
+        self._expected_ids = max(1, expected_events)
+        self._ids: Iterator[str] = iter(())
+
+    def new_event_id(self) -> str:
+        """A uuid4 string; drawn for all of the request's events at once (see uuid4_strings)."""
+        event_id = next(self._ids, None)
+        if event_id is None:
+            self._ids = iter(uuid4_strings(self._expected_ids))
+            event_id = next(self._ids)
+        return event_id
 
     def add(self, field: str, description: str) -> None:
         self.violations.append(FieldViolation(field, description))
@@ -100,7 +110,7 @@ class _Checker:
         fields: dict[str, Any] = {
             # An id stamped here, before the call, makes gRPC's own retries idempotent: a retried
             # call carries the same ids, and the server stores each id once.
-            "id": event_id or str(uuid.uuid4()),
+            "id": event_id or self.new_event_id(),
             "type": self.string(obj, "type", prefix + "type"),
             "visitor_id": visitor_id,
             "url": self.string(obj, "url", prefix + "url"),
@@ -136,6 +146,22 @@ class _Checker:
 
 
 _LEAP_SECOND = re.compile(r"(T\d\d:\d\d:)60(?![0-9])")
+
+
+def uuid4_strings(count: int) -> list[str]:
+    """`count` random (version 4) UUIDs as strings, from one draw of the system's randomness.
+
+    uuid.uuid4() asks the kernel for 16 bytes each time: a tenth of the gateway's CPU for a
+    500-event batch went to those calls.
+    """
+    raw = bytearray(os.urandom(16 * count))
+    ids = []
+    for start in range(0, 16 * count, 16):
+        raw[start + 6] = (raw[start + 6] & 0x0F) | 0x40  # version 4
+        raw[start + 8] = (raw[start + 8] & 0x3F) | 0x80  # RFC 4122 variant
+        h = raw[start : start + 16].hex()
+        ids.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return ids
 
 
 def parse_timestamp(text: str) -> Timestamp | None:

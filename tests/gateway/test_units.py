@@ -276,3 +276,18 @@ def test_default_target_follows_serve_settings() -> None:
 )
 def test_retry_after_rounds_up(seconds: float | None, header: int) -> None:
     assert retry_after_seconds(seconds) == header
+
+
+def test_stamped_event_ids_are_distinct_version_4_uuids() -> None:
+    import uuid
+
+    from gateway.payload import uuid4_strings
+
+    ids = uuid4_strings(500)
+    assert len(set(ids)) == 500
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
+    payload = to_request({"projectKey": "k", "events": [{"type": "t", "url": "/"}] * 3})
+    assert len({event.id for event in payload.request.events}) == 3

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from apex_ingest.config import ConfigError, Settings, env_int
+from apex_ingest.config import ConfigError, Settings, address_host, env_int, reachable_host
 
 #: Commands that run servers: they log JSON lines unless APEX_LOG_FORMAT=text.
 _SERVER_COMMANDS = frozenset({"serve", "grpc", "gateway"})
@@ -166,7 +166,7 @@ def _ensure_free(host: str, port: int, variable: str) -> None:
         try:
             probe.bind(address)
         except OSError as error:
-            where = f"{_display_host(host)}:{port} ({variable})"
+            where = f"{address_host(reachable_host(host))}:{port} ({variable})"
             if error.errno == errno.EADDRINUSE:
                 raise ConfigError(
                     f"{where} is already in use: is another apex-ingest running there?"
@@ -330,7 +330,7 @@ def demo() -> None:
             select(Project).where(Project.name == "demo", Project.revoked_at.is_(None)).limit(1)
         ).first() or project_store.create_project(session, "demo")
         key = project.key
-    url = f"http://{_display_host(settings.host)}:{settings.http_port}/api/events"
+    url = f"http://{address_host(reachable_host(settings.host))}:{settings.http_port}/api/events"
     snippet = (
         f'{{"type":"pageview","visitorId":"v_123","projectKey":"{key}",'
         f'"url":"https://example.com/pricing","data":{{"plan":"pro","seats":3}}}}'
@@ -345,13 +345,6 @@ def demo() -> None:
     for title, body in (("A browser event", snippet), ("A server-side batch", batch)):
         click.echo(f"{title}:\n  curl -sS -X POST {url} -H 'Content-Type: application/json' \\")
         click.echo(f"    -d {shlex.quote(body)}\n")
-
-
-def _display_host(host: str) -> str:
-    """Where to reach a server bound to `host`, as written in a URL."""
-    if host in ("0.0.0.0", "::", ""):
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host else host
 
 
 def _session_factory() -> sessionmaker[Session]:

@@ -44,6 +44,16 @@ def env_float(name: str, default: float, low: float = 0.0) -> float:
     return value
 
 
+def reachable_host(host: str) -> str:
+    """Where to connect to a server bound to `host`: a wildcard address means this machine."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def address_host(host: str) -> str:
+    """`host` as written before ":port" in an address or URL: an IPv6 literal in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def check_database_url(url: str) -> str:
     """`url` if it names a database this service supports, else ConfigError saying why."""
     try:

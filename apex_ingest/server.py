@@ -13,7 +13,7 @@ from sqlalchemy import Engine
 
 from apex_ingest import metrics
 from apex_ingest.admission import AdmissionInterceptor, CountingExecutor
-from apex_ingest.config import Settings
+from apex_ingest.config import Settings, address_host
 from apex_ingest.database import create_db_engine, create_session_factory
 from apex_ingest.health import SERVICE_NAME, StorageHealthMonitor
 from apex_ingest.logs import OFF_VALUES
@@ -115,8 +115,7 @@ def create_server(address: str, settings: Settings | None = None) -> tuple[Inges
 def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT, then drain in-flight calls within the grace period."""
     migrate_at_start(settings.database_url)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 literal
-    server, port = create_server(f"{host}:{settings.grpc_port}", settings)
+    server, port = create_server(f"{address_host(settings.host)}:{settings.grpc_port}", settings)
     stop = StopSignals()
     server.start()
     log.info("gRPC server listening on %s:%d", settings.host, port)

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from apex_ingest.config import Settings
+from apex_ingest.config import Settings, address_host, reachable_host
 from apex_ingest.stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
@@ -157,9 +157,8 @@ def run_grpc_processes(settings: Settings, processes: int) -> None:
 def serve_all(settings: Settings, gateway_workers: int, grpc_processes: int) -> None:
     from gateway.serve import run_gateway
 
-    host = _local(settings.host)
-    target_host = f"[{host}]" if ":" in host else host  # an IPv6 literal
-    os.environ.setdefault("APEX_GRPC_TARGET", f"{target_host}:{settings.grpc_port}")
+    host = reachable_host(settings.host)
+    os.environ.setdefault("APEX_GRPC_TARGET", f"{address_host(host)}:{settings.grpc_port}")
     # Until granian installs its own handlers: a stop signal (or a child given up, which sends
     # one) while waiting for the gRPC server must stop everything in order, not kill us.
     early = StopSignals()
@@ -203,7 +202,3 @@ def _wait_listening(
         except OSError:
             time.sleep(0.1)
     log.warning("gRPC server not listening after %.0f s; starting the gateway anyway", timeout)
-
-
-def _local(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

@@ -162,13 +162,10 @@ def build_rows(
 
 def _normalized_ip(text: str) -> str | None:
     try:
-        address = ipaddress.ip_address(text) if text else None
+        # "fe80::1%eth0": the zone names an interface of the proxy's host, meaningless here.
+        return str(ipaddress.ip_address(text.partition("%")[0])) if text else None
     except ValueError:
         return None  # reported by check_request_shape
-    if isinstance(address, ipaddress.IPv6Address) and address.scope_id:
-        # "fe80::1%eth0": the zone names an interface of the proxy's host, meaningless here.
-        address = ipaddress.IPv6Address(text.partition("%")[0])
-    return str(address) if address else None
 
 
 def _id_problem(value: str, max_chars: int) -> str | None:

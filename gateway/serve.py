@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import atexit
-import contextlib
 import os
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from granian import Granian
@@ -49,7 +49,7 @@ def run_gateway(host: str, port: int, workers: int | None = None) -> None:
         descriptor, path = tempfile.mkstemp(prefix="apex-ratelimit-")
         os.close(descriptor)
         create_table(path)
-        atexit.register(_remove, path)
+        atexit.register(Path(path).unlink, missing_ok=True)
         os.environ[SHARED_FILE_ENV] = path  # the workers inherit it
     server = Granian(
         "gateway.wsgi:app",
@@ -67,11 +67,6 @@ def run_gateway(host: str, port: int, workers: int | None = None) -> None:
     )
     ignore_repeated_interrupts(server)
     server.serve()
-
-
-def _remove(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(path)
 
 
 def ignore_repeated_interrupts(server: Any) -> None:

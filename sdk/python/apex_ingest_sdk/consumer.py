@@ -1,0 +1,448 @@
+"""The queue behind ``Apex`` and the daemon thread that sends it.
+
+Events arrive already serialised (``put``); the sender thread cuts them into gzip-compressed
+batches of one ``userId`` each, within the request limits, and delivers every batch or hands it
+to ``on_error``: retries with backoff and ``Retry-After``, a ``400`` that blames some events
+splits them out, a ``413`` halves the batch. It also owns the process life cycle: a forked
+child starts with an empty queue, and every consumer is closed at interpreter exit (and at the
+end of a ``multiprocessing`` child, which skips ``atexit``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import gzip
+import http.client
+import json
+import logging
+import os
+import random
+import re
+import sys
+import threading
+import time
+import weakref
+from typing import Any, Final
+
+from apex_ingest_sdk.errors import ApexError, ErrorCallback, error_from_response
+from apex_ingest_sdk.transport import Transport
+
+__all__ = ["Consumer"]
+
+logger = logging.getLogger("apex_ingest_sdk")
+
+USER_AGENT: Final = "apex-ingest-sdk-python/0.1.0"
+
+_EVENT_PATH = re.compile(r"^events\[(\d+)\]")
+# A full queue under sustained overload would otherwise log one line per dropped event.
+_DROP_LOG_INTERVAL = 10.0
+#: Answers that mean the URL is not an ingest endpoint at all: retrying cannot help.
+_WRONG_ENDPOINT = frozenset({404, 405})
+
+
+class _Buffer:
+    """The queued events of one user_id, already cut into request-sized chunks."""
+
+    __slots__ = ("closed", "current", "current_size", "head", "user_id")
+
+    def __init__(self, user_id: str | None, head: bytes) -> None:
+        self.user_id = user_id
+        self.head = head
+        self.closed: list[list[bytes]] = []
+        self.current: list[bytes] = []
+        self.current_size = len(head) + 2  # the closing b"]}"
+
+
+class _Batch:
+    __slots__ = ("events", "head", "user_id")
+
+    def __init__(self, user_id: str | None, head: bytes, events: list[bytes]) -> None:
+        self.user_id = user_id
+        self.head = head
+        self.events = events
+
+    def body(self) -> bytes:
+        return self.head + b",".join(self.events) + b"]}"
+
+
+def dumps(value: Any) -> bytes:
+    """Compact JSON; ``allow_nan=False``: NaN is not JSON and would sink a whole batch."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _is_retryable(status: int) -> bool:
+    return status in (408, 429) or status >= 500
+
+
+class Consumer:
+    """Queue and sender of one ``Apex`` client (see the module's docstring)."""
+
+    def __init__(
+        self,
+        url: str,
+        project_key: str,
+        transport: Transport,
+        *,
+        max_batch: int,
+        max_queue: int,
+        flush_interval: float,
+        timeout: float,
+        max_retries: int,
+        on_error: ErrorCallback | None,
+        max_body_bytes: int,
+        backoff_base: float,
+        backoff_max: float,
+        shutdown_timeout: float | None,
+        compress: bool,
+    ) -> None:
+        self.url = url
+        self.transport = transport
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.flush_interval = flush_interval
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.on_error = on_error
+        self.max_body_bytes = max_body_bytes
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.shutdown_timeout = shutdown_timeout
+        self.compress = compress
+        self._key_json = dumps(project_key)
+        self._closed = False
+        self._last_drop_log = -_DROP_LOG_INTERVAL
+        self._drops_unlogged = 0
+        self._reset_state()
+        _instances.add(self)
+
+    def _reset_state(self) -> None:
+        """Fresh queue, locks and (not yet started) sender: at construction and in a forked child.
+
+        A child must not touch the parent's locks (another parent thread may have held them at
+        fork time) and must not resend the parent's queue (the parent still owns those events).
+        """
+        self._lock = threading.Lock()
+        self._log_lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._abort = threading.Event()
+        self._buffers: dict[str | None, _Buffer] = {}
+        self._ready: set[str | None] = set()
+        self._pending = 0
+        self._deadline: float | None = None
+        self._busy = False
+        # A "drain" sends everything queued when it starts; flush() waits for the first drain
+        # that starts after it was called.
+        self._drains_started = 0
+        self._drains_done = 0
+        self._flush_target = 0
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- caller side
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def put(self, user_id: str | None, encoded: bytes) -> ApexError | None:
+        """Queue one serialised event; the error when it was refused (closed, queue full)."""
+        with self._lock:
+            if self._closed:
+                return ApexError("the client is closed", code="closed")
+            if self._pending >= self.max_queue:
+                return ApexError(
+                    f"the queue is full ({self.max_queue} events); dropped the newest event",
+                    code="queue_full",
+                )
+            self._append(user_id, encoded)
+            return None
+
+    def _append(self, user_id: str | None, encoded: bytes) -> None:
+        buffer = self._buffers.get(user_id)
+        if buffer is None:
+            head = b'{"projectKey":' + self._key_json
+            if user_id is not None:
+                head += b',"userId":' + dumps(user_id)
+            buffer = self._buffers[user_id] = _Buffer(user_id, head + b',"events":[')
+        added = len(encoded) + (1 if buffer.current else 0)
+        if buffer.current and buffer.current_size + added > self.max_body_bytes:
+            self._close_chunk(buffer)
+            added = len(encoded)
+        buffer.current.append(encoded)
+        buffer.current_size += added
+        if len(buffer.current) >= self.max_batch:
+            self._close_chunk(buffer)
+        self._pending += 1
+        self._ensure_sender()
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.flush_interval
+            self._cond.notify()
+
+    def _close_chunk(self, buffer: _Buffer) -> None:
+        buffer.closed.append(buffer.current)
+        buffer.current = []
+        buffer.current_size = len(buffer.head) + 2
+        self._ready.add(buffer.user_id)
+        self._cond.notify()
+
+    def _ensure_sender(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run, name="apex-ingest-sender", daemon=True
+            )
+            self._thread.start()
+            _hook_multiprocessing_exit()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        if threading.current_thread() is self._thread:
+            return False
+        with self._cond:
+            if self._pending == 0 and not self._busy:
+                return True
+            self._ensure_sender()
+            target = self._drains_started + 1
+            self._flush_target = max(self._flush_target, target)
+            self._cond.notify_all()
+            return self._cond.wait_for(lambda: self._drains_done >= target, timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        if not thread.is_alive():
+            return True
+        self._abort.set()
+        # Still bounded: an in-flight request ends within `timeout`, then nothing is retried.
+        thread.join(self.timeout + 1.0)
+        return False
+
+    # ----------------------------------------------------------------- sender thread
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    full = (
+                        self._closed
+                        or self._flush_target > self._drains_started
+                        or (self._deadline is not None and now >= self._deadline)
+                    )
+                    if full or self._ready:
+                        break
+                    self._cond.wait(None if self._deadline is None else self._deadline - now)
+                drain = 0
+                if full:
+                    self._drains_started += 1
+                    drain = self._drains_started
+                batches = self._take(full)
+                self._busy = True
+            # _deliver never raises, so the bookkeeping below always runs and flush() wakes up.
+            for batch in batches:
+                self._deliver(batch)
+            with self._cond:
+                self._busy = False
+                if drain:
+                    self._drains_done = drain
+                self._cond.notify_all()
+                if self._closed and self._pending == 0:
+                    return
+
+    def _take(self, full: bool) -> list[_Batch]:
+        """Take the events to send now: all of them, or only the chunks that are already full."""
+        batches: list[_Batch] = []
+        if full:
+            for buffer in self._buffers.values():
+                chunks = [*buffer.closed, buffer.current] if buffer.current else buffer.closed
+                batches.extend(_Batch(buffer.user_id, buffer.head, c) for c in chunks)
+            self._buffers.clear()
+            self._pending = 0
+        else:
+            for user_id in self._ready:
+                buffer = self._buffers[user_id]
+                for chunk in buffer.closed:
+                    batches.append(_Batch(user_id, buffer.head, chunk))
+                    self._pending -= len(chunk)
+                buffer.closed = []
+        self._ready.clear()
+        if self._pending == 0:
+            self._deadline = None
+        return batches
+
+    def _deliver(self, batch: _Batch) -> None:
+        try:
+            self._send(batch)
+        except Exception as exc:  # the sender must survive anything, and lose nothing silently
+            logger.exception("apex_ingest_sdk: unexpected error while sending a batch")
+            self.report(ApexError(repr(exc), code="internal_error"), _decode(batch))
+
+    def _send(self, batch: _Batch) -> None:
+        """Send one batch, retrying what can succeed later; report what cannot."""
+        work = [batch]
+        while work:
+            batch = work.pop()
+            error = self._post_with_retries(batch)
+            if error is None:
+                continue
+            if error.status == 413 and len(batch.events) > 1:
+                # The server's limit is lower than ours: halve until it fits.
+                half = len(batch.events) // 2
+                work.append(_Batch(batch.user_id, batch.head, batch.events[half:]))
+                work.append(_Batch(batch.user_id, batch.head, batch.events[:half]))
+                continue
+            bad = _invalid_events(error, batch) if error.status == 400 else None
+            if bad:
+                # One invalid event would otherwise sink the up to 499 valid ones with it.
+                self.report(_renumber(error, bad), _decode(batch, sorted(bad)))
+                rest = [e for i, e in enumerate(batch.events) if i not in bad]
+                if rest:
+                    work.append(_Batch(batch.user_id, batch.head, rest))
+                continue
+            self.report(error, _decode(batch))
+
+    def _post_with_retries(self, batch: _Batch) -> ApexError | None:
+        raw = batch.body()
+        payload = gzip.compress(raw, compresslevel=6) if self.compress else raw
+        attempt = 0
+        while True:
+            if self._abort.is_set():
+                return ApexError("close() timed out before delivery", code="shutdown")
+            error = self._post(payload)
+            if error is None:
+                return None
+            if error.status is not None and not _is_retryable(error.status):
+                return error
+            if attempt >= self.max_retries:
+                return error
+            delay = random.uniform(0.0, min(self.backoff_max, self.backoff_base * 2**attempt))
+            if error.retry_after is not None:
+                delay = max(delay, min(error.retry_after, self.backoff_max))
+            attempt += 1
+            self._abort.wait(delay)
+
+    def _post(self, payload: bytes) -> ApexError | None:
+        """One POST through the transport: None when accepted, else why not."""
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "Accept": "application/json",
+        }
+        if self.compress:
+            headers["Content-Encoding"] = "gzip"
+        try:
+            response = self.transport.send(self.url, payload, headers, timeout=self.timeout)
+        except (OSError, http.client.HTTPException) as exc:
+            return ApexError(f"{self.url}: {exc}", code="network_error")
+        if 200 <= response.status < 300:
+            return None
+        error = error_from_response(response.status, response.header("Retry-After"), response.body)
+        if response.status in _WRONG_ENDPOINT:
+            # Not the ingest endpoint (a wrong host, port or path prefix): fail at once and say so.
+            error.message = (
+                f"POST {self.url} answered {response.status} ({error.message}): this is not an "
+                "Apex Ingest gateway; host must be the gateway's base URL, scheme://host[:port]"
+            )
+            error.args = (error.message,)
+        return error
+
+    def report(self, error: ApexError, events: list[dict[str, Any]]) -> None:
+        """Hand undelivered events to ``on_error``, or log them without a callback."""
+        if self.on_error is not None:
+            try:
+                self.on_error(error, events)
+            except Exception:
+                logger.exception("apex_ingest_sdk: the on_error callback raised")
+            return
+        if error.code == "queue_full":
+            now = time.monotonic()
+            with self._log_lock:
+                self._drops_unlogged += len(events)
+                if now - self._last_drop_log < _DROP_LOG_INTERVAL:
+                    return
+                count, self._drops_unlogged, self._last_drop_log = self._drops_unlogged, 0, now
+            logger.warning("apex_ingest_sdk: %d event(s) dropped: %s", count, error)
+            return
+        logger.warning("apex_ingest_sdk: %d event(s) not delivered: %s", len(events), error)
+
+
+def _decode(batch: _Batch, indexes: list[int] | None = None) -> list[dict[str, Any]]:
+    chosen = batch.events if indexes is None else [batch.events[i] for i in indexes]
+    events: list[dict[str, Any]] = [json.loads(e) for e in chosen]
+    if batch.user_id is not None:
+        for event in events:
+            event["userId"] = batch.user_id
+    return events
+
+
+def _invalid_events(error: ApexError, batch: _Batch) -> set[int] | None:
+    """Indexes of the events the 400 blames, if it blames only events of this batch."""
+    if not error.field_violations:
+        return None
+    bad: set[int] = set()
+    for field, _ in error.field_violations:
+        match = _EVENT_PATH.match(field)
+        if match is None or int(match.group(1)) >= len(batch.events):
+            return None
+        bad.add(int(match.group(1)))
+    return bad
+
+
+def _renumber(error: ApexError, bad: set[int]) -> ApexError:
+    """Point field paths at the events handed to on_error instead of the request's events."""
+    position = {index: n for n, index in enumerate(sorted(bad))}
+
+    def rename(field: str) -> str:
+        match = _EVENT_PATH.match(field)
+        assert match is not None  # _invalid_events accepted only such paths
+        return f"events[{position[int(match.group(1))]}]{field[match.end() :]}"
+
+    return ApexError(
+        error.message,
+        code=error.code,
+        status=error.status,
+        field_violations=[(rename(f), d) for f, d in error.field_violations],
+        retry_after=error.retry_after,
+    )
+
+
+# Weak, so that neither atexit nor the fork hook keeps a discarded client alive.
+_instances: weakref.WeakSet[Consumer] = weakref.WeakSet()
+
+
+def _close_all_at_exit() -> None:
+    for consumer in list(_instances):
+        consumer.close(consumer.shutdown_timeout)
+
+
+def _reset_all_in_child() -> None:
+    for consumer in list(_instances):
+        consumer._reset_state()
+
+
+_exit_hook_pid = 0
+
+
+def _hook_multiprocessing_exit() -> None:
+    """Also close at the exit of a multiprocessing child, which ends in os._exit and so skips
+    atexit: without this, events tracked in a Process target or Pool worker would be lost.
+
+    Registered when a sender starts, i.e. inside the child's own code: multiprocessing clears
+    the finalizers a child inherits or registers before its target runs.
+    """
+    global _exit_hook_pid
+    if _exit_hook_pid == os.getpid():
+        return
+    mp = sys.modules.get("multiprocessing")
+    if mp is None or mp.parent_process() is None:
+        return
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, _close_all_at_exit, exitpriority=100)
+    _exit_hook_pid = os.getpid()
+
+
+atexit.register(_close_all_at_exit)
+os.register_at_fork(after_in_child=_reset_all_in_child)

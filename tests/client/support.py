@@ -1,13 +1,13 @@
-"""What the SDK tests share: an on_error recorder and a count of the stored events."""
+"""What the SDK tests share: an on_error recorder, a spying transport, stored-event counts."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from typing import Any
 
+from apex_ingest_sdk import ApexError, Response, UrllibTransport
 from sqlalchemy import create_engine, text
-
-from apex_ingest.client import ApexError
 
 
 def count_rows(database_url: str) -> tuple[int, int]:
@@ -37,3 +37,18 @@ class Errors:
     @property
     def events(self) -> list[dict[str, Any]]:
         return [e for _, batch in self.calls for e in batch]
+
+
+class SpyTransport:
+    """The default transport, recording the status of every answer."""
+
+    def __init__(self) -> None:
+        self.inner = UrllibTransport()
+        self.statuses: list[int] = []
+
+    def send(
+        self, url: str, body: bytes, headers: Mapping[str, str], *, timeout: float
+    ) -> Response:
+        response = self.inner.send(url, body, headers, timeout=timeout)
+        self.statuses.append(response.status)
+        return response

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
@@ -12,12 +13,13 @@ from typing import Any
 
 import grpc
 import pytest
+from apex_ingest_sdk import IngestClient, IngestError
+from apex_ingest_sdk._proto import ingest_pb2 as sdk_pb2
+from apex_ingest_sdk.grpc_client import to_event
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from apex_ingest.client import IngestClient, IngestError
-from apex_ingest.client.grpc_client import to_event
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.client.support import count_rows
 from tests.conftest import RunningServer, make_project
@@ -83,7 +85,8 @@ def test_dict_events_become_proto_events_with_ids() -> None:
     assert event.type == "signup" and event.url == "/welcome" and event.visitor_id == "v1"
     assert event.data == '{"n":3,"big":9007199254740993,"text":"zürich"}'
     assert event.timestamp.ToJsonString() == "2024-01-02T01:04:05Z"
-    assert len(event.id) == 36
+    # The project's one id format: 32 lowercase hex characters (uuid4().hex).
+    assert re.fullmatch(r"[0-9a-f]{32}", event.id)
 
 
 def test_conversion_details() -> None:
@@ -105,6 +108,18 @@ def test_conversion_details() -> None:
         to_event({"type": "t", "url": "/", "data": [1, 2]})
     with pytest.raises(TypeError):
         to_event({"type": 5, "url": "/"})
+    with pytest.raises(ValueError):
+        to_event({"type": "t", "url": "/", "data": {"x": float("nan")}})  # not JSON
+    with pytest.raises(TypeError):
+        to_event(ingest_pb2.RequestContext())  # a message, but not an Event
+
+
+def test_server_and_sdk_event_messages_are_both_accepted() -> None:
+    server_event = ingest_pb2.Event(type="t", url="/", id="server")
+    sdk_event = sdk_pb2.Event(type="t", url="/", id="sdk")
+    assert to_event(server_event).id == "server"
+    assert to_event(sdk_event).id == "sdk"
+    assert isinstance(to_event(server_event), sdk_pb2.Event)
 
 
 # ------------------------------------------------------------------ scripted server
@@ -179,6 +194,39 @@ def test_invalid_argument_is_not_retried_and_carries_field_violations(
     assert (copy.code, copy.field_violations) == (error.code, error.field_violations)
 
 
+class _FakeRpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, message: str, details: bytes) -> None:
+        self._code, self._message, self._details = code, message, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        return (("grpc-status-details-bin", self._details),)
+
+
+def test_rich_details_that_contradict_the_status_line_are_ignored() -> None:
+    bad = error_details_pb2.BadRequest(
+        field_violations=[error_details_pb2.BadRequest.FieldViolation(field="f", description="d")]
+    )
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="m", details=[_packed(bad)])
+    raw = status.SerializeToString()
+    agreeing = IngestError.from_rpc_error(_FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "m", raw))
+    assert agreeing.field_violations == [("f", "d")]
+    other_code = IngestError.from_rpc_error(_FakeRpcError(grpc.StatusCode.INTERNAL, "m", raw))
+    other_message = IngestError.from_rpc_error(
+        _FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "other", raw)
+    )
+    garbage = IngestError.from_rpc_error(
+        _FakeRpcError(grpc.StatusCode.INVALID_ARGUMENT, "m", b"\xff\xff")
+    )
+    for error in (other_code, other_message, garbage):
+        assert error.field_violations == [] and error.retry_after is None
+
+
 def test_every_call_has_a_deadline(scripted: tuple[ScriptedServicer, str]) -> None:
     servicer, target = scripted
     seen: list[float | None] = []
@@ -204,7 +252,7 @@ def test_unreachable_target_raises_unavailable() -> None:
 
 
 def test_import_is_lazy() -> None:
-    import apex_ingest.client as package
+    import apex_ingest_sdk as package
 
     assert package.IngestError is IngestError
     with pytest.raises(AttributeError):

@@ -11,17 +11,17 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from apex_ingest_sdk import Apex, IngestClient, IngestError, Response
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from apex_ingest.client import Apex, IngestClient, IngestError
-from tests.client.support import Errors, count_rows
+from tests.client.support import Errors, SpyTransport, count_rows
 from tests.conftest import make_project
 from tests.service import running_service
 from tests.tcp_proxy import TcpProxy
@@ -87,7 +87,7 @@ def test_400_reaches_on_error_and_the_rest_is_stored(service: Any, postgres_url:
     reported = {e["id"]: error for error, events in errors.calls for e in events}
     assert set(reported) == {bad, nul}
     for error in reported.values():
-        assert error.status == 400
+        assert (error.status, error.code) == (400, "invalid_request")
         assert error.message
     fields = {f for error, _ in errors.calls for f, _ in error.field_violations}
     assert any(f.startswith("events[") and f.endswith(".url") for f in fields), fields
@@ -99,7 +99,34 @@ def test_unknown_key_reaches_on_error(service: Any, postgres_url: str) -> None:
     with Apex("pk_live_unknown", service.base_url, on_error=errors) as apex:
         event_id = apex.track("e", "/")
     [(error, events)] = errors.calls
-    assert error.status == 401 and [e["id"] for e in events] == [event_id]
+    assert (error.status, error.code) == (401, "unauthorized")
+    assert [e["id"] for e in events] == [event_id]
+
+
+class WrongPath(SpyTransport):
+    """Posts where a misconfigured proxy or path prefix would: not the ingest endpoint."""
+
+    def send(
+        self, url: str, body: bytes, headers: Mapping[str, str], *, timeout: float
+    ) -> Response:
+        return super().send(
+            url.replace("/api/events", "/api/event"), body, headers, timeout=timeout
+        )
+
+
+def test_wrong_path_fails_at_once(service: Any, postgres_url: str) -> None:
+    key = make_project(postgres_url)
+    errors = Errors()
+    transport = WrongPath()
+    started = time.monotonic()
+    with Apex(key, service.base_url, on_error=errors, transport=transport) as apex:
+        event_id = apex.track("e", "/")
+    assert time.monotonic() - started < 10  # not the retries' 20-90 s
+    assert transport.statuses == [404]
+    [(error, events)] = errors.calls
+    assert (error.status, error.code) == (404, "not_found")
+    assert "not an Apex Ingest gateway" in error.message
+    assert [e["id"] for e in events] == [event_id]
 
 
 def test_close_at_exit_loses_nothing(service: Any, postgres_url: str, tmp_path: Path) -> None:
@@ -109,7 +136,7 @@ def test_close_at_exit_loses_nothing(service: Any, postgres_url: str, tmp_path: 
         textwrap.dedent(
             """
             import sys
-            from apex_ingest.client import Apex
+            from apex_ingest_sdk import Apex
 
             apex = Apex(sys.argv[1], sys.argv[2], flush_interval=3600)
             for i in range(int(sys.argv[3])):
@@ -138,23 +165,22 @@ def test_storage_down_503_then_200_stores_one_copy(postgres_url: str) -> None:
     try:
         with running_service(proxied, env=FAST) as running:
             errors = Errors()
-            statuses: list[int] = []
-            apex = Apex(key, running.base_url, on_error=errors, backoff_max=5.0, max_retries=10)
-            original = apex._post
-
-            def spy(payload: bytes) -> tuple[int, str | None, bytes]:
-                answer = original(payload)
-                statuses.append(answer[0])
-                return answer
-
-            apex._post = spy  # type: ignore[method-assign]
+            spy = SpyTransport()
+            apex = Apex(
+                key,
+                running.base_url,
+                on_error=errors,
+                backoff_max=5.0,
+                max_retries=10,
+                transport=spy,
+            )
             proxy.cut()
             ids = [apex.track("outage", f"/o/{i}", user_id="u") for i in range(50)]
             threading.Timer(2.0, proxy.restore).start()
             assert apex.flush(60)
             apex.close()
             assert errors.calls == []
-            assert 503 in statuses and statuses[-1] == 200
+            assert 503 in spy.statuses and spy.statuses[-1] == 200
         assert sorted(stored_ids(postgres_url)) == sorted(ids)
     finally:
         proxy.close()
@@ -164,22 +190,14 @@ def test_429_with_retry_after_stores_one_copy(postgres_url: str) -> None:
     key = make_project(postgres_url)
     with running_service(postgres_url, env={"APEX_RATE_LIMIT": "1/second"}) as running:
         errors = Errors()
-        statuses: list[int] = []
-        apex = Apex(key, running.base_url, on_error=errors, max_batch=10)
-        original = apex._post
-
-        def spy(payload: bytes) -> tuple[int, str | None, bytes]:
-            answer = original(payload)
-            statuses.append(answer[0])
-            return answer
-
-        apex._post = spy  # type: ignore[method-assign]
+        spy = SpyTransport()
+        apex = Apex(key, running.base_url, on_error=errors, max_batch=10, transport=spy)
         started = time.monotonic()
         ids = [apex.track("limited", f"/l/{i}") for i in range(30)]  # three full batches
         assert apex.flush(60)
         apex.close()
         assert errors.calls == []
-        assert 429 in statuses
+        assert 429 in spy.statuses
         assert time.monotonic() - started >= 1.0  # the second batch waited for its turn
     assert sorted(stored_ids(postgres_url)) == sorted(ids)
 

@@ -13,13 +13,14 @@ from typing import Any
 
 import grpc
 import pytest
-from apex_ingest_sdk import IngestClient, IngestError
+from apex_ingest_sdk import IngestClient, IngestError, grpc_client
 from apex_ingest_sdk._proto import ingest_pb2 as sdk_pb2
 from apex_ingest_sdk.grpc_client import to_event
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from apex_ingest.common import rpc
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.client.support import count_rows
 from tests.conftest import RunningServer, make_project
@@ -120,6 +121,45 @@ def test_server_and_sdk_event_messages_are_both_accepted() -> None:
     assert to_event(server_event).id == "server"
     assert to_event(sdk_event).id == "sdk"
     assert isinstance(to_event(server_event), sdk_pb2.Event)
+
+
+# ------------------------------------------------------------------ the SDK's copies of rpc facts
+
+
+def test_sdk_calls_the_servers_method() -> None:
+    assert grpc_client.SERVICE == rpc.SERVICE_NAME
+    assert grpc_client.METHOD == rpc.INGEST_METHOD
+
+
+@pytest.mark.parametrize(("attempts", "backoff"), [(2, "1s"), (3, "1s"), (5, "2s")])
+def test_sdk_retry_policy_is_the_servers(attempts: int, backoff: str) -> None:
+    assert grpc_client.service_config(attempts, backoff) == rpc.retry_service_config(
+        attempts, backoff
+    )
+
+
+def test_sdk_decodes_rich_details_as_the_server_packs_them() -> None:
+    status = status_pb2.Status(
+        code=code_pb2.UNAVAILABLE,
+        message="storage down",
+        details=[
+            rpc.bad_request([("events[3].url", "bad"), ("userId", "long")]),
+            rpc.retry_info(7),
+        ],
+    )
+    error = IngestError.from_rpc_error(
+        _FakeRpcError(grpc.StatusCode.UNAVAILABLE, "storage down", status.SerializeToString())
+    )
+    assert error.field_violations == rpc.field_violations(status)
+    assert error.retry_after == rpc.retry_delay(status) == 7.0
+
+
+def test_sdk_event_ids_have_the_servers_format() -> None:
+    shape = re.compile(r"[0-9a-f]{12}4[0-9a-f]{3}[89ab][0-9a-f]{15}")
+    for server_id in rpc.new_event_ids(50):
+        assert shape.fullmatch(server_id)
+    for _ in range(50):
+        assert shape.fullmatch(to_event({"type": "t", "url": "/"}).id)
 
 
 # ------------------------------------------------------------------ scripted server

@@ -24,7 +24,15 @@ from google.rpc import error_details_pb2, status_pb2
 from apex_ingest_sdk._proto import ingest_pb2
 from apex_ingest_sdk.client import new_event_id
 
-__all__ = ["METHOD", "SERVICE", "EventLike", "IngestClient", "IngestError", "to_event"]
+__all__ = [
+    "METHOD",
+    "SERVICE",
+    "EventLike",
+    "IngestClient",
+    "IngestError",
+    "service_config",
+    "to_event",
+]
 
 SERVICE: Final = "apex_ingest.v1.IngestService"
 METHOD: Final = f"/{SERVICE}/IngestEvents"
@@ -32,21 +40,29 @@ METHOD: Final = f"/{SERVICE}/IngestEvents"
 _DETAILS_KEY: Final = "grpc-status-details-bin"
 
 
-def _service_config(max_attempts: int) -> str:
-    # UNAVAILABLE means not stored (or, rarely, not known to be), and every event carries an id,
-    # so replaying the same request cannot duplicate anything. gRPC requires maxAttempts >= 2
-    # in a retry policy.
-    retry = {
-        "maxAttempts": max(2, min(max_attempts, 5)),
-        "initialBackoff": "0.1s",
-        "maxBackoff": "2s",
-        "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
-    }
-    config: dict[str, Any] = {"methodConfig": [{"name": [{"service": SERVICE}]}]}
+def service_config(max_attempts: int, max_backoff: str = "2s") -> dict[str, Any]:
+    """The channel's service config: gRPC's own retries of UNAVAILABLE, round-robin balancing.
+
+    UNAVAILABLE means not stored (or, rarely, not known to be), and every event carries an id,
+    so replaying the same request cannot duplicate anything. Retry throttling stops retries from
+    piling onto a server that is down. The same policy as the server's own callers use
+    (``apex_ingest.common.rpc.retry_service_config``; the repository's tests compare them).
+    With ``max_attempts`` below 2 there is no retry policy (gRPC requires at least 2 in one).
+    """
+    method: dict[str, Any] = {"name": [{"service": SERVICE}]}
     if max_attempts > 1:
-        config["methodConfig"][0]["retryPolicy"] = retry
-    return json.dumps(config)
+        method["retryPolicy"] = {
+            "maxAttempts": min(max_attempts, 5),  # gRPC caps it at 5
+            "initialBackoff": "0.1s",
+            "maxBackoff": max_backoff,
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    return {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [method],
+        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
+    }
 
 
 def _rich_status(error: Any, code: grpc.StatusCode, message: str) -> status_pb2.Status | None:
@@ -235,7 +251,7 @@ class IngestClient:
         self._credentials = credentials
         self._options: list[tuple[str, Any]] = [
             ("grpc.enable_retries", 1),
-            ("grpc.service_config", _service_config(max_attempts)),
+            ("grpc.service_config", json.dumps(service_config(max_attempts))),
             *options,
         ]
         self._lock = threading.Lock()

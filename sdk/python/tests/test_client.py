@@ -122,14 +122,15 @@ class Track(unittest.TestCase):
 
 class Construction(unittest.TestCase):
     def test_constructor_validates_limits(self) -> None:
-        for kwargs in (
+        cases: list[dict[str, Any]] = [
             {"max_batch": 501},
             {"max_batch": 0},
             {"max_queue": 0},
             {"flush_interval": 0},
             {"max_retries": -1},
             {"timeout": 0},
-        ):
+        ]
+        for kwargs in cases:
             with self.subTest(**kwargs), self.assertRaises(ValueError):
                 Apex("pk", **kwargs)
         with self.assertRaises(ValueError):
@@ -187,7 +188,7 @@ class Package(unittest.TestCase):
             self.assertTrue(hasattr(apex_ingest_sdk, name), name)
         self.assertEqual(apex_ingest_sdk.__version__, "0.1.0")
         with self.assertRaises(AttributeError):
-            apex_ingest_sdk.Nope  # type: ignore[attr-defined]  # noqa: B018
+            apex_ingest_sdk.Nope  # noqa: B018
 
     def test_importing_apex_loads_neither_grpc_nor_the_server(self) -> None:
         code = (

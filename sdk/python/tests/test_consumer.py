@@ -300,7 +300,11 @@ class Refusals(unittest.TestCase):
         for status in (401, 403, 415):
             with self.subTest(status=status):
                 fake = FakeIngest()
-                fake.responder = lambda r, n, status=status: refuse(status, "no")
+
+                def responder(request: Received, n: int, status: int = status) -> Answer:
+                    return refuse(status, "no")
+
+                fake.responder = responder
                 errors = Errors()
                 apex = client(fake, on_error=errors)
                 apex.track("e", "/")
@@ -329,7 +333,11 @@ class Refusals(unittest.TestCase):
         for name, answer in answers.items():
             with self.subTest(name):
                 fake = FakeIngest()
-                fake.responder = lambda r, n, answer=answer: answer
+
+                def same(request: Received, n: int, answer: Answer = answer) -> Answer:
+                    return answer
+
+                fake.responder = same
                 errors = Errors()
                 # Defaults otherwise: a retried failure would take tens of seconds to report.
                 apex = Apex(

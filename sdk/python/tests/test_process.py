@@ -66,8 +66,8 @@ class ProcessLifeCycle(unittest.TestCase):
                 child_ids = [apex.track("e", "/child", {"who": "child"}) for _ in range(4)]
                 flushed = apex.flush(10)
                 apex.close(10)
-                report = {"ids": child_ids, "flushed": flushed}
-                os.write(write_end, json.dumps(report).encode())
+                message = {"ids": child_ids, "flushed": flushed}
+                os.write(write_end, json.dumps(message).encode())
                 code = 0
             finally:
                 os._exit(code)

@@ -61,12 +61,17 @@ lint: install-dev $(BUF)
 	$(VENV)/bin/ruff check $(PYSRC)
 	$(VENV)/bin/ruff format --check $(PYSRC)
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
-## breaking: compare the proto against the previous commit
+## breaking: compare the proto against the last released state: the newest `v*` tag if there
+## is one, else where this branch left origin/main (or main), else the root commit
 breaking: $(BUF)
-	@if git rev-parse -q --verify HEAD~1 >/dev/null; then \
-		$(BUF) breaking --against '.git#ref=HEAD~1'; \
-	else echo "buf breaking: no previous commit, nothing to compare"; fi
+	@base=$$(git describe --tags --abbrev=0 --match 'v*' 2>/dev/null || \
+		git merge-base HEAD origin/main 2>/dev/null || \
+		git rev-list --max-parents=0 HEAD | tail -n 1); \
+	if [ "$$base" = "$$(git rev-parse HEAD)" ]; then base=$$(git rev-list --max-parents=0 HEAD | tail -n 1); fi; \
+	echo "buf breaking against $$base"; \
+	$(BUF) breaking --against ".git#ref=$$base"
 
 clean:
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache

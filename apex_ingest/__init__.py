@@ -1,8 +1,8 @@
 """Apex Ingest: the event-ingestion service of Apex.
 
 Kept free of imports on purpose: `apex_ingest.v1` (the generated stubs) and
-`apex_ingest.client` (the SDK) are imported by processes that must not pay for
-the server's dependencies.
+`apex_ingest.common` are imported by the gateway, which must not pay for the server's
+dependencies.
 """
 
 __version__ = "0.1.0"

@@ -1,3 +1,3 @@
-from apex_ingest.cli import main
+from apex_ingest.ops.cli import main
 
 main()

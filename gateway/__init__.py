@@ -5,7 +5,6 @@ It talks to the server only through the generated stubs in apex_ingest.v1.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,10 +31,10 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the gateway app; configuration comes from the environment, then ``test_config``."""
     app = Flask(__name__)
     app.json = OrjsonProvider(app)
-    app.config.from_mapping(config.from_environ(os.environ))
     if test_config is not None:
         app.config.from_mapping(test_config)
-    settings = config.GatewaySettings.from_mapping(app.config)
+    # The environment, overridden by test_config's APEX_* keys; ConfigError names a bad one.
+    settings = config.GatewaySettings.from_config(app.config)
     config.install(app, settings)
     # First: its hooks then see every request (request id, timing), even those refused early.
     observability.install(app)

@@ -7,7 +7,6 @@ channel is created lazily, by the process that uses it, and remade if the pid ch
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import threading
 from typing import Any
@@ -16,11 +15,11 @@ import grpc
 from flask import Flask, current_app
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from apex_ingest.logs import REQUEST_ID_METADATA, request_id_var
+from apex_ingest.common.logs import REQUEST_ID_METADATA, request_id_var
+from apex_ingest.common.rpc import SERVICE_NAME, retry_service_config_json
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from gateway.config import get_settings, positive_int_env
+from gateway.config import get_settings
 
-SERVICE_NAME = "apex_ingest.v1.IngestService"
 _EXTENSION_KEY = "apex_gateway.grpc"
 
 #: How long /healthz waits at most; a load balancer's probe should not hang on a dead server.
@@ -28,28 +27,8 @@ HEALTH_TIMEOUT = 2.0
 
 
 def service_config() -> str:
-    """The channel's service config: retries and load balancing, done by gRPC itself.
-
-    UNAVAILABLE means the server could not be reached or its storage was down: nothing was stored,
-    or (a connection broken mid-commit) nothing is known; the event ids stamped before the call
-    make a retry harmless either way, as they do a lost answer. Few attempts with short backoff:
-    the client's deadline bounds them anyway, and a fast 503 with Retry-After serves callers
-    better than a long wait. Retry throttling stops retries from piling onto a server that is
-    down.
-    """
-    retry = {
-        "maxAttempts": 3,
-        "initialBackoff": "0.1s",
-        "maxBackoff": "1s",
-        "backoffMultiplier": 2,
-        "retryableStatusCodes": ["UNAVAILABLE"],
-    }
-    config = {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "methodConfig": [{"name": [{"service": SERVICE_NAME}], "retryPolicy": retry}],
-        "retryThrottling": {"maxTokens": 10, "tokenRatio": 0.1},
-    }
-    return json.dumps(config)
+    """Retries of UNAVAILABLE and round-robin balancing (apex_ingest.common.rpc)."""
+    return retry_service_config_json(max_attempts=3, max_backoff="1s")
 
 
 def channel_options() -> list[tuple[str, Any]]:
@@ -68,23 +47,17 @@ def channel_options() -> list[tuple[str, Any]]:
     ]
 
 
-#: Channels (HTTP/2 connections) per gateway process. `apex-ingest serve` runs several gRPC
-#: server processes on one SO_REUSEPORT port and the kernel assigns each *connection* to one of
-#: them: with a single channel per worker, a worker's whole load lands on one server process.
-#: Calls go round-robin over the channels.
-def channel_count() -> int:
-    return positive_int_env("APEX_GRPC_CHANNELS") or 4
-
-
-CHANNELS = channel_count()
-
-
 class IngestClient:
     """IngestService and health calls over per-process channels, each call with a deadline."""
 
-    def __init__(self, target: str, timeout: float) -> None:
+    def __init__(self, target: str, timeout: float, channels: int = 4) -> None:
         self.target = target
         self.timeout = timeout
+        # Several channels (HTTP/2 connections) per process: `apex-ingest serve` runs several
+        # gRPC processes on one SO_REUSEPORT port and the kernel assigns each *connection* to
+        # one of them; with one channel, a worker's whole load would land on one process.
+        # Calls go round-robin over them.
+        self.channel_count = channels
         self._lock = threading.Lock()
         self._pid: int | None = None
         self._channel: grpc.Channel | None = None
@@ -105,7 +78,7 @@ class IngestClient:
             # closing would act on the parent's gRPC state.
             self._channels = [
                 grpc.insecure_channel(self.target, options=channel_options())
-                for _ in range(CHANNELS)
+                for _ in range(self.channel_count)
             ]
             self._stubs = [
                 ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
@@ -160,7 +133,7 @@ class IngestClient:
 
 def install(app: Flask) -> IngestClient:
     settings = get_settings(app)
-    client = IngestClient(settings.grpc_target, settings.grpc_timeout)
+    client = IngestClient(settings.grpc_target, settings.grpc_timeout, settings.grpc_channels)
     app.extensions[_EXTENSION_KEY] = client
     return client
 

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
 
 import grpc
-from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import status_pb2
 from grpc_status import rpc_status
 
+from apex_ingest.common.rpc import field_violations, retry_delay
 from gateway.errors import ApiError, FieldViolation, invalid
 from gateway.payload import public_field
 
 log = logging.getLogger(__name__)
-
-M = TypeVar("M", bound=Message)
 
 _HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -44,18 +41,14 @@ def to_api_error(error: grpc.RpcError, snippet: bool) -> ApiError:
         log.warning("IngestEvents failed: %s %r", code.name, error.details())
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         violations = [
-            FieldViolation(public_field(v.field, snippet), v.description)
-            for bad_request in _unpack(rich, error_details_pb2.BadRequest)
-            for v in bad_request.field_violations
+            FieldViolation(public_field(field, snippet), description)
+            for field, description in field_violations(rich)
         ]
         return invalid(violations)
     message = None
     if code in _FORWARD_MESSAGE:
         message = (error.details() or "")[:_MAX_MESSAGE] or None
-    retry_after = None
-    if status in (429, 503):
-        for info in _unpack(rich, error_details_pb2.RetryInfo):
-            retry_after = info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    retry_after = retry_delay(rich) if status in (429, 503) else None
     return ApiError(status, message, retry_after=retry_after)
 
 
@@ -66,16 +59,3 @@ def _rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
         # Details that disagree with the call's own status: trust the status, drop the details.
         return None
     return status
-
-
-def _unpack(rich: status_pb2.Status | None, kind: type[M]) -> list[M]:
-    """Each ``kind`` message among the status details."""
-    found: list[M] = []
-    if rich is None:
-        return found
-    for detail in rich.details:
-        if detail.Is(kind.DESCRIPTOR):
-            message = kind()
-            detail.Unpack(message)
-            found.append(message)
-    return found

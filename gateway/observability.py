@@ -1,7 +1,7 @@
 """Request ids, the access log and Prometheus metrics of the gateway (GET /metrics).
 
 Every request gets a request id: the client's `X-Request-ID` if it is a sane token (see
-apex_ingest.logs.clean_request_id), else a new one. It is returned in the `X-Request-ID`
+apex_ingest.common.logs.clean_request_id), else a new one. It is returned in the `X-Request-ID`
 response header, sent to the gRPC server as `x-request-id` metadata (gateway.grpc_client),
 and carried by every log record written while handling the request.
 
@@ -22,8 +22,8 @@ import time
 from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
-from apex_ingest import metrics as server_metrics
-from apex_ingest.logs import (
+from apex_ingest.common import metrics as server_metrics
+from apex_ingest.common.logs import (
     REQUEST_ID_HEADER,
     access_log_enabled,
     clean_request_id,

@@ -30,8 +30,8 @@ from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 from werkzeug.exceptions import TooManyRequests
 
+from apex_ingest.common.settings import GatewaySettings, Internal
 from gateway import request_state
-from gateway.config import GatewaySettings
 from gateway.shared_windows import SharedWindows
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ class RateLimiter:
 
 def install(app: Flask, settings: GatewaySettings, limited: Blueprint) -> RateLimiter:
     limiter = RateLimiter(
-        settings.rate_limit, settings.rate_limit_storage, settings.rate_limit_shared_file
+        settings.rate_limit, settings.rate_limit_storage, Internal.get(Internal.RATE_LIMIT_TABLE)
     )
 
     def check() -> None:

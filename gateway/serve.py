@@ -6,17 +6,15 @@ import atexit
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from granian import Granian
 from granian.constants import Interfaces
 from granian.http import HTTP1Settings
 
-from apex_ingest.logs import granian_log_config
-from gateway.config import positive_int_env
+from apex_ingest.common.logs import granian_log_config
+from apex_ingest.common.settings import GatewaySettings, Internal, load
+from gateway.granian_hooks import ignore_repeated_interrupts
 from gateway.shared_windows import create_table
-
-SHARED_FILE_ENV = "APEX_RATE_LIMIT_SHARED_FILE"
 
 #: Pending connections the kernel queues per listening socket before refusing more.
 BACKLOG = 2048
@@ -27,17 +25,6 @@ HEADER_READ_TIMEOUT_MS = 10_000
 WORKER_KILL_TIMEOUT_S = 30
 
 
-def threads_per_worker() -> int | None:
-    """APEX_HTTP_THREADS, else granian's default (half its backpressure: 512 here).
-
-    A request holds its thread while its body arrives, so many threads are what keeps clients
-    that trickle bodies from starving the rest (tests/reliability/test_slow_clients.py fails
-    with 8). Behind a proxy that buffers request bodies, 8 threads gave the same throughput and
-    half the p99 latency (fewer threads contending for the GIL).
-    """
-    return positive_int_env("APEX_HTTP_THREADS")
-
-
 def run_gateway(host: str, port: int, workers: int | None = None) -> None:
     """Serve ``gateway.wsgi:app`` on host:port until SIGINT/SIGTERM; blocks.
 
@@ -45,19 +32,24 @@ def run_gateway(host: str, port: int, workers: int | None = None) -> None:
     opens its own gRPC channel on first use, so nothing gRPC crosses a fork. With in-memory rate
     limits, the workers count in one table (gateway/shared_windows.py), removed at exit.
     """
-    if not os.environ.get(SHARED_FILE_ENV):
+    settings = load(GatewaySettings)
+    if not Internal.get(Internal.RATE_LIMIT_TABLE):
         descriptor, path = tempfile.mkstemp(prefix="apex-ratelimit-")
         os.close(descriptor)
         create_table(path)
         atexit.register(Path(path).unlink, missing_ok=True)
-        os.environ[SHARED_FILE_ENV] = path  # the workers inherit it
+        Internal.set(Internal.RATE_LIMIT_TABLE, path)  # the workers inherit it
     server = Granian(
         "gateway.wsgi:app",
         address=host,
         port=port,
         interface=Interfaces.WSGI,
         workers=workers or os.cpu_count() or 1,
-        blocking_threads=threads_per_worker(),
+        # A request holds its thread while its body arrives, so many threads (granian's default,
+        # 512 here) keep clients that trickle bodies from starving the rest
+        # (tests/reliability/test_slow_clients.py fails with 8). Behind a proxy that buffers
+        # bodies, 8 gave the same throughput and half the p99 (less GIL contention).
+        blocking_threads=settings.http_threads,
         backlog=BACKLOG,
         http1_settings=HTTP1Settings(header_read_timeout=HEADER_READ_TIMEOUT_MS),
         workers_kill_timeout=WORKER_KILL_TIMEOUT_S,
@@ -67,17 +59,3 @@ def run_gateway(host: str, port: int, workers: int | None = None) -> None:
     )
     ignore_repeated_interrupts(server)
     server.serve()
-
-
-def ignore_repeated_interrupts(server: Any) -> None:
-    """granian's master handler sets a threading.Event: a second signal arriving while the first
-    handler holds that Event's lock deadlocked the master for good (seen with `timeout -s INT`,
-    which signals the process and then its group). Once interrupted, further signals are no-ops.
-    """
-    interrupt = server.signal_handler_interrupt
-
-    def interrupt_once(*args: Any, **kwargs: Any) -> None:
-        if not server.interrupt_signal:
-            interrupt(*args, **kwargs)
-
-    server.signal_handler_interrupt = interrupt_once

@@ -3,8 +3,9 @@
 With `APEX_RATE_LIMIT_STORAGE=memory://` each granian worker used to count on its own, so N
 workers let N times the limit through. `apex-ingest gateway`/`serve` now create one small file
 (a table of counters, mapped into every worker's memory) and point the workers at it through
-APEX_RATE_LIMIT_SHARED_FILE. A hit takes an fcntl lock on the file: the kernel serializes the
-workers, and drops the lock of a worker that dies holding it.
+the internal variable _APEX_RATE_LIMIT_TABLE (apex_ingest.common.settings.Internal). A hit
+takes an fcntl lock on the file: the kernel serializes the workers, and drops the lock of a
+worker that dies holding it.
 
 The table has a fixed number of slots, found by hashing the window's name (open addressing,
 a few probes). A slot whose window has ended is free for another key. When every probed slot

@@ -23,10 +23,9 @@ from typing import Any
 
 from flask import Flask, Response
 
-log = logging.getLogger(__name__)
+from gateway import granian_hooks
 
-#: Seconds a worker keeps serving after it is told to stop.
-DEFAULT_DRAIN_SECONDS = 2.0
+log = logging.getLogger(__name__)
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _draining = threading.Event()
@@ -34,17 +33,6 @@ _draining = threading.Event()
 
 def draining() -> bool:
     return _draining.is_set()
-
-
-def drain_seconds(environ: dict[str, str] | os._Environ[str] = os.environ) -> float:
-    raw = environ.get("APEX_SHUTDOWN_DRAIN", "")
-    try:
-        value = float(raw) if raw.strip() else DEFAULT_DRAIN_SECONDS
-    except ValueError:
-        raise ValueError(f"APEX_SHUTDOWN_DRAIN must be a number of seconds, got {raw!r}") from None
-    if not 0 <= value <= 300:
-        raise ValueError(f"APEX_SHUTDOWN_DRAIN must be between 0 and 300 seconds, got {raw!r}")
-    return value
 
 
 def install_in_granian_worker(seconds: float) -> None:
@@ -59,19 +47,14 @@ def install_in_granian_worker(seconds: float) -> None:
     only flags it for the main thread, which sits blocked in granian's wait and never ran the
     handler, and the worker was killed 30 s later (seen, with Ctrl-C).
     """
-    import granian._signals as granian_signals
-
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    set_sync_signals = granian_signals.set_sync_signals
 
-    def set_draining_signals() -> Any:
-        stop = set_sync_signals()  # type: ignore[no-untyped-call]
+    def start_draining_thread(stop: Any) -> None:
         threading.Thread(
             target=_drain_on_signal, args=(stop, seconds), name="drain-on-signal", daemon=True
         ).start()
-        return stop
 
-    granian_signals.set_sync_signals = set_draining_signals
+    granian_hooks.on_worker_signals(start_draining_thread)
 
 
 def _drain_on_signal(stop: Any, seconds: float) -> None:

@@ -13,11 +13,11 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from apex_ingest.config import Settings
-from apex_ingest.database import create_db_engine, create_session_factory
-from apex_ingest.migrate import upgrade
-from apex_ingest.projects import create_project
-from apex_ingest.server import IngestServer, create_server
+from apex_ingest.common.settings import ServerSettings
+from apex_ingest.ops.migrate import upgrade
+from apex_ingest.server.database import create_db_engine, create_session_factory
+from apex_ingest.server.projects import create_project
+from apex_ingest.server.server import IngestServer, create_server
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "APEX_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -116,7 +116,7 @@ class RunningServer:
 
 def start_server(database_url: str, **settings: object) -> RunningServer:
     defaults: dict[str, object] = {"project_cache_ttl": 0.0, "health_interval": 0.2}
-    config = Settings(database_url=database_url, **{**defaults, **settings})  # type: ignore[arg-type]
+    config = ServerSettings(database_url=database_url, **{**defaults, **settings})  # type: ignore[arg-type]
     server, port = create_server("127.0.0.1:0", config)
     server.start()
     return RunningServer(server, port, database_url)

@@ -40,6 +40,11 @@ class IngestServiceStub:
                 request_serializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestEventsRequest.SerializeToString,
                 response_deserializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestEventsResponse.FromString,
                 _registered_method=True)
+        self.IngestMany = channel.unary_unary(
+                '/apex_ingest.v1.IngestService/IngestMany',
+                request_serializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestManyRequest.SerializeToString,
+                response_deserializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestManyResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -71,6 +76,28 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IngestMany(self, request, context):
+        """IngestMany carries many independent IngestEvents requests in one call: the
+        HTTP gateway puts the requests that arrive while its previous call is in
+        flight into one IngestMany call. Internal callers that gather requests from
+        many sources may use it too.
+
+        Each request keeps everything it would have alone: its own key, origin
+        check, validation, atomicity and answer, in `results[i]` for
+        `requests[i]`. One request's unknown key or invalid event never changes
+        another's outcome. The accepted requests of a call are committed together
+        (one group commit), each all-or-nothing.
+
+        The call itself fails only for what concerns all of it: RESOURCE_EXHAUSTED
+        (the server is saturated, with RetryInfo), UNAVAILABLE (the server is
+        going away), DEADLINE_EXCEEDED, or INVALID_ARGUMENT for more than 1000
+        requests. A server older than this RPC answers UNIMPLEMENTED: call
+        IngestEvents once per request instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +105,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.IngestEvents,
                     request_deserializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestEventsRequest.FromString,
                     response_serializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestEventsResponse.SerializeToString,
+            ),
+            'IngestMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.IngestMany,
+                    request_deserializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestManyRequest.FromString,
+                    response_serializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestManyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -108,6 +140,33 @@ class IngestService:
             '/apex_ingest.v1.IngestService/IngestEvents',
             apex__ingest_dot_v1_dot_ingest__pb2.IngestEventsRequest.SerializeToString,
             apex__ingest_dot_v1_dot_ingest__pb2.IngestEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apex_ingest.v1.IngestService/IngestMany',
+            apex__ingest_dot_v1_dot_ingest__pb2.IngestManyRequest.SerializeToString,
+            apex__ingest_dot_v1_dot_ingest__pb2.IngestManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

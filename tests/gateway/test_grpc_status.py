@@ -66,7 +66,7 @@ def test_request_sent_to_the_server(fake_server: StartFake) -> None:
         client_ip="127.0.0.1", user_agent="sdk/1.0", origin="https://a.example"
     )
     first, second = request.events
-    assert len(first.id) == 36  # stamped by the gateway
+    assert len(first.id) == 32  # stamped by the gateway (uuid4 hex, the one id format)
     assert second.id == "mine"  # the client's own is kept
 
 

@@ -1,4 +1,4 @@
-"""How `gateway/serve.py` sizes granian from the environment."""
+"""How `gateway/serve.py` runs granian."""
 
 from __future__ import annotations
 
@@ -7,29 +7,9 @@ import signal
 import threading
 from types import SimpleNamespace
 
-import pytest
 from granian.server.common import AbstractServer
 
-from gateway.serve import ignore_repeated_interrupts, threads_per_worker
-
-
-def test_threads_default_to_granians(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("APEX_HTTP_THREADS", raising=False)
-    assert threads_per_worker() is None
-    monkeypatch.setenv("APEX_HTTP_THREADS", " ")
-    assert threads_per_worker() is None
-
-
-def test_threads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("APEX_HTTP_THREADS", " 8 ")
-    assert threads_per_worker() == 8
-
-
-@pytest.mark.parametrize("raw", ["0", "-4", "eight", "2.5"])
-def test_threads_reject_nonsense(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
-    monkeypatch.setenv("APEX_HTTP_THREADS", raw)
-    with pytest.raises(ValueError, match="APEX_HTTP_THREADS"):
-        threads_per_worker()
+from gateway.granian_hooks import ignore_repeated_interrupts
 
 
 def test_a_signal_during_the_masters_interrupt_handler_is_ignored() -> None:

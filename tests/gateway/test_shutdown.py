@@ -31,14 +31,3 @@ def test_answers_say_connection_close_only_while_draining(client: FlaskClient) -
         assert client.get("/").headers["Connection"] == "close"
     finally:
         shutdown._draining.clear()
-
-
-@pytest.mark.parametrize(("raw", "seconds"), [("", 2.0), ("0", 0.0), ("1.5", 1.5), (" 30 ", 30.0)])
-def test_drain_seconds(raw: str, seconds: float) -> None:
-    assert shutdown.drain_seconds({"APEX_SHUTDOWN_DRAIN": raw}) == seconds
-
-
-@pytest.mark.parametrize("raw", ["soon", "-1", "301", "nan"])
-def test_drain_seconds_rejects_nonsense(raw: str) -> None:
-    with pytest.raises(ValueError, match="APEX_SHUTDOWN_DRAIN"):
-        shutdown.drain_seconds({"APEX_SHUTDOWN_DRAIN": raw})

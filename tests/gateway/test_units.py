@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 import orjson
 import pytest
 
+from apex_ingest.common.settings import GatewaySettings
 from gateway import json_codec
 from gateway.client_ip import client_ip
-from gateway.config import GatewaySettings, default_grpc_target, parse_networks
 from gateway.errors import ApiError, retry_after_seconds
 from gateway.payload import parse_timestamp, public_field, to_request
 
@@ -186,7 +185,7 @@ def test_fragments_are_what_orjson_writes() -> None:
 
 # -- client IP ----------------------------------------------------------------------------------
 
-TRUSTED = parse_networks("10.0.0.0/8, 192.0.2.1, ::1")
+TRUSTED = GatewaySettings(trusted_proxies="10.0.0.0/8, 192.0.2.1, ::1").trusted_proxies
 
 
 @pytest.mark.parametrize(
@@ -214,63 +213,6 @@ def test_client_ip(peer: str, forwarded: str, trusted: tuple[Any, ...], expected
     assert client_ip(environ, trusted) == expected
 
 
-# -- settings -----------------------------------------------------------------------------------
-
-
-def test_settings_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("APEX_GRPC_PORT", raising=False)
-    monkeypatch.delenv("APEX_HOST", raising=False)
-    settings = GatewaySettings.from_mapping({})
-    assert settings.grpc_target == "127.0.0.1:50051"
-    assert settings.grpc_timeout == 5.0
-    assert settings.max_body_bytes == 1048576
-    assert settings.rate_limit == "100/second"
-    assert settings.rate_limit_storage == "memory://"
-    assert settings.trusted_proxies == ()
-    assert settings.cors_max_age == 86400
-
-
-def test_settings_from_strings() -> None:
-    settings = GatewaySettings.from_mapping(
-        {
-            "APEX_GRPC_TARGET": "dns:///ingest.internal:50051",
-            "APEX_GRPC_TIMEOUT": "2.5",
-            "APEX_MAX_BODY_BYTES": "2048",
-            "APEX_TRUSTED_PROXIES": "10.0.0.0/8,192.0.2.1",
-        }
-    )
-    assert settings.grpc_target == "dns:///ingest.internal:50051"
-    assert settings.grpc_timeout == 2.5
-    assert settings.max_body_bytes == 2048
-    assert settings.trusted_proxies == (
-        ipaddress.ip_network("10.0.0.0/8"),
-        ipaddress.ip_network("192.0.2.1/32"),
-    )
-
-
-@pytest.mark.parametrize(
-    "values",
-    [
-        {"APEX_GRPC_TIMEOUT": "soon"},
-        {"APEX_GRPC_TIMEOUT": "0"},
-        {"APEX_GRPC_TIMEOUT": "nan"},
-        {"APEX_MAX_BODY_BYTES": "1.5"},
-        {"APEX_MAX_BODY_BYTES": "-1"},
-        {"APEX_TRUSTED_PROXIES": "10.0.0.0/8, proxy.local"},
-    ],
-)
-def test_bad_settings_fail_at_start(values: dict[str, str]) -> None:
-    with pytest.raises(ValueError, match=next(iter(values))):
-        GatewaySettings.from_mapping(values)
-
-
-def test_default_target_follows_serve_settings() -> None:
-    assert default_grpc_target({"APEX_GRPC_PORT": "6000"}) == "127.0.0.1:6000"
-    assert default_grpc_target({"APEX_HOST": "0.0.0.0"}) == "127.0.0.1:50051"
-    assert default_grpc_target({"APEX_HOST": "10.1.1.1"}) == "10.1.1.1:50051"
-    assert default_grpc_target({"APEX_HOST": "::1"}) == "[::1]:50051"
-
-
 @pytest.mark.parametrize(
     ("seconds", "header"), [(None, 1), (0, 1), (0.2, 1), (1, 1), (1.01, 2), (30, 30)]
 )
@@ -278,16 +220,16 @@ def test_retry_after_rounds_up(seconds: float | None, header: int) -> None:
     assert retry_after_seconds(seconds) == header
 
 
-def test_stamped_event_ids_are_distinct_version_4_uuids() -> None:
+def test_stamped_event_ids_are_distinct_version_4_uuids_in_hex() -> None:
     import uuid
 
-    from gateway.payload import uuid4_strings
+    from apex_ingest.common.rpc import new_event_ids
 
-    ids = uuid4_strings(500)
+    ids = new_event_ids(500)
     assert len(set(ids)) == 500
     for text in ids:
-        parsed = uuid.UUID(text)
-        assert str(parsed) == text
+        parsed = uuid.UUID(hex=text)
+        assert parsed.hex == text  # 32 lower-case hex digits, as apex.js and the server make
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
     payload = to_request({"projectKey": "k", "events": [{"type": "t", "url": "/"}] * 3})
     assert len({event.id for event in payload.request.events}) == 3

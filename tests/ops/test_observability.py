@@ -8,7 +8,6 @@ import sys
 import time
 from urllib.parse import urlsplit
 
-import pytest
 import requests
 
 from tests.conftest import make_project
@@ -188,19 +187,3 @@ def test_a_gateway_run_alone_serves_its_workers_metrics(sqlite_url: str) -> None
             assert _post(base_url, key, 2).status_code == 200
         samples = scrape(f"{base_url}/metrics")
     assert value(samples, "apex_gateway_events_accepted_total", project=key) == 8
-
-
-@pytest.mark.parametrize(
-    ("raw", "enabled"),
-    [(None, True), ("1", True), ("yes", True), ("0", False), ("false", False), (" OFF ", False)],
-)
-def test_the_access_log_switch_reads_the_usual_words(
-    monkeypatch: pytest.MonkeyPatch, raw: str | None, enabled: bool
-) -> None:
-    from apex_ingest.logs import access_log_enabled
-
-    if raw is None:
-        monkeypatch.delenv("APEX_ACCESS_LOG", raising=False)
-    else:
-        monkeypatch.setenv("APEX_ACCESS_LOG", raw)
-    assert access_log_enabled() is enabled

@@ -11,10 +11,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import create_engine, text
 
-from apex_ingest import partitions
-from apex_ingest.database import create_db_engine, create_session_factory
-from apex_ingest.migrate import upgrade
-from apex_ingest.storage import EventStore, insert_events
+from apex_ingest.ops import partitions
+from apex_ingest.ops.migrate import upgrade
+from apex_ingest.server.database import create_db_engine, create_session_factory
+from apex_ingest.server.storage import EventStore, insert_events
 from tests.conftest import make_project
 
 pytestmark = pytest.mark.postgres
@@ -152,7 +152,7 @@ def test_migration_keeps_existing_rows(postgres_url: str) -> None:
     """Downgrade to the unpartitioned table, store rows, upgrade again: nothing is lost."""
     from alembic import command
 
-    from apex_ingest.migrate import alembic_config
+    from apex_ingest.ops.migrate import alembic_config
 
     project_id = _project_id(postgres_url)
     command.downgrade(alembic_config(postgres_url), "0001")
@@ -229,8 +229,8 @@ def test_autogenerate_sees_no_difference_on_a_migrated_database(postgres_url: st
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from apex_ingest.migrate import include_in_autogenerate
-    from apex_ingest.models import Base
+    from apex_ingest.ops.migrate import include_in_autogenerate
+    from apex_ingest.server.models import Base
 
     engine = create_engine(postgres_url)
     try:

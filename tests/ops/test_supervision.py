@@ -97,7 +97,7 @@ def test_a_crashed_gateway_worker_is_replaced(postgres_url: str) -> None:
 
 def test_a_child_that_cannot_start_is_given_up() -> None:
     """Instead of being restarted every second forever, filling the log with tracebacks."""
-    from apex_ingest.supervisor import Supervised
+    from apex_ingest.ops.supervisor import Supervised
 
     given_up = threading.Event()
     child = Supervised(
@@ -117,10 +117,12 @@ def test_serve_stops_with_an_error_when_its_grpc_server_cannot_start(sqlite_url:
     """Given up before the gateway started, `serve` used to die of its own SIGTERM (143)."""
     script = f"""
 import sys
-from apex_ingest import supervisor
-from apex_ingest.config import Settings
+from apex_ingest.ops import supervisor
+from apex_ingest.common.settings import ServerSettings
 sys.executable = "/bin/false"  # every gRPC child exits at once
-settings = Settings(database_url={sqlite_url!r}, http_port={free_port()}, grpc_port={free_port()})
+settings = ServerSettings(
+    database_url={sqlite_url!r}, http_port={free_port()}, grpc_port={free_port()}
+)
 supervisor.serve_all(settings, 1, 1)
 """
     env = {**os.environ, "APEX_SHUTDOWN_DRAIN": "0.2"}

@@ -33,8 +33,8 @@ from schemathesis.checks import (
 from schemathesis.transport.wsgi import WSGI_TRANSPORT
 from sqlalchemy import create_engine, text
 
-from apex_ingest import validation
-from apex_ingest.errors import FieldViolation
+from apex_ingest.server import validation
+from apex_ingest.server.errors import FieldViolation
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from gateway import create_app
 from tests.conftest import make_project, start_server

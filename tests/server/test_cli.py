@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from apex_ingest.migrate import current_revision
+from apex_ingest.ops.migrate import current_revision
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 COMMAND = [sys.executable, "-m", "apex_ingest"]
@@ -185,7 +185,7 @@ def test_admin_commands_name_a_bad_setting_too() -> None:
 
 
 def test_postgresql_urls_without_a_driver_use_psycopg() -> None:
-    from apex_ingest.config import check_database_url
+    from apex_ingest.common.settings import check_database_url
 
     url = check_database_url("postgresql://postgres@127.0.0.1:5432/x")
     assert url == "postgresql+psycopg://postgres@127.0.0.1:5432/x"

@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from apex_ingest import storage
-from apex_ingest.database import create_db_engine, create_session_factory
-from apex_ingest.errors import IngestError, StorageUnavailable
-from apex_ingest.projects import create_project
-from apex_ingest.storage import EventStore, _Pending
+from apex_ingest.server import storage
+from apex_ingest.server.database import create_db_engine, create_session_factory
+from apex_ingest.server.errors import IngestError, StorageUnavailable
+from apex_ingest.server.projects import create_project
+from apex_ingest.server.storage import EventStore, _Pending
 
 
 @pytest.fixture

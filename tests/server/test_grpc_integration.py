@@ -18,8 +18,8 @@ from grpc_status import rpc_status
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from apex_ingest.database import create_db_engine, create_session_factory
-from apex_ingest.projects import revoke_project
+from apex_ingest.server.database import create_db_engine, create_session_factory
+from apex_ingest.server.projects import revoke_project
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.conftest import RunningServer, make_project, start_server
 from tests.tcp_proxy import TcpProxy

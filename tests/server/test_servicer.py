@@ -9,10 +9,10 @@ import grpc_testing
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from apex_ingest.database import create_db_engine, create_session_factory
-from apex_ingest.projects import ProjectDirectory
-from apex_ingest.servicer import IngestServicer
-from apex_ingest.storage import EventStore
+from apex_ingest.server.database import create_db_engine, create_session_factory
+from apex_ingest.server.projects import ProjectDirectory
+from apex_ingest.server.servicer import IngestServicer
+from apex_ingest.server.storage import EventStore
 from apex_ingest.v1 import ingest_pb2
 from tests.conftest import make_project
 
@@ -112,7 +112,7 @@ def test_an_allowlist_stored_in_unicode_matches_the_punycode_origin(sqlite_url: 
     """Rows written before hosts were encoded still let the real site in."""
     from sqlalchemy import update
 
-    from apex_ingest.models import Project
+    from apex_ingest.server.models import Project
 
     key = make_project(sqlite_url)
     engine = create_db_engine(sqlite_url)

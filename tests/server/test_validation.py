@@ -7,9 +7,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from apex_ingest.errors import FieldViolation
+from apex_ingest.server.errors import FieldViolation
+from apex_ingest.server.validation import build_rows, check_request_shape, data_problem
 from apex_ingest.v1 import ingest_pb2
-from apex_ingest.validation import build_rows, check_request_shape, data_problem
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 

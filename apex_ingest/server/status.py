@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from apex_ingest.errors import (
+from apex_ingest.common.rpc import bad_request, retry_info
+from apex_ingest.server.errors import (
     DeadlinePassed,
     IngestError,
     InvalidRequest,
@@ -17,28 +17,17 @@ from apex_ingest.errors import (
 )
 
 
-def _packed(message: object) -> any_pb2.Any:
-    detail = any_pb2.Any()
-    detail.Pack(message)  # type: ignore[arg-type]
-    return detail
-
-
-def retry_info(seconds: int) -> any_pb2.Any:
-    return _packed(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds)))
-
-
 def error_status(error: IngestError) -> grpc.Status:
+    """The status a call refused for `error` ends with."""
+    return rpc_status.to_status(rich_status(error))
+
+
+def rich_status(error: IngestError) -> status_pb2.Status:
+    """`error` as a google.rpc.Status: its code, message and details."""
     if isinstance(error, InvalidRequest):
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in error.violations
-            ]
-        )
+        details = bad_request((v.field, v.description) for v in error.violations)
         status = status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT, message=str(error), details=[_packed(bad_request)]
+            code=code_pb2.INVALID_ARGUMENT, message=str(error), details=[details]
         )
     elif isinstance(error, UnknownProject):
         status = status_pb2.Status(code=code_pb2.UNAUTHENTICATED, message=str(error))
@@ -54,4 +43,4 @@ def error_status(error: IngestError) -> grpc.Status:
         )
     else:
         status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
-    return rpc_status.to_status(status)
+    return status

@@ -5,7 +5,7 @@ Revises: 0001
 Create Date: 2026-11-28
 
 `events` keeps its columns (analytics read them) but becomes a table partitioned by range of
-`occurred_at` (see apex_ingest/partitions.py). Its unique (project_id, event_id) cannot stay
+`occurred_at` (see apex_ingest/ops/partitions.py). Its unique (project_id, event_id) cannot stay
 (a unique index of a partitioned table must include the partition key), so dedup moves to
 the new unpartitioned `event_ids` (project_id, event_id) primary key; the primary key of
 `events` becomes (id, occurred_at). Existing rows are copied. SQLite: nothing changes.
@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from alembic import op
 from sqlalchemy import text
 
-from apex_ingest import partitions
+from apex_ingest.ops import partitions
 
 revision = "0002"
 down_revision = "0001"

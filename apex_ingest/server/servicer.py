@@ -8,26 +8,28 @@ from collections.abc import Callable
 
 import grpc
 
-from apex_ingest import metrics
-from apex_ingest.errors import (
-    IngestError,
-    InvalidRequest,
-    OriginNotAllowed,
-    StorageUnavailable,
-)
-from apex_ingest.ingest import ingest_events
-from apex_ingest.logs import (
+from apex_ingest.common.logs import (
     REQUEST_ID_METADATA,
     access_log_enabled,
     clean_request_id,
     request_id_var,
 )
-from apex_ingest.projects import ProjectDirectory
-from apex_ingest.status import error_status
-from apex_ingest.storage import EventStore
+from apex_ingest.server import metrics
+from apex_ingest.server.errors import (
+    IngestError,
+    InvalidRequest,
+    OriginNotAllowed,
+    StorageUnavailable,
+)
+from apex_ingest.server.ingest import ingest_events, ingest_many
+from apex_ingest.server.projects import ProjectDirectory
+from apex_ingest.server.status import error_status, rich_status
+from apex_ingest.server.storage import EventStore
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger(__name__)
+#: Requests in one IngestMany call (the gateway sends far fewer; see the proto).
+MAX_REQUESTS_PER_CALL = 1000
 access_log = logging.getLogger("apex_ingest.access")
 
 
@@ -95,6 +97,75 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     },
                 )
             request_id_var.reset(token)
+
+    def IngestMany(
+        self, request: ingest_pb2.IngestManyRequest, context: grpc.ServicerContext
+    ) -> ingest_pb2.IngestManyResponse:
+        token = request_id_var.set(_request_id(context))
+        started = time.perf_counter()
+        metrics.RPC_IN_FLIGHT.labels("IngestMany").inc()
+        code = grpc.StatusCode.OK
+        results: list[ingest_pb2.IngestResult] = []
+        try:
+            if len(request.requests) > MAX_REQUESTS_PER_CALL:
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                context.abort(code, f"at most {MAX_REQUESTS_PER_CALL} requests per call")
+            remaining = context.time_remaining()
+            try:
+                outcomes = ingest_many(
+                    request.requests,
+                    self._projects,
+                    self._store,
+                    self._retry_after,
+                    None if remaining is None else time.monotonic() + remaining,
+                )
+            except Exception:
+                log.exception("IngestMany failed")  # a bug: every request gets INTERNAL
+                outcomes = [IngestError() for _ in request.requests]
+            for sub, outcome in zip(request.requests, outcomes, strict=True):
+                results.append(self._result(sub, outcome))
+            return ingest_pb2.IngestManyResponse(results=results)
+        finally:
+            elapsed = time.perf_counter() - started
+            metrics.RPC_IN_FLIGHT.labels("IngestMany").dec()
+            metrics.RPC_DURATION.labels("IngestMany", code.name).observe(elapsed)
+            if access_log_enabled():
+                access_log.info(
+                    "IngestMany %s",
+                    code.name,
+                    extra={
+                        "rpc": "IngestMany",
+                        "code": code.name,
+                        "requests": len(request.requests),
+                        "refused": sum(1 for r in results if r.status.code),
+                        "events": sum(len(sub.events) for sub in request.requests),
+                        "duration_ms": round(elapsed * 1000, 3),
+                    },
+                )
+            request_id_var.reset(token)
+
+    def _result(
+        self, request: ingest_pb2.IngestEventsRequest, outcome: int | IngestError
+    ) -> ingest_pb2.IngestResult:
+        """One request's result, counted in the metrics as IngestEvents would count it."""
+        if isinstance(outcome, IngestError):
+            if isinstance(outcome, StorageUnavailable):
+                log.warning(
+                    "storage unavailable: %r",
+                    outcome.__cause__,
+                    extra={"request_id": request.context.request_id or request_id_var.get()},
+                )
+                self._on_storage_unavailable()
+            _rejected(request, outcome)
+            rich = rich_status(outcome)
+            return ingest_pb2.IngestResult(
+                status=ingest_pb2.RequestStatus(
+                    code=rich.code, message=rich.message, details=rich.details
+                )
+            )
+        if not request.validate_only:
+            metrics.EVENTS_ACCEPTED.labels(request.project_key).inc(outcome)
+        return ingest_pb2.IngestResult(received=outcome)
 
 
 def _request_id(context: grpc.ServicerContext) -> str:

@@ -1,6 +1,6 @@
 """PROMETHEUS_MULTIPROC_DIR for a tree of server processes.
 
-Kept apart from apex_ingest.metrics on purpose: prometheus-client decides at import time
+Kept apart from apex_ingest.common.metrics on purpose: prometheus-client decides at import time
 whether it runs in multiprocess mode, so the directory must be set before it is imported.
 """
 
@@ -11,9 +11,9 @@ import os
 import shutil
 import tempfile
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-#: Set by a parent that serves its children's metrics itself (children must not bind the port).
-SERVED_BY_PARENT_ENV = "APEX_METRICS_SERVED_BY_PARENT"
+from apex_ingest.common.settings import Internal
+
+MULTIPROC_ENV = Internal.PROMETHEUS_MULTIPROC_DIR
 
 
 def prepare_multiprocess_dir() -> str:
@@ -22,11 +22,11 @@ def prepare_multiprocess_dir() -> str:
     Child processes inherit the variable. A directory made here is removed when this process
     exits; a configured one is the operator's to empty between runs (prometheus-client's rule).
     """
-    existing = os.environ.get(MULTIPROC_ENV)
+    existing = Internal.get(MULTIPROC_ENV)
     if existing:
         os.makedirs(existing, exist_ok=True)
         return existing
     directory = tempfile.mkdtemp(prefix="apex-metrics-")
-    os.environ[MULTIPROC_ENV] = directory
+    Internal.set(MULTIPROC_ENV, directory)
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return directory

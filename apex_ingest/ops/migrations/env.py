@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from apex_ingest.migrate import include_in_autogenerate
-from apex_ingest.models import Base
+from apex_ingest.ops.migrate import include_in_autogenerate
+from apex_ingest.server.models import Base
 
 config = context.config
 target_metadata = Base.metadata

@@ -9,25 +9,26 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
 
-from apex_ingest.errors import FieldViolation
+from apex_ingest.common.limits import (
+    MAX_DATA_BYTES,
+    MAX_DATA_DEPTH,
+    MAX_EVENT_ID_CHARS,
+    MAX_EVENTS,
+    MAX_FUTURE,
+    MAX_ID_CHARS,
+    MAX_TYPE_CHARS,
+    MAX_URL_CHARS,
+    MAX_USER_AGENT_CHARS,
+)
+from apex_ingest.common.rpc import new_event_ids
+from apex_ingest.server.errors import FieldViolation
 from apex_ingest.v1 import ingest_pb2
-
-MAX_EVENTS = 500
-MAX_TYPE_CHARS = 100
-MAX_ID_CHARS = 128
-MAX_EVENT_ID_CHARS = 64
-MAX_URL_CHARS = 4096
-MAX_DATA_BYTES = 32 * 1024
-MAX_DATA_DEPTH = 16
-MAX_USER_AGENT_CHARS = 1024
-MAX_FUTURE = timedelta(days=1)
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: PostgreSQL stores JSON numbers as `numeric`: at most 16383 digits after the decimal point
@@ -96,7 +97,7 @@ def build_rows(
             if problem:
                 violations.append(FieldViolation(prefix + "id", problem))
         else:
-            event_id = uuid.uuid4().hex
+            event_id = new_event_ids(1)[0]
 
         problem = _type_problem(event.type)
         if problem:

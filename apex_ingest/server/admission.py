@@ -25,8 +25,8 @@ import grpc
 from google.rpc import code_pb2, status_pb2
 from grpc_status import rpc_status
 
-from apex_ingest import metrics
-from apex_ingest.status import retry_info
+from apex_ingest.common.rpc import retry_info
+from apex_ingest.server import metrics
 
 
 class CountingExecutor(futures.ThreadPoolExecutor):

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 import uuid
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
+
+from apex_ingest.common.settings import LogSettings, load
 
 #: The current call's request id, if any.
 request_id_var: ContextVar[str | None] = ContextVar("apex_request_id", default=None)
@@ -101,15 +102,28 @@ def _escape(text: str) -> str:
     return _CONTROL_RE.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
+#: The log settings of this process, read once (configure_logging, or the first record's need).
+_settings: LogSettings | None = None
+
+
+def log_settings() -> LogSettings:
+    global _settings
+    if _settings is None:
+        _settings = load(LogSettings)
+    return _settings
+
+
 def log_format(default: str = "json") -> str:
-    value = os.environ.get("APEX_LOG_FORMAT", "").strip().lower() or default
-    if value not in ("json", "text"):
-        raise ValueError("APEX_LOG_FORMAT must be json or text")
-    return value
+    """APEX_LOG_FORMAT, else `default`."""
+    return log_settings().log_format or default
 
 
 def configure_logging(default_format: str = "json") -> None:
-    """Log to stderr in APEX_LOG_FORMAT (else `default_format`) at APEX_LOG_LEVEL (INFO)."""
+    """Log to stderr in APEX_LOG_FORMAT (else `default_format`) at APEX_LOG_LEVEL (INFO).
+
+    Reads the log settings anew (ConfigError naming a bad variable)."""
+    global _settings
+    _settings = load(LogSettings)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
         JsonFormatter() if log_format(default_format) == "json" else TextFormatter()
@@ -118,16 +132,12 @@ def configure_logging(default_format: str = "json") -> None:
     for existing in list(root.handlers):
         root.removeHandler(existing)
     root.addHandler(handler)
-    root.setLevel(os.environ.get("APEX_LOG_LEVEL", "INFO").strip().upper() or "INFO")
-
-
-#: How a yes/no environment variable says no (anything else, or unset, is yes).
-OFF_VALUES = frozenset({"0", "false", "no", "off"})
+    root.setLevel(_settings.log_level)
 
 
 def access_log_enabled() -> bool:
-    """One INFO record per request/RPC unless APEX_ACCESS_LOG is 0/false/no/off."""
-    return os.environ.get("APEX_ACCESS_LOG", "1").strip().lower() not in OFF_VALUES
+    """One INFO record per request/RPC unless APEX_ACCESS_LOG is off (read once)."""
+    return log_settings().access_log
 
 
 def make_formatter() -> logging.Formatter:
@@ -154,9 +164,9 @@ def granian_log_config() -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "formatters": {"apex": {"()": "apex_ingest.logs.make_formatter"}},
+        "formatters": {"apex": {"()": "apex_ingest.common.logs.make_formatter"}},
         "filters": {
-            "drop_thread_count_warning": {"()": "apex_ingest.logs._DropThreadCountWarning"}
+            "drop_thread_count_warning": {"()": "apex_ingest.common.logs._DropThreadCountWarning"}
         },
         "handlers": {"console": handler, "access": handler},
         "loggers": {

@@ -1,5 +1,5 @@
 """The database schema. `events` is a public surface read by analytics jobs:
-change it only through an Alembic migration (apex_ingest/migrations)."""
+change it only through an Alembic migration (apex_ingest/ops/migrations)."""
 
 from __future__ import annotations
 

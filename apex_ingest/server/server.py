@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from concurrent import futures
 
 import grpc
@@ -11,17 +10,16 @@ from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
-from apex_ingest import metrics
-from apex_ingest.admission import AdmissionInterceptor, CountingExecutor
-from apex_ingest.config import Settings, address_host
-from apex_ingest.database import create_db_engine, create_session_factory
-from apex_ingest.health import SERVICE_NAME, StorageHealthMonitor
-from apex_ingest.logs import OFF_VALUES
-from apex_ingest.projects import ProjectDirectory
-from apex_ingest.servicer import IngestServicer
-from apex_ingest.stop_signals import StopSignals
-from apex_ingest.storage import EventStore
-from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from apex_ingest.common.rpc import INGEST_MANY_METHOD, INGEST_METHOD, SERVICE_NAME
+from apex_ingest.common.settings import ServerSettings, load
+from apex_ingest.server import metrics
+from apex_ingest.server.admission import AdmissionInterceptor, CountingExecutor
+from apex_ingest.server.database import create_db_engine, create_session_factory
+from apex_ingest.server.health import StorageHealthMonitor
+from apex_ingest.server.projects import ProjectDirectory
+from apex_ingest.server.servicer import IngestServicer
+from apex_ingest.server.storage import EventStore
+from apex_ingest.v1 import ingest_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +54,14 @@ class IngestServer:
         return bool(self.grpc_server.wait_for_termination(timeout))
 
 
-def create_server(address: str, settings: Settings | None = None) -> tuple[IngestServer, int]:
+def create_server(address: str, settings: ServerSettings | None = None) -> tuple[IngestServer, int]:
     """Build (not start) the server on `address` ("host:port", port 0 picks one)."""
-    settings = settings or Settings.from_env()
+    settings = settings or load(ServerSettings)
     engine = create_db_engine(settings.database_url, settings)
     metrics.instrument_pool(engine)
     session_factory = create_session_factory(engine)
 
     pool = CountingExecutor(settings.grpc_threads)
-    ingest_method = f"/{SERVICE_NAME}/IngestEvents"
     server = grpc.server(
         pool,
         interceptors=[
@@ -72,7 +69,7 @@ def create_server(address: str, settings: Settings | None = None) -> tuple[Inges
                 pool,
                 settings.grpc_max_concurrent_rpcs,
                 settings.retry_after_seconds,
-                frozenset({ingest_method}),
+                frozenset({INGEST_METHOD, INGEST_MANY_METHOD}),
             )
         ],
         options=[
@@ -99,49 +96,13 @@ def create_server(address: str, settings: Settings | None = None) -> tuple[Inges
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (
-            ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+            SERVICE_NAME,
             health.SERVICE_NAME,
             reflection.SERVICE_NAME,
         ),
         server,
     )
-    assert ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name == SERVICE_NAME
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
     return IngestServer(server, engine, health_servicer, monitor), port
-
-
-def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT, then drain in-flight calls within the grace period."""
-    migrate_at_start(settings.database_url)
-    server, port = create_server(f"{address_host(settings.host)}:{settings.grpc_port}", settings)
-    stop = StopSignals()
-    server.start()
-    log.info("gRPC server listening on %s:%d", settings.host, port)
-    metrics.serve_metrics(settings.host)
-    received = stop.wait(until=_orphaned)
-    if received:
-        log.info("received %s, draining", received)
-    else:
-        log.warning("the supervising process is gone; draining")
-    server.stop(settings.shutdown_grace)
-    log.info("gRPC server stopped")
-
-
-def _orphaned() -> bool:
-    """True once the `serve` process that started this one (APEX_PARENT_PID) has died."""
-    parent = os.environ.get("APEX_PARENT_PID", "")
-    return parent.isdigit() and os.getppid() != int(parent)
-
-
-def migrate_at_start(database_url: str) -> None:
-    """Apply pending migrations unless APEX_MIGRATE_ON_START is 0/false/no/off; never fatal."""
-    if os.environ.get("APEX_MIGRATE_ON_START", "1").strip().lower() in OFF_VALUES:
-        return
-    from apex_ingest.migrate import upgrade
-
-    try:
-        upgrade(database_url)
-    except Exception as error:  # the database may be down: start anyway, NOT_SERVING
-        log.warning("could not apply migrations at start: %s", error)

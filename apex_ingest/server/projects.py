@@ -14,8 +14,8 @@ import idna
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from apex_ingest.models import Project
-from apex_ingest.validation import project_key_problem
+from apex_ingest.server.models import Project
+from apex_ingest.server.validation import project_key_problem
 
 KEY_PREFIX = "pk_live_"
 

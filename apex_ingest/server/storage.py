@@ -25,9 +25,9 @@ from sqlalchemy import Connection, Engine, exc, text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from apex_ingest import metrics
-from apex_ingest.errors import DeadlinePassed, IngestError, StorageUnavailable
-from apex_ingest.models import Event
+from apex_ingest.server import metrics
+from apex_ingest.server.errors import DeadlinePassed, IngestError, StorageUnavailable
+from apex_ingest.server.models import Event
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +159,22 @@ class EventStore:
         not written (DeadlinePassed): the caller was already told DEADLINE_EXCEEDED, and one
         that retries without event ids would otherwise store them twice.
         """
-        for row in rows:
-            row["project_id"] = project_id
-        pending = _Pending(rows, deadline)
+        error = self.store_many([(project_id, rows)], deadline)[0]
+        if error is not None:
+            raise error
+
+    def store_many(
+        self, requests: Sequence[tuple[int, list[Row]]], deadline: float | None = None
+    ) -> list[IngestError | None]:
+        """Store each request's rows atomically, all queued at once so that they share a group
+        commit; return each request's error (None: committed), as `store` would raise it."""
+        pendings = []
+        for project_id, rows in requests:
+            for row in rows:
+                row["project_id"] = project_id
+            pendings.append(_Pending(rows, deadline))
+        if not pendings:
+            return []
         with self._wakeup:
             if len(self._writers) < self._writer_count or not self._writers[0].is_alive():
                 # Started on first use, so a forked child gets its own writers.
@@ -171,21 +184,26 @@ class EventStore:
                 ]
                 for writer in self._writers:
                     writer.start()
-            self._queue.append(pending)
-            self._wakeup.notify()
-        if not pending.done.wait(self._commit_timeout):
+            self._queue.extend(pendings)
+            self._wakeup.notify(len(pendings))
+        give_up = None if self._commit_timeout is None else time.monotonic() + self._commit_timeout
+        return [self._outcome(pending, give_up) for pending in pendings]
+
+    def _outcome(self, pending: _Pending, give_up: float | None) -> IngestError | None:
+        """Wait for a writer to answer `pending`, at most until `give_up` (time.monotonic())."""
+        timeout = None if give_up is None else max(0.0, give_up - time.monotonic())
+        if not pending.done.wait(timeout):
             with self._wakeup:
                 try:
                     self._queue.remove(pending)  # still waiting for a writer: never written
                 except ValueError:
                     pass
                 else:
-                    raise StorageUnavailable(self._retry_after)
+                    return StorageUnavailable(self._retry_after)
             if not pending.done.is_set():
                 log.warning("no answer from the database within %s s", self._commit_timeout)
-                raise StorageUnavailable(self._retry_after, maybe_stored=True)
-        if pending.error is not None:
-            raise pending.error
+                return StorageUnavailable(self._retry_after, maybe_stored=True)
+        return pending.error
 
     def _write_forever(self) -> None:
         while True:

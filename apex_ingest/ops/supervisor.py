@@ -22,8 +22,14 @@ import threading
 import time
 from collections.abc import Callable
 
-from apex_ingest.config import Settings, address_host, reachable_host
-from apex_ingest.stop_signals import StopSignals
+from apex_ingest.common.settings import (
+    Internal,
+    ServerSettings,
+    child_environment,
+    reachable_host,
+    variable,
+)
+from apex_ingest.common.stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -120,25 +126,27 @@ class Supervised:
 
 def _forget_metrics_of(pid: int) -> None:
     """A dead child's live gauges (in flight, pool) must leave the multiprocess sums."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from apex_ingest.metrics import mark_process_dead
+    if Internal.get(Internal.PROMETHEUS_MULTIPROC_DIR):
+        from apex_ingest.common.metrics import mark_process_dead
 
         mark_process_dead(pid)
 
 
-def start_grpc_processes(settings: Settings, processes: int) -> list[Supervised]:
+def start_grpc_processes(settings: ServerSettings, processes: int) -> list[Supervised]:
     """Migrate once, then start `processes` single-process gRPC servers on one port."""
-    from apex_ingest.server import migrate_at_start
+    from apex_ingest.ops.grpc_process import migrate_at_start
 
-    migrate_at_start(settings.database_url)
-    env = {
-        **os.environ,
-        "APEX_MIGRATE_ON_START": "0",
-        "APEX_GRPC_PROCESSES": "1",
-        # Children live in sessions of their own (see the module docstring), so a SIGKILL of
-        # this process would not reach them: they stop by themselves when it is gone.
-        "APEX_PARENT_PID": str(os.getpid()),
-    }
+    if settings.migrate_on_start:
+        migrate_at_start(settings.database_url)
+    env = child_environment(
+        **{
+            variable("migrate_on_start"): "0",
+            variable("grpc_processes"): "1",
+            # Children live in sessions of their own (see the module docstring), so a SIGKILL
+            # of this process would not reach them: they stop by themselves when it is gone.
+            Internal.PARENT_PID: str(os.getpid()),
+        }
+    )
     argv = [sys.executable, "-m", "apex_ingest", "grpc"]
     children = [Supervised(argv, env, settings.shutdown_grace + 5) for _ in range(processes)]
     for child in children:
@@ -146,7 +154,7 @@ def start_grpc_processes(settings: Settings, processes: int) -> list[Supervised]
     return children
 
 
-def run_grpc_processes(settings: Settings, processes: int) -> None:
+def run_grpc_processes(settings: ServerSettings, processes: int) -> None:
     stop = StopSignals()
     children = start_grpc_processes(settings, processes)
     stop.wait()
@@ -154,11 +162,11 @@ def run_grpc_processes(settings: Settings, processes: int) -> None:
     _exit_if_given_up(children)
 
 
-def serve_all(settings: Settings, gateway_workers: int, grpc_processes: int) -> None:
+def serve_all(settings: ServerSettings, gateway_workers: int, grpc_processes: int) -> None:
     from gateway.serve import run_gateway
 
+    # The gateway's default APEX_GRPC_TARGET is this host and APEX_GRPC_PORT.
     host = reachable_host(settings.host)
-    os.environ.setdefault("APEX_GRPC_TARGET", f"{address_host(host)}:{settings.grpc_port}")
     # Until granian installs its own handlers: a stop signal (or a child given up, which sends
     # one) while waiting for the gRPC server must stop everything in order, not kill us.
     early = StopSignals()

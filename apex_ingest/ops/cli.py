@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import os
 import shlex
@@ -16,7 +15,16 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from apex_ingest.config import ConfigError, Settings, address_host, env_int, reachable_host
+from apex_ingest.common.settings import (
+    ConfigError,
+    Internal,
+    ProcessSettings,
+    ServerSettings,
+    address_host,
+    check_all,
+    load,
+    reachable_host,
+)
 
 #: Commands that run servers: they log JSON lines unless APEX_LOG_FORMAT=text.
 _SERVER_COMMANDS = frozenset({"serve", "grpc", "gateway"})
@@ -44,24 +52,24 @@ class _Commands(click.Group):
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Apex Ingest: the event-ingestion service of Apex."""
-    from apex_ingest.logs import configure_logging
+    from apex_ingest.common.logs import configure_logging
 
     try:
         configure_logging("json" if ctx.invoked_subcommand in _SERVER_COMMANDS else "text")
-    except ValueError as error:
-        raise click.UsageError(str(error)) from error
+    except ConfigError as error:
+        raise BadSetting(str(error)) from None
 
 
-def _serve_children_metrics(settings: Settings) -> None:
+def _serve_children_metrics(settings: ServerSettings) -> None:
     """Before starting server processes: one metrics directory for all of them, and the
     APEX_METRICS_PORT endpoint (if set) served here, adding up every child's samples."""
-    from apex_ingest.metrics_dir import SERVED_BY_PARENT_ENV, prepare_multiprocess_dir
+    from apex_ingest.common.metrics_dir import prepare_multiprocess_dir
 
     prepare_multiprocess_dir()
-    from apex_ingest import metrics  # only now: prometheus-client reads the directory at import
+    from apex_ingest.common import metrics  # only now: prometheus-client reads the directory
 
-    metrics.serve_metrics(settings.host)
-    os.environ[SERVED_BY_PARENT_ENV] = "1"
+    metrics.serve_metrics(settings.host, settings.metrics_port)
+    Internal.set(Internal.METRICS_SERVED_BY_PARENT, "1")
 
 
 _COUNT = click.IntRange(min=1)
@@ -71,16 +79,17 @@ _COUNT = click.IntRange(min=1)
 @click.option("--processes", type=_COUNT, default=None, help="Server processes (default: cores).")
 def grpc(processes: int | None) -> None:
     """Run the gRPC server alone."""
-    settings = Settings.from_env()
-    count = _count(processes, "APEX_GRPC_PROCESSES")
+    check_all()
+    settings = load(ServerSettings)
+    count = _count(processes, load(ProcessSettings).grpc_processes)
     _ensure_free(settings.host, settings.grpc_port, "APEX_GRPC_PORT")
     if count == 1:
-        from apex_ingest.server import serve
+        from apex_ingest.ops.grpc_process import serve
 
         serve(settings)
     else:
         _serve_children_metrics(settings)
-        from apex_ingest.supervisor import run_grpc_processes
+        from apex_ingest.ops.supervisor import run_grpc_processes
 
         run_grpc_processes(settings, count)
 
@@ -89,14 +98,14 @@ def grpc(processes: int | None) -> None:
 @click.option("--workers", type=_COUNT, default=None, help="Worker processes (default: cores).")
 def gateway(workers: int | None) -> None:
     """Run the HTTP gateway alone (granian)."""
-    from apex_ingest.metrics_dir import prepare_multiprocess_dir
+    from apex_ingest.common.metrics_dir import prepare_multiprocess_dir
 
-    settings = Settings.from_env()
-    count = _count(workers, "APEX_HTTP_WORKERS")
+    check_all()
+    settings = load(ServerSettings)
+    count = _count(workers, load(ProcessSettings).http_workers)
     # Before anything imports prometheus-client (the gateway package does): it decides at
     # import whether samples go to the shared directory that /metrics adds up.
     prepare_multiprocess_dir()
-    _check_gateway_settings()
     _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
     from gateway.serve import run_gateway
 
@@ -110,40 +119,29 @@ def gateway(workers: int | None) -> None:
 )
 def serve(workers: int | None, grpc_processes: int | None) -> None:
     """Run the gRPC server and the HTTP gateway together."""
-    from apex_ingest.supervisor import serve_all
+    from apex_ingest.ops.supervisor import serve_all
 
-    settings = Settings.from_env()
-    http_workers = _count(workers, "APEX_HTTP_WORKERS")
+    check_all()
+    settings = load(ServerSettings)
+    processes = load(ProcessSettings)
+    http_workers = _count(workers, processes.http_workers)
     # Half the cores: the gateway's workers use most of the CPU per request, and one gRPC
     # process commits bigger groups with fewer wake-ups (bench/README.md has the figures).
-    grpc_count = _count(grpc_processes, "APEX_GRPC_PROCESSES", max(1, (os.cpu_count() or 1) // 2))
+    grpc_count = _count(
+        grpc_processes, processes.grpc_processes, max(1, (os.cpu_count() or 1) // 2)
+    )
     _ensure_free(settings.host, settings.grpc_port, "APEX_GRPC_PORT")
     _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
     # The gateway's /metrics then shows the gRPC processes' metrics too (one directory).
     _serve_children_metrics(settings)
-    _check_gateway_settings()
     serve_all(settings, http_workers, grpc_count)
 
 
-def _count(option: int | None, variable: str, default: int | None = None) -> int:
-    """A process count: the option, else the variable, else `default` or the CPU cores."""
+def _count(option: int | None, setting: int | None, default: int | None = None) -> int:
+    """A process count: the option, else the setting, else `default` or the CPU cores."""
     if option is not None:
         return option
-    return env_int(variable, default or os.cpu_count() or 1)
-
-
-def _check_gateway_settings() -> None:
-    """Fail here, once, rather than in every gateway worker as it starts (and restarts)."""
-    try:
-        # grpc_client reads APEX_GRPC_CHANNELS when imported.
-        from gateway import config, grpc_client, serve, shutdown
-
-        config.GatewaySettings.from_mapping(config.from_environ(os.environ))
-        shutdown.drain_seconds()
-        serve.threads_per_worker()
-        grpc_client.channel_count()
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
+    return setting or default or os.cpu_count() or 1
 
 
 def _ensure_free(host: str, port: int, variable: str) -> None:
@@ -153,7 +151,7 @@ def _ensure_free(host: str, port: int, variable: str) -> None:
     apex-ingest on the same port would not fail: it would silently take part of the traffic,
     into its own database. A probe without SO_REUSEPORT fails if anything listens there.
     """
-    if os.environ.get("APEX_PARENT_PID"):
+    if Internal.get(Internal.PARENT_PID):
         return  # a supervised child: its siblings hold the port on purpose
     try:
         family, kind, _proto, _name, address = socket.getaddrinfo(
@@ -182,10 +180,10 @@ def db() -> None:
 @db.command()
 def upgrade() -> None:
     """Apply every pending migration."""
-    from apex_ingest.migrate import current_revision
-    from apex_ingest.migrate import upgrade as run_upgrade
+    from apex_ingest.ops.migrate import current_revision
+    from apex_ingest.ops.migrate import upgrade as run_upgrade
 
-    url = Settings.from_env().database_url
+    url = load(ServerSettings).database_url
     before = current_revision(url)
     run_upgrade(url)
     after = current_revision(url)
@@ -208,7 +206,7 @@ def partitions(months_ahead: int) -> None:
 
     Run it from cron (e.g. daily); it is idempotent.
     """
-    from apex_ingest import partitions as parts
+    from apex_ingest.ops import partitions as parts
 
     with _engine_connection() as connection:
         try:
@@ -222,7 +220,7 @@ def partitions(months_ahead: int) -> None:
 @click.option("--days", type=click.IntRange(min=1), required=True, help="Keep this many days.")
 def retention(days: int) -> None:
     """PostgreSQL: drop the monthly partitions of events older than --days (whole months)."""
-    from apex_ingest import partitions as parts
+    from apex_ingest.ops import partitions as parts
 
     with _engine() as engine:
         try:
@@ -239,9 +237,9 @@ def _engine() -> Iterator[Engine]:
     The servers' timeout is kept short so that callers get a 503 in time; moving a month of rows
     out of the default partition may take longer, and blocks no ingest call meanwhile.
     """
-    from apex_ingest.database import create_db_engine
+    from apex_ingest.server.database import create_db_engine
 
-    settings = dataclasses.replace(Settings.from_env(), db_statement_timeout_ms=0)
+    settings = load(ServerSettings).model_copy(update={"db_statement_timeout_ms": 0})
     engine = create_db_engine(settings.database_url, settings)
     try:
         yield engine
@@ -272,7 +270,7 @@ def projects() -> None:
 )
 def projects_create(name: str, key: str | None, allowed_origins: tuple[str, ...]) -> None:
     """Create a project and print its key."""
-    from apex_ingest import projects as project_store
+    from apex_ingest.server import projects as project_store
 
     try:
         with _session_factory().begin() as session:
@@ -295,7 +293,7 @@ def projects_create(name: str, key: str | None, allowed_origins: tuple[str, ...]
 @projects.command("list")
 def projects_list() -> None:
     """List projects."""
-    from apex_ingest import projects as project_store
+    from apex_ingest.server import projects as project_store
 
     with _session_factory()() as session:
         for project in project_store.list_projects(session):
@@ -308,7 +306,7 @@ def projects_list() -> None:
 @click.argument("key")
 def projects_revoke(key: str) -> None:
     """Revoke a project key (takes effect within APEX_PROJECT_CACHE_TTL seconds)."""
-    from apex_ingest import projects as project_store
+    from apex_ingest.server import projects as project_store
 
     with _session_factory().begin() as session:
         if not project_store.revoke_project(session, key):
@@ -321,10 +319,10 @@ def demo() -> None:
     """Make sure a project named "demo" exists; print its key and curl examples."""
     from sqlalchemy import select
 
-    from apex_ingest import projects as project_store
-    from apex_ingest.models import Project
+    from apex_ingest.server import projects as project_store
+    from apex_ingest.server.models import Project
 
-    settings = Settings.from_env()
+    settings = load(ServerSettings)
     with _session_factory().begin() as session:
         project = session.scalars(
             select(Project).where(Project.name == "demo", Project.revoked_at.is_(None)).limit(1)
@@ -348,7 +346,7 @@ def demo() -> None:
 
 
 def _session_factory() -> sessionmaker[Session]:
-    from apex_ingest.database import create_db_engine, create_session_factory
+    from apex_ingest.server.database import create_db_engine, create_session_factory
 
-    settings = Settings.from_env()
+    settings = load(ServerSettings)
     return create_session_factory(create_db_engine(settings.database_url, settings))

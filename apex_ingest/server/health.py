@@ -8,11 +8,10 @@ import threading
 from grpc_health.v1 import health, health_pb2
 from sqlalchemy import Engine
 
-from apex_ingest.storage import storage_reachable
+from apex_ingest.common.rpc import SERVICE_NAME
+from apex_ingest.server.storage import storage_reachable
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = "apex_ingest.v1.IngestService"
 
 
 class StorageHealthMonitor:

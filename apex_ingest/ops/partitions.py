@@ -28,7 +28,7 @@ from psycopg.errors import LockNotAvailable
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 
-from apex_ingest.validation import MAX_FUTURE
+from apex_ingest.common.limits import MAX_FUTURE
 
 DEFAULT_PARTITION = "events_default"
 _NAME_RE = re.compile(r"^events_p(\d{4})_(\d{2})$")

@@ -1,0 +1,1 @@
+"""Operations: the apex-ingest command, process supervision, migrations, partitions."""

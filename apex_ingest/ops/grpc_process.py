@@ -1,0 +1,47 @@
+"""One gRPC server process, run until it is told to stop (`apex-ingest grpc`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from apex_ingest.common import metrics
+from apex_ingest.common.settings import Internal, ServerSettings, address_host
+from apex_ingest.common.stop_signals import StopSignals
+from apex_ingest.server.server import create_server
+
+log = logging.getLogger(__name__)
+
+
+def serve(settings: ServerSettings) -> None:
+    """Run until SIGTERM/SIGINT, then drain in-flight calls within the grace period."""
+    if settings.migrate_on_start:
+        migrate_at_start(settings.database_url)
+    server, port = create_server(f"{address_host(settings.host)}:{settings.grpc_port}", settings)
+    stop = StopSignals()
+    server.start()
+    log.info("gRPC server listening on %s:%d", settings.host, port)
+    metrics.serve_metrics(settings.host, settings.metrics_port)
+    received = stop.wait(until=_orphaned)
+    if received:
+        log.info("received %s, draining", received)
+    else:
+        log.warning("the supervising process is gone; draining")
+    server.stop(settings.shutdown_grace)
+    log.info("gRPC server stopped")
+
+
+def _orphaned() -> bool:
+    """True once the `serve` process that started this one (Internal.PARENT_PID) has died."""
+    parent = Internal.get(Internal.PARENT_PID)
+    return parent.isdigit() and os.getppid() != int(parent)
+
+
+def migrate_at_start(database_url: str) -> None:
+    """Apply pending migrations; never fatal (the database may be down: start NOT_SERVING)."""
+    from apex_ingest.ops.migrate import upgrade
+
+    try:
+        upgrade(database_url)
+    except Exception as error:  # the database may be down: start anyway, NOT_SERVING
+        log.warning("could not apply migrations at start: %s", error)

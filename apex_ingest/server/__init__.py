@@ -1,0 +1,1 @@
+"""The gRPC server: validation, storage (SQLAlchemy), projects, health, admission."""

@@ -8,7 +8,7 @@ import grpc
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from apex_ingest.common.rpc import field_violations, retry_delay
+from apex_ingest.common.rpc import field_violations, retry_delay, violation_count
 from gateway.errors import ApiError, FieldViolation, invalid
 from gateway.payload import public_field
 
@@ -44,7 +44,21 @@ def to_api_error(error: grpc.RpcError, snippet: bool) -> ApiError:
             FieldViolation(public_field(field, snippet), description)
             for field, description in field_violations(rich)
         ]
-        return invalid(violations)
+        total = violation_count(rich)
+        if total is None:
+            return invalid(violations)
+        return invalid(
+            violations,
+            f"The request has {total} invalid fields; the first {len(violations)} are listed.",
+        )
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_delay(rich) is None:
+        # Not the server saying "come back later" (that carries RetryInfo) but a transport
+        # limit: waiting cannot help, so it must never read as a rate limit.
+        text = error.details() or ""
+        log.warning("IngestEvents hit a transport limit: %r", text)
+        if "message larger than max" in text:
+            return ApiError(413, "The request is too large for the ingest server.")
+        return ApiError(502, "The ingest server's answer exceeded a transport limit.")
     message = None
     if code in _FORWARD_MESSAGE:
         message = (error.details() or "")[:_MAX_MESSAGE] or None

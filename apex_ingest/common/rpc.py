@@ -66,15 +66,53 @@ def retry_info(seconds: int) -> any_pb2.Any:
     return packed(error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds)))
 
 
-def bad_request(violations: Iterable[tuple[str, str]]) -> any_pb2.Any:
-    return packed(
-        error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=field, description=description)
-                for field, description in violations
-            ]
+#: Serialized bytes of the violations one status lists at most. The status travels in the
+#: call's trailing metadata (base64, 4/3 larger) and gRPC clients refuse metadata over 8 KiB
+#: (soft) to 16 KiB (hard): 500 violations (~39 KB) came back as RESOURCE_EXHAUSTED.
+MAX_VIOLATION_BYTES = 4096
+#: ErrorInfo reason of a status that lists only some of its violations.
+TRUNCATED_REASON = "VIOLATIONS_TRUNCATED"
+ERROR_DOMAIN = "apex_ingest"
+
+
+def bad_request(violations: Iterable[tuple[str, str]]) -> list[any_pb2.Any]:
+    """BadRequest with the violations, as many as fit in MAX_VIOLATION_BYTES (in order); when
+    some are left out, an ErrorInfo (reason VIOLATIONS_TRUNCATED) says how many there are."""
+    listed = error_details_pb2.BadRequest()
+    size = total = 0
+    for field, description in violations:
+        total += 1
+        violation = error_details_pb2.BadRequest.FieldViolation(
+            field=field[:200], description=description[:300]
         )
-    )
+        cost = violation.ByteSize() + 3
+        if size + cost <= MAX_VIOLATION_BYTES:
+            listed.field_violations.append(violation)
+            size += cost
+    details = [packed(listed)]
+    if total > len(listed.field_violations):
+        details.append(
+            packed(
+                error_details_pb2.ErrorInfo(
+                    reason=TRUNCATED_REASON,
+                    domain=ERROR_DOMAIN,
+                    metadata={
+                        "violations": str(total),
+                        "listed": str(len(listed.field_violations)),
+                    },
+                )
+            )
+        )
+    return details
+
+
+def violation_count(status: status_pb2.Status | None) -> int | None:
+    """How many violations a status counted in all, when it lists only some (else None)."""
+    for info in unpack(status, error_details_pb2.ErrorInfo):
+        if info.reason == TRUNCATED_REASON and info.domain == ERROR_DOMAIN:
+            count = info.metadata.get("violations", "")
+            return int(count) if count.isdigit() else None
+    return None
 
 
 def unpack(status: status_pb2.Status | None, kind: type[M]) -> list[M]:

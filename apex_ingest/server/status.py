@@ -25,9 +25,10 @@ def error_status(error: IngestError) -> grpc.Status:
 def rich_status(error: IngestError) -> status_pb2.Status:
     """`error` as a google.rpc.Status: its code, message and details."""
     if isinstance(error, InvalidRequest):
-        details = bad_request((v.field, v.description) for v in error.violations)
         status = status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT, message=str(error), details=[details]
+            code=code_pb2.INVALID_ARGUMENT,
+            message=str(error),
+            details=bad_request((v.field, v.description) for v in error.violations),
         )
     elif isinstance(error, UnknownProject):
         status = status_pb2.Status(code=code_pb2.UNAUTHENTICATED, message=str(error))

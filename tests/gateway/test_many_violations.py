@@ -1,0 +1,82 @@
+"""A batch with hundreds of invalid events is a 400 naming them (issue #14 item 1), and a gRPC
+transport limit never reads as a rate limit."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import code_pb2
+
+from apex_ingest.common.rpc import MAX_VIOLATION_BYTES
+from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from tests.conftest import RunningServer
+from tests.gateway.conftest import Api, FakeServer, Handler, assert_documented, fake_app
+from tests.gateway.test_grpc_status import abort_with
+
+Rows = Callable[[], list[dict[str, Any]]]
+
+
+def bad_batch(key: str, bad: int, good: int = 3) -> dict[str, Any]:
+    events = [{"type": "t", "url": "/ok", "id": f"ok{i}"} for i in range(good)]
+    events += [{"type": "t", "url": "no url", "visitorId": "x" * 200} for _ in range(bad)]
+    return {"projectKey": key, "events": events}
+
+
+def test_five_hundred_invalid_events_are_a_400_naming_the_first(
+    api: Api, project_key: str, rows: Rows
+) -> None:
+    response = api.post(bad_batch(project_key, bad=497))
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert_documented(response)
+    body = response.get_json()["error"]
+    details = body["details"]
+    assert details[0] == {"field": "events[3].visitorId", "description": "must be 1-128 characters"}
+    assert details[1] == {
+        "field": "events[3].url",
+        "description": "must be an absolute http(s) URL or a path starting with /",
+    }
+    assert 20 < len(details) < 2 * 497
+    assert f"has {2 * 497} invalid fields; the first {len(details)} are listed" in body["message"]
+    assert rows() == []  # a rejected request stores nothing, its valid events included
+
+
+def test_the_servers_detail_stays_under_the_metadata_limit(
+    grpc_server: RunningServer, project_key: str
+) -> None:
+    with grpc.insecure_channel(grpc_server.target) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        events = [ingest_pb2.Event(type="t", url="nope", visitor_id="v" * 300)] * 500
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.IngestEvents(
+                ingest_pb2.IngestEventsRequest(project_key=project_key, events=events), timeout=10
+            )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = dict(raised.value.trailing_metadata())["grpc-status-details-bin"]
+    assert len(details) < MAX_VIOLATION_BYTES + 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "status"),
+    [
+        ("received metadata size exceeds hard limit", 502),
+        ("Received message larger than max (3000000 vs. 2162688)", 413),
+    ],
+)
+def test_a_transport_limit_is_not_a_rate_limit(
+    fake_server: Callable[[Handler], FakeServer], text: str, status: int
+) -> None:
+    def refuse(request: ingest_pb2.IngestEventsRequest, context: grpc.ServicerContext) -> int:
+        abort_with(context, code_pb2.RESOURCE_EXHAUSTED, text)
+        return 0
+
+    app = fake_app(fake_server(refuse).target)
+    response = app.test_client().post(
+        "/api/events",
+        json={"type": "pageview", "visitorId": "v", "projectKey": "k", "url": "/"},
+    )
+    assert response.status_code == status
+    assert "Retry-After" not in response.headers
+    assert response.get_json()["error"]["code"] != "rate_limited"

@@ -59,6 +59,8 @@ class Target:
         self.key = key
         self.engine = create_engine(database_url)
         self.answers: dict[int, int] = {}
+        #: [positive /api/events cases sent with a real key, of them answered 200]
+        self.positive_answers = [0, 0]
 
     def count(self) -> int:
         with self.engine.connect() as connection:
@@ -83,6 +85,10 @@ def target(postgres_url: str) -> Iterator[Target]:
     TARGET["current"] = Target(app, postgres_url, make_project(postgres_url))
     yield TARGET["current"]
     current = TARGET.pop("current")
+    sent, stored = current.positive_answers
+    print(f"\nschemathesis: {stored} of {sent} valid-looking POST /api/events cases answered 200")
+    if sent >= 20:
+        assert stored / sent >= 0.5, f"only {stored} of {sent} positive cases reached a 200"
     record(
         "schemathesis against openapi.json",
         None,
@@ -90,6 +96,7 @@ def target(postgres_url: str) -> Iterator[Target]:
         cases=sum(current.answers.values()),
         answers_by_status={str(k): v for k, v in sorted(current.answers.items())},
         five_hundreds=sum(v for k, v in current.answers.items() if k >= 500),
+        positive_cases_answered_200=f"{stored} of {sent}",
     )
     current.engine.dispose()
     running.server.stop(0)
@@ -98,20 +105,25 @@ def target(postgres_url: str) -> Iterator[Target]:
 @SCHEMA.parametrize()
 @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_openapi_document_holds(case: Any, target: Target) -> None:
+    sent_positive = False
     if case.operation.path == "/api/events" and isinstance(case.body, dict):
         positive = case.meta is None or case.meta.generation.mode == GenerationMode.POSITIVE
         if positive and isinstance(case.body.get("projectKey"), str):
-            # Reach the server's rules, not only the key lookup.
+            # Reach the server's rules, not only the key lookup. Nothing else is rewritten: the
+            # document states the rules (URL shape, control characters, lengths), so generated
+            # bodies are valid ones (issue #14 item 8: 4,852 of 4,853 died on `url` before).
             case.body["projectKey"] = target.key
-            # The document cannot say "absolute http(s) URL or a path": half the positive cases
-            # get a valid url so that generated types, ids and data reach the database.
-            if len(target.answers) % 2 == 0 or sum(target.answers.values()) % 2 == 0:
-                for event in [case.body, *(case.body.get("events") or [])]:
-                    if isinstance(event, dict) and isinstance(event.get("url"), str):
-                        event["url"] = "/fuzz"
+            # The document allows `Content-Encoding: gzip`, but schemathesis sends the JSON as
+            # is: a body that says gzip and is not is rightly a 400, so positive cases say none.
+            if case.headers:
+                case.headers.pop("Content-Encoding", None)
+            target.positive_answers[0] += 1
+            sent_positive = True
     before = target.count()
     response = WSGI_TRANSPORT.send(case, app=target.app)
     target.answers[response.status_code] = target.answers.get(response.status_code, 0) + 1
+    if sent_positive and response.status_code == 200:
+        target.positive_answers[1] += 1
     case.validate_response(response, checks=CHECKS)
     added = target.count() - before
     if response.status_code == 200 and case.method.upper() == "POST":

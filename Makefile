@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
-PYSRC := apex_ingest gateway tests bench
+SDK := sdk/python
+SDK_VENV := .venv-sdk
+PYSRC := apex_ingest gateway tests bench $(SDK)
 
-.PHONY: run test lint proto proto-check breaking install install-dev services bench test-reliability clean
+.PHONY: run test test-sdk lint proto proto-check breaking install install-dev services bench test-reliability clean
 
 $(VENV)/.run-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,10 +16,11 @@ $(VENV)/.run-installed: pyproject.toml
 	$(PY) -m pip install -q -e .
 	touch $@
 
-$(VENV)/.dev-installed: pyproject.toml
+$(VENV)/.dev-installed: pyproject.toml $(SDK)/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e './$(SDK)[grpc]'
 	touch $@ $(VENV)/.run-installed
 
 install: $(VENV)/.run-installed
@@ -33,12 +36,21 @@ run: install
 	$(VENV)/bin/apex-ingest demo
 	APEX_LOG_FORMAT=$${APEX_LOG_FORMAT:-text} exec $(VENV)/bin/apex-ingest serve
 
-## test: install what the tests need, make sure PostgreSQL and Redis are up, run pytest
-test: install-dev services
+## test: install what the tests need, make sure PostgreSQL and Redis are up, run pytest (and
+## the SDK's own tests in a venv that holds nothing but the SDK)
+test: install-dev services test-sdk $(BUF)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+## test-sdk: the SDK's standard-library tests against the SDK installed alone in a fresh venv
+test-sdk:
+	test -x $(SDK_VENV)/bin/python || $(PYTHON) -m venv $(SDK_VENV)
+	rm -rf $(SDK)/build
+	$(SDK_VENV)/bin/python -m pip install -q --force-reinstall ./$(SDK)
+	rm -rf $(SDK)/build
+	cd $(SDK)/tests && $(CURDIR)/$(SDK_VENV)/bin/python -m unittest discover -s .
+
 ## test-reliability: the full fault and hostile-input suite (a fast subset runs in `make test`)
-test-reliability: install-dev services
+test-reliability: install-dev services $(BUF)
 	$(PY) -m pytest tests/reliability -m reliability
 
 services:
@@ -49,11 +61,19 @@ services:
 proto: install-dev
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
 		$$(find proto -name '*.proto' | sort)
+	@# The SDK's own copy, registered under its own module name (it never imports apex_ingest).
+	tmp=$$(mktemp -d) && \
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$$tmp --pyi_out=$$tmp proto/apex_ingest/v1/ingest.proto && \
+	sed "s/'apex_ingest\.v1\.ingest_pb2'/'apex_ingest_sdk._proto.ingest_pb2'/" \
+		$$tmp/apex_ingest/v1/ingest_pb2.py > $(SDK)/apex_ingest_sdk/_proto/ingest_pb2.py && \
+	cp $$tmp/apex_ingest/v1/ingest_pb2.pyi $(SDK)/apex_ingest_sdk/_proto/ingest_pb2.pyi && \
+	rm -rf $$tmp
 
 ## proto-check: fail if the committed stubs differ from what `make proto` generates
 proto-check: proto
-	@test -z "$$(git status --porcelain -- apex_ingest/v1)" || \
-		{ echo "stubs out of date: run 'make proto' and commit"; git status --porcelain -- apex_ingest/v1; exit 1; }
+	@test -z "$$(git status --porcelain -- apex_ingest/v1 $(SDK)/apex_ingest_sdk/_proto)" || \
+		{ echo "stubs out of date: run 'make proto' and commit"; \
+		  git status --porcelain -- apex_ingest/v1 $(SDK)/apex_ingest_sdk/_proto; exit 1; }
 
 lint: install-dev $(BUF)
 	$(BUF) lint
@@ -61,6 +81,7 @@ lint: install-dev $(BUF)
 	$(VENV)/bin/ruff check $(PYSRC)
 	$(VENV)/bin/ruff format --check $(PYSRC)
 	$(VENV)/bin/mypy
+	cd $(SDK) && $(CURDIR)/$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
 ## breaking: compare the proto against the last released state: the newest `v*` tag if there
@@ -74,7 +95,7 @@ breaking: $(BUF)
 	$(BUF) breaking --against ".git#ref=$$base"
 
 clean:
-	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(SDK_VENV) $(SDK)/build node_modules .mypy_cache .ruff_cache .pytest_cache
 	@test ! -e apex-ingest.db || echo "kept apex-ingest.db (your events): delete it yourself if you mean to"
 
 ## bench: the full path against its baselines (needs PostgreSQL and wrk)

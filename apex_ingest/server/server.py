@@ -7,12 +7,11 @@ from concurrent import futures
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from sqlalchemy import Engine
 
 from apex_ingest.common.rpc import INGEST_MANY_METHOD, INGEST_METHOD, SERVICE_NAME
 from apex_ingest.common.settings import ServerSettings, load
-from apex_ingest.server import metrics
+from apex_ingest.server import metrics, reflection
 from apex_ingest.server.admission import AdmissionInterceptor, CountingExecutor
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.health import StorageHealthMonitor
@@ -94,14 +93,7 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(ingest_servicer, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (
-            SERVICE_NAME,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")

@@ -446,3 +446,42 @@ def test_a_call_whose_deadline_passed_while_it_waited_is_not_stored(sqlite_url: 
         holder.close()
         running.server.stop(0)
     assert [row["type"] for row in rows(sqlite_url)] == ["warm", "first"]
+
+
+@pytest.mark.parametrize("protocol", ["grpc-v1", "grpc-v1alpha"])
+def test_buf_curl_lists_and_calls_through_reflection(
+    server: RunningServer, key: str, protocol: str
+) -> None:
+    """Reflection answers both protocols (grpcio-reflection ships only v1alpha; buf, grpcurl and
+    Postman ask for v1 first)."""
+    import json
+    import subprocess
+    from pathlib import Path
+
+    buf = Path(__file__).resolve().parents[2] / "node_modules" / ".bin" / "buf"
+    assert buf.exists(), "run `npm ci` (make test does) to install buf"
+    base = [str(buf), "curl", "--protocol", "grpc", "--http2-prior-knowledge"]
+    base += ["--reflect-protocol", protocol]
+    listed = subprocess.run(
+        [*base, "--list-methods", f"http://{server.target}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout.split()
+    assert "apex_ingest.v1.IngestService/IngestEvents" in listed
+    assert "apex_ingest.v1.IngestService/IngestMany" in listed
+    body = {"project_key": key, "events": [{"type": "pageview", "url": "/", "id": protocol}]}
+    answer = subprocess.run(
+        [
+            *base,
+            "-d",
+            json.dumps(body),
+            f"http://{server.target}/apex_ingest.v1.IngestService/IngestEvents",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    assert json.loads(answer) == {"received": 1}

@@ -18,7 +18,7 @@ class IngestError(Exception):
 class InvalidRequest(IngestError):
     def __init__(self, violations: list[FieldViolation]) -> None:
         self.violations = violations
-        fields = ", ".join(v.field for v in violations[:5])
+        fields = ", ".join(v.field[:80] for v in violations[:5])
         more = f" and {len(violations) - 5} more" if len(violations) > 5 else ""
         super().__init__(f"invalid request: {fields}{more}")
 

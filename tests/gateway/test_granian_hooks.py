@@ -6,9 +6,11 @@ import inspect
 import signal
 from importlib.metadata import version
 
+import granian
 import granian._signals as granian_signals
-import granian.server.mp as granian_mp
+from granian._granian import WorkerSignal
 from granian.server.common import AbstractServer
+from granian.server.mp import MPServer, WorkerProcess
 
 
 def test_granian_is_a_tested_minor() -> None:
@@ -19,12 +21,24 @@ def test_granian_is_a_tested_minor() -> None:
     )
 
 
-def test_the_wsgi_worker_looks_up_set_sync_signals_when_it_starts() -> None:
-    # Imported inside the worker function, so the module attribute we replace is what runs.
-    source = inspect.getsource(granian_mp)
+def test_the_server_is_the_multiprocess_one() -> None:
+    # On a free-threaded build it would be MTServer, whose workers the hook never reaches.
+    assert granian.Granian is MPServer
+
+
+def test_the_wsgi_worker_makes_its_stop_event_through_set_sync_signals() -> None:
+    source = inspect.getsource(MPServer._spawn_wsgi_worker)
+    # Imported inside the worker function: the module attribute we replace is what runs.
     assert "from granian._signals import set_sync_signals" in source
-    assert "= set_sync_signals()" in source
+    assert "shutdown_event = set_sync_signals()" in source
+    assert "serve(scheduler, loop, shutdown_event)" in source
     assert not inspect.signature(granian_signals.set_sync_signals).parameters
+
+
+def test_the_app_is_imported_before_the_worker_serves() -> None:
+    # Importing gateway.wsgi installs the hook and blocks the stop signals: it must happen first.
+    source = inspect.getsource(WorkerProcess.wrap_target)
+    assert source.index("callback_loader()") < source.index("return target(")
 
 
 def test_set_sync_signals_returns_the_workers_stop_event() -> None:
@@ -34,9 +48,16 @@ def test_set_sync_signals_returns_the_workers_stop_event() -> None:
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)
+    assert isinstance(stop, WorkerSignal)
     assert callable(stop.set)
 
 
-def test_the_master_has_the_interrupt_handler_and_flag() -> None:
-    assert callable(AbstractServer.signal_handler_interrupt)
-    assert "self.interrupt_signal" in inspect.getsource(AbstractServer)
+def test_the_master_sets_its_flag_before_it_interrupts() -> None:
+    source = inspect.getsource(AbstractServer.signal_handler_interrupt)
+    assert source.index("self.interrupt_signal = True") < source.index(
+        "self.main_loop_interrupt.set()"
+    )
+    # Looked up on the instance at startup: our wrapper must be in place before serve().
+    assert "set_main_signals(self.signal_handler_interrupt" in inspect.getsource(
+        AbstractServer.startup
+    )

@@ -80,3 +80,24 @@ def test_a_transport_limit_is_not_a_rate_limit(
     assert response.status_code == status
     assert "Retry-After" not in response.headers
     assert response.get_json()["error"]["code"] != "rate_limited"
+
+
+def test_a_status_stays_small_whatever_its_violations() -> None:
+    from apex_ingest.server.errors import FieldViolation, InvalidRequest
+    from apex_ingest.server.status import rich_status
+
+    huge = [FieldViolation("f" * 5000, "d" * 5000)] * 1000
+    status = rich_status(InvalidRequest(huge))
+    assert len(status.SerializeToString()) <= MAX_VIOLATION_BYTES + 1024
+    # Listed in order: once one does not fit, no later (shorter) one is listed after it.
+    mixed = [FieldViolation("a", "x" * 300)] * 20 + [FieldViolation("b", "short")] * 5
+    listed = [v.field for v in _bad_request(rich_status(InvalidRequest(mixed)))]
+    assert set(listed) == {"a"}
+
+
+def _bad_request(status: Any) -> list[Any]:
+    from google.rpc import error_details_pb2
+
+    bad = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad)
+    return list(bad.field_violations)

@@ -145,6 +145,8 @@ class _Checker:
         return None
 
 
+#: Every character an ISO 8601 / RFC 3339 time may hold (upper-cased).
+_ISO_CHARACTERS = re.compile(r"[0-9TZW:.,+\- ]+")
 _LEAP_SECOND = re.compile(r"(T\d\d:\d\d:)60(?![0-9])")
 
 
@@ -156,6 +158,10 @@ def parse_timestamp(text: str) -> Timestamp | None:
     (as in PostgreSQL: Python's datetime has no 61st second).
     """
     text = text.upper()
+    if not _ISO_CHARACTERS.fullmatch(text):
+        # The whole string must be a time: datetime.fromisoformat stops reading an offset at a
+        # NUL ("...Z\x00garbage" parsed as a time).
+        return None
     leap = _LEAP_SECOND.search(text)
     if leap is not None:
         text = text[: leap.start()] + leap[1] + "59" + text[leap.end() :]

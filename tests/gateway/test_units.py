@@ -65,6 +65,9 @@ def test_parse_timestamp(text: str, seconds: int, nanos: int) -> None:
         "2024-05-01T25:00:00Z",
         "1700000000",
         "2016-12-31T23:59:61Z",
+        "2026-01-01T00:00:00Z\x00garbage",  # fromisoformat stopped at the NUL (issue #14)
+        "2026-01-01T00:00:00+00:00\x00",
+        "2026-01-01T00:00:00Z junk",
     ],
 )
 def test_parse_timestamp_refuses(text: str) -> None:

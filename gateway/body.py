@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import IO
 
 from flask import Request
@@ -18,12 +20,12 @@ _IDENTITY = frozenset({"", "identity"})
 _READ_SIZE = 64 * 1024
 
 
-def read_body(request: Request, limit: int) -> bytes:
+def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
     """The request's body, decoded from gzip if need be, at most ``limit`` bytes either way.
 
     Raises ApiError 415 for another content type or encoding, 413 over the limit (also for a
     chunked body, which has no Content-Length, and after decompression), 400 for a corrupt
-    gzip stream.
+    gzip stream, 408 (BodyTimeout) when the body has not arrived within ``timeout`` seconds.
     """
     if request.mimetype not in ACCEPTED_MIMETYPES:
         shown = _shown(request.mimetype) or "none"
@@ -32,8 +34,42 @@ def read_body(request: Request, limit: int) -> bytes:
     gzipped = encoding in _GZIP
     if not gzipped and encoding not in _IDENTITY:
         raise ApiError(415, f"Content-Encoding must be gzip or absent, not {_shown(encoding)}.")
-    raw = _read_at_most(request, limit)
+    if timeout is None:
+        raw = _read_at_most(request, limit)
+    else:
+        raw = _read_within(request, limit, timeout)
     return gunzip(raw, limit) if gzipped else raw
+
+
+class BodyTimeout(ApiError):
+    """408: the body did not arrive in time. The read goes on in a reader thread: granian's
+    input stream cannot be interrupted, and a request that ends while its read is pending stalls
+    the whole worker (seen with granian 2.8), so the answer waits for the reader when it is
+    closed (`wait_for_reader`, registered by the error handler): the client gets its 408 at
+    once, and the worker's thread is free when the client closes or finishes."""
+
+    def __init__(self, seconds: float, reader: Future[bytes]) -> None:
+        super().__init__(408, f"The request body was not received within {seconds:g} seconds.")
+        self.reader = reader
+
+    def wait_for_reader(self) -> None:
+        wait([self.reader])
+
+
+#: Reads bodies for the requests that wait on them with a deadline. Idle threads are reused, and
+#: there are never more than requests in flight (granian's threads), so a stalled client holds
+#: one reader as it holds one request thread, and never delays anybody else's read.
+_readers = ThreadPoolExecutor(max_workers=4096, thread_name_prefix="body-reader")
+
+
+def _read_within(request: Request, limit: int, timeout: float) -> bytes:
+    # The Request itself, not Flask's context-bound proxy: the reader thread has no context.
+    actual = request._get_current_object() if hasattr(request, "_get_current_object") else request
+    reader = _readers.submit(_read_at_most, actual, limit)
+    try:
+        return reader.result(timeout)
+    except FutureTimeout:
+        raise BodyTimeout(timeout, reader) from None
 
 
 def _shown(header: str) -> str:

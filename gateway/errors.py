@@ -22,6 +22,7 @@ CODES: dict[int, str] = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
@@ -37,6 +38,7 @@ MESSAGES: dict[int, str] = {
     403: "This request is not allowed for the project.",
     404: "No such endpoint.",
     405: "Method not allowed.",
+    408: "The request body was not received in time.",
     413: "The request body is too large.",
     415: "Unsupported content type or encoding.",
     429: "Too many requests; retry after the number of seconds in Retry-After.",
@@ -112,6 +114,10 @@ def handle_http_exception(exc: HTTPException) -> Response:
         # werkzeug's own descriptions are written for HTML pages and name no fields.
         message, details = MESSAGES.get(status, exc.name), ()
     response = json_response(error_body(status, message, details), status)
+    wait_for_reader = getattr(exc, "wait_for_reader", None)
+    if wait_for_reader is not None:  # a body read still pending (gateway.body.BodyTimeout)
+        response.call_on_close(wait_for_reader)
+        response.headers["Connection"] = "close"
     # Keep what werkzeug puts in headers (Allow on 405, Retry-After on 429/503).
     for name, value in exc.get_headers():
         if name.lower() not in ("content-type", "content-length"):

@@ -39,7 +39,8 @@ def parsed_body() -> ParsedBody:
 
 def _parse_body() -> ParsedBody:
     try:
-        raw = read_body(request, get_settings().max_body_bytes)
+        settings = get_settings()
+        raw = read_body(request, settings.max_body_bytes, settings.body_timeout or None)
         document = json_codec.parse(raw)
     except ApiError as exc:
         return ParsedBody("", None, exc)

@@ -242,6 +242,9 @@ class GatewaySettings(NetworkSettings, LimitSettings):
     rate_limit_storage: str = "memory://"
     #: Comma-separated IPs/CIDRs whose X-Forwarded-For is believed.
     trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
+    #: Seconds a client has to send a whole request body once its headers are in (408 after);
+    #: 0: no limit (behind a proxy that buffers bodies and has its own timeout).
+    body_timeout: float = Field(10.0, ge=0)
     #: Access-Control-Max-Age of preflight answers.
     cors_max_age: int = Field(86400, ge=0)
     #: Request threads per gateway worker (unset: granian's default, 512 here).
@@ -249,7 +252,7 @@ class GatewaySettings(NetworkSettings, LimitSettings):
     #: Seconds a gateway worker keeps serving after SIGTERM before it stops accepting.
     shutdown_drain: float = Field(2.0, ge=0, le=300)
 
-    @field_validator("grpc_timeout", "shutdown_drain")
+    @field_validator("grpc_timeout", "shutdown_drain", "body_timeout")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):

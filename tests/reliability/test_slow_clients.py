@@ -4,8 +4,10 @@ granian reads requests in its Rust (tokio) event loop, not in Python worker thre
 or trickling socket costs a file descriptor and a few KiB, never a worker. Its
 header_read_timeout (gateway/serve.py, 10 s) drops a connection whose headers are not complete
 in time, whatever it trickles. A connection that sends complete headers and then trickles its
-body is not dropped (granian has no body-read timeout); it still does not starve other requests,
-but each one holds a socket: production fronts the gateway with a buffering proxy.
+body is answered 408 after APEX_BODY_TIMEOUT (tests/gateway/test_body_timeout.py) but stays open
+while the client keeps sending (granian's body read cannot be interrupted); it still does not
+starve other requests, but each one holds a socket: production fronts the gateway with a
+buffering proxy.
 """
 
 from __future__ import annotations

@@ -238,6 +238,11 @@ class GatewaySettings(NetworkSettings, LimitSettings):
     grpc_channels: int = Field(4, ge=1)
     #: Per project; a batch counts once (429 with Retry-After).
     rate_limit: str = "100/second"
+    #: Per client IP: requests whose projectKey this gateway worker has not seen accepted
+    #: (key guessing, junk floods); past it, 429 without calling the server.
+    auth_rate_limit: str = "60/minute"
+    #: Seconds the gateway remembers a key the server refused (401 without a call).
+    unknown_key_ttl: float = Field(5.0, ge=0)
     #: `memory://` (the workers of one gateway share a table) or `redis://host:6379`.
     rate_limit_storage: str = "memory://"
     #: Comma-separated IPs/CIDRs whose X-Forwarded-For is believed.
@@ -271,7 +276,7 @@ class GatewaySettings(NetworkSettings, LimitSettings):
                 raise ValueError(f"{item!r} is not an IP address or CIDR") from None
         return tuple(networks)
 
-    @field_validator("rate_limit")
+    @field_validator("rate_limit", "auth_rate_limit")
     @classmethod
     def _rate_limit(cls, value: str) -> str:
         from limits import parse_many  # a gateway dependency; only needed here

@@ -1,8 +1,9 @@
 """Every `APEX_*` setting, read from the environment in one place with one set of rules.
 
-Sections, each a pydantic-settings class reading `APEX_<FIELD>`:
+Sections, each a frozen dataclass whose fields are read from `APEX_<FIELD>` by `load()`:
 
 - `NetworkSettings`: where the servers listen (shared by both servers and the process commands);
+- `LimitSettings`: limits the gateway and the server both apply;
 - `ServerSettings`: the gRPC server and its database;
 - `GatewaySettings`: the HTTP gateway;
 - `ProcessSettings`: how many processes the commands start;
@@ -12,7 +13,12 @@ A field is declared once, in one class, so a variable means the same everywhere 
 and the server read `APEX_MAX_BODY_BYTES` through `LimitSettings`). `check_all()` reads
 every section and is what the commands call before they start anything: a bad value is one
 `ConfigError` naming the variable. The README's configuration table is checked against these
-classes by tests/test_settings_docs.py.
+classes by tests/test_settings.py.
+
+Why not pydantic-settings: it was tried first, and importing it cost ~11 MB of resident memory
+in every process (four in `apex-ingest serve`: ~44 MB of the 400 MB budget, issue #21), for
+rules that fit in this module: a type per field (str, int, float, bool, a Literal, optional),
+bounds, and a parse function where a value needs more.
 
 Internal variables, set by a command for the processes it starts and never by users, are not
 settings: they live in `Internal` and their names start with an underscore. This module is the
@@ -21,16 +27,16 @@ only one that reads or writes `os.environ` (import-linter cannot check that; a t
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
-from collections.abc import Mapping
+import types
+import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
-
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from apex_ingest.common import limits
 
@@ -39,34 +45,32 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 DEFAULT_DATABASE_URL = "sqlite:///apex-ingest.db"
 ENV_PREFIX = "APEX_"
 
+_YES = frozenset({"1", "true", "yes", "on"})
+_NO = frozenset({"0", "false", "no", "off"})
+
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the environment variable."""
 
 
-class _Section(BaseSettings):
-    """Reads `APEX_<FIELD>`; an empty or blank variable means unset (the default)."""
-
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_ignore_empty=True,
-        extra="ignore",
-        frozen=True,
-        str_strip_whitespace=True,
-        validate_default=True,
+def setting(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    parse: Callable[[Any], Any] | None = None,
+) -> Any:
+    """A settings field: its default, bounds, and a parse function for what types cannot say
+    (it gets the text or the given value and returns the value, or raises ValueError)."""
+    return dataclasses.field(
+        default=default, metadata={"ge": ge, "gt": gt, "le": le, "parse": parse}
     )
 
-    @model_validator(mode="before")
-    @classmethod
-    def _blank_is_unset(cls, values: Any) -> Any:
-        # "APEX_X= " (spaces) is as good as unset, like an empty variable; " 8 " is 8.
-        if isinstance(values, dict):
-            return {
-                key: value.strip() if isinstance(value, str) else value
-                for key, value in values.items()
-                if not (isinstance(value, str) and not value.strip())
-            }
-        return values
+
+@dataclasses.dataclass(frozen=True)
+class _Section:
+    """Fields read from `APEX_<FIELD>`; an empty or blank variable means unset (the default)."""
 
 
 S = TypeVar("S", bound=_Section)
@@ -74,23 +78,78 @@ S = TypeVar("S", bound=_Section)
 
 def load(section: type[S], **overrides: Any) -> S:
     """`section` read from the environment, `overrides` taking precedence; ConfigError if bad."""
-    try:
-        return section(**overrides)
-    except ValidationError as error:
-        raise ConfigError(describe(error)) from None
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    hints = typing.get_type_hints(section)
+    for field in dataclasses.fields(section):
+        raw = (
+            overrides[field.name]
+            if field.name in overrides
+            else os.environ.get(variable(field.name))
+        )
+        if isinstance(raw, str):
+            raw = raw.strip()
+        if raw is None or raw == "":
+            continue
+        try:
+            values[field.name] = _value(raw, hints[field.name], field.metadata)
+        except ValueError as error:
+            got = f" (got {raw!r})" if isinstance(raw, str | int | float) else ""
+            problems.append(f"{variable(field.name)}: {error}{got}")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return section(**values)
 
 
-def describe(error: ValidationError) -> str:
-    """One line per bad variable, each naming it: `APEX_GRPC_PORT: ... (got 'x')`."""
-    lines = []
-    for problem in error.errors():
-        field = str(problem["loc"][0]) if problem["loc"] else ""
-        name = variable(field) if field else "settings"
-        message = str(problem["msg"]).removeprefix("Value error, ")
-        shown = problem.get("input")
-        got = f" (got {shown!r})" if isinstance(shown, str | int | float) else ""
-        lines.append(f"{name}: {message}{got}")
-    return "; ".join(lines)
+def _value(raw: Any, hint: Any, rules: Mapping[str, Any]) -> Any:
+    parse = rules.get("parse")
+    value = parse(raw) if parse is not None else _typed(raw, hint)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        ge, gt, le = rules.get("ge"), rules.get("gt"), rules.get("le")
+        if ge is not None and value < ge:
+            raise ValueError(f"must be at least {ge:g}")
+        if gt is not None and value <= gt:
+            raise ValueError(f"must be more than {gt:g}")
+        if le is not None and value > le:
+            raise ValueError(f"must be at most {le:g}")
+    return value
+
+
+def _typed(raw: Any, hint: Any) -> Any:
+    """`raw` (text from the environment, or a typed value) as the field's type."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    if typing.get_origin(hint) is Literal:
+        allowed = typing.get_args(hint)
+        if raw not in allowed:
+            raise ValueError(f"must be one of {', '.join(map(str, allowed))}")
+        return raw
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        word = str(raw).strip().lower()
+        if word in _YES:
+            return True
+        if word in _NO:
+            return False
+        raise ValueError("must be one of 1/true/yes/on or 0/false/no/off")
+    if hint is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+        text = str(raw).strip()
+        if not text.lstrip("+-").isdigit():
+            raise ValueError("must be a whole number")
+        return int(text)
+    if hint is float:
+        if isinstance(raw, int | float) and not isinstance(raw, bool):
+            return float(raw)
+        try:
+            return float(str(raw).strip())
+        except ValueError:
+            raise ValueError("must be a number") from None
+    return str(raw)
 
 
 def variable(field: str) -> str:
@@ -101,26 +160,24 @@ def variable(field: str) -> str:
 # --- shared by several sections ---------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
 class NetworkSettings(_Section):
     """Where the servers listen: both servers, the gateway's default target, the commands."""
 
     #: Address both servers bind to (`0.0.0.0` or `::` to expose them).
     host: str = "127.0.0.1"
     #: The gateway's HTTP port.
-    http_port: int = Field(8080, ge=1, le=65535)
+    http_port: int = setting(8080, ge=1, le=65535)
     #: The gRPC server's port.
-    grpc_port: int = Field(50051, ge=1, le=65535)
-
-    @property
-    def reachable_host(self) -> str:
-        return reachable_host(self.host)
+    grpc_port: int = setting(50051, ge=1, le=65535)
 
 
+@dataclasses.dataclass(frozen=True)
 class LimitSettings(_Section):
     """Limits both the gateway and the server apply."""
 
     #: HTTP body limit after decompression; the gRPC receive limit is derived from it.
-    max_body_bytes: int = Field(limits.MAX_BODY_BYTES, ge=1)
+    max_body_bytes: int = setting(limits.MAX_BODY_BYTES, ge=1)
 
     @property
     def grpc_max_message_bytes(self) -> int:
@@ -141,54 +198,6 @@ def address_host(host: str) -> str:
 
 
 # --- the gRPC server ---------------------------------------------------------------------
-
-
-class ServerSettings(NetworkSettings, LimitSettings):
-    """The gRPC server and its database."""
-
-    #: SQLAlchemy URL: `sqlite:///PATH` or `postgresql+psycopg://user:pass@host/db`.
-    database_url: str = DEFAULT_DATABASE_URL
-    #: Seconds a key lookup (and so a revocation or a new allowlist) may be cached.
-    project_cache_ttl: float = Field(5.0, ge=0)
-    #: gRPC worker threads per server process.
-    grpc_threads: int = Field(32, ge=1)
-    #: Ingest calls held by a process (queued or running) beyond which it answers
-    #: RESOURCE_EXHAUSTED with RetryInfo.
-    grpc_max_concurrent_rpcs: int = Field(256, ge=1)
-    #: Seconds in-flight calls get to finish on SIGTERM.
-    shutdown_grace: float = Field(10.0, ge=0)
-    #: Seconds to connect to / get a connection from the database.
-    db_connect_timeout: float = Field(2.0, ge=0.1)
-    #: Statement timeout in ms (PostgreSQL; on SQLite how long a write waits for the lock);
-    #: below the gateway's gRPC deadline, so a blocked database is a 503, not a 504.
-    db_statement_timeout_ms: int = Field(3000, ge=0)
-    #: Connections per server process (plus as many overflow).
-    db_pool_size: int = Field(10, ge=1)
-    #: Seconds between two probes of the database by the health monitor.
-    health_interval: float = Field(1.0, gt=0)
-    #: Seconds a refused caller is told to wait (RetryInfo / Retry-After).
-    retry_after_seconds: int = Field(1, ge=1)
-    #: Whether the gRPC server applies pending migrations when it starts.
-    migrate_on_start: bool = True
-    #: Port of the gRPC server's Prometheus /metrics (unset: none).
-    metrics_port: int | None = Field(None, ge=1, le=65535)
-
-    @field_validator("database_url")
-    @classmethod
-    def _database_url(cls, value: str) -> str:
-        return check_database_url(value)
-
-    @field_validator("*", mode="before")
-    @classmethod
-    def _finite(cls, value: Any) -> Any:
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
-    @property
-    def commit_timeout(self) -> float:
-        # Getting a connection and running the statement, with a second to spare.
-        return self.db_connect_timeout + self.db_statement_timeout_ms / 1000 + 1
 
 
 def check_database_url(url: str) -> str:
@@ -217,15 +226,84 @@ def check_database_url(url: str) -> str:
     return url
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerSettings(NetworkSettings, LimitSettings):
+    """The gRPC server and its database."""
+
+    #: SQLAlchemy URL: `sqlite:///PATH` or `postgresql+psycopg://user:pass@host/db`.
+    database_url: str = setting(DEFAULT_DATABASE_URL, parse=check_database_url)
+    #: Seconds a key lookup (and so a revocation or a new allowlist) may be cached.
+    project_cache_ttl: float = setting(5.0, ge=0)
+    #: gRPC worker threads per server process.
+    grpc_threads: int = setting(32, ge=1)
+    #: Ingest calls held by a process (queued or running) beyond which it answers
+    #: RESOURCE_EXHAUSTED with RetryInfo.
+    grpc_max_concurrent_rpcs: int = setting(256, ge=1)
+    #: Seconds in-flight calls get to finish on SIGTERM.
+    shutdown_grace: float = setting(10.0, ge=0)
+    #: Seconds to connect to / get a connection from the database.
+    db_connect_timeout: float = setting(2.0, ge=0.1)
+    #: Statement timeout in ms (PostgreSQL; on SQLite how long a write waits for the lock);
+    #: below the gateway's gRPC deadline, so a blocked database is a 503, not a 504.
+    db_statement_timeout_ms: int = setting(3000, ge=0)
+    #: Connections per server process (plus as many overflow).
+    db_pool_size: int = setting(10, ge=1)
+    #: Seconds between two probes of the database by the health monitor.
+    health_interval: float = setting(1.0, gt=0)
+    #: Seconds a refused caller is told to wait (RetryInfo / Retry-After).
+    retry_after_seconds: int = setting(1, ge=1)
+    #: Whether the gRPC server applies pending migrations when it starts.
+    migrate_on_start: bool = True
+    #: Port of the gRPC server's Prometheus /metrics (unset: none).
+    metrics_port: int | None = setting(None, ge=1, le=65535)
+
+    @property
+    def commit_timeout(self) -> float:
+        # Getting a connection and running the statement, with a second to spare.
+        return self.db_connect_timeout + self.db_statement_timeout_ms / 1000 + 1
+
+
 # --- the HTTP gateway --------------------------------------------------------------------
 
 
-def _split_networks(value: Any) -> Any:
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
+def _networks(value: Any) -> tuple[IPNetwork, ...]:
+    items = value.split(",") if isinstance(value, str) else list(value)
+    networks = []
+    for item in items:
+        text = str(item).strip()
+        if not text:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            raise ValueError(f"{text!r} is not an IP address or CIDR") from None
+    return tuple(networks)
 
 
+def _rate_limit(value: Any) -> str:
+    from limits import parse_many  # a gateway dependency; only needed here
+
+    text = str(value).strip()
+    try:
+        parse_many(text)
+    except ValueError:
+        raise ValueError("must be like 100/second or 100/second;5000/hour") from None
+    return text
+
+
+def _rate_limit_storage(value: Any) -> str:
+    from limits.errors import ConfigurationError
+    from limits.storage import storage_from_string
+
+    text = str(value).strip()
+    try:
+        storage_from_string(text)  # builds a client; connects only when first used
+    except ConfigurationError as exc:
+        raise ValueError(str(exc)) from None
+    return text
+
+
+@dataclasses.dataclass(frozen=True)
 class GatewaySettings(NetworkSettings, LimitSettings):
     """The HTTP gateway (`create_app(test_config)` overrides these by variable name)."""
 
@@ -233,80 +311,34 @@ class GatewaySettings(NetworkSettings, LimitSettings):
     #: wildcard, and APEX_GRPC_PORT).
     grpc_target: str = ""
     #: Deadline in seconds of each gateway -> gRPC call; 504 when it passes.
-    grpc_timeout: float = Field(5.0, gt=0)
+    grpc_timeout: float = setting(5.0, gt=0)
     #: gRPC connections per gateway worker, used round-robin.
-    grpc_channels: int = Field(4, ge=1)
+    grpc_channels: int = setting(4, ge=1)
     #: Per project; a batch counts once (429 with Retry-After).
-    rate_limit: str = "100/second"
+    rate_limit: str = setting("100/second", parse=_rate_limit)
     #: Per client IP: requests whose projectKey this gateway worker has not seen accepted
     #: (key guessing, junk floods); past it, 429 without calling the server.
-    auth_rate_limit: str = "60/minute"
+    auth_rate_limit: str = setting("60/minute", parse=_rate_limit)
     #: Seconds the gateway remembers a key the server refused (401 without a call).
-    unknown_key_ttl: float = Field(5.0, ge=0)
+    unknown_key_ttl: float = setting(5.0, ge=0)
     #: `memory://` (the workers of one gateway share a table) or `redis://host:6379`.
-    rate_limit_storage: str = "memory://"
+    rate_limit_storage: str = setting("memory://", parse=_rate_limit_storage)
     #: Comma-separated IPs/CIDRs whose X-Forwarded-For is believed.
-    trusted_proxies: Annotated[tuple[IPNetwork, ...], NoDecode] = ()
+    trusted_proxies: tuple[IPNetwork, ...] = setting((), parse=_networks)
     #: Seconds a client has to send a whole request body once its headers are in (408 after);
     #: 0: no limit (behind a proxy that buffers bodies and has its own timeout).
-    body_timeout: float = Field(10.0, ge=0)
+    body_timeout: float = setting(10.0, ge=0)
     #: Access-Control-Max-Age of preflight answers.
-    cors_max_age: int = Field(86400, ge=0)
+    cors_max_age: int = setting(86400, ge=0)
     #: Request threads per gateway worker (unset: granian's default, 512 here).
-    http_threads: int | None = Field(None, ge=1)
+    http_threads: int | None = setting(None, ge=1)
     #: Seconds a gateway worker keeps serving after SIGTERM before it stops accepting.
-    shutdown_drain: float = Field(2.0, ge=0, le=300)
+    shutdown_drain: float = setting(2.0, ge=0, le=300)
 
-    @field_validator("grpc_timeout", "shutdown_drain", "body_timeout")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
-    @field_validator("trusted_proxies", mode="before")
-    @classmethod
-    def _networks(cls, value: Any) -> Any:
-        items = _split_networks(value)
-        networks = []
-        for item in items or ():
-            try:
-                networks.append(ipaddress.ip_network(str(item).strip(), strict=False))
-            except ValueError:
-                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
-        return tuple(networks)
-
-    @field_validator("rate_limit", "auth_rate_limit")
-    @classmethod
-    def _rate_limit(cls, value: str) -> str:
-        from limits import parse_many  # a gateway dependency; only needed here
-
-        try:
-            parse_many(value)
-        except ValueError:
-            raise ValueError(
-                f"must be like 100/second or 100/second;5000/hour, got {value!r}"
-            ) from None
-        return value
-
-    @field_validator("rate_limit_storage")
-    @classmethod
-    def _rate_limit_storage(cls, value: str) -> str:
-        from limits.errors import ConfigurationError
-        from limits.storage import storage_from_string
-
-        try:
-            storage_from_string(value)  # builds a client; connects only when first used
-        except ConfigurationError as exc:
-            raise ValueError(f"{exc} ({value!r})") from None
-        return value
-
-    @model_validator(mode="after")
-    def _default_target(self) -> GatewaySettings:
+    def __post_init__(self) -> None:
         if not self.grpc_target:
             target = f"{address_host(reachable_host(self.host))}:{self.grpc_port}"
             object.__setattr__(self, "grpc_target", target)
-        return self
 
     #: create_app(test_config) keys that are not settings (Flask's own, e.g. TESTING).
     FLASK_KEYS: ClassVar[frozenset[str]] = frozenset({"TESTING", "DEBUG"})
@@ -314,11 +346,11 @@ class GatewaySettings(NetworkSettings, LimitSettings):
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> GatewaySettings:
         """Settings from the environment, overridden by `APEX_*` keys of a Flask config."""
-        fields = cls.model_fields
+        names = {field.name for field in dataclasses.fields(cls)}
         overrides = {
             key[len(ENV_PREFIX) :].lower(): value
             for key, value in config.items()
-            if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in fields
+            if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :].lower() in names
         }
         return load(cls, **overrides)
 
@@ -326,34 +358,39 @@ class GatewaySettings(NetworkSettings, LimitSettings):
 # --- processes and logging ---------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
 class ProcessSettings(_Section):
     """How many processes `serve`, `grpc` and `gateway` start (their options win)."""
 
     #: Gateway worker processes (unset: one per CPU core).
-    http_workers: int | None = Field(None, ge=1)
+    http_workers: int | None = setting(None, ge=1)
     #: gRPC server processes sharing APEX_GRPC_PORT (unset: cores for `grpc`, half for `serve`).
-    grpc_processes: int | None = Field(None, ge=1)
+    grpc_processes: int | None = setting(None, ge=1)
 
 
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclasses.dataclass(frozen=True)
 class LogSettings(_Section):
     """Logging of every command."""
 
     #: Log level.
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = setting(
+        "INFO", parse=lambda value: _one_of(str(value).upper(), _LEVELS)
+    )
     #: `json` or `text` (unset: JSON for the servers, text for other commands).
-    log_format: Literal["json", "text"] | None = None
+    log_format: Literal["json", "text"] | None = setting(
+        None, parse=lambda value: _one_of(str(value).lower(), ("json", "text"))
+    )
     #: One record per HTTP request / RPC.
     access_log: bool = True
 
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _upper(cls, value: Any) -> Any:
-        return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("log_format", mode="before")
-    @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
+def _one_of(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"must be one of {', '.join(allowed)}")
+    return value
 
 
 #: Every section; `check_all` reads each once.
@@ -372,9 +409,9 @@ def check_all() -> None:
     problems = []
     for section in SECTIONS:
         try:
-            section()
-        except ValidationError as error:
-            problems.append(describe(error))
+            load(section)
+        except ConfigError as error:
+            problems.append(str(error))
     if problems:
         raise ConfigError("; ".join(dict.fromkeys(problems)))
 
@@ -383,8 +420,8 @@ def documented_variables() -> dict[str, Any]:
     """Every setting's variable and default, for the README's table (and its test)."""
     variables: dict[str, Any] = {}
     for section in SECTIONS:
-        for name, info in section.model_fields.items():
-            variables.setdefault(variable(name), info.default)
+        for field in dataclasses.fields(section):
+            variables.setdefault(variable(field.name), field.default)
     return variables
 
 
@@ -412,17 +449,7 @@ class Internal:
         """Set for this process and every child it starts from now on."""
         os.environ[name] = value
 
-    @staticmethod
-    def set_default(name: str, value: str) -> str:
-        return os.environ.setdefault(name, value)
-
 
 def child_environment(**variables: str) -> dict[str, str]:
     """This process's environment plus `variables`, for a child process."""
     return {**os.environ, **variables}
-
-
-def set_setting(field: str, value: str) -> None:
-    """Set a setting for this process and its children (e.g. `serve` telling its gateway
-    workers where the gRPC server is)."""
-    os.environ[variable(field)] = value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import shlex
@@ -239,7 +240,7 @@ def _engine() -> Iterator[Engine]:
     """
     from apex_ingest.server.database import create_db_engine
 
-    settings = load(ServerSettings).model_copy(update={"db_statement_timeout_ms": 0})
+    settings = dataclasses.replace(load(ServerSettings), db_statement_timeout_ms=0)
     engine = create_db_engine(settings.database_url, settings)
     try:
         yield engine

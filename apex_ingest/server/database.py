@@ -14,7 +14,7 @@ from apex_ingest.common.settings import ServerSettings
 def create_db_engine(url: str, settings: ServerSettings | None = None) -> Engine:
     """An engine for `url` with `settings`' timeouts and pool (default: the defaults; `url` is
     not checked again, so a test may point at a database that cannot be opened)."""
-    settings = settings or ServerSettings.model_construct(database_url=url)
+    settings = settings or ServerSettings(database_url=url)
     sa_url = make_url(url)
     # Both databases give up on a statement (a lock wait included) before the gateway's
     # deadline passes, so a blocked database is a 503 with Retry-After, not a 504.

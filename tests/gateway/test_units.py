@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from apex_ingest.common.settings import GatewaySettings
+from apex_ingest.common.settings import GatewaySettings, load
 from gateway import json_codec
 from gateway.client_ip import client_ip
 from gateway.errors import ApiError, retry_after_seconds
@@ -188,7 +188,7 @@ def test_fragments_are_what_orjson_writes() -> None:
 
 # -- client IP ----------------------------------------------------------------------------------
 
-TRUSTED = GatewaySettings(trusted_proxies="10.0.0.0/8, 192.0.2.1, ::1").trusted_proxies
+TRUSTED = load(GatewaySettings, trusted_proxies="10.0.0.0/8, 192.0.2.1, ::1").trusted_proxies
 
 
 @pytest.mark.parametrize(

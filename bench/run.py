@@ -429,9 +429,12 @@ def main() -> int:
         )
         wait_http(f"http://127.0.0.1:{http_port}/healthz")
         sampler = RssSampler(service.pid)
+        sampler.phase = "idle"
         sampler.start()
+        time.sleep(1)
         url = f"http://127.0.0.1:{http_port}/api/events"
         metrics_url = f"http://127.0.0.1:{http_port}/metrics"
+        sampler.phase = "warm-up"
         wrk(url, 32, 3, snippet_body(key))  # warm-up: caches, pools, page cache
         wrk(url, 16, 2, manifest=manifest)
         time.sleep(1)  # the warm-up's last requests (cut off by wrk) finish storing first

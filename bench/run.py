@@ -309,10 +309,11 @@ def report(f: Figures) -> bool:
         f" p99 {f.batch.p99_ms:.1f} ms, non-200 {f.batch.other})"
     )
     d = f.direct
+    failures = f"{sum(d.failed.values())}" + (f" {d.failed}" if d.failed else "")
     print(
         f"gRPC direct, {grpc_load.PROCESSES} proc x {grpc_load.THREADS} threads:"
         f" {d.events_per_s:7.0f} events/s acknowledged ({d.calls} calls, p50 {d.p50_ms:.1f} ms,"
-        f" p99 {d.p99_ms:.1f} ms, failed {sum(d.failed.values())} {d.failed or ''},"
+        f" p99 {d.p99_ms:.1f} ms, failed {failures},"
         f" the clients used {d.client_cpu_s / d.seconds:.2f} cores)"
     )
     print(

@@ -25,7 +25,11 @@ Scrape = dict[str, Histogram]
 
 def scrape(url: str) -> Scrape:
     with urllib.request.urlopen(url, timeout=10) as answer:
-        text = answer.read().decode()
+        return parse(answer.read().decode())
+
+
+def parse(text: str) -> Scrape:
+    """The histograms of a Prometheus text exposition, label sets summed."""
     found: Scrape = {}
     for family in text_string_to_metric_families(text):
         if family.type != "histogram":

@@ -1,17 +1,70 @@
--- wrk script: POST the body in $BENCH_BODY_FILE, count answers by status class.
-local f = assert(io.open(os.getenv("BENCH_BODY_FILE"), "rb"))
+-- wrk script: POST bodies, count answers by status class.
+--
+-- $BENCH_BODY_FILE: one body, sent as is (the snippet and the baselines).
+-- $BENCH_MANIFEST: lines "<User-Agent>\t<body file>"; the bodies are cycled, each with its
+-- User-Agent header, and every "@@@@@@@@@@@@@@@@@@@@@@@@" (24 characters, the first part of each
+-- event id, see bench/events.py) becomes a prefix unique to the request:
+-- $BENCH_ID_TAG (8 hex, one per wrk run) .. thread (4 hex) .. request counter (12 hex).
+local MARKER = string.rep("@", 24)
+
+local function read(path)
+  local f = assert(io.open(path, "rb"))
+  local text = f:read("*a")
+  f:close()
+  return text
+end
+
+local function split(text)
+  local parts, start = {}, 1
+  while true do
+    local at = string.find(text, MARKER, start, true)
+    if not at then
+      table.insert(parts, string.sub(text, start))
+      return parts
+    end
+    table.insert(parts, string.sub(text, start, at - 1))
+    table.insert(parts, false) -- the request's prefix goes here
+    start = at + #MARKER
+  end
+end
+
 wrk.method = "POST"
-wrk.body = f:read("*a")
-f:close()
 wrk.headers["Content-Type"] = "application/json"
+
+local manifest = os.getenv("BENCH_MANIFEST")
+local bodies = {}
+if manifest then
+  for line in io.lines(manifest) do
+    local agent, path = string.match(line, "^(.-)\t(.+)$")
+    table.insert(bodies, { agent = agent, parts = split(read(path)) })
+  end
+else
+  wrk.body = read(os.getenv("BENCH_BODY_FILE"))
+end
+local tag = os.getenv("BENCH_ID_TAG") or "00000000"
 
 local threads = {}
 function setup(thread)
   table.insert(threads, thread)
+  thread:set("tid", #threads)
 end
 
 function init(args)
-  ok, other = 0, 0
+  ok, other, sent = 0, 0, 0
+end
+
+if manifest then
+  function request()
+    sent = sent + 1
+    local body = bodies[(sent - 1) % #bodies + 1]
+    local prefix = string.format("%s%04x%012x", tag, tid, sent)
+    local parts, out = body.parts, {}
+    for i = 1, #parts do
+      out[i] = parts[i] or prefix
+    end
+    wrk.headers["User-Agent"] = body.agent
+    return wrk.format(nil, nil, nil, table.concat(out))
+  end
 end
 
 function response(status, headers, body)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import html
 import os
 import shlex
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -240,6 +242,7 @@ def _engine() -> Iterator[Engine]:
     from apex_ingest.server.database import create_db_engine
 
     settings = load(ServerSettings).model_copy(update={"db_statement_timeout_ms": 0})
+    _require_schema(settings.database_url)
     engine = create_db_engine(settings.database_url, settings)
     try:
         yield engine
@@ -316,19 +319,25 @@ def projects_revoke(key: str) -> None:
 
 @main.command()
 def demo() -> None:
-    """Make sure a project named "demo" exists; print its key and curl examples."""
+    """Migrate the database (as `db upgrade`), make sure a project named "demo" exists, print
+    its key, the snippet tag for this gateway and curl examples."""
     from sqlalchemy import select
 
+    from apex_ingest.ops.migrate import upgrade as run_upgrade
     from apex_ingest.server import projects as project_store
     from apex_ingest.server.models import Project
 
     settings = load(ServerSettings)
+    # The one admin command that may create the database: through the migrations, like
+    # `db upgrade` (what `make run` runs just before), never as an empty file.
+    run_upgrade(settings.database_url)
     with _session_factory().begin() as session:
         project = session.scalars(
             select(Project).where(Project.name == "demo", Project.revoked_at.is_(None)).limit(1)
         ).first() or project_store.create_project(session, "demo")
         key = project.key
-    url = f"http://{address_host(reachable_host(settings.host))}:{settings.http_port}/api/events"
+    base = f"http://{address_host(reachable_host(settings.host))}:{settings.http_port}"
+    url = f"{base}/api/events"
     snippet = (
         f'{{"type":"pageview","visitorId":"v_123","projectKey":"{key}",'
         f'"url":"https://example.com/pricing","data":{{"plan":"pro","seats":3}}}}'
@@ -339,14 +348,74 @@ def demo() -> None:
         '{"type":"form_submit","url":"/contact","visitorId":"v_123"},'
         '{"type":"purchase","url":"/checkout","data":{"amount":49.90,"currency":"EUR"}}]}'
     )
-    click.echo(f"\nDemo project key: {key}\n")
+    click.echo(f"\nDatabase: {_describe_database(settings.database_url)}")
+    click.echo(f"Demo project key: {key}\n")
+    click.echo("The snippet tag for a page (served from any origin) to send events here:")
+    click.echo(f"  {snippet_tag(base, key)}\n")
     for title, body in (("A browser event", snippet), ("A server-side batch", batch)):
         click.echo(f"{title}:\n  curl -sS -X POST {url} -H 'Content-Type: application/json' \\")
         click.echo(f"    -d {shlex.quote(body)}\n")
+
+
+def snippet_tag(base_url: str, key: str) -> str:
+    """The tag a page needs to send events to the gateway at `base_url` (scheme included)."""
+    return (
+        f'<script async src="{html.escape(base_url)}/apex.js"'
+        f' data-project-key="{html.escape(key)}"></script>'
+    )
+
+
+def _describe_database(url: str) -> str:
+    """`url`, and for SQLite the absolute path of its file (relative paths depend on the
+    directory the command runs in)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return f"{url} (the file {Path(parsed.database or '').resolve()})"
+    return parsed.render_as_string(hide_password=True)
+
+
+class NoDatabase(click.ClickException):
+    """An admin command pointed at a database that does not exist or has no schema."""
+
+
+def _require_schema(url: str) -> None:
+    """Admin commands work on an existing, migrated database and never create one: a SQLite
+    file that does not exist is not opened (SQLite would create it, empty)."""
+    from sqlalchemy.engine import make_url
+
+    from apex_ingest.ops.migrate import current_revision
+
+    fix = (
+        "set APEX_DATABASE_URL to the database the servers use, or run "
+        "`apex-ingest db upgrade` first to create it here"
+    )
+    parsed = make_url(url)
+    sqlite_file = parsed.get_backend_name() == "sqlite" and parsed.database not in (
+        None,
+        "",
+        ":memory:",
+    )
+    if sqlite_file and not Path(parsed.database or "").exists():
+        raise NoDatabase(
+            f"no database at {_describe_database(url)}: "
+            f"APEX_DATABASE_URL is {'the default' if _is_default(url) else 'set'} "
+            f"and relative paths start in {Path.cwd()}; {fix}"
+        )
+    if current_revision(url) is None:
+        raise NoDatabase(f"the database {_describe_database(url)} has no Apex Ingest tables; {fix}")
+
+
+def _is_default(url: str) -> bool:
+    from apex_ingest.common.settings import DEFAULT_DATABASE_URL
+
+    return url == DEFAULT_DATABASE_URL
 
 
 def _session_factory() -> sessionmaker[Session]:
     from apex_ingest.server.database import create_db_engine, create_session_factory
 
     settings = load(ServerSettings)
+    _require_schema(settings.database_url)
     return create_session_factory(create_db_engine(settings.database_url, settings))

@@ -25,6 +25,7 @@ import ipaddress
 import math
 import os
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -172,6 +173,10 @@ class ServerSettings(NetworkSettings, LimitSettings):
     migrate_on_start: bool = True
     #: Port of the gRPC server's Prometheus /metrics (unset: none).
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    #: Days of events kept (unset: forever). The servers refuse events older than this, and
+    #: `apex-ingest db retention` removes them: an accepted event is never one the next
+    #: retention run deletes on the spot.
+    retention_days: int | None = Field(None, ge=1, le=36500)
 
     @field_validator("database_url")
     @classmethod
@@ -184,6 +189,10 @@ class ServerSettings(NetworkSettings, LimitSettings):
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    @property
+    def retention(self) -> timedelta | None:
+        return None if self.retention_days is None else timedelta(days=self.retention_days)
 
     @property
     def commit_timeout(self) -> float:

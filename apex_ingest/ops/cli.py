@@ -271,18 +271,31 @@ def projects() -> None:
     multiple=True,
     help="Browser origin allowed to send events (repeatable); none: any origin.",
 )
-def projects_create(name: str, key: str | None, allowed_origins: tuple[str, ...]) -> None:
+@click.option(
+    "--redact-param",
+    "redact_params",
+    multiple=True,
+    help="Query parameter whose value is stored as [redacted] in url and referrer, beside "
+    "the built-in list of secret names (repeatable; whole name, any case).",
+)
+def projects_create(
+    name: str, key: str | None, allowed_origins: tuple[str, ...], redact_params: tuple[str, ...]
+) -> None:
     """Create a project and print its key."""
     from apex_ingest.server import projects as project_store
 
     try:
         with _session_factory().begin() as session:
-            project = project_store.create_project(session, name, key, allowed_origins)
+            project = project_store.create_project(
+                session, name, key, allowed_origins, redact_params
+            )
             click.echo(project.key)
     except ConfigError:
         raise
     except project_store.InvalidKey as error:
         raise click.BadParameter(str(error), param_hint="--key") from error
+    except project_store.InvalidParamName as error:
+        raise click.BadParameter(str(error), param_hint="--redact-param") from error
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--allowed-origin") from error
     except Exception as error:
@@ -302,7 +315,9 @@ def projects_list() -> None:
         for project in project_store.list_projects(session):
             state = f"revoked {project.revoked_at:%Y-%m-%d}" if project.revoked_at else "active"
             origins = ",".join(project.allowed_origins) or "*"
-            click.echo(f"{project.key}\t{project.name}\t{state}\torigins={origins}")
+            redacted = ",".join(project.redact_params or ())
+            extra = f"\tredact={redacted}" if redacted else ""
+            click.echo(f"{project.key}\t{project.name}\t{state}\torigins={origins}{extra}")
 
 
 @projects.command("revoke")

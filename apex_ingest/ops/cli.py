@@ -219,17 +219,44 @@ def partitions(months_ahead: int) -> None:
 
 
 @db.command()
-@click.option("--days", type=click.IntRange(min=1), required=True, help="Keep this many days.")
-def retention(days: int) -> None:
-    """PostgreSQL: drop the monthly partitions of events older than --days (whole months)."""
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep this many days (default: APEX_RETENTION_DAYS, what the servers use).",
+)
+def retention(days: int | None) -> None:
+    """Remove events that occurred more than N days ago (APEX_RETENTION_DAYS, or --days).
+
+    PostgreSQL: drops whole monthly partitions and deletes older rows from events_default, then
+    forgets the ids of the events removed. SQLite: deletes the older rows.
+    """
     from apex_ingest.ops import partitions as parts
 
+    configured = load(ServerSettings).retention_days
+    if days is None and configured is None:
+        raise click.UsageError(
+            "no retention period: set APEX_RETENTION_DAYS (the servers then refuse events "
+            "older than it too) or pass --days N"
+        )
+    if days is not None and configured is not None and days < configured:
+        click.echo(
+            f"warning: --days {days} is shorter than APEX_RETENTION_DAYS={configured}: the "
+            f"servers still accept events up to {configured} days old, which the next run "
+            "removes; lower APEX_RETENTION_DAYS too",
+            err=True,
+        )
+    keep = days if days is not None else configured
+    assert keep is not None
+    source = "--days" if days is not None else "APEX_RETENTION_DAYS"
     with _engine() as engine:
         try:
-            dropped = parts.apply_retention(engine, days)
+            report = parts.apply_retention(engine, keep)
         except RuntimeError as error:
             raise click.ClickException(str(error)) from error
-    click.echo("dropped " + ", ".join(dropped) if dropped else "no partition is old enough")
+    click.echo(f"keeping {keep} days ({source})")
+    for line in report.lines():
+        click.echo(line)
 
 
 @contextlib.contextmanager

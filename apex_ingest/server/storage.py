@@ -288,6 +288,7 @@ class EventStore:
         if proxy is None:
             assert self._pg_engine is not None
             proxy = self._pg_engine.raw_connection()  # pre-pinged once, here
+            metrics.hold_for_writer(self._pg_engine, proxy)
             proxy.driver_connection.autocommit = True
             self._local.connection = proxy
         try:

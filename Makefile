@@ -49,11 +49,15 @@ services:
 proto: install-dev
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \
 		$$(find proto -name '*.proto' | sort)
+	# The SDK's copy (sdk/python/apex_ingest_sdk/_proto): the same, but for the module name.
+	sed "s/'apex_ingest.v1.ingest_pb2'/'apex_ingest_sdk._proto.ingest_pb2'/" apex_ingest/v1/ingest_pb2.py \
+		> sdk/python/apex_ingest_sdk/_proto/ingest_pb2.py
+	cp apex_ingest/v1/ingest_pb2.pyi sdk/python/apex_ingest_sdk/_proto/ingest_pb2.pyi
 
 ## proto-check: fail if the committed stubs differ from what `make proto` generates
 proto-check: proto
-	@test -z "$$(git status --porcelain -- apex_ingest/v1)" || \
-		{ echo "stubs out of date: run 'make proto' and commit"; git status --porcelain -- apex_ingest/v1; exit 1; }
+	@test -z "$$(git status --porcelain -- apex_ingest/v1 sdk/python/apex_ingest_sdk/_proto)" || \
+		{ echo "stubs out of date: run 'make proto' and commit"; git status --porcelain -- apex_ingest/v1 sdk/python/apex_ingest_sdk/_proto; exit 1; }
 
 lint: install-dev $(BUF)
 	$(BUF) lint

@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import any_pb2 as _any_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -8,6 +9,36 @@ from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class IngestManyRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[IngestEventsRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[IngestEventsRequest, _Mapping]]] = ...) -> None: ...
+
+class IngestManyResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[IngestResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[IngestResult, _Mapping]]] = ...) -> None: ...
+
+class IngestResult(_message.Message):
+    __slots__ = ("status", "received")
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    status: RequestStatus
+    received: int
+    def __init__(self, status: _Optional[_Union[RequestStatus, _Mapping]] = ..., received: _Optional[int] = ...) -> None: ...
+
+class RequestStatus(_message.Message):
+    __slots__ = ("code", "message", "details")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    DETAILS_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    details: _containers.RepeatedCompositeFieldContainer[_any_pb2.Any]
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., details: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
 
 class IngestEventsRequest(_message.Message):
     __slots__ = ("project_key", "user_id", "events", "context", "validate_only")
@@ -24,14 +55,16 @@ class IngestEventsRequest(_message.Message):
     def __init__(self, project_key: _Optional[str] = ..., user_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., context: _Optional[_Union[RequestContext, _Mapping]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class RequestContext(_message.Message):
-    __slots__ = ("client_ip", "user_agent", "origin")
+    __slots__ = ("client_ip", "user_agent", "origin", "request_id")
     CLIENT_IP_FIELD_NUMBER: _ClassVar[int]
     USER_AGENT_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     client_ip: str
     user_agent: str
     origin: str
-    def __init__(self, client_ip: _Optional[str] = ..., user_agent: _Optional[str] = ..., origin: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, client_ip: _Optional[str] = ..., user_agent: _Optional[str] = ..., origin: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
     __slots__ = ("id", "type", "visitor_id", "url", "referrer", "data", "timestamp")

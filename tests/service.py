@@ -72,7 +72,9 @@ def running_service(database_url: str, env: dict[str, str] | None = None) -> Ite
     On exit: SIGTERM, and wait for the process to drain and stop (killed if it takes longer
     than STOP_TIMEOUT).
     """
-    http_port, grpc_port = free_port(), free_port()
+    # A test may choose the HTTP port (e.g. to match a tag printed beforehand).
+    http_port = int((env or {}).get("APEX_HTTP_PORT") or free_port())
+    grpc_port = free_port()
     environment = {
         **os.environ,
         "APEX_DATABASE_URL": database_url,

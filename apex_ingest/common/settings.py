@@ -34,6 +34,7 @@ import os
 import types
 import typing
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 from urllib.parse import urlsplit
@@ -256,6 +257,14 @@ class ServerSettings(NetworkSettings, LimitSettings):
     migrate_on_start: bool = True
     #: Port of the gRPC server's Prometheus /metrics (unset: none).
     metrics_port: int | None = setting(None, ge=1, le=65535)
+    #: Days of events kept (unset: forever). The servers refuse events older than this, and
+    #: `apex-ingest db retention` removes them: an accepted event is never one the next
+    #: retention run deletes on the spot.
+    retention_days: int | None = setting(None, ge=1, le=36500)
+
+    @property
+    def retention(self) -> timedelta | None:
+        return None if self.retention_days is None else timedelta(days=self.retention_days)
 
     @property
     def commit_timeout(self) -> float:

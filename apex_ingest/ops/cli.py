@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import html
 import os
 import shlex
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import click
@@ -218,17 +220,44 @@ def partitions(months_ahead: int) -> None:
 
 
 @db.command()
-@click.option("--days", type=click.IntRange(min=1), required=True, help="Keep this many days.")
-def retention(days: int) -> None:
-    """PostgreSQL: drop the monthly partitions of events older than --days (whole months)."""
+@click.option(
+    "--days",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Keep this many days (default: APEX_RETENTION_DAYS, what the servers use).",
+)
+def retention(days: int | None) -> None:
+    """Remove events that occurred more than N days ago (APEX_RETENTION_DAYS, or --days).
+
+    PostgreSQL: drops whole monthly partitions and deletes older rows from events_default, then
+    forgets the ids of the events removed. SQLite: deletes the older rows.
+    """
     from apex_ingest.ops import partitions as parts
 
+    configured = load(ServerSettings).retention_days
+    if days is None and configured is None:
+        raise click.UsageError(
+            "no retention period: set APEX_RETENTION_DAYS (the servers then refuse events "
+            "older than it too) or pass --days N"
+        )
+    if days is not None and configured is not None and days < configured:
+        click.echo(
+            f"warning: --days {days} is shorter than APEX_RETENTION_DAYS={configured}: the "
+            f"servers still accept events up to {configured} days old, which the next run "
+            "removes; lower APEX_RETENTION_DAYS too",
+            err=True,
+        )
+    keep = days if days is not None else configured
+    assert keep is not None
+    source = "--days" if days is not None else "APEX_RETENTION_DAYS"
     with _engine() as engine:
         try:
-            dropped = parts.apply_retention(engine, days)
+            report = parts.apply_retention(engine, keep)
         except RuntimeError as error:
             raise click.ClickException(str(error)) from error
-    click.echo("dropped " + ", ".join(dropped) if dropped else "no partition is old enough")
+    click.echo(f"keeping {keep} days ({source})")
+    for line in report.lines():
+        click.echo(line)
 
 
 @contextlib.contextmanager
@@ -241,6 +270,7 @@ def _engine() -> Iterator[Engine]:
     from apex_ingest.server.database import create_db_engine
 
     settings = dataclasses.replace(load(ServerSettings), db_statement_timeout_ms=0)
+    _require_schema(settings.database_url)
     engine = create_db_engine(settings.database_url, settings)
     try:
         yield engine
@@ -269,18 +299,31 @@ def projects() -> None:
     multiple=True,
     help="Browser origin allowed to send events (repeatable); none: any origin.",
 )
-def projects_create(name: str, key: str | None, allowed_origins: tuple[str, ...]) -> None:
+@click.option(
+    "--redact-param",
+    "redact_params",
+    multiple=True,
+    help="Query parameter whose value is stored as [redacted] in url and referrer, beside "
+    "the built-in list of secret names (repeatable; whole name, any case).",
+)
+def projects_create(
+    name: str, key: str | None, allowed_origins: tuple[str, ...], redact_params: tuple[str, ...]
+) -> None:
     """Create a project and print its key."""
     from apex_ingest.server import projects as project_store
 
     try:
         with _session_factory().begin() as session:
-            project = project_store.create_project(session, name, key, allowed_origins)
+            project = project_store.create_project(
+                session, name, key, allowed_origins, redact_params
+            )
             click.echo(project.key)
     except ConfigError:
         raise
     except project_store.InvalidKey as error:
         raise click.BadParameter(str(error), param_hint="--key") from error
+    except project_store.InvalidParamName as error:
+        raise click.BadParameter(str(error), param_hint="--redact-param") from error
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--allowed-origin") from error
     except Exception as error:
@@ -300,7 +343,9 @@ def projects_list() -> None:
         for project in project_store.list_projects(session):
             state = f"revoked {project.revoked_at:%Y-%m-%d}" if project.revoked_at else "active"
             origins = ",".join(project.allowed_origins) or "*"
-            click.echo(f"{project.key}\t{project.name}\t{state}\torigins={origins}")
+            redacted = ",".join(project.redact_params or ())
+            extra = f"\tredact={redacted}" if redacted else ""
+            click.echo(f"{project.key}\t{project.name}\t{state}\torigins={origins}{extra}")
 
 
 @projects.command("revoke")
@@ -317,19 +362,25 @@ def projects_revoke(key: str) -> None:
 
 @main.command()
 def demo() -> None:
-    """Make sure a project named "demo" exists; print its key and curl examples."""
+    """Migrate the database (as `db upgrade`), make sure a project named "demo" exists, print
+    its key, the snippet tag for this gateway and curl examples."""
     from sqlalchemy import select
 
+    from apex_ingest.ops.migrate import upgrade as run_upgrade
     from apex_ingest.server import projects as project_store
     from apex_ingest.server.models import Project
 
     settings = load(ServerSettings)
+    # The one admin command that may create the database: through the migrations, like
+    # `db upgrade` (what `make run` runs just before), never as an empty file.
+    run_upgrade(settings.database_url)
     with _session_factory().begin() as session:
         project = session.scalars(
             select(Project).where(Project.name == "demo", Project.revoked_at.is_(None)).limit(1)
         ).first() or project_store.create_project(session, "demo")
         key = project.key
-    url = f"http://{address_host(reachable_host(settings.host))}:{settings.http_port}/api/events"
+    base = f"http://{address_host(reachable_host(settings.host))}:{settings.http_port}"
+    url = f"{base}/api/events"
     snippet = (
         f'{{"type":"pageview","visitorId":"v_123","projectKey":"{key}",'
         f'"url":"https://example.com/pricing","data":{{"plan":"pro","seats":3}}}}'
@@ -340,14 +391,74 @@ def demo() -> None:
         '{"type":"form_submit","url":"/contact","visitorId":"v_123"},'
         '{"type":"purchase","url":"/checkout","data":{"amount":49.90,"currency":"EUR"}}]}'
     )
-    click.echo(f"\nDemo project key: {key}\n")
+    click.echo(f"\nDatabase: {_describe_database(settings.database_url)}")
+    click.echo(f"Demo project key: {key}\n")
+    click.echo("The snippet tag for a page (served from any origin) to send events here:")
+    click.echo(f"  {snippet_tag(base, key)}\n")
     for title, body in (("A browser event", snippet), ("A server-side batch", batch)):
         click.echo(f"{title}:\n  curl -sS -X POST {url} -H 'Content-Type: application/json' \\")
         click.echo(f"    -d {shlex.quote(body)}\n")
+
+
+def snippet_tag(base_url: str, key: str) -> str:
+    """The tag a page needs to send events to the gateway at `base_url` (scheme included)."""
+    return (
+        f'<script async src="{html.escape(base_url)}/apex.js"'
+        f' data-project-key="{html.escape(key)}"></script>'
+    )
+
+
+def _describe_database(url: str) -> str:
+    """`url`, and for SQLite the absolute path of its file (relative paths depend on the
+    directory the command runs in)."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        return f"{url} (the file {Path(parsed.database or '').resolve()})"
+    return parsed.render_as_string(hide_password=True)
+
+
+class NoDatabase(click.ClickException):
+    """An admin command pointed at a database that does not exist or has no schema."""
+
+
+def _require_schema(url: str) -> None:
+    """Admin commands work on an existing, migrated database and never create one: a SQLite
+    file that does not exist is not opened (SQLite would create it, empty)."""
+    from sqlalchemy.engine import make_url
+
+    from apex_ingest.ops.migrate import current_revision
+
+    fix = (
+        "set APEX_DATABASE_URL to the database the servers use, or run "
+        "`apex-ingest db upgrade` first to create it here"
+    )
+    parsed = make_url(url)
+    sqlite_file = parsed.get_backend_name() == "sqlite" and parsed.database not in (
+        None,
+        "",
+        ":memory:",
+    )
+    if sqlite_file and not Path(parsed.database or "").exists():
+        raise NoDatabase(
+            f"no database at {_describe_database(url)}: "
+            f"APEX_DATABASE_URL is {'the default' if _is_default(url) else 'set'} "
+            f"and relative paths start in {Path.cwd()}; {fix}"
+        )
+    if current_revision(url) is None:
+        raise NoDatabase(f"the database {_describe_database(url)} has no Apex Ingest tables; {fix}")
+
+
+def _is_default(url: str) -> bool:
+    from apex_ingest.common.settings import DEFAULT_DATABASE_URL
+
+    return url == DEFAULT_DATABASE_URL
 
 
 def _session_factory() -> sessionmaker[Session]:
     from apex_ingest.server.database import create_db_engine, create_session_factory
 
     settings = load(ServerSettings)
+    _require_schema(settings.database_url)
     return create_session_factory(create_db_engine(settings.database_url, settings))

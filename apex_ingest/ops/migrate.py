@@ -19,7 +19,7 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 #: On PostgreSQL, migration 0002 partitions `events` and keeps event ids in `event_ids`, which
 #: the models (shared with SQLite) do not describe; its unique index on events is a plain index.
 _POSTGRES_ONLY = re.compile(
-    r"^(event_ids|ix_event_ids_received|ix_events_project_event"
+    r"^(event_ids|ix_event_ids_(received|occurred)|ix_events_project_event"
     r"|events_(default|p\d{4}_\d{2})(_\w+_idx)?)$"
 )
 

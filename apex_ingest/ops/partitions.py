@@ -11,24 +11,25 @@ the same statement as the events (see storage.py).
 Creating partitions ahead of time keeps `events_default` empty in normal operation. If rows for
 a month did land in the default partition, creating that month's partition moves them into it.
 Retention drops whole monthly partitions that end before the cutoff and deletes older rows
-from the default partition; then it forgets the ids of events no longer stored (so a retry
-arriving after the retention period would be stored again: the dedup window is the retention
-period, rounded up to the start of the oldest month kept).
+from the default partition; then it forgets the ids of exactly the events removed
+(`event_ids.occurred_at`, migration 0004): an id is kept as long as its event is stored, and no
+longer. A repeat of a removed event is then judged afresh: refused as too old by servers with
+the same APEX_RETENTION_DAYS, stored again otherwise; never answered "accepted" unstored.
 
-SQLite has no partitioning: these functions refuse it (the commands say so).
+SQLite has no partitioning: `ensure_partitions` refuses it (the command says so); retention
+there deletes the old rows.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from psycopg.errors import LockNotAvailable
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
-
-from apex_ingest.common.limits import MAX_FUTURE
 
 DEFAULT_PARTITION = "events_default"
 _NAME_RE = re.compile(r"^events_p(\d{4})_(\d{2})$")
@@ -156,25 +157,65 @@ DROP_ATTEMPTS = 30
 DROP_RETRY_SECONDS = 2.0
 
 
+@dataclass
+class RetentionReport:
+    """What `apply_retention` removed."""
+
+    cutoff: datetime
+    #: (partition, rows it held) of each monthly partition dropped, oldest first.
+    dropped: list[tuple[str, int]] = field(default_factory=list)
+    #: Rows deleted one by one: from events_default (PostgreSQL) or from events (SQLite).
+    deleted_rows: int = 0
+    deleted_from: str = DEFAULT_PARTITION
+    #: Event ids forgotten (PostgreSQL's event_ids), so that a repeat is judged afresh.
+    forgotten_ids: int = 0
+
+    @property
+    def dropped_names(self) -> list[str]:
+        return [name for name, _ in self.dropped]
+
+    def lines(self) -> list[str]:
+        """What `db retention` prints: every count, including zeros."""
+        lines = [f"removing events that occurred before {self.cutoff.isoformat()}"]
+        for name, rows in self.dropped:
+            lines.append(f"dropped partition {name} ({rows} rows)")
+        if not self.dropped and self.deleted_from == DEFAULT_PARTITION:
+            lines.append("dropped no partition (none ends before that)")
+        lines.append(f"deleted {self.deleted_rows} rows from {self.deleted_from}")
+        if self.deleted_from == DEFAULT_PARTITION:
+            lines.append(f"forgot {self.forgotten_ids} event ids of removed events")
+        return lines
+
+
 def apply_retention(
     engine: Engine,
     days: int,
     now: datetime | None = None,
     batch_rows: int = 10_000,
     attempts: int = DROP_ATTEMPTS,
-) -> list[str]:
-    """Drop monthly partitions ending before now - `days`; trim the rest. Return dropped names.
+) -> RetentionReport:
+    """Remove the events that occurred more than `days` ago; report what was removed.
 
-    Dropping takes an exclusive lock on `events`, so it is one short transaction; event ids are
-    then forgotten in batches of their own, while ingestion goes on. Only ids of events no
-    longer stored are forgotten: a kept event's id must keep refusing its repeats.
+    PostgreSQL: drop the monthly partitions ending before now - `days` and delete older rows
+    from the default partition, in one short transaction (it takes an exclusive lock on
+    `events`); then forget the ids of the events removed, in batches of their own, while
+    ingestion goes on. The rule: an id is kept exactly as long as its event is stored
+    (`event_ids.occurred_at` is the stored event's), so a repeat of a stored event is never
+    stored twice, and a repeat of a removed one is never answered "accepted" without being
+    stored (the servers refuse it as too old when APEX_RETENTION_DAYS is the same `days`).
+
+    SQLite (not partitioned; its unique index is the dedup): delete the rows, in batches.
     """
     if days < 1:
         raise ValueError("retention must be at least one day")
     cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
+    if engine.dialect.name == "sqlite":
+        return RetentionReport(
+            cutoff, deleted_rows=_delete_sqlite(engine, cutoff, batch_rows), deleted_from="events"
+        )
     for attempt in range(1, attempts + 1):
         try:
-            dropped, kept = _drop_old_months(engine, cutoff)
+            report, kept = _drop_old_months(engine, cutoff)
             break
         except OperationalError as error:
             if not isinstance(error.orig, LockNotAvailable):
@@ -185,42 +226,83 @@ def apply_retention(
                     "holds it (see pg_stat_activity); nothing was dropped"
                 ) from error
             time.sleep(DROP_RETRY_SECONDS)
-    _forget_ids(engine, min([cutoff, *kept]), batch_rows)
-    return dropped
+    report.forgotten_ids = _forget_ids(engine, min([cutoff, *kept]), batch_rows)
+    return report
 
 
-def _drop_old_months(engine: Engine, cutoff: datetime) -> tuple[list[str], list[datetime]]:
-    dropped, kept = [], []
+def _drop_old_months(engine: Engine, cutoff: datetime) -> tuple[RetentionReport, list[datetime]]:
+    report, kept = RetentionReport(cutoff), []
     with engine.begin() as connection:
         _require_partitioned(connection)
-        connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'"))
+        old = []
         for name, start in sorted(monthly_partitions(connection).items(), key=lambda i: i[1]):
             if add_months(start, 1) <= cutoff:
-                connection.execute(text(f"DROP TABLE {name}"))
-                dropped.append(name)
+                old.append(name)
             else:
                 kept.append(start)
-        connection.execute(
+        # Counted before the first DROP locks `events` (a count of a big partition takes a
+        # while, and inserts would queue behind the lock meanwhile).
+        for name in old:
+            rows = connection.execute(text(f"SELECT count(*) FROM {name}")).scalar_one()
+            report.dropped.append((name, int(rows)))
+        connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_WAIT}'"))
+        for name in old:
+            connection.execute(text(f"DROP TABLE {name}"))
+        report.deleted_rows = connection.execute(
             text(f"DELETE FROM {DEFAULT_PARTITION} WHERE occurred_at < :cutoff"),
             {"cutoff": cutoff},
-        )
-    return dropped, kept
+        ).rowcount
+    return report, kept
 
 
-def _forget_ids(engine: Engine, floor: datetime, batch_rows: int) -> None:
-    # Every event still stored occurred at or after `floor`, and so was received after
-    # floor - MAX_FUTURE (no timestamp is accepted more than that ahead of its receipt).
-    forget = text(
-        "DELETE FROM event_ids WHERE ctid IN (SELECT ctid FROM event_ids "
-        "WHERE received_at < :before LIMIT :rows)"
+def _forget_ids(engine: Engine, floor: datetime, batch_rows: int) -> int:
+    """Forget the ids of the events no longer stored; return how many.
+
+    Every event still stored occurred at or after `floor` (the start of the oldest month
+    kept, or the cutoff when it is older: rows of events_default before the cutoff are gone,
+    and the month holding the cutoff, if it has a partition, has no rows in events_default).
+    So an id whose event occurred before `floor` has no event any more. Ids written by servers
+    of a release before migration 0004 have no occurred_at: they go once no event has them.
+    """
+    statements = (
+        text(
+            "DELETE FROM event_ids WHERE ctid IN (SELECT ctid FROM event_ids "
+            "WHERE occurred_at < :floor LIMIT :rows)"
+        ),
+        text(
+            "DELETE FROM event_ids WHERE ctid IN (SELECT i.ctid FROM event_ids i "
+            "WHERE i.occurred_at IS NULL AND NOT EXISTS (SELECT 1 FROM events e "
+            "WHERE e.project_id = i.project_id AND e.event_id = i.event_id) LIMIT :rows)"
+        ),
     )
+    forgotten = 0
+    for statement in statements:
+        while True:
+            with engine.begin() as connection:
+                deleted = connection.execute(
+                    statement, {"floor": floor, "rows": batch_rows}
+                ).rowcount
+            forgotten += deleted
+            if deleted < batch_rows:
+                break
+    return forgotten
+
+
+def _delete_sqlite(engine: Engine, cutoff: datetime, batch_rows: int) -> int:
+    """Delete events older than `cutoff`, `batch_rows` per transaction (SQLite has one writer:
+    short transactions let the server's writes through in between)."""
+    from sqlalchemy import delete, select
+
+    from apex_ingest.server.models import Event
+
+    old = select(Event.id).where(Event.occurred_at < cutoff).limit(batch_rows)
+    deleted = 0
     while True:
         with engine.begin() as connection:
-            deleted = connection.execute(
-                forget, {"before": floor - MAX_FUTURE, "rows": batch_rows}
-            ).rowcount
-        if deleted < batch_rows:
-            return
+            count = connection.execute(delete(Event).where(Event.id.in_(old))).rowcount
+        deleted += count
+        if count < batch_rows:
+            return deleted
 
 
 def _require_partitioned(connection: Connection) -> None:

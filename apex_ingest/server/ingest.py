@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from apex_ingest.server.errors import (
     IngestError,
@@ -25,12 +25,13 @@ def ingest_events(
     store: EventStore,
     retry_after_seconds: int = 1,
     deadline: float | None = None,
+    retention: timedelta | None = None,
 ) -> int:
     """Store the request's events atomically and return how many were accepted.
 
     `deadline` (time.monotonic()): past it, nothing is stored (see EventStore.store).
     """
-    accepted = prepare(request, projects, datetime.now(UTC), retry_after_seconds)
+    accepted = prepare(request, projects, datetime.now(UTC), retry_after_seconds, retention)
     if not request.validate_only:
         store.store(accepted.project_id, accepted.rows, deadline)
     return len(accepted.rows)
@@ -42,6 +43,7 @@ def ingest_many(
     store: EventStore,
     retry_after_seconds: int = 1,
     deadline: float | None = None,
+    retention: timedelta | None = None,
 ) -> list[int | IngestError]:
     """Each request's outcome, as ingest_events would give it alone: the number of events
     accepted, or why it was refused. The accepted requests are committed together (one group
@@ -51,7 +53,7 @@ def ingest_many(
     to_store: list[tuple[int, Accepted]] = []
     for index, request in enumerate(requests):
         try:
-            accepted = prepare(request, projects, received_at, retry_after_seconds)
+            accepted = prepare(request, projects, received_at, retry_after_seconds, retention)
         except IngestError as error:
             outcomes.append(error)
             continue
@@ -80,12 +82,13 @@ def prepare(
     projects: ProjectDirectory,
     received_at: datetime,
     retry_after_seconds: int = 1,
+    retention: timedelta | None = None,
 ) -> Accepted:
     """Check, authorize and validate a request; raise the IngestError that refuses it."""
     violations = check_request_shape(request)
     if any(v.field == "project_key" for v in violations):
         # Without a usable key there is no project to authorize; report everything at once.
-        build_rows(request, received_at, violations)
+        build_rows(request, received_at, violations, retention)
         raise InvalidRequest(violations)
     # Authenticate before reporting event problems: unknown callers learn nothing more.
     try:
@@ -96,7 +99,7 @@ def prepare(
         raise UnknownProject()
     if not project.allows_origin(request.context.origin):
         raise OriginNotAllowed(request.context.origin)
-    rows = build_rows(request, received_at, violations)
+    rows = build_rows(request, received_at, violations, retention, project.redact_params)
     if violations:
         raise InvalidRequest(violations)
     return Accepted(project.id, rows)

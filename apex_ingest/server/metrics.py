@@ -6,8 +6,11 @@ authenticated, else "unknown", so no caller can mint new time series.
 
 from __future__ import annotations
 
+import weakref
+
 from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import Engine, event
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from apex_ingest.common.metrics import LATENCY_BUCKETS
 
@@ -47,12 +50,45 @@ GROUP_ROWS = Histogram(
 )
 DB_POOL_IN_USE = Gauge(
     "apex_db_pool_connections_in_use",
-    "Database connections checked out of the pool.",
+    "Database connections checked out of the pool for a call (key lookups, health probes, "
+    "SQLite commits); 0 on an idle server. The group-commit writers' own connections are "
+    "apex_db_writer_connections.",
+    multiprocess_mode="livesum",
+)
+DB_WRITER_CONNECTIONS = Gauge(
+    "apex_db_writer_connections",
+    "Pooled connections each group-commit writer keeps for itself (PostgreSQL: up to 2 per "
+    "gRPC process, from its first write on, idle or not).",
     multiprocess_mode="livesum",
 )
 
+#: Marks, in a pooled connection's `info`, a connection a group-commit writer keeps.
+_WRITER = "apex_group_commit_writer"
+_instrumented: weakref.WeakSet[Engine] = weakref.WeakSet()
+
 
 def instrument_pool(engine: Engine) -> None:
-    """Track checked-out connections of `engine` in DB_POOL_IN_USE."""
+    """Track checked-out connections of `engine`: DB_POOL_IN_USE, and DB_WRITER_CONNECTIONS
+    for those a writer keeps (`hold_for_writer`)."""
     event.listen(engine, "checkout", lambda *_: DB_POOL_IN_USE.inc())
-    event.listen(engine, "checkin", lambda *_: DB_POOL_IN_USE.dec())
+    event.listen(engine, "checkin", _checkin)
+    _instrumented.add(engine)
+
+
+def hold_for_writer(engine: Engine, connection: PoolProxiedConnection) -> None:
+    """`connection` stays checked out for a group-commit writer: count it as the writer's.
+
+    Before, the two writers of every gRPC process counted as "in use" for ever once they
+    had written: an idle server with two processes read 4.
+    """
+    if engine in _instrumented and not connection.info.get(_WRITER):
+        connection.info[_WRITER] = True
+        DB_POOL_IN_USE.dec()
+        DB_WRITER_CONNECTIONS.inc()
+
+
+def _checkin(_dbapi_connection: object, record: ConnectionPoolEntry | None) -> None:
+    if record is not None and record.info.pop(_WRITER, False):
+        DB_WRITER_CONNECTIONS.dec()
+    else:
+        DB_POOL_IN_USE.dec()

@@ -51,6 +51,11 @@ class Project(Base):
     # Browser origins allowed to send events, e.g. ["https://shop.example"]; empty: any.
     allowed_origins: Mapped[list[str]] = mapped_column(JSON().with_variant(JSONB(), "postgresql"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Extra query parameter names whose values are stored as "[redacted]" (migration 0003);
+    # null: only the built-in list (apex_ingest/server/redaction.py).
+    redact_params: Mapped[list[str] | None] = mapped_column(
+        JSON().with_variant(JSONB(), "postgresql"), nullable=True
+    )
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 

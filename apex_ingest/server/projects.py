@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.server.models import Project
+from apex_ingest.server.redaction import normalize_names
 from apex_ingest.server.validation import project_key_problem
 
 KEY_PREFIX = "pk_live_"
@@ -50,17 +51,48 @@ def normalize_origin(origin: str) -> str:
     return f"{parts.scheme}://{host}{port}"
 
 
+class InvalidParamName(ValueError):
+    """A `--redact-param` name that no query parameter could match."""
+
+
+#: A redacted parameter name: 1-100 characters, no control characters, none of `=&#?`.
+MAX_PARAM_NAME_CHARS = 100
+
+
+def check_param_names(names: Iterable[str]) -> list[str]:
+    """The names, stripped, lower case, sorted and without repeats; InvalidParamName if bad."""
+    checked = set()
+    for raw in names:
+        name = raw.strip()
+        if not 1 <= len(name) <= MAX_PARAM_NAME_CHARS:
+            raise InvalidParamName(
+                f"a parameter name must be 1-{MAX_PARAM_NAME_CHARS} characters, got {raw!r}"
+            )
+        if any(ch in "=&#?" or ord(ch) < 32 or 127 <= ord(ch) < 160 for ch in name):
+            raise InvalidParamName(
+                f"a parameter name has no control characters nor any of = & # ?, got {raw!r}"
+            )
+        checked.add(name.lower())
+    return sorted(checked)
+
+
 def create_project(
-    session: Session, name: str, key: str | None = None, allowed_origins: Iterable[str] = ()
+    session: Session,
+    name: str,
+    key: str | None = None,
+    allowed_origins: Iterable[str] = (),
+    redact_params: Iterable[str] = (),
 ) -> Project:
     if key is not None:
         problem = project_key_problem(key)
         if problem:
             raise InvalidKey(f"the key {problem}")
+    extra = check_param_names(redact_params)
     project = Project(
         key=key or generate_key(),
         name=name,
         allowed_origins=sorted({normalize_origin(o) for o in allowed_origins}),
+        redact_params=extra or None,
         created_at=datetime.now(UTC),
         revoked_at=None,
     )
@@ -90,6 +122,8 @@ def revoke_project(session: Session, key: str) -> bool:
 class ProjectInfo:
     id: int
     allowed_origins: frozenset[str]
+    #: The project's own query parameter names to redact (lower case), beside the built-in list.
+    redact_params: frozenset[str] = frozenset()
 
     def allows_origin(self, origin: str) -> bool:
         if not self.allowed_origins or not origin:
@@ -123,7 +157,11 @@ class ProjectDirectory:
         with self._session_factory() as session:
             project = find_project(session, key)
             info = (
-                ProjectInfo(project.id, _normalized_origins(project.allowed_origins))
+                ProjectInfo(
+                    project.id,
+                    _normalized_origins(project.allowed_origins),
+                    normalize_names(project.redact_params or ()),
+                )
                 if project is not None and project.revoked_at is None
                 else None
             )

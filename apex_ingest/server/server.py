@@ -90,6 +90,7 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         ),
         settings.retry_after_seconds,
         on_storage_unavailable=monitor.mark_unavailable,
+        retention=settings.retention,
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(ingest_servicer, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

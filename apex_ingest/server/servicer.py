@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from datetime import timedelta
 
 import grpc
 
@@ -40,8 +41,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         store: EventStore,
         retry_after_seconds: int = 1,
         on_storage_unavailable: Callable[[], None] = lambda: None,
+        retention: timedelta | None = None,
     ) -> None:
         self._projects = projects
+        #: APEX_RETENTION_DAYS: events older than this are refused (see validation.build_rows).
+        self._retention = retention
         self._store = store
         self._retry_after = retry_after_seconds
         self._on_storage_unavailable = on_storage_unavailable
@@ -62,6 +66,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     self._store,
                     self._retry_after,
                     None if remaining is None else time.monotonic() + remaining,
+                    self._retention,
                 )
             except StorageUnavailable as error:
                 log.warning("storage unavailable: %r", error.__cause__)
@@ -118,6 +123,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     self._store,
                     self._retry_after,
                     None if remaining is None else time.monotonic() + remaining,
+                    self._retention,
                 )
             except Exception:
                 log.exception("IngestMany failed")  # a bug: every request gets INTERNAL

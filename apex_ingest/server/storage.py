@@ -65,6 +65,9 @@ def _pg_insert_sql(arrays: Sequence[str]) -> str:
     `events`, in their order. One statement, one transaction: both or neither.
     (COPY is not an option: it cannot skip rows that conflict.)
 
+    `event_ids.occurred_at` is that of the row stored (the first of repeats, as below): `db
+    retention` forgets an id exactly when it removes its event (apex_ingest/ops/partitions.py).
+
     The ids are inserted in key order, not request order: two statements holding some of the
     same ids (a client retrying a request still in flight, in another order) then wait for
     each other in one direction only, instead of deadlocking.
@@ -74,8 +77,9 @@ def _pg_insert_sql(arrays: Sequence[str]) -> str:
     return (
         f"WITH input AS (SELECT * FROM unnest({', '.join(arrays)}) WITH ORDINALITY "
         f"AS i({columns}, ord)), "
-        "new_ids AS (INSERT INTO event_ids (project_id, event_id, received_at) "
-        "SELECT project_id, event_id, received_at FROM input ORDER BY project_id, event_id "
+        "new_ids AS (INSERT INTO event_ids (project_id, event_id, received_at, occurred_at) "
+        "SELECT project_id, event_id, received_at, occurred_at FROM input "
+        "ORDER BY project_id, event_id, ord "
         "ON CONFLICT DO NOTHING RETURNING project_id, event_id) "
         f"INSERT INTO events ({columns}) SELECT {columns} FROM ("
         "SELECT DISTINCT ON (i.project_id, i.event_id) i.* FROM input i JOIN new_ids n "
@@ -284,6 +288,7 @@ class EventStore:
         if proxy is None:
             assert self._pg_engine is not None
             proxy = self._pg_engine.raw_connection()  # pre-pinged once, here
+            metrics.hold_for_writer(self._pg_engine, proxy)
             proxy.driver_connection.autocommit = True
             self._local.connection = proxy
         try:

@@ -28,6 +28,7 @@ from apex_ingest.common.limits import (
 )
 from apex_ingest.common.rpc import new_event_ids
 from apex_ingest.server.errors import FieldViolation
+from apex_ingest.server.redaction import redact_url
 from apex_ingest.v1 import ingest_pb2
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -79,9 +80,19 @@ def build_rows(
     request: ingest_pb2.IngestEventsRequest,
     received_at: datetime,
     violations: list[FieldViolation],
+    retention: timedelta | None = None,
+    redact_params: frozenset[str] = frozenset(),
 ) -> list[Row]:
-    """Validate every event, appending each problem to `violations`; return the valid rows."""
+    """Validate every event, appending each problem to `violations`; return the valid rows.
+
+    `retention` (APEX_RETENTION_DAYS): an event whose stored time (its timestamp, or the time
+    of receipt) is older than `received_at - retention` is refused, since the next
+    `db retention` would remove it. The rows' `url` and `referrer` are redacted (secret
+    query parameters, plus `redact_params`) once the event is valid: the limits apply to what
+    the client sent.
+    """
     latest = received_at + MAX_FUTURE
+    earliest = received_at - retention if retention is not None else None
     context = request.context
     user_id = request.user_id or None
     ip = _normalized_ip(context.client_ip)
@@ -138,7 +149,17 @@ def build_rows(
                 problem = too_late
             else:
                 occurred_at = _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
-                problem = too_late if occurred_at > latest else None
+                if occurred_at > latest:
+                    problem = too_late
+                elif earliest is not None and occurred_at < earliest:
+                    assert retention is not None
+                    problem = (
+                        f"must not be more than {retention.days} days before the time of "
+                        "receipt (the retention period, APEX_RETENTION_DAYS): older events "
+                        "are not kept"
+                    )
+                else:
+                    problem = None
             if problem:
                 violations.append(FieldViolation(prefix + "timestamp", problem))
 
@@ -149,8 +170,8 @@ def build_rows(
                     "type": event.type,
                     "visitor_id": event.visitor_id or None,
                     "user_id": user_id,
-                    "url": event.url,
-                    "referrer": event.referrer or None,
+                    "url": redact_url(event.url, redact_params),
+                    "referrer": redact_url(event.referrer, redact_params) or None,
                     "data": data,
                     "occurred_at": occurred_at,
                     "received_at": received_at,

@@ -2,7 +2,7 @@
 ((w, d) => {
 'use strict';
 const nav = navigator, loc = location, old = w.apex, NUL = /\u0000/g, FIELD = /^(INPUT|SELECT|TEXTAREA)$/;
-let s, api, key, vid, last, lastRef, timer, off = 1, pending = [];
+let s, api, key, vid, last, lastRef, timer, off = 1, pending = [], extra = [];
 
 const dict = () => Object.create(null);
 const attr = (n) => s && s.getAttribute('data-' + n);
@@ -10,6 +10,13 @@ const on = (t, ev, fn, capture) => t.addEventListener(ev, (e) => { try { fn(e); 
 const hex = (n) => [].map.call(w.crypto.getRandomValues(new Uint8Array(n)),
   (b) => (256 + b).toString(16).slice(1)).join('');
 const href = () => /^https?:/.test(loc.href) ? loc.href : loc.pathname;
+// a query or fragment parameter named like a secret keeps its name, its value becomes [redacted]
+const red = (u) => (u = u || '').replace(/([?#].*)/, (q) => q.replace(/([?&#])([^=&#?]*)=([^&#]+)/g, (m, a, n) => {
+  const k = n.trim().toLowerCase();
+  return extra.includes(k) || /passw|pwd|secret|token|apikey|privatekey|sessionid|creditcard|cardnum|ccnum|cvv|cvc/
+    .test(k.replace(/[\s_.-]/g, '')) || /(^|[^a-z\d])(pass|pin|auth(orization)?|card|cc|csc|ssn|sig(nature)?)([^a-z\d]|$)/
+    .test(k) ? a + n + '=[redacted]' : m;
+}));
 
 const cut = (v, n) => {
   v = String(v == null ? '' : v).replace(NUL, '');
@@ -55,7 +62,7 @@ const post = (body, tries) => {
 const send = (type, data) => {
   type = cut(type, 100).replace(/[\x00-\x1f\x7f-\x9f]/g, '');
   if (!off && type) post(JSON.stringify({
-    type, visitorId: vid, projectKey: key, url: cut(href(), 4096), referrer: cut(lastRef, 4096),
+    type, visitorId: vid, projectKey: key, url: cut(red(href()), 4096), referrer: cut(red(lastRef), 4096),
     data: fit(data), timestamp: new Date().toISOString(), id: hex(16)
   }), 0);
 };
@@ -100,7 +107,7 @@ const click = (e) => {
   o.tag = el.tagName.toLowerCase();
   o.text = cut((el.tagName == 'INPUT' ? (/^(submit|button)$/.test(el.type) ? el.value : '')
     : FIELD.test(el.tagName) || el.isContentEditable ? '' : el.innerText || el.textContent).replace(/\s+/g, ' ').trim(), 100);
-  o.href = (a && typeof a.href == 'string' && a.href) || '';
+  o.href = red(a && typeof a.href == 'string' && a.href);
   apexAttrs(el, o);
   send('click', o);
 };
@@ -118,7 +125,7 @@ const submit = (e) => {
   }
   send('form_submit', {
     id: f.getAttribute('id') || '', name: f.getAttribute('name') || '',
-    action: new URL(f.getAttribute('action') || '', d.baseURI).href,
+    action: red(new URL(f.getAttribute('action') || '', d.baseURI).href),
     method: (f.getAttribute('method') || 'get').toLowerCase(), fields
   });
 };
@@ -138,6 +145,7 @@ try {
   w.apex = apex;
   s = d.currentScript || d.querySelector('script[data-project-key]');
   key = attr('project-key');
+  extra = (attr('redact') || '').toLowerCase().split(',').map((x) => x.trim()).filter(String);
   api = new URL(attr('api') || '/api/events', (s && s.src) || loc.href).href;
   if (!key || (attr('respect-dnt') != null && attr('respect-dnt') != 'false' &&
     (nav.doNotTrack == '1' || nav.globalPrivacyControl === true))) return; // nothing stored, nothing sent

@@ -187,3 +187,33 @@ def test_a_gateway_run_alone_serves_its_workers_metrics(sqlite_url: str) -> None
             assert _post(base_url, key, 2).status_code == 200
         samples = scrape(f"{base_url}/metrics")
     assert value(samples, "apex_gateway_events_accepted_total", project=key) == 8
+    # Only the gateway's own metrics: the gRPC server's (apex_ingest/server/metrics.py) are
+    # defined in processes the gateway never imports.
+    foreign = {
+        name
+        for name, _, _ in samples
+        if name.startswith(("apex_grpc_", "apex_group_commit_", "apex_db_"))
+    }
+    assert foreign == set()
+
+
+def test_an_idle_server_has_no_pool_connection_in_use(postgres_url: str) -> None:
+    """It read 4 on idle servers: two gRPC processes, each with two group-commit writers that
+    keep a pooled connection for good. Those are apex_db_writer_connections now."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = make_project(postgres_url)
+    metrics_port = free_port()
+    env = {"APEX_METRICS_PORT": str(metrics_port), "APEX_GRPC_PROCESSES": "2"}
+    with running_service(postgres_url, env=env) as service:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: _post(service.base_url, key, 5), range(40)))
+        assert all(answer.status_code == 200 for answer in answers)
+        grpc_url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+        def idle() -> bool:
+            return value(scrape(grpc_url), "apex_db_pool_connections_in_use") == 0
+
+        assert wait_for(idle, timeout=10) is not None, scrape(grpc_url)
+        writers = value(scrape(grpc_url), "apex_db_writer_connections")
+        assert 1 <= writers <= 4  # at most two writers per process

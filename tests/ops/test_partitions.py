@@ -134,7 +134,8 @@ def test_partitions_and_retention_commands(postgres_url: str) -> None:
             insert_events(connection, [old_row, _row(project_id, "new", now)])
 
         out = _cli(postgres_url, "retention", "--days", "60").stdout
-        assert partitions.partition_name(old_month) in out
+        assert f"dropped partition {partitions.partition_name(old_month)} (1 rows)" in out
+        assert "deleted 0 rows from events_default" in out and "forgot 1 event ids" in out
 
         with engine.begin() as connection:
             remaining = partitions.monthly_partitions(connection)
@@ -210,7 +211,8 @@ def test_retention_forgets_only_the_ids_of_events_it_removed(postgres_url: str) 
                 rows.append(row)
             insert_events(connection, rows)
 
-        assert partitions.apply_retention(engine, 30, now=now, batch_rows=1) == ["events_p2026_09"]
+        report = partitions.apply_retention(engine, 30, now=now, batch_rows=1)
+        assert report.dropped == [("events_p2026_09", 2)] and report.forgotten_ids == 2
 
         with engine.begin() as connection:
             ids = connection.execute(text("SELECT event_id FROM event_ids ORDER BY 1"))
@@ -261,6 +263,6 @@ def test_retention_behind_a_long_query_gives_up_instead_of_blocking_inserts(
                 partitions.apply_retention(engine, 30, attempts=2)
             assert time.monotonic() - started < 10
             reader.rollback()
-        assert partitions.apply_retention(engine, 30) == ["events_p2020_01"]
+        assert partitions.apply_retention(engine, 30).dropped_names == ["events_p2020_01"]
     finally:
         engine.dispose()

@@ -36,9 +36,9 @@ def free_port() -> int:
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0002\n"
-    assert current_revision(url) == "0002"  # the head: 0002 partitions events (PostgreSQL only)
-    assert "up to date (revision 0002)" in run(url, "db", "upgrade").stdout  # idempotent
+    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0004\n"
+    assert current_revision(url) == "0004"  # the head
+    assert "up to date (revision 0004)" in run(url, "db", "upgrade").stdout  # idempotent
 
 
 def test_projects_create_list_revoke(database_url: str) -> None:
@@ -89,6 +89,74 @@ def test_demo_prints_a_stable_key_and_curl(sqlite_url: str) -> None:
     assert "curl" in first and "/api/events" in first
     key = next(word for word in first.split() if word.startswith("pk_live_"))
     assert key in second
+
+
+def test_demo_prints_the_exact_snippet_tag_for_its_own_address(sqlite_url: str) -> None:
+    """http, not https, for a local gateway: the tag works as printed (tests/browser loads it)."""
+    env = {"APEX_HOST": "0.0.0.0", "APEX_HTTP_PORT": "8123"}
+    out = run_env(sqlite_url, env, "demo").stdout
+    key = next(word for word in out.split() if word.startswith("pk_live_"))
+    tag = f'<script async src="http://127.0.0.1:8123/apex.js" data-project-key="{key}"></script>'
+    assert f"  {tag}\n" in out
+
+
+def run_env(
+    database_url: str, env: dict[str, str], *args: str, cwd: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, **env}
+    if database_url:
+        environment["APEX_DATABASE_URL"] = database_url
+    else:
+        environment.pop("APEX_DATABASE_URL", None)
+    return subprocess.run(
+        [*COMMAND, *args],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=60,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["projects", "list"],
+        ["projects", "revoke", "pk_live_x"],
+        ["projects", "create", "Shop"],
+        ["db", "retention", "--days", "30"],
+        ["db", "partitions"],
+    ],
+)
+def test_admin_commands_never_create_a_database(tmp_path: Path, args: list[str]) -> None:
+    """Run from another directory, they used to leave an empty apex-ingest.db behind and fail
+    with "no such table"; now they say which database they looked for and how to fix it."""
+    result = run_env("", {}, *args, cwd=tmp_path, check=False)
+    assert result.returncode == 1, result.stderr
+    assert list(tmp_path.iterdir()) == []
+    message = result.stderr
+    assert str(tmp_path / "apex-ingest.db") in message and "sqlite:///apex-ingest.db" in message
+    assert "APEX_DATABASE_URL" in message and "apex-ingest db upgrade" in message
+    assert "no such table" not in message and "Traceback" not in message
+
+
+def test_admin_commands_refuse_a_database_without_the_schema(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    result = run(f"sqlite:///{empty}", "projects", "list", check=False)
+    assert result.returncode == 1
+    assert "has no Apex Ingest tables" in result.stderr and str(empty) in result.stderr
+    assert "apex-ingest db upgrade" in result.stderr
+
+
+def test_db_upgrade_and_demo_create_the_database_with_its_schema(tmp_path: Path) -> None:
+    """`demo` (what `make run` runs) migrates as `db upgrade` does: never an empty file."""
+    out = run_env("", {}, "demo", cwd=tmp_path).stdout
+    assert str(tmp_path / "apex-ingest.db") in out
+    url = f"sqlite:///{tmp_path / 'apex-ingest.db'}"
+    assert current_revision(url) is not None
+    assert "demo\tactive" in run(url, "projects", "list").stdout
 
 
 def test_sigterm_drains_in_flight_calls(sqlite_url: str, tmp_path: Path) -> None:

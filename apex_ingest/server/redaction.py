@@ -1,0 +1,84 @@
+"""Secrets in query strings: the value of every parameter named like a secret becomes
+`[redacted]` in the stored `url` and `referrer`; the name stays, so analytics still see it.
+
+apex.js applies the same rule in the browser (gateway/static/apex.js, `red`); the server applies
+it again to every event, from any client, after validation (limits are judged on what the client
+sent). docs/snippet.md ("Secrets in URLs") states the rule; keep the three in step.
+
+The rule, on the part of the URL after its first `?` or `#` (the query and the fragment, where
+OAuth puts `#access_token=...`): each `name=value` piece, delimited by `?`, `&` or `#`, whose name
+(percent-decoded, case-insensitive)
+
+- contains, once `_`, `-`, `.` and spaces are removed, one of SECRET_PARTS
+  (`user_password`, `confirmPassword`, `X-Api-Key`, `access_token`, `card-number`, ...), or
+- has one of SECRET_WORDS as a whole word (words split on anything but letters and digits:
+  `pin`, `cc_exp`, `auth`, `x-auth`, but not `author` or `spin`), or
+- is one of the project's own names (`projects create --redact-param NAME`), whole and
+  case-insensitive,
+
+keeps its name and gets the value `[redacted]`. Empty values stay empty.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from urllib.parse import unquote
+
+from apex_ingest.common.limits import MAX_URL_CHARS
+
+REDACTED = "[redacted]"
+
+#: Substrings of a name (lower case, without `_ - .` and spaces) that make it a secret.
+SECRET_PARTS = (
+    "passw",  # password, passwd, passwort
+    "pwd",
+    "secret",  # secret, client_secret
+    "token",  # token, access_token, refresh_token, id_token, csrf_token
+    "apikey",  # api_key, apikey, x-api-key
+    "privatekey",
+    "sessionid",  # session_id, jsessionid, phpsessid is not: add it per project
+    "creditcard",
+    "cardnum",  # card_number, cardnumber
+    "ccnum",
+    "cvv",
+    "cvc",
+)
+#: Whole words of a name (split on anything but letters and digits) that make it a secret.
+SECRET_WORDS = frozenset(
+    {"pass", "pin", "auth", "authorization", "card", "cc", "csc", "ssn", "sig", "signature"}
+)
+
+_PIECE = re.compile(r"([?&#])([^=&#?]*)=([^&#]*)")
+_NOT_WORD = re.compile(r"[^a-z0-9]+")
+_SEPARATORS = re.compile(r"[\s_.\-]+")
+
+
+def normalize_names(names: Iterable[str]) -> frozenset[str]:
+    """A project's extra names as they are matched: lower case, surrounding spaces dropped."""
+    return frozenset(name.strip().lower() for name in names if name.strip())
+
+
+def is_secret_name(name: str, extra: frozenset[str] = frozenset()) -> bool:
+    decoded = unquote(name.replace("+", " ")).strip().lower()
+    if decoded in extra:
+        return True
+    squeezed = _SEPARATORS.sub("", decoded)
+    if any(part in squeezed for part in SECRET_PARTS):
+        return True
+    return any(word in SECRET_WORDS for word in _NOT_WORD.split(decoded))
+
+
+def redact_url(url: str, extra: frozenset[str] = frozenset()) -> str:
+    """`url` with the values of its secret-named parameters replaced by `[redacted]`, cut to
+    MAX_URL_CHARS (a short secret replaced by the longer marker must still fit the column)."""
+    start = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=-1)
+    if start < 0:
+        return url
+
+    def replace(match: re.Match[str]) -> str:
+        if match[3] and is_secret_name(match[2], extra):
+            return f"{match[1]}{match[2]}={REDACTED}"
+        return match[0]
+
+    return (url[:start] + _PIECE.sub(replace, url[start:]))[:MAX_URL_CHARS]

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from apex_ingest.common.settings import ServerSettings
+from apex_ingest.common.settings import ServerSettings, load
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.conftest import RunningServer, make_project, start_server
 from tests.server.test_grpc_integration import ingest, rejection, rows
@@ -67,9 +67,10 @@ def test_without_a_retention_period_old_events_are_kept(database_url: str) -> No
 
 
 def test_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert ServerSettings().retention is None
+    monkeypatch.delenv("APEX_RETENTION_DAYS", raising=False)
+    assert load(ServerSettings).retention is None
     monkeypatch.setenv("APEX_RETENTION_DAYS", "400")
-    assert ServerSettings().retention == timedelta(days=400)
+    assert load(ServerSettings).retention == timedelta(days=400)
     monkeypatch.setenv("APEX_RETENTION_DAYS", "0")
-    with pytest.raises(ValueError, match="retention_days"):
-        ServerSettings()
+    with pytest.raises(ValueError, match="APEX_RETENTION_DAYS"):
+        load(ServerSettings)

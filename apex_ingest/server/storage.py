@@ -277,7 +277,7 @@ class EventStore:
         else:
             self._finish(group, None)
 
-    def _commit(self, rows: list[Row]) -> None:
+    def _commit(self, rows: Sequence[Row]) -> None:
         if self._pg_engine is None:
             with self._session_factory.begin() as session:
                 insert_events(session, rows)

@@ -36,7 +36,8 @@ Ids in event_ids without occurred_at (written by servers of a release before 000
 their event's occurred_at here first, while the index on (project_id, event_id) still exists.
 Rows of that kind written after this migration (servers older than 0004 still running) are
 forgotten by `db retention` only after a lookup of `events` by (project_id, event_id), which now
-scans the project's events: finish upgrading servers past 0004 before this migration.
+reads all of `events` (a hash anti join; nothing is read while no such row exists): finish
+upgrading servers past 0004 before this migration.
 
 Plain (not CONCURRENTLY) DDL in the migration's transaction, under its advisory lock: building
 the primary key and the two partial indexes takes a SHARE lock on each partition, so inserts

@@ -17,9 +17,10 @@ from alembic.config import Config  # noqa: E402
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
 #: On PostgreSQL, migration 0002 partitions `events` and keeps event ids in `event_ids`, which
-#: the models (shared with SQLite) do not describe; its unique index on events is a plain index.
+#: the models (shared with SQLite) do not describe. (Migration 0005 dropped the plain index on
+#: events (project_id, event_id) and the FK of events, which the model keeps for SQLite only.)
 _POSTGRES_ONLY = re.compile(
-    r"^(event_ids|ix_event_ids_(received|occurred)|ix_events_project_event"
+    r"^(event_ids|ix_event_ids_(received|occurred)"
     r"|events_(default|p\d{4}_\d{2})(_\w+_idx)?)$"
 )
 
@@ -29,7 +30,11 @@ def include_in_autogenerate(dialect: str) -> Any:
     the partitions and event_ids on PostgreSQL)."""
 
     def include(_object: Any, name: str | None, kind: str, reflected: bool, _other: Any) -> bool:
-        if dialect != "postgresql" or name is None:
+        if dialect != "postgresql":
+            return True
+        if kind == "foreign_key_constraint" and _object.table.name == "events":
+            return False  # SQLite only since 0005 (see the model)
+        if name is None:
             return True
         if reflected and _POSTGRES_ONLY.match(name):
             return False

@@ -10,12 +10,13 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
-    ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -64,13 +65,30 @@ class Event(Base):
     __table_args__ = (
         # Insert-or-ignore on this makes client retries idempotent.
         UniqueConstraint("project_id", "event_id", name="uq_events_project_event"),
+        # SQLite only: PostgreSQL dropped this per-row check (migration 0005; the server resolves
+        # the project before it writes, and projects are never deleted).
+        ForeignKeyConstraint(["project_id"], ["projects.id"]).ddl_if(dialect="sqlite"),
+        # Which query each index serves: migration 0005. On PostgreSQL the person indexes are
+        # partial: rows without that id stay out of them.
         Index("ix_events_project_occurred", "project_id", "occurred_at"),
-        Index("ix_events_project_visitor", "project_id", "visitor_id", "occurred_at"),
-        Index("ix_events_project_user", "project_id", "user_id", "occurred_at"),
+        Index(
+            "ix_events_project_visitor",
+            "project_id",
+            "visitor_id",
+            "occurred_at",
+            postgresql_where=text("visitor_id IS NOT NULL"),
+        ),
+        Index(
+            "ix_events_project_user",
+            "project_id",
+            "user_id",
+            "occurred_at",
+            postgresql_where=text("user_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    project_id: Mapped[int] = mapped_column(BigInteger)
     event_id: Mapped[str] = mapped_column(String(64))
     type: Mapped[str] = mapped_column(String(100))
     visitor_id: Mapped[str | None] = mapped_column(String(128), nullable=True)

@@ -61,12 +61,16 @@ def _pg_insert_sql(arrays: Sequence[str]) -> str:
 
     `events` is partitioned by occurred_at (migration 0002), so (project_id, event_id) cannot
     be a unique index of it: the ids go into `event_ids` first, ON CONFLICT DO NOTHING, and only
-    the rows whose ids were new (RETURNING; the first of repeats within the statement) go into
-    `events`, in their order. One statement, one transaction: both or neither.
-    (COPY is not an option: it cannot skip rows that conflict.)
+    the rows whose ids were new (RETURNING) go into `events`, in their order. One statement, one
+    transaction: both or neither. (COPY is not an option: it cannot skip rows that conflict.)
 
-    `event_ids.occurred_at` is that of the row stored (the first of repeats, as below): `db
-    retention` forgets an id exactly when it removes its event (apex_ingest/ops/partitions.py).
+    The rows must hold each (project_id, event_id) once (`_first_of_each_id`): ON CONFLICT DO
+    NOTHING skips a repeat within the statement, but the join would then store the row twice.
+    Deduplicating in Python is cheaper than the DISTINCT ON (a sort of the whole group) this
+    statement had before (bench/README.md, "Write path").
+
+    `event_ids.occurred_at` is that of the row stored: `db retention` forgets an id exactly when
+    it removes its event (apex_ingest/ops/partitions.py).
 
     The ids are inserted in key order, not request order: two statements holding some of the
     same ids (a client retrying a request still in flight, in another order) then wait for
@@ -79,13 +83,28 @@ def _pg_insert_sql(arrays: Sequence[str]) -> str:
         f"AS i({columns}, ord)), "
         "new_ids AS (INSERT INTO event_ids (project_id, event_id, received_at, occurred_at) "
         "SELECT project_id, event_id, received_at, occurred_at FROM input "
-        "ORDER BY project_id, event_id, ord "
+        "ORDER BY project_id, event_id "
         "ON CONFLICT DO NOTHING RETURNING project_id, event_id) "
-        f"INSERT INTO events ({columns}) SELECT {columns} FROM ("
-        "SELECT DISTINCT ON (i.project_id, i.event_id) i.* FROM input i JOIN new_ids n "
-        "ON n.project_id = i.project_id AND n.event_id = i.event_id "
-        "ORDER BY i.project_id, i.event_id, i.ord) AS fresh ORDER BY ord"
+        f"INSERT INTO events ({columns}) SELECT {', '.join('i.' + name for name in names)} "
+        "FROM input i JOIN new_ids n ON n.project_id = i.project_id AND n.event_id = i.event_id "
+        "ORDER BY i.ord"
     )
+
+
+def _first_of_each_id(rows: Sequence[Row]) -> Sequence[Row]:
+    """`rows` without repeats of a (project_id, event_id): the first of each is kept (a request,
+    or a group of requests, may hold the same id twice)."""
+    keys = {(row["project_id"], row["event_id"]) for row in rows}
+    if len(keys) == len(rows):
+        return rows
+    seen: set[tuple[Any, Any]] = set()
+    first = []
+    for row in rows:
+        key = (row["project_id"], row["event_id"])
+        if key not in seen:
+            seen.add(key)
+            first.append(row)
+    return first
 
 
 _PG_INSERT = text(_pg_insert_sql([f"CAST(:{name} AS {pg_type}[])" for name, pg_type in _COLUMNS]))
@@ -102,6 +121,7 @@ def insert_events(connection: Connection | Session, rows: Sequence[Row]) -> None
     """Insert rows; a row whose (project_id, event_id) is already stored is skipped."""
     bind = connection.get_bind() if isinstance(connection, Session) else connection
     if bind.dialect.name == "postgresql":
+        rows = _first_of_each_id(rows)
         columns = {name: [row[name] for row in rows] for name, _ in _COLUMNS}
         connection.execute(_PG_INSERT, columns)
     else:
@@ -257,11 +277,12 @@ class EventStore:
         else:
             self._finish(group, None)
 
-    def _commit(self, rows: list[Row]) -> None:
+    def _commit(self, rows: Sequence[Row]) -> None:
         if self._pg_engine is None:
             with self._session_factory.begin() as session:
                 insert_events(session, rows)
             return
+        rows = _first_of_each_id(rows)
         columns = [[row[name] for row in rows] for name, _ in _COLUMNS]
         try:
             self._pg_execute(columns)

@@ -242,6 +242,17 @@ def test_autogenerate_sees_no_difference_on_a_migrated_database(postgres_url: st
                 connection, opts={"include_object": include_in_autogenerate("postgresql")}
             )
             assert compare_metadata(context, Base.metadata) == []
+            # Alembic does not compare partial indexes' predicates: the model's and the database's.
+            for index in Base.metadata.tables["events"].indexes:
+                where = index.dialect_options["postgresql"]["where"]
+                predicate = connection.execute(
+                    text(
+                        "SELECT pg_get_expr(i.indpred, i.indrelid) FROM pg_index i "
+                        "JOIN pg_class c ON c.oid = i.indexrelid WHERE c.relname = :name"
+                    ),
+                    {"name": index.name},
+                ).scalar_one()
+                assert predicate == (None if where is None else f"({where})"), index.name
     finally:
         engine.dispose()
 
@@ -264,5 +275,157 @@ def test_retention_behind_a_long_query_gives_up_instead_of_blocking_inserts(
             assert time.monotonic() - started < 10
             reader.rollback()
         assert partitions.apply_retention(engine, 30).dropped_names == ["events_p2020_01"]
+    finally:
+        engine.dispose()
+
+
+def _events_indexes(connection: object) -> dict[str, str]:
+    """Index name -> definition, of the partitioned `events` itself."""
+    rows = connection.execute(  # type: ignore[attr-defined]
+        text("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'events'")
+    ).all()
+    return {name: definition.replace("public.", "") for name, definition in rows}
+
+
+def _events_fks(connection: object) -> list[str]:
+    return list(
+        connection.execute(  # type: ignore[attr-defined]
+            text(
+                "SELECT conname FROM pg_constraint WHERE conrelid = 'events'::regclass "
+                "AND contype = 'f'"
+            )
+        ).scalars()
+    )
+
+
+#: What migration 0005 leaves on `events` (each index's query: see the migration).
+INDEXES_0005 = {
+    "events_pkey": "CREATE UNIQUE INDEX events_pkey ON ONLY events USING btree "
+    "(project_id, id, occurred_at)",
+    "ix_events_project_occurred": "CREATE INDEX ix_events_project_occurred ON ONLY events "
+    "USING btree (project_id, occurred_at)",
+    "ix_events_project_visitor": "CREATE INDEX ix_events_project_visitor ON ONLY events "
+    "USING btree (project_id, visitor_id, occurred_at) WHERE (visitor_id IS NOT NULL)",
+    "ix_events_project_user": "CREATE INDEX ix_events_project_user ON ONLY events "
+    "USING btree (project_id, user_id, occurred_at) WHERE (user_id IS NOT NULL)",
+}
+INDEXES_0004 = {
+    "events_pkey": "CREATE UNIQUE INDEX events_pkey ON ONLY events USING btree (id, occurred_at)",
+    "ix_events_project_occurred": INDEXES_0005["ix_events_project_occurred"],
+    "ix_events_project_visitor": "CREATE INDEX ix_events_project_visitor ON ONLY events "
+    "USING btree (project_id, visitor_id, occurred_at)",
+    "ix_events_project_user": "CREATE INDEX ix_events_project_user ON ONLY events "
+    "USING btree (project_id, user_id, occurred_at)",
+    "ix_events_project_event": "CREATE INDEX ix_events_project_event ON ONLY events "
+    "USING btree (project_id, event_id)",
+}
+
+
+def test_migration_0005_up_and_down_with_rows_in_partitions_and_default(
+    postgres_url: str,
+) -> None:
+    """0005 (write path): no FK, primary key (project_id, id, occurred_at), partial person
+    indexes, no (project_id, event_id) index, on every partition; downgrade restores 0004's;
+    rows in a monthly partition and in events_default survive both ways."""
+    from alembic import command
+
+    from apex_ingest.ops.migrate import alembic_config
+
+    project_id = _project_id(postgres_url)
+    engine = create_db_engine(postgres_url)
+    now = datetime.now(UTC)
+    try:
+        with engine.begin() as connection:
+            assert _events_indexes(connection) == INDEXES_0005
+            assert _events_fks(connection) == []
+        command.downgrade(alembic_config(postgres_url), "0004")
+        with engine.begin() as connection:
+            assert _events_indexes(connection) == INDEXES_0004
+            assert _events_fks(connection) == ["events_project_id_fkey1"]  # as 0002 named it
+            rows = [_row(project_id, "here", now), _row(project_id, "stray", datetime(2003, 3, 3))]
+            rows[1]["occurred_at"] = datetime(2003, 3, 3, tzinfo=UTC)
+            rows[1]["user_id"], rows[1]["visitor_id"] = "u1", None
+            insert_events(connection, rows)
+            # An id written by a server of a release before 0004 (no occurred_at).
+            connection.execute(
+                text("UPDATE event_ids SET occurred_at = NULL WHERE event_id = 'here'")
+            )
+        upgrade(postgres_url)
+        with engine.begin() as connection:
+            assert _events_indexes(connection) == INDEXES_0005
+            assert _events_fks(connection) == []
+            assert _partition_of(connection, "stray") == partitions.DEFAULT_PARTITION
+            # Each partition, events_default included, has its copy of each index.
+            for partition in (partitions.DEFAULT_PARTITION, _partition_of(connection, "here")):
+                definitions = connection.execute(
+                    text("SELECT indexdef FROM pg_indexes WHERE tablename = :t"),
+                    {"t": partition},
+                ).scalars()
+                assert sorted(d.split(" USING ")[1] for d in definitions) == sorted(
+                    d.split(" USING ")[1] for d in INDEXES_0005.values()
+                )
+            filled = connection.execute(
+                text("SELECT occurred_at FROM event_ids WHERE event_id = 'here'")
+            ).scalar_one()
+            assert filled == rows[0]["occurred_at"]  # filled while the old index existed
+            insert_events(connection, [_row(project_id, "here", now), _row(project_id, "new", now)])
+            stored = connection.execute(text("SELECT event_id FROM events ORDER BY 1"))
+            assert stored.scalars().all() == ["here", "new", "stray"]
+        command.downgrade(alembic_config(postgres_url), "0004")
+        with engine.begin() as connection:
+            assert _events_indexes(connection) == INDEXES_0004
+            assert _events_fks(connection) == ["events_project_id_fkey1"]
+            stored = connection.execute(text("SELECT event_id FROM events ORDER BY 1"))
+            assert stored.scalars().all() == ["here", "new", "stray"]
+        upgrade(postgres_url)
+        with engine.begin() as connection:
+            assert _events_indexes(connection) == INDEXES_0005
+    finally:
+        engine.dispose()
+
+
+def test_queries_by_person_and_recent_events_use_the_0005_indexes(postgres_url: str) -> None:
+    """`= $x` implies IS NOT NULL: the partial indexes serve a person's events, generic plans
+    included; the primary key serves a project's latest events (the tail feed) without a sort."""
+    project_id = _project_id(postgres_url)
+    engine = create_db_engine(postgres_url)
+    now = datetime.now(UTC)
+    try:
+        with engine.begin() as connection:
+            rows = []
+            for n in range(300):
+                row = _row(project_id, f"e{n}", now - timedelta(minutes=n))
+                row["user_id"] = f"u{n % 7}" if n % 3 == 0 else None
+                row["visitor_id"] = f"v{n % 11}" if n % 2 == 0 else None
+                rows.append(row)
+            insert_events(connection, rows)
+            connection.execute(text("ANALYZE events"))
+            connection.execute(text("SET LOCAL plan_cache_mode = force_generic_plan"))
+            connection.execute(text("SET LOCAL enable_seqscan = off"))
+            connection.execute(text("SET LOCAL enable_sort = off"))
+            queries = {
+                "user_id_occurred_at_idx": "SELECT id FROM events "
+                "WHERE project_id = $1 AND user_id = $2 ORDER BY occurred_at",
+                "visitor_id_occurred_at_idx": "SELECT id FROM events "
+                "WHERE project_id = $1 AND visitor_id = $2 ORDER BY occurred_at",
+            }
+            arguments = f"({project_id}, 'x')"
+            for number, (index, query) in enumerate(queries.items()):
+                connection.execute(text(f"PREPARE q{number} AS {query}"))
+                plan = "\n".join(
+                    connection.execute(text(f"EXPLAIN EXECUTE q{number}{arguments}")).scalars()
+                )
+                assert index in plan, plan
+            connection.execute(
+                text(
+                    "PREPARE tail AS SELECT id FROM events WHERE project_id = $1 AND id < $2 "
+                    "ORDER BY id DESC LIMIT 50"
+                )
+            )
+            plan = "\n".join(
+                connection.execute(text(f"EXPLAIN EXECUTE tail({project_id}, 1000000)")).scalars()
+            )
+            assert "Index Only Scan Backward using" in plan and "Sort  (" not in plan, plan
+            assert "Index Cond: ((project_id = $1) AND (id < $2))" in plan, plan
     finally:
         engine.dispose()

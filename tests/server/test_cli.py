@@ -36,9 +36,9 @@ def free_port() -> int:
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0004\n"
-    assert current_revision(url) == "0004"  # the head
-    assert "up to date (revision 0004)" in run(url, "db", "upgrade").stdout  # idempotent
+    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0005\n"
+    assert current_revision(url) == "0005"  # the head
+    assert "up to date (revision 0005)" in run(url, "db", "upgrade").stdout  # idempotent
 
 
 def test_projects_create_list_revoke(database_url: str) -> None:

@@ -90,13 +90,48 @@ def test_a_failing_request_does_not_fail_its_group(
     project_id = new_project(sessions)
     store = EventStore(sessions, 1)
     good = _Pending(rows_for("good", 2, project_id))  # type: ignore[arg-type]
-    bad = _Pending(rows_for("bad", 2, project_id=987654))  # type: ignore[arg-type]  # no such project
+    bad_rows = rows_for("bad", 2, project_id)
+    bad_rows[1]["type"] = None  # NOT NULL on both databases (PostgreSQL has no FK to break)
+    bad = _Pending(bad_rows)  # type: ignore[arg-type]
     also_good = _Pending(rows_for("also", 1, project_id))  # type: ignore[arg-type]
     store._write_group([good, bad, also_good])
     assert all(p.done.is_set() for p in (good, bad, also_good))
     assert good.error is None and also_good.error is None
     assert isinstance(bad.error, IngestError)
     assert sorted(stored_ids(database_url)) == ["also-0", "good-0", "good-1"]
+
+
+def test_an_id_repeated_within_a_group_is_stored_once_the_first_wins(
+    database_url: str, sessions: sessionmaker[Session]
+) -> None:
+    """Repeats within one request and across the requests of one group commit: one row each,
+    the first one sent (the statement has no DISTINCT ON: storage.py deduplicates first)."""
+    project_id = new_project(sessions)
+    store = EventStore(sessions, 1)
+    first = rows_for("a", 3, project_id)
+    first[2]["event_id"] = "a-0"  # a repeat inside the request
+    second = rows_for("a", 2, project_id)  # a-0 and a-1 again, in the same group
+    for row in (first[2], *second):
+        row["type"] = "repeat"
+        row["occurred_at"] = datetime(2026, 1, 1, tzinfo=UTC)
+    errors = store.store_many([(project_id, first), (project_id, second)])  # type: ignore[list-item]
+    assert errors == [None, None]
+    assert store.group_sizes[-1] == 2, "both requests were meant to share one statement"
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            stored = connection.execute(
+                text("SELECT event_id, type FROM events ORDER BY event_id")
+            ).all()
+            assert [tuple(row) for row in stored] == [("a-0", "t"), ("a-1", "t")]
+            if engine.dialect.name == "postgresql":
+                ids = connection.execute(
+                    text("SELECT count(*) FROM event_ids WHERE occurred_at = :t"),
+                    {"t": first[0]["occurred_at"]},
+                ).scalar_one()
+                assert ids == 2  # event_ids holds the stored (first) row's occurred_at
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.postgres

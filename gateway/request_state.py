@@ -16,7 +16,7 @@ from gateway.body import read_body
 from gateway.client_ip import client_ip as resolve_client_ip
 from gateway.config import get_settings
 from gateway.errors import ApiError, invalid
-from gateway.payload import Payload, to_request
+from gateway.payload import Payload, parse_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,18 +40,12 @@ def parsed_body() -> ParsedBody:
 def _parse_body() -> ParsedBody:
     try:
         raw = read_body(request, get_settings().max_body_bytes)
-        document = json_codec.parse(raw)
+        payload = parse_request(raw)
     except ApiError as exc:
         return ParsedBody("", None, exc)
     except json_codec.JSONSyntaxError as exc:
         return ParsedBody("", None, invalid([], f"The body is not valid JSON: {exc}"))
-    key = document.get("projectKey") if isinstance(document, dict) else None
-    project_key = key if isinstance(key, str) else ""
-    try:
-        payload = to_request(document)
-    except ApiError as exc:
-        return ParsedBody(project_key, None, exc)
-    return ParsedBody(project_key, payload, None)
+    return ParsedBody(payload.request.project_key, payload, None)
 
 
 def client_ip() -> str:

@@ -13,6 +13,7 @@ from flask_cors import CORS
 
 from gateway import (
     api,
+    coalescer,
     config,
     errors,
     grpc_client,
@@ -40,16 +41,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     observability.install(app)
 
     errors.register_error_handlers(app)
-    # Registered before the limiter so it runs after the limiter's header hook (Flask runs
-    # after_request functions in reverse order).
-    app.after_request(errors.fix_retry_after)
 
-    grpc_client.install(app)
+    coalescer.install(app, grpc_client.install(app))
     shutdown.install(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     _register_snippet(app)
-    ratelimit.install(app, settings, limited=api.bp)
+    ratelimit.install(app, settings)
     CORS(
         app,
         resources={r"/api/*": {"origins": "*"}},

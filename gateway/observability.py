@@ -67,6 +67,12 @@ EVENTS_REJECTED = Counter(
     ["project", "reason"],
 )
 
+COALESCED_REQUESTS = Histogram(
+    "apex_gateway_coalesced_requests",
+    "HTTP requests carried by each IngestMany call of the gateway (gateway/coalescer.py).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
 _verified_projects: set[str] = set()
 _verified_lock = threading.Lock()
 

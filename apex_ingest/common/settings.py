@@ -236,6 +236,8 @@ class GatewaySettings(NetworkSettings, LimitSettings):
     grpc_timeout: float = Field(5.0, gt=0)
     #: gRPC connections per gateway worker, used round-robin.
     grpc_channels: int = Field(4, ge=1)
+    #: IngestMany calls a gateway worker keeps in flight at once (gateway/coalescer.py).
+    grpc_calls_in_flight: int = Field(1, ge=1, le=16)
     #: Per project; a batch counts once (429 with Retry-After).
     rate_limit: str = "100/second"
     #: `memory://` (the workers of one gateway share a table) or `redis://host:6379`.

@@ -109,7 +109,10 @@ class _Item:
         self.size = request.ByteSize()
         self.attempts = 0
         self.sent_at = 0.0
-        self.done = threading.Event()
+        # Held until the outcome is in: a bare lock is the cheapest thing to wait on (an Event
+        # is a Condition around one, with a lock made per wait).
+        self.done = threading.Lock()
+        self.done.acquire()
         self.outcome: int | BaseException | None = None
         #: "queued", "sent", "dropped" (its waiter gave up while it was queued), "done".
         self.state = "queued"
@@ -152,12 +155,12 @@ class Coalescer:
             self._start_senders()
             self._queue.append(item)
             self._ready.notify()
-        if not item.done.wait(max(0.0, item.deadline - time.monotonic())):
+        if not item.done.acquire(timeout=max(0.0, item.deadline - time.monotonic())):
             with self._lock:
                 if item.state == "queued":
                     # Never sent: a sender skips it; nothing of it can be stored.
                     item.state = "dropped"
-            if not item.done.is_set():
+            if item.state != "done":
                 raise ResultError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
         outcome = item.outcome
         if isinstance(outcome, _Fallback):
@@ -222,6 +225,10 @@ class Coalescer:
                     if item.state == "dropped":
                         self._queue.popleft()
                         continue
+                    if item.deadline <= now:  # its waiter is about to give up: never send it
+                        self._queue.popleft()
+                        item.state = "dropped"
+                        continue
                     if batch and size + item.size > self.max_bytes:
                         break
                     self._queue.popleft()
@@ -283,17 +290,17 @@ class Coalescer:
         if when + (now - item.sent_at) >= item.deadline:
             return False
         with self._lock:
-            if item.done.is_set():
-                return False
             item.state = "queued"
             heapq.heappush(self._later, (when, next(self._tiebreak), item))
             self._ready.notify()
         return True
 
     def _finish(self, item: _Item, outcome: int | BaseException) -> None:
+        if item.state == "done":
+            return
         item.outcome = outcome
         item.state = "done"
-        item.done.set()
+        item.done.release()
 
 
 _EXTENSION_KEY = "apex_gateway.coalescer"

@@ -263,7 +263,7 @@ def test_per_request_unavailable_is_sent_again_with_the_same_ids(stub: Any) -> N
             return code_pb2.UNAVAILABLE
         return code_pb2.OK
 
-    coalescer, client = stub(flaky)
+    coalescer, _client = stub(flaky)
     assert coalescer.ingest(one_event("blip")) == 1
     assert seen["blip"] == 3  # two UNAVAILABLE results, then stored: the same id each time
 

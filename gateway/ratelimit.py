@@ -2,11 +2,13 @@
 
 A request counts once whatever the number of events it carries. The key is the body's
 projectKey, so the key function needs the parsed body: it reuses the one parse of the request
-(cached on flask.g by gateway.api). Bodies without a usable projectKey are limited by client IP.
+(cached on flask.g by gateway.request_state). Bodies without a usable projectKey are limited by
+client IP.
 
-Only POSTs to the limited blueprint count (CORS preflights must not use up the budget). Every
-counted answer carries X-RateLimit-Limit/-Remaining/-Reset, so clients can pace themselves; a
-refused one is a 429 with Retry-After. With memory://, the worker processes of one
+Only POST /api/events counts: its view calls check() after parsing the body (CORS preflights and
+other endpoints never use up the budget). Every counted answer carries
+X-RateLimit-Limit/-Remaining/-Reset (add_headers), so clients can pace themselves; a refused one
+is a 429 with Retry-After. With memory://, the worker processes of one
 `apex-ingest gateway`/`serve` count in one table (gateway/shared_windows.py). If the shared
 storage (Redis) fails, the gateway keeps serving with this machine's limits and tries the
 storage again a few seconds later: losing events is worse than a looser limit for a while.

@@ -1,7 +1,7 @@
 """What the gateway works out about the current request, once, cached on flask.g.
 
-The rate limiter's key function runs before the view and needs the body's projectKey; the view
-needs the whole payload. Both go through parsed_body(), so the body is read and parsed once.
+The view parses the body first (gateway.api); the rate limiter's key (the body's projectKey) and
+the metrics read the same parse through parsed_body(), so the body is read and parsed once.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Answered by our own code, and only for requests that carry an `Origin` (browsers send it on
 every cross-origin request): the rest, server SDKs and curl, cost one header lookup. flask-cors
-did the same job on every response, Origin or not, at ~15 µs each (see docs/performance.md).
+did the same job on every response, Origin or not, at ~15 µs each (docs/gateway-performance.md).
 
 The answer is "*" rather than the Origin echoed: the same for every site, so caches can share
 it (hence no `Vary: Origin`).

@@ -9,11 +9,12 @@ from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
-from flask_cors import CORS
 
 from gateway import (
     api,
+    coalescer,
     config,
+    cors,
     errors,
     grpc_client,
     health,
@@ -22,9 +23,6 @@ from gateway import (
     shutdown,
 )
 from gateway.json_codec import OrjsonProvider
-
-#: Headers a browser script may read from our answers, to pace itself.
-EXPOSED_HEADERS = ["Retry-After", "X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"]
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -40,28 +38,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     observability.install(app)
 
     errors.register_error_handlers(app)
-    # Registered before the limiter so it runs after the limiter's header hook (Flask runs
-    # after_request functions in reverse order).
-    app.after_request(errors.fix_retry_after)
 
-    grpc_client.install(app)
+    coalescer.install(app, grpc_client.install(app))
     shutdown.install(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     _register_snippet(app)
-    ratelimit.install(app, settings, limited=api.bp)
-    CORS(
-        app,
-        resources={r"/api/*": {"origins": "*"}},
-        methods=["POST", "GET", "OPTIONS"],
-        allow_headers=["Content-Type", "Content-Encoding", "X-Request-ID"],
-        expose_headers=EXPOSED_HEADERS,
-        max_age=settings.cors_max_age,
-        # "*" rather than echoing the Origin: the answer is the same for every site (any
-        # per-project allowlist is enforced by the server with a 403), so caches can share it.
-        send_wildcard=True,
-        vary_header=False,
-    )
+    ratelimit.install(app, settings)
+    cors.install(app, settings.cors_max_age)
     return app
 
 

@@ -1,4 +1,10 @@
-"""The public API: POST /api/events, and its OpenAPI document."""
+"""The public API: POST /api/events, and its OpenAPI document.
+
+POST /api/events is one explicit pipeline: parse the body, count it against the rate limit,
+send it to the ingest server (through this worker's coalescer), answer. Flask's hooks do only
+what every request needs: request id, metrics and access log (gateway.observability) and
+Connection: close while draining (gateway.shutdown).
+"""
 
 from __future__ import annotations
 
@@ -6,9 +12,11 @@ from functools import cache
 from importlib import resources
 
 import grpc
-from flask import Blueprint, Response
+from flask import Blueprint, Response, g
 
-from gateway.errors import FieldViolation, invalid
+from gateway import ratelimit
+from gateway.coalescer import get_coalescer
+from gateway.errors import ApiError, FieldViolation, handle_http_exception, invalid
 from gateway.grpc_client import get_client
 from gateway.grpc_errors import to_api_error
 from gateway.json_codec import json_response
@@ -20,19 +28,31 @@ bp = Blueprint("api", __name__)
 
 @bp.post("/api/events")
 def ingest_events() -> Response:
-    parsed = parsed_body()
-    if parsed.error is not None:
-        raise parsed.error
-    assert parsed.payload is not None
-    request = parsed.payload.request
-    request.context.CopyFrom(request_context())
-    if parsed.payload.violations:
-        raise invalid(_every_violation(parsed.payload))
+    parsed = parsed_body()  # read and parse, once; an error is answered after the rate limit
+    outcome = None
     try:
-        received = get_client().ingest(request)
-    except grpc.RpcError as exc:
-        raise to_api_error(exc, parsed.payload.snippet) from None
-    return json_response({"received": received})
+        outcome = ratelimit.check()  # keyed by the body's projectKey, else the client's IP
+        if parsed.error is not None:
+            raise parsed.error
+        assert parsed.payload is not None
+        request = parsed.payload.request
+        context = request_context()
+        request.context.CopyFrom(context)
+        if parsed.payload.violations:
+            raise invalid(_every_violation(parsed.payload))
+        request.context.request_id = g.get("apex_request_id", "")
+        try:
+            received = get_coalescer().ingest(request)
+        except grpc.RpcError as exc:
+            raise to_api_error(exc, parsed.payload.snippet) from None
+        response = json_response({"received": received})
+    except ApiError as error:
+        if isinstance(error, ratelimit.RateLimited):
+            outcome = error.outcome
+        response = handle_http_exception(error)
+    if outcome is not None:
+        ratelimit.add_headers(response, outcome)
+    return response
 
 
 def _every_violation(payload: Payload) -> list[FieldViolation]:

@@ -138,25 +138,6 @@ def handle_unexpected(exc: Exception) -> Response:
     return handle_http_exception(InternalServerError())
 
 
-def fix_retry_after(response: Response) -> Response:
-    """Keep Retry-After on 429/503 only, and make it say the right thing.
-
-    The rate limiter (gateway/ratelimit.py) may set Retry-After, to the end of its window in
-    whole seconds (so it can read 0); that is right for its own 429 once at least 1. A
-    429 or 503 from the ingest server carries the server's RetryInfo instead, and other
-    answers carry none: clients treat Retry-After as an order to wait.
-    """
-    if response.status_code not in RETRY_STATUSES:
-        response.headers.pop("Retry-After", None)
-        return response
-    wanted: int | None = g.get("apex_retry_after")
-    if wanted is None:
-        current = response.headers.get("Retry-After", "")
-        wanted = max(1, int(current)) if current.isdigit() else 1
-    response.headers["Retry-After"] = str(wanted)
-    return response
-
-
 def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(HTTPException, handle_http_exception)
     app.register_error_handler(Exception, handle_unexpected)

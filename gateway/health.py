@@ -17,7 +17,11 @@ def healthz() -> Response:
     # (storage down) or unreachable, a load balancer should send traffic elsewhere; and so
     # while this worker drains before it stops.
     status = "DRAINING" if shutdown.draining() else get_client().health()
-    return json_response({"status": status}, 200 if status == "SERVING" else 503)
+    if status == "SERVING":
+        return json_response({"status": status})
+    response = json_response({"status": status}, 503)
+    response.headers["Retry-After"] = "1"  # every 503 says when to come back
+    return response
 
 
 @bp.get("/")

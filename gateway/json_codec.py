@@ -6,6 +6,10 @@ form (49.90 comes back as 49.9, 1e5 as 100000.0). Event ``data`` must be stored 
 sent, so a body holding a number orjson might not give back verbatim takes a slower exact
 path: the standard library parser hands over each number's text, kept as an orjson.Fragment
 that orjson then writes verbatim.
+
+Request bodies normally take the faster msgspec path in gateway.payload.parse_request, which
+keeps each event's `data` as its raw bytes; parse() is its fallback for bodies of another shape
+and for the exact wording of syntax errors.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import threading
 import time
+from typing import Any
 
 from flask import Blueprint, Flask, Response, g, request
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
@@ -67,6 +68,12 @@ EVENTS_REJECTED = Counter(
     ["project", "reason"],
 )
 
+COALESCED_REQUESTS = Histogram(
+    "apex_gateway_coalesced_requests",
+    "HTTP requests carried by each IngestMany call of the gateway (gateway/coalescer.py).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+
 _verified_projects: set[str] = set()
 _verified_lock = threading.Lock()
 
@@ -103,13 +110,14 @@ def _finish(response: Response) -> Response:
     endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
     method = request.method if request.method in _METHODS else "OTHER"
     status = response.status_code
-    REQUESTS.labels(endpoint, method, str(status)).inc()
-    DURATION.labels(endpoint, method).observe(elapsed)
+    _counter(endpoint, method, status).inc()
+    _histogram(endpoint, method).observe(elapsed)
 
     project, events = "", 0
     if request.endpoint == "api.ingest_events" and method == "POST":
         project, events = _count_events(status)
-    if access_log_enabled():
+    # The record's fields cost a few µs to gather: only when it will be written.
+    if access_log_enabled() and log.isEnabledFor(logging.INFO):
         log.info(
             "%s %s %d",
             method,
@@ -128,6 +136,28 @@ def _finish(response: Response) -> Response:
             },
         )
     return response
+
+
+# prometheus_client's labels() takes a lock and builds the label tuple on every call; the
+# children are kept here instead (their number is bounded: URL rules x methods x statuses).
+_counters: dict[tuple[str, str, int], Any] = {}
+_histograms: dict[tuple[str, str], Any] = {}
+
+
+def _counter(endpoint: str, method: str, status: int) -> Any:
+    key = (endpoint, method, status)
+    child = _counters.get(key)
+    if child is None:
+        child = _counters[key] = REQUESTS.labels(endpoint, method, str(status))
+    return child
+
+
+def _histogram(endpoint: str, method: str) -> Any:
+    key = (endpoint, method)
+    child = _histograms.get(key)
+    if child is None:
+        child = _histograms[key] = DURATION.labels(endpoint, method)
+    return child
 
 
 def _count_events(status: int) -> tuple[str, int]:

@@ -2,11 +2,13 @@
 
 A request counts once whatever the number of events it carries. The key is the body's
 projectKey, so the key function needs the parsed body: it reuses the one parse of the request
-(cached on flask.g by gateway.api). Bodies without a usable projectKey are limited by client IP.
+(cached on flask.g by gateway.request_state). Bodies without a usable projectKey are limited by
+client IP.
 
-Only POSTs to the limited blueprint count (CORS preflights must not use up the budget). Every
-counted answer carries X-RateLimit-Limit/-Remaining/-Reset, so clients can pace themselves; a
-refused one is a 429 with Retry-After. With memory://, the worker processes of one
+Only POST /api/events counts: its view calls check() after parsing the body (CORS preflights and
+other endpoints never use up the budget). Every counted answer carries
+X-RateLimit-Limit/-Remaining/-Reset (add_headers), so clients can pace themselves; a refused one
+is a 429 with Retry-After. With memory://, the worker processes of one
 `apex-ingest gateway`/`serve` count in one table (gateway/shared_windows.py). If the shared
 storage (Redis) fails, the gateway keeps serving with this machine's limits and tries the
 storage again a few seconds later: losing events is worse than a looser limit for a while.
@@ -24,14 +26,14 @@ import threading
 import time
 from dataclasses import dataclass
 
-from flask import Blueprint, Flask, Response, g, request
+from flask import Flask, Response, current_app
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
-from werkzeug.exceptions import TooManyRequests
 
 from apex_ingest.common.settings import GatewaySettings, Internal
 from gateway import request_state
+from gateway.errors import ApiError
 from gateway.shared_windows import SharedWindows
 
 log = logging.getLogger(__name__)
@@ -135,28 +137,36 @@ class RateLimiter:
         return reported
 
 
-def install(app: Flask, settings: GatewaySettings, limited: Blueprint) -> RateLimiter:
+_EXTENSION_KEY = "apex_gateway.ratelimit"
+
+
+def install(app: Flask, settings: GatewaySettings) -> RateLimiter:
     limiter = RateLimiter(
         settings.rate_limit, settings.rate_limit_storage, Internal.get(Internal.RATE_LIMIT_TABLE)
     )
-
-    def check() -> None:
-        if request.method != "POST" or request.blueprint != limited.name:
-            return
-        outcome = limiter.hit(rate_limit_key())
-        g.apex_rate_limit = outcome
-        if not outcome.allowed:
-            retry_after = max(1, math.ceil(outcome.reset_at - time.time()))
-            raise TooManyRequests(retry_after=retry_after)
-
-    def add_headers(response: Response) -> Response:
-        outcome: _Outcome | None = g.get("apex_rate_limit")
-        if outcome is not None:
-            response.headers["X-RateLimit-Limit"] = str(outcome.limit.amount)
-            response.headers["X-RateLimit-Remaining"] = str(outcome.remaining)
-            response.headers["X-RateLimit-Reset"] = str(int(outcome.reset_at))
-        return response
-
-    app.before_request(check)
-    app.after_request(add_headers)
+    app.extensions[_EXTENSION_KEY] = limiter
     return limiter
+
+
+def check() -> _Outcome:
+    """Count the current request (a POST to /api/events, called by its view); ApiError 429
+    with Retry-After if over a limit. The outcome goes on every answer (add_headers)."""
+    limiter: RateLimiter = current_app.extensions[_EXTENSION_KEY]
+    outcome = limiter.hit(rate_limit_key())
+    if not outcome.allowed:
+        retry_after = max(1, math.ceil(outcome.reset_at - time.time()))
+        raise RateLimited(outcome, retry_after)
+    return outcome
+
+
+class RateLimited(ApiError):
+    def __init__(self, outcome: _Outcome, retry_after: int) -> None:
+        super().__init__(429, retry_after=retry_after)
+        self.outcome = outcome
+
+
+def add_headers(response: Response, outcome: _Outcome) -> None:
+    headers = response.headers
+    headers["X-RateLimit-Limit"] = str(outcome.limit.amount)
+    headers["X-RateLimit-Remaining"] = str(outcome.remaining)
+    headers["X-RateLimit-Reset"] = str(int(outcome.reset_at))

@@ -1,7 +1,7 @@
 """What the gateway works out about the current request, once, cached on flask.g.
 
-The rate limiter's key function runs before the view and needs the body's projectKey; the view
-needs the whole payload. Both go through parsed_body(), so the body is read and parsed once.
+The view parses the body first (gateway.api); the rate limiter's key (the body's projectKey) and
+the metrics read the same parse through parsed_body(), so the body is read and parsed once.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from gateway.body import read_body
 from gateway.client_ip import client_ip as resolve_client_ip
 from gateway.config import get_settings
 from gateway.errors import ApiError, invalid
-from gateway.payload import Payload, to_request
+from gateway.payload import Payload, parse_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,18 +41,12 @@ def _parse_body() -> ParsedBody:
     try:
         settings = get_settings()
         raw = read_body(request, settings.max_body_bytes, settings.body_timeout or None)
-        document = json_codec.parse(raw)
+        payload = parse_request(raw)
     except ApiError as exc:
         return ParsedBody("", None, exc)
     except json_codec.JSONSyntaxError as exc:
         return ParsedBody("", None, invalid([], f"The body is not valid JSON: {exc}"))
-    key = document.get("projectKey") if isinstance(document, dict) else None
-    project_key = key if isinstance(key, str) else ""
-    try:
-        payload = to_request(document)
-    except ApiError as exc:
-        return ParsedBody(project_key, None, exc)
-    return ParsedBody(project_key, payload, None)
+    return ParsedBody(payload.request.project_key, payload, None)
 
 
 def client_ip() -> str:

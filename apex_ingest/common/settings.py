@@ -323,6 +323,8 @@ class GatewaySettings(NetworkSettings, LimitSettings):
     grpc_timeout: float = setting(5.0, gt=0)
     #: gRPC connections per gateway worker, used round-robin.
     grpc_channels: int = setting(4, ge=1)
+    #: IngestMany calls a gateway worker keeps in flight at once (gateway/coalescer.py).
+    grpc_calls_in_flight: int = setting(1, ge=1, le=16)
     #: Per project; a batch counts once (429 with Retry-After).
     rate_limit: str = setting("100/second", parse=_rate_limit)
     #: Per client IP: requests whose projectKey this gateway worker has not seen accepted

@@ -63,7 +63,10 @@ def test_request_sent_to_the_server(fake_server: StartFake) -> None:
     assert request.project_key == "pk_test"
     assert request.user_id == "u1"
     assert request.context == ingest_pb2.RequestContext(
-        client_ip="127.0.0.1", user_agent="sdk/1.0", origin="https://a.example"
+        client_ip="127.0.0.1",
+        user_agent="sdk/1.0",
+        origin="https://a.example",
+        request_id=response.headers["X-Request-ID"],  # the one in the answer
     )
     first, second = request.events
     assert len(first.id) == 32  # stamped by the gateway (uuid4 hex, the one id format)

@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from apex_ingest.common.limits import MAX_EVENTS
 from apex_ingest.common.rpc import new_event_ids
 from apex_ingest.v1 import ingest_pb2
 from gateway import json_codec
@@ -37,6 +38,15 @@ class Payload:
     violations: tuple[FieldViolation, ...] = ()
 
 
+def _check_count(events: int) -> None:
+    """Too many events is refused before anything is built: a 1 KB gzip body of 350,000 empty
+    events cost 1.7 s of CPU (ids, protobuf) and then a gRPC size error read as a 429."""
+    if events > MAX_EVENTS:
+        raise invalid(
+            [FieldViolation("events", f"must hold at most {MAX_EVENTS} events, not {events}")]
+        )
+
+
 def is_snippet(document: Mapping[str, Any]) -> bool:
     return "events" not in document
 
@@ -46,6 +56,8 @@ def to_request(document: Any) -> Payload:
     if not isinstance(document, dict):
         raise invalid([], "The body must be a JSON object.")
     events = document.get("events")
+    if isinstance(events, list):
+        _check_count(len(events))
     check = _Checker(len(events) if isinstance(events, list) else 1)
     request = ingest_pb2.IngestEventsRequest(
         project_key=check.string(document, "projectKey", "projectKey")
@@ -289,6 +301,8 @@ def parse_request(body: bytes) -> Payload:
     if document.events is None:
         # "events": null: a batch whose events are not a list; the generic path says so.
         return to_request(json_codec.parse(body))
+    if document.events is not msgspec.UNSET:
+        _check_count(len(document.events))
     check = _Checker(1 if document.events is msgspec.UNSET else len(document.events))
     request = ingest_pb2.IngestEventsRequest(
         project_key=check.string_value(document.projectKey, "projectKey")

@@ -101,3 +101,31 @@ def _bad_request(status: Any) -> list[Any]:
     bad = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad)
     return list(bad.field_violations)
+
+
+def test_an_over_long_event_list_is_refused_before_anything_is_built(
+    api: Api, project_key: str, rows: Rows
+) -> None:
+    """A 1 KB gzip body unpacking to 340,000 empty events (just under 1 MiB): 400 at once
+    (issue #14 item 2)."""
+    import gzip
+    import time
+
+    body = (
+        b'{"projectKey":"'
+        + project_key.encode()
+        + b'","events":['
+        + b",".join([b"{}"] * 340_000)
+        + b"]}"
+    )
+    packed = gzip.compress(body)
+    assert len(packed) < 4096
+    started = time.process_time()
+    response = api.post(raw=packed, headers={"Content-Encoding": "gzip"})
+    spent = time.process_time() - started
+    assert response.status_code == 400, response.get_data(as_text=True)
+    assert response.get_json()["error"]["details"] == [
+        {"field": "events", "description": "must hold at most 500 events, not 340000"}
+    ]
+    assert spent < 1.0, f"{spent:.2f} s of CPU"
+    assert rows() == []

@@ -12,6 +12,7 @@ from flask import Flask
 
 from gateway import (
     api,
+    auth_guard,
     coalescer,
     config,
     cors,
@@ -44,6 +45,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
     _register_snippet(app)
+    auth_guard.install(app, settings)
     ratelimit.install(app, settings)
     cors.install(app, settings.cors_max_age)
     return app

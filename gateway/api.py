@@ -15,6 +15,7 @@ import grpc
 from flask import Blueprint, Response, g
 
 from gateway import ratelimit
+from gateway.auth_guard import get_guard
 from gateway.coalescer import get_coalescer
 from gateway.errors import ApiError, FieldViolation, handle_http_exception, invalid
 from gateway.grpc_client import get_client
@@ -38,13 +39,23 @@ def ingest_events() -> Response:
         request = parsed.payload.request
         context = request_context()
         request.context.CopyFrom(context)
+        guard = get_guard()
+        refusal = guard.check(request.project_key, context.client_ip)
+        if refusal is not None:
+            raise refusal  # a key refused a moment ago, or too many unknown keys from here
         if parsed.payload.violations:
             raise invalid(_every_violation(parsed.payload))
         request.context.request_id = g.get("apex_request_id", "")
         try:
             received = get_coalescer().ingest(request)
         except grpc.RpcError as exc:
-            raise to_api_error(exc, parsed.payload.snippet) from None
+            error = to_api_error(exc, parsed.payload.snippet)
+            if error.code == 401:
+                guard.refused(request.project_key)
+            elif error.code in (400, 403):  # the key was known: only the content was refused
+                guard.accepted(request.project_key)
+            raise error from None
+        guard.accepted(request.project_key)
         response = json_response({"received": received})
     except ApiError as error:
         if isinstance(error, ratelimit.RateLimited):

@@ -21,6 +21,9 @@ import threading
 import time
 from typing import Any
 
+from flask import Flask, current_app
+
+from apex_ingest.common.settings import GatewaySettings, Internal
 from gateway.errors import ApiError
 from gateway.ratelimit import RateLimiter
 
@@ -69,6 +72,25 @@ class AuthGuard:
             self._verified.pop(key, None)
             _bound(self._unknown)
             self._unknown[key] = time.monotonic() + self._unknown_ttl
+
+
+_EXTENSION_KEY = "apex_gateway.auth_guard"
+
+
+def install(app: Flask, settings: GatewaySettings) -> AuthGuard:
+    limiter = RateLimiter(
+        settings.auth_rate_limit,
+        settings.rate_limit_storage,
+        Internal.get(Internal.RATE_LIMIT_TABLE),
+    )
+    guard = AuthGuard(limiter, settings.unknown_key_ttl)
+    app.extensions[_EXTENSION_KEY] = guard
+    return guard
+
+
+def get_guard() -> AuthGuard:
+    guard: AuthGuard = current_app.extensions[_EXTENSION_KEY]
+    return guard
 
 
 def _bound(remembered: dict[str, Any]) -> None:

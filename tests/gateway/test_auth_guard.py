@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from gateway.auth_guard import AuthGuard
 from gateway.ratelimit import RateLimiter
@@ -49,3 +50,37 @@ def test_a_revoked_key_stops_being_verified() -> None:
     auth.refused("pk_x")
     answer = auth.check("pk_x", "192.0.2.1")
     assert answer is not None and answer.code == 401
+
+
+def test_random_keys_mostly_never_reach_the_server(fake_server: Any) -> None:
+    """200 random-key requests in a second all reached gRPC before (issue #14 item 7)."""
+    from google.rpc import code_pb2
+
+    from apex_ingest.v1 import ingest_pb2
+    from tests.gateway.conftest import fake_app
+    from tests.gateway.test_grpc_status import abort_with
+
+    calls: list[str] = []
+
+    def unknown(request: ingest_pb2.IngestEventsRequest, context: Any) -> int:
+        calls.append(request.project_key)
+        abort_with(context, code_pb2.UNAUTHENTICATED, "unknown or revoked project key")
+        return 0
+
+    app = fake_app(fake_server(unknown).target, APEX_AUTH_RATE_LIMIT="20/minute")
+    client = app.test_client()
+    statuses = []
+    for i in range(200):
+        response = client.post(
+            "/api/events",
+            json={"type": "pageview", "visitorId": "v", "projectKey": f"pk_{i}", "url": "/"},
+        )
+        statuses.append(response.status_code)
+    assert len(calls) == 20
+    assert statuses.count(401) == 20 and statuses.count(429) == 180
+    # The same unknown key again: answered from memory, no call.
+    again = client.post(
+        "/api/events", json={"type": "pageview", "visitorId": "v", "projectKey": "pk_0", "url": "/"}
+    )
+    assert again.status_code == 401
+    assert len(calls) == 20

@@ -269,15 +269,23 @@ def projects() -> None:
     help="Browser origin allowed to send events (repeatable); none: any origin.",
 )
 def projects_create(name: str, key: str | None, allowed_origins: tuple[str, ...]) -> None:
-    """Create a project and print its key."""
+    """Create a project; print its public key, and its secret key once (on stderr).
+
+    The public key (`pk_live_...`, sent with events) is the one line on stdout, for scripts;
+    the secret key (`sk_live_...`, reads events and dead letters) is shown on stderr, this once:
+    only its SHA-256 is stored.
+    """
     from apex_ingest.server import projects as project_store
 
     try:
         with _session_factory().begin() as session:
             project = project_store.create_project(session, name, key, allowed_origins)
-            click.echo(project.key)
+            secret = project_store.add_key(session, project.id, project_store.SECRET)
+            public = project.key
     except ConfigError:
         raise
+    except project_store.KeyExists as error:
+        raise click.ClickException(f"a project with key {key!r} already exists") from error
     except project_store.InvalidKey as error:
         raise click.BadParameter(str(error), param_hint="--key") from error
     except ValueError as error:
@@ -288,6 +296,11 @@ def projects_create(name: str, key: str | None, allowed_origins: tuple[str, ...]
         if isinstance(error, IntegrityError):
             raise click.ClickException(f"a project with key {key!r} already exists") from error
         raise
+    click.echo(public)
+    click.echo(
+        f"secret key (shown once, keep it safe; it reads this project's events): {secret}",
+        err=True,
+    )
 
 
 @projects.command("list")
@@ -297,19 +310,27 @@ def projects_list() -> None:
 
     with _session_factory()() as session:
         for project in project_store.list_projects(session):
-            state = f"revoked {project.revoked_at:%Y-%m-%d}" if project.revoked_at else "active"
+            keys = project_store.active_public_keys(session, project.id)
+            state = "active" if keys else "revoked"
             origins = ",".join(project.allowed_origins) or "*"
-            click.echo(f"{project.key}\t{project.name}\t{state}\torigins={origins}")
+            shown = keys[0] if keys else project.key
+            click.echo(f"{shown}\t{project.name}\t{state}\torigins={origins}")
 
 
 @projects.command("revoke")
 @click.argument("key")
 def projects_revoke(key: str) -> None:
-    """Revoke a project key (takes effect within APEX_PROJECT_CACHE_TTL seconds)."""
+    """Revoke a public or secret key (takes effect within APEX_PROJECT_CACHE_TTL seconds).
+
+    Only that key: the project's other keys stay valid.
+    """
     from apex_ingest.server import projects as project_store
 
     with _session_factory().begin() as session:
-        if not project_store.revoke_project(session, key):
+        if not (
+            project_store.revoke_key(session, project_store.PUBLIC, key)
+            or project_store.revoke_key(session, project_store.SECRET, key)
+        ):
             raise click.ClickException(f"no active project with key {key!r}")
     click.echo(f"revoked {key}")
 
@@ -320,14 +341,23 @@ def demo() -> None:
     from sqlalchemy import select
 
     from apex_ingest.server import projects as project_store
-    from apex_ingest.server.models import Project
+    from apex_ingest.server.models import Project, ProjectKey
 
     settings = load(ServerSettings)
     with _session_factory().begin() as session:
-        project = session.scalars(
-            select(Project).where(Project.name == "demo", Project.revoked_at.is_(None)).limit(1)
-        ).first() or project_store.create_project(session, "demo")
-        key = project.key
+        key = session.scalars(
+            select(ProjectKey.key)
+            .join(Project, Project.id == ProjectKey.project_id)
+            .where(
+                Project.name == "demo",
+                ProjectKey.kind == project_store.PUBLIC,
+                ProjectKey.revoked_at.is_(None),
+            )
+            .order_by(ProjectKey.id)
+            .limit(1)
+        ).first()
+        if key is None:
+            key = project_store.create_project(session, "demo").key
     url = f"http://{address_host(reachable_host(settings.host))}:{settings.http_port}/api/events"
     snippet = (
         f'{{"type":"pageview","visitorId":"v_123","projectKey":"{key}",'

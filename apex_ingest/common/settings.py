@@ -172,6 +172,15 @@ class ServerSettings(NetworkSettings, LimitSettings):
     migrate_on_start: bool = True
     #: Port of the gRPC server's Prometheus /metrics (unset: none).
     metrics_port: int | None = Field(None, ge=1, le=65535)
+    #: Dead letters (events of refused requests) kept per project; the oldest go first.
+    dead_letter_max_rows: int = Field(10_000, ge=0)
+    #: Days a dead letter is kept.
+    dead_letter_max_age_days: float = Field(7.0, ge=0)
+    #: Dead letters kept in all, every project together; the oldest go first.
+    dead_letter_max_total_rows: int = Field(1_000_000, ge=0)
+    #: Refused requests waiting for the dead-letter writer, per server process; beyond it
+    #: (and beyond an eighth of it for one project) their events are not recorded (counted).
+    dead_letter_queue: int = Field(1000, ge=1)
 
     @field_validator("database_url")
     @classmethod

@@ -95,8 +95,12 @@ def prepare(
     if project is None:
         raise UnknownProject()
     if not project.allows_origin(request.context.origin):
-        raise OriginNotAllowed(request.context.origin)
+        refused: IngestError = OriginNotAllowed(request.context.origin)
+        refused.project_id = project.id
+        raise refused
     rows = build_rows(request, received_at, violations)
     if violations:
-        raise InvalidRequest(violations)
+        refused = InvalidRequest(violations)
+        refused.project_id = project.id
+        raise refused
     return Accepted(project.id, rows)

@@ -14,6 +14,7 @@ from apex_ingest.common.settings import ServerSettings, load
 from apex_ingest.server import metrics, reflection
 from apex_ingest.server.admission import AdmissionInterceptor, CountingExecutor
 from apex_ingest.server.database import create_db_engine, create_session_factory
+from apex_ingest.server.deadletters import DeadLetterRecorder
 from apex_ingest.server.health import StorageHealthMonitor
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.servicer import IngestServicer
@@ -90,6 +91,13 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         ),
         settings.retry_after_seconds,
         on_storage_unavailable=monitor.mark_unavailable,
+        dead_letters=DeadLetterRecorder(
+            session_factory,
+            max_rows=settings.dead_letter_max_rows,
+            max_age_days=settings.dead_letter_max_age_days,
+            max_total_rows=settings.dead_letter_max_total_rows,
+            queue_size=settings.dead_letter_queue,
+        ),
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(ingest_servicer, server)  # type: ignore[no-untyped-call]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -15,11 +15,13 @@ from apex_ingest.common.logs import (
     request_id_var,
 )
 from apex_ingest.server import metrics
+from apex_ingest.server.deadletters import DeadLetterRecorder
 from apex_ingest.server.errors import (
     IngestError,
     InvalidRequest,
     OriginNotAllowed,
     StorageUnavailable,
+    UnknownProject,
 )
 from apex_ingest.server.ingest import ingest_events, ingest_many
 from apex_ingest.server.projects import ProjectDirectory
@@ -40,9 +42,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         store: EventStore,
         retry_after_seconds: int = 1,
         on_storage_unavailable: Callable[[], None] = lambda: None,
+        dead_letters: DeadLetterRecorder | None = None,
     ) -> None:
         self._projects = projects
         self._store = store
+        self._dead_letters = dead_letters
         self._retry_after = retry_after_seconds
         self._on_storage_unavailable = on_storage_unavailable
 
@@ -70,6 +74,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 return _refuse(context, error_status(error))
             except IngestError as error:
                 code, project = _rejected(request, error)
+                self._keep(request, error)
                 return _refuse(context, error_status(error))
             except Exception:
                 # A bug, not the caller's fault: INTERNAL (never UNKNOWN), details in our log only.
@@ -157,6 +162,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 )
                 self._on_storage_unavailable()
             _rejected(request, outcome)
+            self._keep(request, outcome)
             rich = rich_status(outcome)
             return ingest_pb2.IngestResult(
                 status=ingest_pb2.RequestStatus(
@@ -166,6 +172,18 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         if not request.validate_only:
             metrics.EVENTS_ACCEPTED.labels(request.project_key).inc(outcome)
         return ingest_pb2.IngestResult(received=outcome)
+
+    def _keep(self, request: ingest_pb2.IngestEventsRequest, error: IngestError) -> None:
+        """Keep the events of a request refused for its content as dead letters (queued; never
+        blocks, never raises). Unknown keys are only counted."""
+        if request.validate_only or self._dead_letters is None:
+            return
+        if isinstance(error, InvalidRequest | OriginNotAllowed) and error.project_id is not None:
+            self._dead_letters.record(error.project_id, request.project_key, request, error)
+        elif isinstance(error, UnknownProject) or (
+            isinstance(error, InvalidRequest) and error.project_id is None
+        ):
+            metrics.DEAD_LETTERS_DROPPED.labels("unknown_key").inc(max(1, len(request.events)))
 
 
 def _request_id(context: grpc.ServicerContext) -> str:

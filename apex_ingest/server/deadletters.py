@@ -38,7 +38,14 @@ from apex_ingest.common.limits import MAX_EVENTS
 from apex_ingest.server import metrics
 from apex_ingest.server.errors import FieldViolation, InvalidRequest, OriginNotAllowed
 from apex_ingest.server.models import DeadLetter
-from apex_ingest.server.validation import clean_user_agent, normalized_ip
+from apex_ingest.server.projects import ProjectInfo
+from apex_ingest.server.storage import insert_events
+from apex_ingest.server.validation import (
+    build_rows,
+    check_request_shape,
+    clean_user_agent,
+    normalized_ip,
+)
 from apex_ingest.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)
@@ -345,3 +352,130 @@ def prune(session: Session, older_than: datetime, max_total: int) -> None:
     ).first()
     if boundary is not None:
         session.execute(delete(DeadLetter).where(DeadLetter.id <= boundary))
+
+
+# --- reading, replaying, purging (the CLI and ProjectService) ----------------------------
+
+#: Dead letters replayed in one transaction.
+_REPLAY_CHUNK = 500
+
+
+def list_dead_letters(
+    session: Session, project_id: int, limit: int = 100, before_id: int = 0
+) -> list[DeadLetter]:
+    """The project's dead letters, newest first."""
+    query = select(DeadLetter).where(DeadLetter.project_id == project_id)
+    if before_id > 0:
+        query = query.where(DeadLetter.id < before_id)
+    return list(session.scalars(query.order_by(DeadLetter.id.desc()).limit(limit)))
+
+
+def dead_letter_violations(letter: DeadLetter) -> list[FieldViolation]:
+    return [FieldViolation(v["field"], v["description"]) for v in json.loads(letter.violations)]
+
+
+@dataclass(frozen=True)
+class ReplayResult:
+    #: Dead letters stored as events (and deleted).
+    replayed: int
+    #: Those refused again (they stay, with their new violations).
+    failed: list[DeadLetter]
+
+
+def replay(
+    session_factory: sessionmaker[Session],
+    project_id: int,
+    allowed_origins: frozenset[str],
+    ids: Sequence[int] | None = None,
+) -> ReplayResult:
+    """Submit dead letters again through validation and storage (`ids`, or all of them).
+
+    Each is checked as the request it came in would be today (the project's allowlist for its
+    origin, every rule for its event and user id) with its original time of receipt; those that
+    pass are inserted as events (insert-or-ignore on the event id, so a replay never stores an
+    event twice) and deleted from the dead letters in the same transaction.
+    """
+    project = ProjectInfo(project_id, allowed_origins)
+    replayed = 0
+    failed: list[DeadLetter] = []
+    last_id = 0
+    while True:
+        with session_factory.begin() as session:
+            query = select(DeadLetter).where(
+                DeadLetter.project_id == project_id, DeadLetter.id > last_id
+            )
+            if ids is not None:
+                query = query.where(DeadLetter.id.in_(list(ids)))
+            letters = list(session.scalars(query.order_by(DeadLetter.id).limit(_REPLAY_CHUNK)))
+            if not letters:
+                break
+            last_id = letters[-1].id
+            rows: list[dict[str, Any]] = []
+            done = []
+            again = []
+            for letter in letters:
+                violations = _replay_violations(letter, project, rows)
+                if violations:
+                    letter.violations = json.dumps(
+                        [{"field": v.field, "description": v.description} for v in violations],
+                        ensure_ascii=False,
+                    )
+                    again.append(letter)
+                else:
+                    done.append(letter.id)
+            if rows:
+                for row in rows:
+                    row["project_id"] = project_id
+                insert_events(session, rows)
+            if done:
+                session.execute(delete(DeadLetter).where(DeadLetter.id.in_(done)))
+            replayed += len(done)
+            session.flush()
+            for letter in again:
+                session.expunge(letter)  # kept readable after the commit
+            failed.extend(again)
+        if ids is not None and len(letters) < _REPLAY_CHUNK:
+            break
+    return ReplayResult(replayed, failed)
+
+
+def _replay_violations(
+    letter: DeadLetter, project: ProjectInfo, rows: list[dict[str, Any]]
+) -> list[FieldViolation]:
+    """Why `letter` is refused again (empty: its row was appended to `rows`)."""
+    event = event_from_record(letter.event)
+    if event is None:
+        return [FieldViolation("event", f"was over {MAX_EVENT_BYTES} bytes: not kept whole")]
+    if letter.origin and not project.allows_origin(letter.origin):
+        return [FieldViolation("context.origin", "is not allowed for this project")]
+    request = ingest_pb2.IngestEventsRequest(
+        project_key="replay",
+        user_id=letter.user_id or "",
+        events=[event],
+        context=ingest_pb2.RequestContext(
+            client_ip=letter.ip or "", user_agent=letter.user_agent or ""
+        ),
+    )
+    violations = check_request_shape(request)
+    received_at = letter.received_at
+    if received_at.tzinfo is None:  # SQLite gives naive datetimes back
+        received_at = received_at.replace(tzinfo=UTC)
+    built = build_rows(request, received_at, violations)
+    if violations:
+        return [
+            FieldViolation(
+                v.field.replace("events[0]", f"events[{letter.event_index}]"), v.description
+            )
+            for v in violations
+        ]
+    rows.extend(built)
+    return []
+
+
+def purge(session: Session, project_id: int, ids: Sequence[int] | None = None) -> int:
+    """Delete the project's dead letters (`ids`, or all); return how many."""
+    statement = delete(DeadLetter).where(DeadLetter.project_id == project_id)
+    if ids is not None:
+        statement = statement.where(DeadLetter.id.in_(list(ids)))
+    result = session.execute(statement)
+    return int(getattr(result, "rowcount", 0) or 0)

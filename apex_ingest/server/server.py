@@ -16,12 +16,14 @@ from apex_ingest.server.admission import AdmissionInterceptor, CountingExecutor
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.deadletters import DeadLetterRecorder
 from apex_ingest.server.health import StorageHealthMonitor
+from apex_ingest.server.project_service import ProjectServicer
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.servicer import IngestServicer
 from apex_ingest.server.storage import EventStore
-from apex_ingest.v1 import ingest_pb2_grpc
+from apex_ingest.v1 import ingest_pb2_grpc, project_pb2, project_pb2_grpc
 
 log = logging.getLogger(__name__)
+PROJECT_SERVICE_NAME: str = project_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name
 
 
 class IngestServer:
@@ -82,8 +84,9 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
     )
     monitor = StorageHealthMonitor(engine, health_servicer, settings.health_interval)
+    projects = ProjectDirectory(session_factory, settings.project_cache_ttl)
     ingest_servicer = IngestServicer(
-        ProjectDirectory(session_factory, settings.project_cache_ttl),
+        projects,
         EventStore(
             session_factory,
             settings.retry_after_seconds,
@@ -100,8 +103,13 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         ),
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(ingest_servicer, server)  # type: ignore[no-untyped-call]
+    project_pb2_grpc.add_ProjectServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        ProjectServicer(projects, session_factory), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, PROJECT_SERVICE_NAME, health.SERVICE_NAME), server
+    )
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")

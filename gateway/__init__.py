@@ -14,6 +14,7 @@ from flask_cors import CORS
 from gateway import (
     api,
     config,
+    debugger,
     errors,
     grpc_client,
     health,
@@ -48,6 +49,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     shutdown.install(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(debugger.bp)
     _register_snippet(app)
     ratelimit.install(app, settings, limited=api.bp)
     CORS(

@@ -143,6 +143,7 @@ def feed() -> Response:
 
 
 def _item_json(item: project_pb2.TailEventsResponse) -> str:
+    message: project_pb2.StoredEvent | project_pb2.DeadLetter
     if item.HasField("event"):
         kind, message = "event", item.event
     else:

@@ -35,8 +35,10 @@ class IngestServer:
         engine: Engine,
         health_servicer: health.HealthServicer,
         monitor: StorageHealthMonitor,
+        dead_letters: DeadLetterRecorder | None = None,
     ) -> None:
         self.grpc_server = server
+        self._dead_letters = dead_letters
         self._engine = engine
         self._health = health_servicer
         self._monitor = monitor
@@ -50,6 +52,9 @@ class IngestServer:
         self._monitor.stop()
         self._health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        if self._dead_letters is not None:
+            # Dead letters still queued are written before the engine goes (a second at most).
+            self._dead_letters.flush(timeout=min(1.0, grace or 1.0))
         self._engine.dispose()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -85,6 +90,13 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
     )
     monitor = StorageHealthMonitor(engine, health_servicer, settings.health_interval)
     projects = ProjectDirectory(session_factory, settings.project_cache_ttl)
+    recorder = DeadLetterRecorder(
+        session_factory,
+        max_rows=settings.dead_letter_max_rows,
+        max_age_days=settings.dead_letter_max_age_days,
+        max_total_rows=settings.dead_letter_max_total_rows,
+        queue_size=settings.dead_letter_queue,
+    )
     ingest_servicer = IngestServicer(
         projects,
         EventStore(
@@ -94,13 +106,7 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         ),
         settings.retry_after_seconds,
         on_storage_unavailable=monitor.mark_unavailable,
-        dead_letters=DeadLetterRecorder(
-            session_factory,
-            max_rows=settings.dead_letter_max_rows,
-            max_age_days=settings.dead_letter_max_age_days,
-            max_total_rows=settings.dead_letter_max_total_rows,
-            queue_size=settings.dead_letter_queue,
-        ),
+        dead_letters=recorder,
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(ingest_servicer, server)  # type: ignore[no-untyped-call]
     project_pb2_grpc.add_ProjectServiceServicer_to_server(  # type: ignore[no-untyped-call]
@@ -113,4 +119,4 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
-    return IngestServer(server, engine, health_servicer, monitor), port
+    return IngestServer(server, engine, health_servicer, monitor, recorder), port

@@ -170,11 +170,12 @@ def rows_for(
         "project_id": project_id,
         "received_at": received_at,
         "reason": reason,
-        "user_id": request.user_id[:128] or None,
-        "origin": context.origin[:4096] or None,
+        # Refused values may hold anything; PostgreSQL's text holds no NUL.
+        "user_id": request.user_id.replace("\x00", "")[:128] or None,
+        "origin": context.origin.replace("\x00", "")[:4096] or None,
         "ip": normalized_ip(context.client_ip),
         "user_agent": clean_user_agent(context.user_agent),
-        "request_id": context.request_id[:128] or None,
+        "request_id": context.request_id.replace("\x00", "")[:128] or None,
     }
     indexes = range(len(events)) if only is None else only
     rows = []
@@ -294,13 +295,7 @@ class DeadLetterRecorder:
                 except queue.Empty:
                     break
             try:
-                self._write(batch)
-            except Exception:
-                log.exception("could not record dead letters")
-                for item in batch:
-                    metrics.DEAD_LETTERS_DROPPED.labels("write_failed").inc(
-                        len(item.only) if item.only is not None else len(item.request.events)
-                    )
+                self._write_each(batch)
             finally:
                 with self._idle:
                     for item in batch:
@@ -310,13 +305,27 @@ class DeadLetterRecorder:
                     self._busy -= len(batch)
                     self._idle.notify_all()
 
+    def _write_each(self, batch: list[_Refused]) -> None:
+        """Write the batch; if it fails, each request alone (one bad row loses only its own)."""
+        try:
+            self._write(batch)
+            return
+        except Exception:
+            if len(batch) == 1:
+                log.exception("could not record dead letters")
+                metrics.DEAD_LETTERS_DROPPED.labels("write_failed").inc(_count(batch[0]))
+                return
+        for item in batch:
+            self._write_each([item])
+
     def _write(self, batch: list[_Refused]) -> None:
         rows = []
+        counts = []
         for item in batch:
             written = rows_for(
                 item.project_id, item.request, item.error, item.received_at, item.only
             )
-            metrics.DEAD_LETTERS_RECORDED.labels(item.project_label).inc(len(written))
+            counts.append((item.project_label, len(written)))
             rows.extend(written)
         projects = {item.project_id for item in batch}
         with self._session_factory.begin() as session:
@@ -327,6 +336,12 @@ class DeadLetterRecorder:
             if now - self._last_prune >= _PRUNE_INTERVAL:
                 self._last_prune = now
                 prune(session, datetime.now(UTC) - self._max_age, self._max_total)
+        for label, count in counts:
+            metrics.DEAD_LETTERS_RECORDED.labels(label).inc(count)
+
+
+def _count(item: _Refused) -> int:
+    return len(item.only) if item.only is not None else min(len(item.request.events), MAX_EVENTS)
 
 
 def prune_project(session: Session, project_id: int, max_rows: int) -> None:

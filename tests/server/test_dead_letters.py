@@ -246,3 +246,22 @@ def test_age_and_total_caps(database_url: str) -> None:
     with factory() as session:
         left = list(session.scalars(select(DeadLetter.id).order_by(DeadLetter.id)))
     assert len(left) == 6 and first not in left
+
+
+def test_hostile_values_are_kept_without_breaking_other_rows(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    key = make_project(server.database_url)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.IngestEvents(
+            ingest_pb2.IngestEventsRequest(
+                project_key=key,
+                user_id="a\x00b",
+                events=[Event(id="n", type="t\x00", url="/\x00")],
+                context=ingest_pb2.RequestContext(origin="https://x.example\x00"),
+            ),
+            timeout=5,
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (kept,) = dead_letters(server.database_url, wait_for=1)
+    assert kept["user_id"] == "ab" and json.loads(kept["event"])["type"] == "t\x00"

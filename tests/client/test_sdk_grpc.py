@@ -143,7 +143,7 @@ def test_sdk_decodes_rich_details_as_the_server_packs_them() -> None:
         code=code_pb2.UNAVAILABLE,
         message="storage down",
         details=[
-            rpc.bad_request([("events[3].url", "bad"), ("userId", "long")]),
+            *rpc.bad_request([("events[3].url", "bad"), ("userId", "long")]),
             rpc.retry_info(7),
         ],
     )

@@ -16,6 +16,7 @@ from gateway import (
     coalescer,
     config,
     cors,
+    debugger,
     errors,
     grpc_client,
     health,
@@ -44,6 +45,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     shutdown.install(app)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(debugger.bp)
     _register_snippet(app)
     auth_guard.install(app, settings)
     ratelimit.install(app, settings)

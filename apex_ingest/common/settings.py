@@ -261,6 +261,15 @@ class ServerSettings(NetworkSettings, LimitSettings):
     #: `apex-ingest db retention` removes them: an accepted event is never one the next
     #: retention run deletes on the spot.
     retention_days: int | None = setting(None, ge=1, le=36500)
+    #: Dead letters (events of refused requests) kept per project; the oldest go first.
+    dead_letter_max_rows: int = setting(10_000, ge=0)
+    #: Days a dead letter is kept.
+    dead_letter_max_age_days: float = setting(7.0, ge=0)
+    #: Dead letters kept in all, every project together; the oldest go first.
+    dead_letter_max_total_rows: int = setting(1_000_000, ge=0)
+    #: Refused requests waiting for the dead-letter writer, per server process; beyond it
+    #: (and beyond an eighth of it for one project) their events are not recorded (counted).
+    dead_letter_queue: int = setting(1000, ge=1)
 
     @property
     def retention(self) -> timedelta | None:

@@ -309,7 +309,12 @@ def projects() -> None:
 def projects_create(
     name: str, key: str | None, allowed_origins: tuple[str, ...], redact_params: tuple[str, ...]
 ) -> None:
-    """Create a project and print its key."""
+    """Create a project; print its public key, and its secret key once (on stderr).
+
+    The public key (`pk_live_...`, sent with events) is the one line on stdout, for scripts;
+    the secret key (`sk_live_...`, reads events and dead letters) is shown on stderr, this once:
+    only its SHA-256 is stored.
+    """
     from apex_ingest.server import projects as project_store
 
     try:
@@ -317,9 +322,12 @@ def projects_create(
             project = project_store.create_project(
                 session, name, key, allowed_origins, redact_params
             )
-            click.echo(project.key)
+            secret = project_store.add_key(session, project.id, project_store.SECRET)
+            public = project.key
     except ConfigError:
         raise
+    except project_store.KeyExists as error:
+        raise click.ClickException(f"a project with key {key!r} already exists") from error
     except project_store.InvalidKey as error:
         raise click.BadParameter(str(error), param_hint="--key") from error
     except project_store.InvalidParamName as error:
@@ -332,6 +340,11 @@ def projects_create(
         if isinstance(error, IntegrityError):
             raise click.ClickException(f"a project with key {key!r} already exists") from error
         raise
+    click.echo(public)
+    click.echo(
+        f"secret key (shown once, keep it safe; it reads this project's events): {secret}",
+        err=True,
+    )
 
 
 @projects.command("list")
@@ -341,23 +354,246 @@ def projects_list() -> None:
 
     with _session_factory()() as session:
         for project in project_store.list_projects(session):
-            state = f"revoked {project.revoked_at:%Y-%m-%d}" if project.revoked_at else "active"
+            keys = project_store.active_public_keys(session, project.id)
+            state = "active" if keys else "revoked"
             origins = ",".join(project.allowed_origins) or "*"
+            shown = keys[0] if keys else project.key
             redacted = ",".join(project.redact_params or ())
             extra = f"\tredact={redacted}" if redacted else ""
-            click.echo(f"{project.key}\t{project.name}\t{state}\torigins={origins}{extra}")
+            click.echo(f"{shown}\t{project.name}\t{state}\torigins={origins}{extra}")
 
 
 @projects.command("revoke")
 @click.argument("key")
 def projects_revoke(key: str) -> None:
-    """Revoke a project key (takes effect within APEX_PROJECT_CACHE_TTL seconds)."""
+    """Revoke a public or secret key (takes effect within APEX_PROJECT_CACHE_TTL seconds).
+
+    Only that key: the project's other keys stay valid.
+    """
     from apex_ingest.server import projects as project_store
 
     with _session_factory().begin() as session:
-        if not project_store.revoke_project(session, key):
+        if not (
+            project_store.revoke_key(session, project_store.PUBLIC, key)
+            or project_store.revoke_key(session, project_store.SECRET, key)
+        ):
             raise click.ClickException(f"no active project with key {key!r}")
     click.echo(f"revoked {key}")
+
+
+def _project_id(session: Session, reference: str) -> tuple[int, frozenset[str]]:
+    """A project named by a public key, its id or its (unique) name: (id, allowed origins)."""
+    from sqlalchemy import select
+
+    from apex_ingest.server import projects as project_store
+    from apex_ingest.server.models import Project
+
+    project = project_store.find_project(session, reference)
+    if project is None and reference.isdigit():
+        project = session.get(Project, int(reference))
+    if project is None:
+        named = session.scalars(select(Project).where(Project.name == reference)).all()
+        if len(named) > 1:
+            raise click.ClickException(
+                f"{len(named)} projects are named {reference!r}: give a public key or an id"
+            )
+        project = named[0] if named else None
+    if project is None:
+        raise click.ClickException(f"no project {reference!r} (a public key, an id or a name)")
+    return project.id, frozenset(project.allowed_origins)
+
+
+_PROJECT = click.option(
+    "--project", "project", required=True, help="The project: a public key, its id or its name."
+)
+
+
+@main.group("dead-letters")
+def dead_letters() -> None:
+    """Events of refused requests: list, show, replay, purge."""
+
+
+@dead_letters.command("list")
+@_PROJECT
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+def dead_letters_list(project: str, limit: int) -> None:
+    """The newest dead letters: id, time, reason, event type and id, violations."""
+    import json
+
+    from apex_ingest.server import deadletters
+
+    with _session_factory()() as session:
+        project_id, _ = _project_id(session, project)
+        for letter in deadletters.list_dead_letters(session, project_id, limit):
+            event = json.loads(letter.event)
+            reasons = "; ".join(
+                f"{v.field}: {v.description}" for v in deadletters.dead_letter_violations(letter)
+            )
+            click.echo(
+                f"{letter.id}\t{letter.received_at:%Y-%m-%d %H:%M:%S}\t{letter.reason}\t"
+                f"{event.get('type', '')}\t{event.get('id', '')}\t"
+                f"{reasons or 'valid: refused with its request'}"
+            )
+
+
+@dead_letters.command("show")
+@_PROJECT
+@click.argument("letter_id", type=int)
+def dead_letters_show(project: str, letter_id: int) -> None:
+    """One dead letter as JSON."""
+    import json
+
+    from apex_ingest.server import deadletters
+    from apex_ingest.server.models import DeadLetter
+
+    with _session_factory()() as session:
+        project_id, _ = _project_id(session, project)
+        letter = session.get(DeadLetter, letter_id)
+        if letter is None or letter.project_id != project_id:
+            raise click.ClickException(f"no dead letter {letter_id} in this project")
+        click.echo(
+            json.dumps(
+                {
+                    "id": letter.id,
+                    "received_at": letter.received_at.isoformat(),
+                    "reason": letter.reason,
+                    "violations": [
+                        {"field": v.field, "description": v.description}
+                        for v in deadletters.dead_letter_violations(letter)
+                    ],
+                    "event_index": letter.event_index,
+                    "event": json.loads(letter.event),
+                    "user_id": letter.user_id,
+                    "origin": letter.origin,
+                    "ip": letter.ip,
+                    "user_agent": letter.user_agent,
+                    "request_id": letter.request_id,
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+
+
+def _chosen(ids: tuple[int, ...], every: bool) -> list[int] | None:
+    if every == bool(ids):
+        raise click.UsageError("give dead letter ids, or --all")
+    return None if every else list(ids)
+
+
+@dead_letters.command("replay")
+@_PROJECT
+@click.option("--all", "every", is_flag=True, help="Every dead letter of the project.")
+@click.argument("ids", type=int, nargs=-1)
+def dead_letters_replay(project: str, every: bool, ids: tuple[int, ...]) -> None:
+    """Submit dead letters again through validation and storage.
+
+    Those accepted become events and leave the dead letters; those refused again stay, with
+    their new violations.
+    """
+    from apex_ingest.server import deadletters
+
+    chosen = _chosen(ids, every)
+    factory = _session_factory()
+    with factory() as session:
+        project_id, origins = _project_id(session, project)
+    result = deadletters.replay(factory, project_id, origins, chosen)
+    click.echo(f"replayed {result.replayed}; {len(result.failed)} refused again")
+    for letter in result.failed:
+        reasons = "; ".join(
+            f"{v.field}: {v.description}" for v in deadletters.dead_letter_violations(letter)
+        )
+        click.echo(f"{letter.id}\t{reasons}")
+
+
+@dead_letters.command("purge")
+@_PROJECT
+@click.option("--all", "every", is_flag=True, help="Every dead letter of the project.")
+@click.argument("ids", type=int, nargs=-1)
+def dead_letters_purge(project: str, every: bool, ids: tuple[int, ...]) -> None:
+    """Delete dead letters."""
+    from apex_ingest.server import deadletters
+
+    chosen = _chosen(ids, every)
+    with _session_factory().begin() as session:
+        project_id, _ = _project_id(session, project)
+        purged = deadletters.purge(session, project_id, chosen)
+    click.echo(f"purged {purged}")
+
+
+@main.group()
+def events() -> None:
+    """A project's events."""
+
+
+@events.command("tail")
+@click.option(
+    "--secret-key",
+    prompt="Secret key",
+    hide_input=True,
+    help="One of the project's secret keys (sk_live_...); asked for when not given.",
+)
+@click.option("--target", default=None, help="The gRPC server (default: APEX_GRPC_TARGET's).")
+@click.option("--backlog", type=click.IntRange(0, 100), default=10, show_default=True)
+def events_tail(secret_key: str, target: str | None, backlog: int) -> None:
+    """Follow the events stored for the project of --secret-key, and its dead letters.
+
+    One line each, as they are committed (whichever server stored them), until Ctrl-C. Uses
+    ProjectService.TailEvents: the same live feed as the debugger page.
+    """
+    import json
+
+    import grpc as grpc_lib
+
+    from apex_ingest.common.settings import GatewaySettings
+    from apex_ingest.v1 import project_pb2, project_pb2_grpc
+
+    address = target or load(GatewaySettings).grpc_target
+    after_event = after_letter = 0
+    with grpc_lib.insecure_channel(address) as channel:
+        stub = project_pb2_grpc.ProjectServiceStub(channel)  # type: ignore[no-untyped-call]
+        while True:
+            request = project_pb2.TailEventsRequest(
+                after_event_id=after_event,
+                after_dead_letter_id=after_letter,
+                backlog=backlog if not (after_event or after_letter) else 0,
+            )
+            try:
+                for item in stub.TailEvents(
+                    request, metadata=(("authorization", f"Bearer {secret_key}"),)
+                ):
+                    if item.HasField("event"):
+                        event = item.event
+                        after_event = max(after_event, event.id)
+                        click.echo(
+                            f"{event.received_at.ToDatetime():%H:%M:%S}\tevent\t{event.type}\t"
+                            f"{event.visitor_id or '-'}\t{event.url}\t{event.data}"
+                        )
+                    else:
+                        letter = item.dead_letter
+                        after_letter = max(after_letter, letter.id)
+                        reasons = "; ".join(
+                            f"{v.field}: {v.description}" for v in letter.violations
+                        )
+                        kept = json.loads(letter.event_json)
+                        click.echo(
+                            f"{letter.received_at.ToDatetime():%H:%M:%S}\trejected\t"
+                            f"{kept.get('type', '')}\t{kept.get('visitor_id') or '-'}\t"
+                            f"{kept.get('url', '')}\t{reasons or letter.reason}"
+                        )
+            except grpc_lib.RpcError as error:
+                if error.code() in (
+                    grpc_lib.StatusCode.UNAUTHENTICATED,
+                    grpc_lib.StatusCode.PERMISSION_DENIED,
+                    grpc_lib.StatusCode.INVALID_ARGUMENT,
+                ):
+                    raise click.ClickException(error.details() or error.code().name) from None
+                click.echo(f"(feed interrupted: {error.code().name}; reconnecting)", err=True)
+                import time
+
+                time.sleep(1)
+            if not (after_event or after_letter):
+                backlog = 0
 
 
 @main.command()
@@ -368,17 +604,26 @@ def demo() -> None:
 
     from apex_ingest.ops.migrate import upgrade as run_upgrade
     from apex_ingest.server import projects as project_store
-    from apex_ingest.server.models import Project
+    from apex_ingest.server.models import Project, ProjectKey
 
     settings = load(ServerSettings)
     # The one admin command that may create the database: through the migrations, like
     # `db upgrade` (what `make run` runs just before), never as an empty file.
     run_upgrade(settings.database_url)
     with _session_factory().begin() as session:
-        project = session.scalars(
-            select(Project).where(Project.name == "demo", Project.revoked_at.is_(None)).limit(1)
-        ).first() or project_store.create_project(session, "demo")
-        key = project.key
+        key = session.scalars(
+            select(ProjectKey.key)
+            .join(Project, Project.id == ProjectKey.project_id)
+            .where(
+                Project.name == "demo",
+                ProjectKey.kind == project_store.PUBLIC,
+                ProjectKey.revoked_at.is_(None),
+            )
+            .order_by(ProjectKey.id)
+            .limit(1)
+        ).first()
+        if key is None:
+            key = project_store.create_project(session, "demo").key
     base = f"http://{address_host(reachable_host(settings.host))}:{settings.http_port}"
     url = f"{base}/api/events"
     snippet = (

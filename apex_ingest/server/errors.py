@@ -14,6 +14,10 @@ class FieldViolation:
 class IngestError(Exception):
     """A request we refuse; nothing of it was stored (but see StorageUnavailable.maybe_stored)."""
 
+    #: The project of the request's key, when the key was known (set by `ingest.prepare`): the
+    #: refused events of such a request are kept as dead letters.
+    project_id: int | None = None
+
 
 class InvalidRequest(IngestError):
     def __init__(self, violations: list[FieldViolation]) -> None:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from apex_ingest.server.deadletters import event_index
 from apex_ingest.server.errors import (
+    FieldViolation,
     IngestError,
     InvalidRequest,
     OriginNotAllowed,
@@ -18,6 +20,19 @@ from apex_ingest.server.storage import UNAVAILABLE_ERRORS, EventStore
 from apex_ingest.server.validation import Row, build_rows, check_request_shape
 from apex_ingest.v1 import ingest_pb2
 
+#: A rejected event of a partial request lists at most this many of its violations.
+MAX_VIOLATIONS_PER_EVENT = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """An accepted request: how many events were received, and for a partial request the
+    events that were not (index, violations), with the project they were refused for."""
+
+    received: int
+    rejected: list[tuple[int, list[FieldViolation]]] = field(default_factory=list)
+    project_id: int | None = None
+
 
 def ingest_events(
     request: ingest_pb2.IngestEventsRequest,
@@ -26,15 +41,16 @@ def ingest_events(
     retry_after_seconds: int = 1,
     deadline: float | None = None,
     retention: timedelta | None = None,
-) -> int:
-    """Store the request's events atomically and return how many were accepted.
+) -> Outcome:
+    """Store the request's events atomically and say how many were accepted (and, for a
+    partial request, which were not).
 
     `deadline` (time.monotonic()): past it, nothing is stored (see EventStore.store).
     """
     accepted = prepare(request, projects, datetime.now(UTC), retry_after_seconds, retention)
-    if not request.validate_only:
+    if not request.validate_only and accepted.rows:
         store.store(accepted.project_id, accepted.rows, deadline)
-    return len(accepted.rows)
+    return accepted.outcome()
 
 
 def ingest_many(
@@ -44,12 +60,12 @@ def ingest_many(
     retry_after_seconds: int = 1,
     deadline: float | None = None,
     retention: timedelta | None = None,
-) -> list[int | IngestError]:
+) -> list[Outcome | IngestError]:
     """Each request's outcome, as ingest_events would give it alone: the number of events
     accepted, or why it was refused. The accepted requests are committed together (one group
     commit), each all-or-nothing; one request's failure never changes another's outcome."""
     received_at = datetime.now(UTC)
-    outcomes: list[int | IngestError] = []
+    outcomes: list[Outcome | IngestError] = []
     to_store: list[tuple[int, Accepted]] = []
     for index, request in enumerate(requests):
         try:
@@ -57,8 +73,8 @@ def ingest_many(
         except IngestError as error:
             outcomes.append(error)
             continue
-        outcomes.append(len(accepted.rows))
-        if not request.validate_only:
+        outcomes.append(accepted.outcome())
+        if not request.validate_only and accepted.rows:
             to_store.append((index, accepted))
     errors = store.store_many(
         [(accepted.project_id, accepted.rows) for _, accepted in to_store], deadline
@@ -75,6 +91,11 @@ class Accepted:
 
     project_id: int
     rows: list[Row]
+    #: For a partial request: the events left out, with their violations.
+    rejected: list[tuple[int, list[FieldViolation]]] = field(default_factory=list)
+
+    def outcome(self) -> Outcome:
+        return Outcome(len(self.rows), self.rejected, self.project_id)
 
 
 def prepare(
@@ -98,8 +119,32 @@ def prepare(
     if project is None:
         raise UnknownProject()
     if not project.allows_origin(request.context.origin):
-        raise OriginNotAllowed(request.context.origin)
+        refused: IngestError = OriginNotAllowed(request.context.origin)
+        refused.project_id = project.id
+        raise refused
     rows = build_rows(request, received_at, violations, retention, project.redact_params)
+    if violations and request.partial:
+        rejected = _rejected_events(violations)
+        if rejected is not None:
+            return Accepted(project.id, rows, rejected)
     if violations:
-        raise InvalidRequest(violations)
+        refused = InvalidRequest(violations)
+        refused.project_id = project.id
+        raise refused
     return Accepted(project.id, rows)
+
+
+def _rejected_events(
+    violations: list[FieldViolation],
+) -> list[tuple[int, list[FieldViolation]]] | None:
+    """Each invalid event's violations, by index; None if the request itself breaks a rule
+    (then it is refused as a whole, partial or not)."""
+    by_event: dict[int, list[FieldViolation]] = {}
+    for violation in violations:
+        index = event_index(violation.field)
+        if index is None:
+            return None
+        own = by_event.setdefault(index, [])
+        if len(own) < MAX_VIOLATIONS_PER_EVENT:
+            own.append(violation)
+    return sorted(by_event.items())

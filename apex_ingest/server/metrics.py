@@ -38,6 +38,17 @@ EVENTS_REJECTED = Counter(
     "Events of refused IngestEvents calls, by reason (the gRPC status code, lower case).",
     ["project", "reason"],
 )
+DEAD_LETTERS_RECORDED = Counter(
+    "apex_dead_letters_recorded",
+    "Events of refused requests (known keys) written as dead letters.",
+    ["project"],
+)
+DEAD_LETTERS_DROPPED = Counter(
+    "apex_dead_letters_dropped",
+    "Events of refused requests not written as dead letters: unknown_key (never recorded), "
+    "queue_full (the writer was behind), write_failed.",
+    ["reason"],
+)
 GROUP_REQUESTS = Histogram(
     "apex_group_commit_requests",
     "Requests written together in one group-commit transaction.",

@@ -10,6 +10,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    ForeignKey,
     ForeignKeyConstraint,
     Index,
     Integer,
@@ -47,6 +48,8 @@ class Project(Base):
     __tablename__ = "projects"
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    #: The project's first public key, kept for readers of this table (analytics). The server
+    #: authenticates through `project_keys` only (migration 0005).
     key: Mapped[str] = mapped_column(String(128), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     # Browser origins allowed to send events, e.g. ["https://shop.example"]; empty: any.
@@ -58,6 +61,65 @@ class Project(Base):
         JSON().with_variant(JSONB(), "postgresql"), nullable=True
     )
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class ProjectKey(Base):
+    """A key of a project: `public` keys send events, `secret` keys read and administer.
+
+    A project holds several of each (rotation): each has a label, a creation and a revocation
+    time. Public keys are stored as they are (they are public); secret keys only as their
+    SHA-256 (`key_sha256`), so a database dump reveals none.
+    """
+
+    __tablename__ = "project_keys"
+    __table_args__ = (
+        UniqueConstraint("kind", "key", name="uq_project_keys_kind_key"),
+        Index("ix_project_keys_project", "project_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    #: "public" or "secret".
+    kind: Mapped[str] = mapped_column(String(16))
+    #: A public key as it is; a secret key's SHA-256 in hex.
+    key: Mapped[str] = mapped_column(String(128))
+    #: What the owner calls the key ("default", "ci", "rotated 2027-01"...).
+    label: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class DeadLetter(Base):
+    """One event of a request refused for its content (INVALID_ARGUMENT, or PERMISSION_DENIED
+    for its origin), kept with the reasons so that the owner can see and replay it.
+
+    Not an event: nothing reads it as one. Scrubbed as events are (`deadletters.scrub_event`),
+    capped in size, and bounded per project (rows, age) and in all (`deadletters.prune`).
+    """
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (
+        Index("ix_dead_letters_project_id", "project_id", "id"),
+        Index("ix_dead_letters_received", "received_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id"))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: "invalid_argument" or "permission_denied".
+    reason: Mapped[str] = mapped_column(String(32))
+    #: JSON list of {"field", "description"}: the event's own violations and the request's.
+    violations: Mapped[str] = mapped_column(Text())
+    #: Position of the event in its request.
+    event_index: Mapped[int] = mapped_column(Integer())
+    #: The event as received (JSON text of its fields), at most 8 KiB; a bigger one is kept as
+    #: {"truncated": true, "bytes": N, "head": "..."} and cannot be replayed.
+    event: Mapped[str] = mapped_column(Text())
+    user_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    origin: Mapped[str | None] = mapped_column(String(4096), nullable=True)
+    ip: Mapped[str | None] = mapped_column(String(45), nullable=True)
+    user_agent: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    request_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class Event(Base):

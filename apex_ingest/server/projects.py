@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
@@ -14,11 +15,13 @@ import idna
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from apex_ingest.server.models import Project
+from apex_ingest.server.models import Project, ProjectKey
 from apex_ingest.server.redaction import normalize_names
 from apex_ingest.server.validation import project_key_problem
 
 KEY_PREFIX = "pk_live_"
+SECRET_KEY_PREFIX = "sk_live_"
+PUBLIC, SECRET = "public", "secret"
 
 
 class InvalidKey(ValueError):
@@ -28,6 +31,16 @@ class InvalidKey(ValueError):
 def generate_key() -> str:
     # 18 random bytes -> 24 URL-safe characters.
     return KEY_PREFIX + secrets.token_urlsafe(18)
+
+
+def generate_secret_key() -> str:
+    # 24 random bytes -> 32 URL-safe characters.
+    return SECRET_KEY_PREFIX + secrets.token_urlsafe(24)
+
+
+def secret_digest(secret: str) -> str:
+    """What `project_keys` stores of a secret key: its SHA-256, in hex."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def normalize_origin(origin: str) -> str:
@@ -88,33 +101,103 @@ def create_project(
         if problem:
             raise InvalidKey(f"the key {problem}")
     extra = check_param_names(redact_params)
+    public_key = key or generate_key()
+    if session.scalars(
+        select(ProjectKey.id).where(ProjectKey.kind == PUBLIC, ProjectKey.key == public_key)
+    ).first():
+        raise KeyExists(public_key)
+    now = datetime.now(UTC)
     project = Project(
-        key=key or generate_key(),
+        key=public_key,  # kept for readers of `projects`; the server reads project_keys
         name=name,
         allowed_origins=sorted({normalize_origin(o) for o in allowed_origins}),
         redact_params=extra or None,
-        created_at=datetime.now(UTC),
+        created_at=now,
         revoked_at=None,
     )
     session.add(project)
     session.flush()
+    add_key(session, project.id, PUBLIC, key=public_key)
     return project
+
+
+class KeyExists(ValueError):
+    """A chosen public key that another project already has."""
+
+
+def add_key(
+    session: Session, project_id: int, kind: str, label: str = "default", key: str | None = None
+) -> str:
+    """Give a project a new key of `kind` ("public" or "secret"); return the key.
+
+    A secret key is returned here once: only its SHA-256 is stored.
+    """
+    if kind == PUBLIC:
+        plain = key or generate_key()
+        stored = plain
+    elif kind == SECRET:
+        plain = key or generate_secret_key()
+        stored = secret_digest(plain)
+    else:
+        raise ValueError(f"a key is public or secret, not {kind!r}")
+    session.add(
+        ProjectKey(
+            project_id=project_id,
+            kind=kind,
+            key=stored,
+            label=label,
+            created_at=datetime.now(UTC),
+            revoked_at=None,
+        )
+    )
+    session.flush()
+    return plain
 
 
 def list_projects(session: Session) -> Sequence[Project]:
     return session.scalars(select(Project).order_by(Project.id)).all()
 
 
+def active_public_keys(session: Session, project_id: int) -> list[str]:
+    return list(
+        session.scalars(
+            select(ProjectKey.key)
+            .where(
+                ProjectKey.project_id == project_id,
+                ProjectKey.kind == PUBLIC,
+                ProjectKey.revoked_at.is_(None),
+            )
+            .order_by(ProjectKey.id)
+        )
+    )
+
+
 def find_project(session: Session, key: str) -> Project | None:
-    return session.scalars(select(Project).where(Project.key == key)).one_or_none()
+    """The project a public key (active or revoked) belongs to."""
+    return session.scalars(
+        select(Project)
+        .join(ProjectKey, ProjectKey.project_id == Project.id)
+        .where(ProjectKey.kind == PUBLIC, ProjectKey.key == key)
+    ).one_or_none()
 
 
 def revoke_project(session: Session, key: str) -> bool:
-    """Revoke a key; False if there is no such active key."""
-    project = find_project(session, key)
-    if project is None or project.revoked_at is not None:
+    """Revoke a public key; False if there is no such active key.
+
+    Only that key: the project's other keys (its secret keys, other public keys) stay valid.
+    """
+    return revoke_key(session, PUBLIC, key)
+
+
+def revoke_key(session: Session, kind: str, key: str) -> bool:
+    """Revoke a key of `kind` (a secret key given in plain); False if no such active key."""
+    stored = secret_digest(key) if kind == SECRET else key
+    row = session.scalars(
+        select(ProjectKey).where(ProjectKey.kind == kind, ProjectKey.key == stored)
+    ).one_or_none()
+    if row is None or row.revoked_at is not None:
         return False
-    project.revoked_at = datetime.now(UTC)
+    row.revoked_at = datetime.now(UTC)
     return True
 
 
@@ -124,6 +207,7 @@ class ProjectInfo:
     allowed_origins: frozenset[str]
     #: The project's own query parameter names to redact (lower case), beside the built-in list.
     redact_params: frozenset[str] = frozenset()
+    name: str = ""
 
     def allows_origin(self, origin: str) -> bool:
         if not self.allowed_origins or not origin:
@@ -135,10 +219,11 @@ class ProjectInfo:
 
 
 class ProjectDirectory:
-    """Looks up active projects by key, caching answers (misses too) for `ttl` seconds.
+    """Looks up the projects of active keys, caching answers (misses too) for `ttl` seconds.
 
-    So a revocation, a new project or a changed allowlist takes effect within `ttl`
-    seconds on every server.
+    So a revocation, a new key or project or a changed allowlist takes effect within `ttl`
+    seconds on every server. Public keys (`lookup`) and secret keys (`lookup_secret`) are
+    cached apart: a public key never authenticates as a secret one, nor the reverse.
     """
 
     MAX_ENTRIES = 100_000
@@ -150,25 +235,43 @@ class ProjectDirectory:
         self._lock = threading.Lock()
 
     def lookup(self, key: str) -> ProjectInfo | None:
+        """The project of an active public key, or None."""
+        return self._lookup(PUBLIC, key)
+
+    def lookup_secret(self, secret: str) -> ProjectInfo | None:
+        """The project of an active secret key, or None."""
+        return self._lookup(SECRET, secret_digest(secret))
+
+    def _lookup(self, kind: str, stored: str) -> ProjectInfo | None:
         now = time.monotonic()
-        cached = self._cache.get(key)
+        cache_key = f"{kind}:{stored}"
+        cached = self._cache.get(cache_key)
         if cached is not None and cached[0] > now:
             return cached[1]
         with self._session_factory() as session:
-            project = find_project(session, key)
+            project = session.scalars(
+                select(Project)
+                .join(ProjectKey, ProjectKey.project_id == Project.id)
+                .where(
+                    ProjectKey.kind == kind,
+                    ProjectKey.key == stored,
+                    ProjectKey.revoked_at.is_(None),
+                )
+            ).one_or_none()
             info = (
                 ProjectInfo(
                     project.id,
                     _normalized_origins(project.allowed_origins),
                     normalize_names(project.redact_params or ()),
+                    project.name,
                 )
-                if project is not None and project.revoked_at is None
+                if project is not None
                 else None
             )
         with self._lock:
             if len(self._cache) >= self.MAX_ENTRIES:
                 self._cache.clear()  # bounded memory against floods of random keys
-            self._cache[key] = (now + self._ttl, info)
+            self._cache[cache_key] = (now + self._ttl, info)
         return info
 
 

@@ -14,13 +14,16 @@ from apex_ingest.common.settings import ServerSettings, load
 from apex_ingest.server import metrics, reflection
 from apex_ingest.server.admission import AdmissionInterceptor, CountingExecutor
 from apex_ingest.server.database import create_db_engine, create_session_factory
+from apex_ingest.server.deadletters import DeadLetterRecorder
 from apex_ingest.server.health import StorageHealthMonitor
+from apex_ingest.server.project_service import ProjectServicer
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.servicer import IngestServicer
 from apex_ingest.server.storage import EventStore
-from apex_ingest.v1 import ingest_pb2_grpc
+from apex_ingest.v1 import ingest_pb2_grpc, project_pb2, project_pb2_grpc
 
 log = logging.getLogger(__name__)
+PROJECT_SERVICE_NAME: str = project_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name
 
 
 class IngestServer:
@@ -32,8 +35,10 @@ class IngestServer:
         engine: Engine,
         health_servicer: health.HealthServicer,
         monitor: StorageHealthMonitor,
+        dead_letters: DeadLetterRecorder | None = None,
     ) -> None:
         self.grpc_server = server
+        self._dead_letters = dead_letters
         self._engine = engine
         self._health = health_servicer
         self._monitor = monitor
@@ -47,6 +52,9 @@ class IngestServer:
         self._monitor.stop()
         self._health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        if self._dead_letters is not None:
+            # Dead letters still queued are written before the engine goes (a second at most).
+            self._dead_letters.flush(timeout=min(1.0, grace or 1.0))
         self._engine.dispose()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -81,8 +89,16 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
     )
     monitor = StorageHealthMonitor(engine, health_servicer, settings.health_interval)
+    projects = ProjectDirectory(session_factory, settings.project_cache_ttl)
+    recorder = DeadLetterRecorder(
+        session_factory,
+        max_rows=settings.dead_letter_max_rows,
+        max_age_days=settings.dead_letter_max_age_days,
+        max_total_rows=settings.dead_letter_max_total_rows,
+        queue_size=settings.dead_letter_queue,
+    )
     ingest_servicer = IngestServicer(
-        ProjectDirectory(session_factory, settings.project_cache_ttl),
+        projects,
         EventStore(
             session_factory,
             settings.retry_after_seconds,
@@ -91,11 +107,17 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         settings.retry_after_seconds,
         on_storage_unavailable=monitor.mark_unavailable,
         retention=settings.retention,
+        dead_letters=recorder,
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(ingest_servicer, server)  # type: ignore[no-untyped-call]
+    project_pb2_grpc.add_ProjectServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        ProjectServicer(projects, session_factory), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, PROJECT_SERVICE_NAME, health.SERVICE_NAME), server
+    )
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
-    return IngestServer(server, engine, health_servicer, monitor), port
+    return IngestServer(server, engine, health_servicer, monitor, recorder), port

@@ -16,13 +16,15 @@ from apex_ingest.common.logs import (
     request_id_var,
 )
 from apex_ingest.server import metrics
+from apex_ingest.server.deadletters import DeadLetterRecorder
 from apex_ingest.server.errors import (
     IngestError,
     InvalidRequest,
     OriginNotAllowed,
     StorageUnavailable,
+    UnknownProject,
 )
-from apex_ingest.server.ingest import ingest_events, ingest_many
+from apex_ingest.server.ingest import Outcome, ingest_events, ingest_many
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.status import error_status, rich_status
 from apex_ingest.server.storage import EventStore
@@ -42,11 +44,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         retry_after_seconds: int = 1,
         on_storage_unavailable: Callable[[], None] = lambda: None,
         retention: timedelta | None = None,
+        dead_letters: DeadLetterRecorder | None = None,
     ) -> None:
         self._projects = projects
         #: APEX_RETENTION_DAYS: events older than this are refused (see validation.build_rows).
         self._retention = retention
         self._store = store
+        self._dead_letters = dead_letters
         self._retry_after = retry_after_seconds
         self._on_storage_unavailable = on_storage_unavailable
 
@@ -60,7 +64,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         try:
             try:
                 remaining = context.time_remaining()
-                received = ingest_events(
+                outcome = ingest_events(
                     request,
                     self._projects,
                     self._store,
@@ -75,6 +79,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 return _refuse(context, error_status(error))
             except IngestError as error:
                 code, project = _rejected(request, error)
+                self._keep(request, error)
                 return _refuse(context, error_status(error))
             except Exception:
                 # A bug, not the caller's fault: INTERNAL (never UNKNOWN), details in our log only.
@@ -83,8 +88,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 return _refuse(context, error_status(IngestError()))
             project = request.project_key  # authenticated by now
             if not request.validate_only:
-                metrics.EVENTS_ACCEPTED.labels(project).inc(received)
-            return ingest_pb2.IngestEventsResponse(received=received)
+                metrics.EVENTS_ACCEPTED.labels(project).inc(outcome.received)
+            self._keep_rejected(request, outcome)
+            return ingest_pb2.IngestEventsResponse(
+                received=outcome.received, rejected=_rejected_messages(outcome)
+            )
         finally:
             elapsed = time.perf_counter() - started
             metrics.RPC_IN_FLIGHT.labels("IngestEvents").dec()
@@ -151,7 +159,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             request_id_var.reset(token)
 
     def _result(
-        self, request: ingest_pb2.IngestEventsRequest, outcome: int | IngestError
+        self, request: ingest_pb2.IngestEventsRequest, outcome: Outcome | IngestError
     ) -> ingest_pb2.IngestResult:
         """One request's result, counted in the metrics as IngestEvents would count it."""
         if isinstance(outcome, IngestError):
@@ -163,6 +171,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 )
                 self._on_storage_unavailable()
             _rejected(request, outcome)
+            self._keep(request, outcome)
             rich = rich_status(outcome)
             return ingest_pb2.IngestResult(
                 status=ingest_pb2.RequestStatus(
@@ -170,8 +179,52 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 )
             )
         if not request.validate_only:
-            metrics.EVENTS_ACCEPTED.labels(request.project_key).inc(outcome)
-        return ingest_pb2.IngestResult(received=outcome)
+            metrics.EVENTS_ACCEPTED.labels(request.project_key).inc(outcome.received)
+        self._keep_rejected(request, outcome)
+        return ingest_pb2.IngestResult(
+            received=outcome.received, rejected=_rejected_messages(outcome)
+        )
+
+    def _keep_rejected(self, request: ingest_pb2.IngestEventsRequest, outcome: Outcome) -> None:
+        """The rejected events of a partial request: counted, and kept as dead letters."""
+        if not outcome.rejected or request.validate_only or outcome.project_id is None:
+            return
+        metrics.EVENTS_REJECTED.labels(request.project_key, "invalid_argument").inc(
+            len(outcome.rejected)
+        )
+        if self._dead_letters is not None:
+            error = InvalidRequest([v for _, own in outcome.rejected for v in own])
+            self._dead_letters.record(
+                outcome.project_id,
+                request.project_key,
+                request,
+                error,
+                only=[index for index, _ in outcome.rejected],
+            )
+
+    def _keep(self, request: ingest_pb2.IngestEventsRequest, error: IngestError) -> None:
+        """Keep the events of a request refused for its content as dead letters (queued; never
+        blocks, never raises). Unknown keys are only counted."""
+        if request.validate_only or self._dead_letters is None:
+            return
+        if isinstance(error, InvalidRequest | OriginNotAllowed) and error.project_id is not None:
+            self._dead_letters.record(error.project_id, request.project_key, request, error)
+        elif isinstance(error, UnknownProject) or (
+            isinstance(error, InvalidRequest) and error.project_id is None
+        ):
+            metrics.DEAD_LETTERS_DROPPED.labels("unknown_key").inc(max(1, len(request.events)))
+
+
+def _rejected_messages(outcome: Outcome) -> list[ingest_pb2.RejectedEvent]:
+    return [
+        ingest_pb2.RejectedEvent(
+            index=index,
+            violations=[
+                ingest_pb2.FieldViolation(field=v.field, description=v.description) for v in own
+            ],
+        )
+        for index, own in outcome.rejected
+    ]
 
 
 def _request_id(context: grpc.ServicerContext) -> str:

@@ -95,8 +95,8 @@ def build_rows(
     earliest = received_at - retention if retention is not None else None
     context = request.context
     user_id = request.user_id or None
-    ip = _normalized_ip(context.client_ip)
-    user_agent = _CONTROL.sub("", context.user_agent)[:MAX_USER_AGENT_CHARS] or None
+    ip = normalized_ip(context.client_ip)
+    user_agent = clean_user_agent(context.user_agent)
     rows: list[Row] = []
     for index, event in enumerate(request.events[:MAX_EVENTS]):
         prefix = f"events[{index}]."
@@ -182,7 +182,12 @@ def build_rows(
     return rows
 
 
-def _normalized_ip(text: str) -> str | None:
+def clean_user_agent(user_agent: str) -> str | None:
+    """The User-Agent as stored: without control characters, cut to 1024 characters."""
+    return _CONTROL.sub("", user_agent)[:MAX_USER_AGENT_CHARS] or None
+
+
+def normalized_ip(text: str) -> str | None:
     try:
         # "fe80::1%eth0": the zone names an interface of the proxy's host, meaningless here.
         return str(ipaddress.ip_address(text.partition("%")[0])) if text else None

@@ -2,7 +2,8 @@
 ((w, d) => {
 'use strict';
 const nav = navigator, loc = location, old = w.apex, NUL = /\u0000/g, FIELD = /^(INPUT|SELECT|TEXTAREA)$/;
-let s, api, key, vid, last, lastRef, timer, off = 1, pending = [], extra = [];
+const QK = 'apex_q';
+let s, api, key, vid, last, lastRef, timer, ls, busy, tries = 0, off = 1, q = [], extra = [];
 
 const dict = () => Object.create(null);
 const attr = (n) => s && s.getAttribute('data-' + n);
@@ -41,30 +42,34 @@ const fit = (data) => {
   return { truncated: true };
 };
 
-const flush = () => {
-  const p = pending;
-  pending = [];
-  p.forEach((b) => post(b[0], b[1]));
-};
-const post = (body, tries) => {
-  const retry = () => {
-    if (tries < 3) pending.push([body, tries + 1]);
-    clearTimeout(timer);
-    timer = setTimeout(flush, 1000 << tries);
+// the send queue: docs/snippet.md
+const save = () => { try { ls.setItem(QK, JSON.stringify(q)); } catch (e) {} };
+const go = () => {
+  if (busy || !q.length) return;
+  busy = 1;
+  const next = (done, after) => {
+    if (done) { busy = 0; q.shift(); tries = 0; save(); go(); } else {
+      timer = setTimeout(() => { busy = 0; go(); },
+        Math.max(after * 1e3 || 0, (250 << Math.min(tries++, 7)) * (1 + Math.random())));
+    }
   };
-  try { if (nav.sendBeacon(api, body)) return; } catch (e) {}
-  try {
-    fetch(api, {
-      method: 'POST', body, keepalive: true, credentials: 'omit', headers: { 'Content-Type': 'text/plain' }
-    }).catch(retry);
-  } catch (e) { retry(); }
+  fetch(api, {
+    method: 'POST', body: q[0], keepalive: true, credentials: 'omit', headers: { 'Content-Type': 'text/plain' }
+  }).then((r) => next(r.status != 408 && r.status != 429 && r.status < 500, +r.headers.get('Retry-After')),
+    () => next());
 };
+const post = (body) => {
+  if (q.push(body) > 100) q.shift();
+  save();
+  go();
+};
+const flush = () => q.forEach((b) => { try { nav.sendBeacon(api, b); } catch (e) {} });
 const send = (type, data) => {
   type = cut(type, 100).replace(/[\x00-\x1f\x7f-\x9f]/g, '');
   if (!off && type) post(JSON.stringify({
     type, visitorId: vid, projectKey: key, url: cut(red(href()), 4096), referrer: cut(red(lastRef), 4096),
     data: fit(data), timestamp: new Date().toISOString(), id: hex(16)
-  }), 0);
+  }));
 };
 const pv = (force) => {
   const u = href();
@@ -150,6 +155,7 @@ try {
   if (!key || (attr('respect-dnt') != null && attr('respect-dnt') != 'false' &&
     (nav.doNotTrack == '1' || nav.globalPrivacyControl === true))) return; // nothing stored, nothing sent
   apex.visitorId = vid = visitor();
+  try { ls = w.localStorage; q = [].concat(JSON.parse(ls.getItem(QK)) || []).slice(-100); } catch (e) {}
   last = href();
   lastRef = d.referrer;
   off = 0;
@@ -173,5 +179,6 @@ try {
     on(d, 'submit', submit, true);
   }
   for (const args of (old && old.q) || []) apex(...args);
+  go(); // what an earlier page could not deliver
 } catch (e) {}
 })(window, document);

@@ -36,14 +36,18 @@ def free_port() -> int:
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0005\n"
-    assert current_revision(url) == "0005"  # the head
-    assert "up to date (revision 0005)" in run(url, "db", "upgrade").stdout  # idempotent
+    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0006\n"
+    assert current_revision(url) == "0006"  # the head: 0006 adds project_keys and dead_letters
+    assert "up to date (revision 0006)" in run(url, "db", "upgrade").stdout  # idempotent
 
 
 def test_projects_create_list_revoke(database_url: str) -> None:
-    key = run(database_url, "projects", "create", "Shop").stdout.strip()
+    created = run(database_url, "projects", "create", "Shop")
+    key = created.stdout.strip()
     assert key.startswith("pk_live_") and len(key) >= len("pk_live_") + 24
+    secret = created.stderr.split()[-1]
+    assert secret.startswith("sk_live_") and len(secret) >= len("sk_live_") + 32
+    assert "shown once" in created.stderr
     own = run(
         database_url,
         "projects",
@@ -63,6 +67,7 @@ def test_projects_create_list_revoke(database_url: str) -> None:
     assert "revoked" in run(database_url, "projects", "list").stdout.splitlines()[0]
     again = run(database_url, "projects", "revoke", key, check=False)
     assert again.returncode != 0 and "no active project" in again.stderr
+    assert run(database_url, "projects", "revoke", secret).returncode == 0  # secret keys too
 
     clash = run(database_url, "projects", "create", "X", "--key", own, check=False)
     assert clash.returncode != 0 and "already exists" in clash.stderr

@@ -15,7 +15,7 @@ from apex_ingest_sdk.errors import ApexError, ErrorCallback
 from apex_ingest_sdk.transport import Response, Transport, UrllibTransport
 
 if TYPE_CHECKING:
-    from apex_ingest_sdk.grpc_client import IngestClient, IngestError
+    from apex_ingest_sdk.grpc_client import IngestClient, IngestError, PartialResult
 
 __version__ = "0.1.0"
 
@@ -26,13 +26,14 @@ __all__ = [
     "ErrorCallback",
     "IngestClient",
     "IngestError",
+    "PartialResult",
     "Response",
     "Transport",
     "UrllibTransport",
     "__version__",
 ]
 
-_LAZY = ("IngestClient", "IngestError")
+_LAZY = ("IngestClient", "IngestError", "PartialResult")
 
 
 def __getattr__(name: str) -> Any:

@@ -97,6 +97,12 @@ class Apex:
     cannot be delivered are handed to ``on_error(error, events)``, called on the sender thread
     (or on the caller's thread for ``queue_full`` and ``closed``); without a callback they are
     logged as warnings on the ``apex_ingest_sdk`` logger.
+
+    ``partial=True`` sends partial batches (``"partial": true``): the server stores the valid
+    events of a batch and answers which ones it rejected; those are handed to ``on_error`` with
+    code ``"rejected"`` (status 200) and their violations, and kept by the server as dead letters.
+    Without it, a batch with invalid events is refused whole (400) and the client sends its
+    valid events again without the invalid ones (one more request).
     """
 
     def __init__(
@@ -116,6 +122,7 @@ class Apex:
         shutdown_timeout: float | None = 30.0,
         compress: bool = True,
         transport: Transport | None = None,
+        partial: bool = False,
     ) -> None:
         if not project_key or not isinstance(project_key, str):
             raise ValueError("project_key is required")
@@ -149,6 +156,7 @@ class Apex:
             backoff_max=backoff_max,
             shutdown_timeout=shutdown_timeout,
             compress=compress,
+            partial=partial,
         )
 
     def track(

@@ -94,8 +94,10 @@ class Consumer:
         backoff_max: float,
         shutdown_timeout: float | None,
         compress: bool,
+        partial: bool = False,
     ) -> None:
         self.url = url
+        self.partial = partial
         self.transport = transport
         self.max_batch = max_batch
         self.max_queue = max_queue
@@ -160,6 +162,8 @@ class Consumer:
         buffer = self._buffers.get(user_id)
         if buffer is None:
             head = b'{"projectKey":' + self._key_json
+            if self.partial:
+                head += b',"partial":true'
             if user_id is not None:
                 head += b',"userId":' + dumps(user_id)
             buffer = self._buffers[user_id] = _Buffer(user_id, head + b',"events":[')
@@ -287,6 +291,10 @@ class Consumer:
             error = self._post_with_retries(batch)
             if error is None:
                 continue
+            if isinstance(error, _Rejected):
+                # A partial batch: the others are stored; these were not, and never will be.
+                self.report(_renumber(error, error.indexes), _decode(batch, sorted(error.indexes)))
+                continue
             if error.status == 413 and len(batch.events) > 1:
                 # The server's limit is lower than ours: halve until it fits.
                 half = len(batch.events) // 2
@@ -337,7 +345,7 @@ class Consumer:
         except (OSError, http.client.HTTPException) as exc:
             return ApexError(f"{self.url}: {exc}", code="network_error")
         if 200 <= response.status < 300:
-            return None
+            return _rejected(response.body, response.status) if self.partial else None
         error = error_from_response(response.status, response.header("Retry-After"), response.body)
         if response.status in _WRONG_ENDPOINT:
             # Not the ingest endpoint (a wrong host, port or path prefix): fail at once and say so.
@@ -366,6 +374,33 @@ class Consumer:
             logger.warning("apex_ingest_sdk: %d event(s) dropped: %s", count, error)
             return
         logger.warning("apex_ingest_sdk: %d event(s) not delivered: %s", len(events), error)
+
+
+class _Rejected(ApexError):
+    """The events of a partial batch that the server did not store (the others are)."""
+
+    def __init__(self, indexes: set[int], violations: list[tuple[str, str]], status: int) -> None:
+        super().__init__(
+            f"{len(indexes)} event(s) of a partial batch rejected (the others were stored)",
+            code="rejected",
+            status=status,
+            field_violations=violations,
+        )
+        self.indexes = indexes
+
+
+def _rejected(body: bytes, status: int) -> _Rejected | None:
+    """The rejected events a partial batch's answer lists, or None."""
+    try:
+        answer = json.loads(body)
+        listed = answer.get("rejected") or [] if isinstance(answer, dict) else []
+        indexes = {int(item["index"]) for item in listed}
+        violations = [
+            (str(d["field"]), str(d["description"])) for item in listed for d in item["details"]
+        ]
+    except (ValueError, TypeError, KeyError):
+        return None  # stored all the same; an answer we cannot read has nothing to add
+    return _Rejected(indexes, violations, status) if indexes else None
 
 
 def _decode(batch: _Batch, indexes: list[int] | None = None) -> list[dict[str, Any]]:

@@ -43,7 +43,8 @@ class ApexError(Exception):
     ``"unavailable"``, ``"timeout"``, ...: see ``SERVER_CODES``) or, for failures that never got
     an answer (``status`` None), one of the client's own: ``"queue_full"``, ``"closed"``
     (tracked after ``close()``), ``"network_error"``, ``"shutdown"`` (``close()`` gave up
-    waiting) and ``"internal_error"`` (a bug in the client).
+    waiting) and ``"internal_error"`` (a bug in the client). With ``Apex(partial=True)``,
+    ``"rejected"`` (status 200): the server stored the batch's other events, not these.
     """
 
     def __init__(

@@ -13,6 +13,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -227,6 +228,17 @@ def to_event(event: EventLike) -> ingest_pb2.Event:
 _Call = Callable[..., ingest_pb2.IngestEventsResponse]
 
 
+@dataclass(frozen=True)
+class PartialResult:
+    """The answer to ``IngestClient.ingest_partial``."""
+
+    #: How many events were stored.
+    received: int
+    #: Every event that was not stored: ``(index in the events given, [(field, description)])``,
+    #: in order. The server keeps them as dead letters (``apex-ingest dead-letters``).
+    rejected: list[tuple[int, list[tuple[str, str]]]] = field(default_factory=list)
+
+
 class IngestClient:
     """Calls ``apex_ingest.v1.IngestService`` over one reused channel.
 
@@ -306,6 +318,42 @@ class IngestClient:
         except grpc.RpcError as exc:
             raise IngestError.from_rpc_error(exc) from exc
         return int(response.received)
+
+    def ingest_partial(
+        self,
+        project_key: str,
+        events: Iterable[EventLike],
+        user_id: str = "",
+        *,
+        timeout: float | None = None,
+        context: ingest_pb2.RequestContext | None = None,
+    ) -> PartialResult:
+        """Store the valid ones of ``events`` (1-500) and report the others (a partial batch).
+
+        One invalid event no longer refuses the others: they are stored, and the invalid ones
+        are listed in ``PartialResult.rejected`` with their violations (and kept by the server
+        as dead letters). Still raises ``IngestError`` for what concerns the whole request: an
+        unknown key, a refused origin, an invalid ``user_id``, more than 500 events, and
+        every failure ``ingest`` raises for.
+        """
+        request = ingest_pb2.IngestEventsRequest(
+            project_key=project_key, user_id=user_id, partial=True
+        )
+        request.events.extend(to_event(event) for event in events)
+        if context is not None:
+            request.context.CopyFrom(context)
+        call = self._get_call()
+        try:
+            response = call(request, timeout=self.timeout if timeout is None else timeout)
+        except grpc.RpcError as exc:
+            raise IngestError.from_rpc_error(exc) from exc
+        return PartialResult(
+            int(response.received),
+            [
+                (int(r.index), [(v.field, v.description) for v in r.violations])
+                for r in response.rejected
+            ],
+        )
 
     def close(self) -> None:
         with self._lock:

@@ -23,12 +23,14 @@ class IngestManyResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[IngestResult, _Mapping]]] = ...) -> None: ...
 
 class IngestResult(_message.Message):
-    __slots__ = ("status", "received")
+    __slots__ = ("status", "received", "rejected")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
     status: RequestStatus
     received: int
-    def __init__(self, status: _Optional[_Union[RequestStatus, _Mapping]] = ..., received: _Optional[int] = ...) -> None: ...
+    rejected: _containers.RepeatedCompositeFieldContainer[RejectedEvent]
+    def __init__(self, status: _Optional[_Union[RequestStatus, _Mapping]] = ..., received: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[RejectedEvent, _Mapping]]] = ...) -> None: ...
 
 class RequestStatus(_message.Message):
     __slots__ = ("code", "message", "details")
@@ -41,18 +43,20 @@ class RequestStatus(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., details: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
 
 class IngestEventsRequest(_message.Message):
-    __slots__ = ("project_key", "user_id", "events", "context", "validate_only")
+    __slots__ = ("project_key", "user_id", "events", "context", "validate_only", "partial")
     PROJECT_KEY_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
     project_key: str
     user_id: str
     events: _containers.RepeatedCompositeFieldContainer[Event]
     context: RequestContext
     validate_only: bool
-    def __init__(self, project_key: _Optional[str] = ..., user_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., context: _Optional[_Union[RequestContext, _Mapping]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
+    partial: bool
+    def __init__(self, project_key: _Optional[str] = ..., user_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., context: _Optional[_Union[RequestContext, _Mapping]] = ..., validate_only: _Optional[bool] = ..., partial: _Optional[bool] = ...) -> None: ...
 
 class RequestContext(_message.Message):
     __slots__ = ("client_ip", "user_agent", "origin", "request_id")
@@ -85,7 +89,25 @@ class Event(_message.Message):
     def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., visitor_id: _Optional[str] = ..., url: _Optional[str] = ..., referrer: _Optional[str] = ..., data: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class IngestEventsResponse(_message.Message):
-    __slots__ = ("received",)
+    __slots__ = ("received", "rejected")
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
     received: int
-    def __init__(self, received: _Optional[int] = ...) -> None: ...
+    rejected: _containers.RepeatedCompositeFieldContainer[RejectedEvent]
+    def __init__(self, received: _Optional[int] = ..., rejected: _Optional[_Iterable[_Union[RejectedEvent, _Mapping]]] = ...) -> None: ...
+
+class RejectedEvent(_message.Message):
+    __slots__ = ("index", "violations")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    violations: _containers.RepeatedCompositeFieldContainer[FieldViolation]
+    def __init__(self, index: _Optional[int] = ..., violations: _Optional[_Iterable[_Union[FieldViolation, _Mapping]]] = ...) -> None: ...
+
+class FieldViolation(_message.Message):
+    __slots__ = ("field", "description")
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    field: str
+    description: str
+    def __init__(self, field: _Optional[str] = ..., description: _Optional[str] = ...) -> None: ...

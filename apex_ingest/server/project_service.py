@@ -1,0 +1,295 @@
+"""ProjectService: a project's dead letters and its live feed, for holders of a secret key.
+
+Every call is authenticated by `authenticate`: a secret key of the project in the metadata
+(`authorization: Bearer sk_...` or `x-apex-secret-key`). No key, or an unknown or revoked one:
+UNAUTHENTICATED; a public key: PERMISSION_DENIED.
+
+TailEvents reads what is committed (it polls `events` and `dead_letters`), so it shows events
+whichever server process or instance stored them. Ids are handed out when rows are inserted,
+and two transactions may commit in the other order: a row committed late may carry an id below
+one already sent. So each poll also looks again at the rows received in the last
+`_LATE_COMMIT_WINDOW` seconds (longer than any commit may take) and sends those not yet sent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from apex_ingest.server import deadletters
+from apex_ingest.server.models import DeadLetter, Event
+from apex_ingest.server.projects import ProjectDirectory, ProjectInfo
+from apex_ingest.server.storage import UNAVAILABLE_ERRORS
+from apex_ingest.v1 import ingest_pb2, project_pb2, project_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SECRET_KEY_METADATA = "x-apex-secret-key"
+#: Seconds between two polls of a tail.
+POLL_INTERVAL = 0.25
+#: Seconds a tail runs before it ends (the caller calls again with the last ids it saw).
+MAX_TAIL_SECONDS = 600.0
+#: Tails one server process serves at once (each holds a thread of the server's pool).
+MAX_TAILS = 8
+#: Longer than any commit may take (connect + statement timeouts, with room).
+_LATE_COMMIT_WINDOW = timedelta(seconds=15)
+_BATCH = 500
+_MAX_BACKLOG = 100
+_MAX_IDS = 1000
+
+
+def secret_from_metadata(context: grpc.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if not isinstance(value, str):
+            continue
+        if key == SECRET_KEY_METADATA and value.strip():
+            return value.strip()
+        if key == "authorization":
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def authenticate(context: grpc.ServicerContext, projects: ProjectDirectory) -> ProjectInfo:
+    """The project whose secret key the call carries; aborts the call otherwise."""
+    secret = secret_from_metadata(context)
+    if secret is None:
+        context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            "a secret key is required: metadata 'authorization: Bearer sk_...' "
+            f"or '{SECRET_KEY_METADATA}'",
+        )
+    assert secret is not None
+    try:
+        project = projects.lookup_secret(secret)
+        if project is None and projects.lookup(secret) is not None:
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "a public key only sends events: use one of the project's secret keys",
+            )
+    except UNAVAILABLE_ERRORS:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
+    if project is None:
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked secret key")
+    assert project is not None
+    return project
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    if value.tzinfo is None:  # SQLite gives naive datetimes (UTC) back
+        value = value.replace(tzinfo=UTC)
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def dead_letter_message(letter: DeadLetter) -> project_pb2.DeadLetter:
+    return project_pb2.DeadLetter(
+        id=letter.id,
+        received_at=_timestamp(letter.received_at),
+        reason=letter.reason,
+        violations=[
+            ingest_pb2.FieldViolation(field=v.field, description=v.description)
+            for v in deadletters.dead_letter_violations(letter)
+        ],
+        event_index=letter.event_index,
+        event_json=letter.event,
+        user_id=letter.user_id or "",
+        origin=letter.origin or "",
+        client_ip=letter.ip or "",
+        user_agent=letter.user_agent or "",
+        request_id=letter.request_id or "",
+    )
+
+
+def event_message(event: Event) -> project_pb2.StoredEvent:
+    data = event.data
+    if not isinstance(data, str):  # PostgreSQL's jsonb comes back parsed
+        data = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return project_pb2.StoredEvent(
+        id=event.id,
+        event_id=event.event_id,
+        type=event.type,
+        visitor_id=event.visitor_id or "",
+        user_id=event.user_id or "",
+        url=event.url,
+        referrer=event.referrer or "",
+        data=data,
+        occurred_at=_timestamp(event.occurred_at),
+        received_at=_timestamp(event.received_at),
+    )
+
+
+class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):
+    def __init__(
+        self,
+        projects: ProjectDirectory,
+        session_factory: sessionmaker[Session],
+        poll_interval: float = POLL_INTERVAL,
+        max_tail_seconds: float = MAX_TAIL_SECONDS,
+        max_tails: int = MAX_TAILS,
+    ) -> None:
+        self._projects = projects
+        self._session_factory = session_factory
+        self._poll_interval = poll_interval
+        self._max_tail_seconds = max_tail_seconds
+        self._tails = threading.BoundedSemaphore(max_tails)
+
+    def ListDeadLetters(
+        self, request: project_pb2.ListDeadLettersRequest, context: grpc.ServicerContext
+    ) -> project_pb2.ListDeadLettersResponse:
+        project = authenticate(context, self._projects)
+        limit = request.limit or 100
+        if not 1 <= limit <= 1000:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must be 1-1000")
+        with self._session_factory() as session:
+            letters = deadletters.list_dead_letters(session, project.id, limit, request.before_id)
+            return project_pb2.ListDeadLettersResponse(
+                dead_letters=[dead_letter_message(letter) for letter in letters]
+            )
+
+    def ReplayDeadLetters(
+        self, request: project_pb2.ReplayDeadLettersRequest, context: grpc.ServicerContext
+    ) -> project_pb2.ReplayDeadLettersResponse:
+        project = authenticate(context, self._projects)
+        ids = _chosen(request.ids, request.all, context)
+        result = deadletters.replay(self._session_factory, project.id, project.allowed_origins, ids)
+        return project_pb2.ReplayDeadLettersResponse(
+            replayed=result.replayed,
+            failed=[dead_letter_message(letter) for letter in result.failed],
+        )
+
+    def PurgeDeadLetters(
+        self, request: project_pb2.PurgeDeadLettersRequest, context: grpc.ServicerContext
+    ) -> project_pb2.PurgeDeadLettersResponse:
+        project = authenticate(context, self._projects)
+        ids = _chosen(request.ids, request.all, context)
+        with self._session_factory.begin() as session:
+            purged = deadletters.purge(session, project.id, ids)
+        return project_pb2.PurgeDeadLettersResponse(purged=purged)
+
+    def TailEvents(
+        self, request: project_pb2.TailEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[project_pb2.TailEventsResponse]:
+        project = authenticate(context, self._projects)
+        if not self._tails.acquire(blocking=False):
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this server already serves {MAX_TAILS} tails; retry later",
+            )
+        try:
+            yield from self._tail(project.id, request, context)
+        finally:
+            self._tails.release()
+
+    def _tail(
+        self,
+        project_id: int,
+        request: project_pb2.TailEventsRequest,
+        context: grpc.ServicerContext,
+    ) -> Iterator[project_pb2.TailEventsResponse]:
+        backlog = max(0, min(request.backlog, _MAX_BACKLOG))
+        feeds = [
+            _Feed(Event, Event.id, request.after_event_id, "event"),
+            _Feed(DeadLetter, DeadLetter.id, request.after_dead_letter_id, "dead_letter"),
+        ]
+        with self._session_factory() as session:
+            for feed in feeds:
+                feed.start(session, project_id, backlog)
+        ends = time.monotonic() + self._max_tail_seconds
+        while context.is_active() and time.monotonic() < ends:
+            items: list[tuple[datetime, project_pb2.TailEventsResponse]] = []
+            try:
+                with self._session_factory() as session:
+                    for feed in feeds:
+                        items.extend(feed.poll(session, project_id))
+            except UNAVAILABLE_ERRORS as error:
+                log.warning("tail: storage unavailable: %s", error.__class__.__name__)
+            for _, item in sorted(items, key=lambda pair: pair[0]):
+                yield item
+            time.sleep(self._poll_interval)
+
+
+class _Feed:
+    """New rows of one table for one project, each sent once (see the module's docstring).
+
+    A row committed late has an id handed out after the rows inserted before it: above the
+    cursor as it stood `_LATE_COMMIT_WINDOW` ago. So each poll reads the ids above that older
+    cursor (an index range) and skips those already sent.
+    """
+
+    def __init__(self, table: Any, id_column: Any, after: int, kind: str) -> None:
+        self.table = table
+        self.id_column = id_column
+        self.cursor = after
+        self.kind = kind
+        #: Ids sent (or already there at the start) above the floor.
+        self.seen: set[int] = set()
+        #: (time.monotonic(), cursor) of past polls: the floor is the cursor of one window ago.
+        self.history: deque[tuple[float, int]] = deque()
+
+    def start(self, session: Session, project_id: int, backlog: int) -> None:
+        if self.cursor <= 0:
+            newest = session.scalars(
+                select(self.id_column)
+                .where(self.table.project_id == project_id)
+                .order_by(self.id_column.desc())
+                .offset(backlog)
+                .limit(1)
+            ).first()
+            self.cursor = int(newest) if newest is not None else 0
+        self.history.append((time.monotonic(), self.cursor))
+
+    def poll(
+        self, session: Session, project_id: int
+    ) -> list[tuple[datetime, project_pb2.TailEventsResponse]]:
+        now = time.monotonic()
+        window = _LATE_COMMIT_WINDOW.total_seconds()
+        while len(self.history) > 1 and self.history[1][0] <= now - window:
+            self.history.popleft()
+        floor = self.history[0][1]
+        rows = session.scalars(
+            select(self.table)
+            .where(self.table.project_id == project_id, self.id_column > floor)
+            .order_by(self.id_column)
+            .limit(_BATCH)
+        ).all()
+        found = []
+        for row in rows:
+            if row.id in self.seen:
+                continue
+            self.seen.add(row.id)
+            received = row.received_at
+            if received.tzinfo is None:
+                received = received.replace(tzinfo=UTC)
+            self.cursor = max(self.cursor, row.id)
+            if self.kind == "event":
+                item = project_pb2.TailEventsResponse(event=event_message(row))
+            else:
+                item = project_pb2.TailEventsResponse(dead_letter=dead_letter_message(row))
+            found.append((received, item))
+        self.history.append((now, self.cursor))
+        self.seen = {i for i in self.seen if i > floor}
+        return found
+
+
+def _chosen(ids: Any, every: bool, context: grpc.ServicerContext) -> list[int] | None:
+    if every and ids:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give ids or all, not both")
+    if not every and not ids:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "give ids, or all")
+    if len(ids) > _MAX_IDS:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"at most {_MAX_IDS} ids per call")
+    return None if every else [int(i) for i in ids]

@@ -1,0 +1,146 @@
+"""gateway/partial.py: the body's `"partial": true` to the proto field, and the answer back.
+
+The view does not call it yet (the request path is being rewritten on another branch): these
+tests do what the view will do, against a real gRPC server, and check the answer against the
+OpenAPI document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+import pytest
+
+from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from gateway import partial
+from gateway.errors import ApiError
+from gateway.grpc_errors import to_api_error
+from gateway.payload import to_request
+from tests.conftest import RunningServer
+from tests.gateway.conftest import OPENAPI, schema_validator
+
+RECEIVED = schema_validator(OPENAPI["components"]["schemas"]["Received"])
+
+
+def send(server: RunningServer, document: Any) -> tuple[int, dict[str, Any]]:
+    """What the view does with a body: (status, JSON answer)."""
+    payload = to_request(document)
+    try:
+        prepared = partial.prepare(document, payload)
+    except ApiError as error:
+        return error.code, {"details": [d.field for d in error.details]}
+    assert prepared is not None
+    with grpc.insecure_channel(server.target) as channel:
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
+        try:
+            response = stub.IngestEvents(prepared.request, timeout=5)
+        except grpc.RpcError as exc:
+            return to_api_error(exc, payload.snippet).code, {}
+    body = prepared.answer(response.received, response.rejected)
+    RECEIVED.validate(body)
+    return 200, body
+
+
+def test_the_flag_is_read_from_the_body() -> None:
+    assert not partial.requested({"events": []})
+    assert not partial.requested({"partial": None})
+    assert not partial.requested({"partial": False})
+    assert partial.requested({"partial": True})
+    with pytest.raises(ApiError) as refused:
+        partial.requested({"partial": "yes"})
+    assert refused.value.code == 400 and refused.value.details[0].field == "partial"
+    document = {"projectKey": "k", "events": [{"type": "x", "url": "/"}]}
+    assert partial.prepare(document, to_request(document)) is None
+
+
+def test_valid_events_are_stored_and_invalid_ones_listed(
+    grpc_server: RunningServer, project_key: str
+) -> None:
+    body = {
+        "projectKey": project_key,
+        "partial": True,
+        "events": [
+            {"type": "pageview", "url": "/a", "visitorId": "v1"},
+            {"type": 5, "url": "/b"},  # a type error: never sent
+            {"type": "click", "url": "nope", "visitorId": "v\u0001"},  # value errors
+            {"type": "signup", "url": "/d"},
+        ],
+    }
+    status, answer = send(grpc_server, body)
+    assert status == 200
+    assert answer["received"] == 2
+    assert [r["index"] for r in answer["rejected"]] == [1, 2]
+    assert [d["field"] for d in answer["rejected"][0]["details"]] == ["events[1].type"]
+    assert {d["field"] for d in answer["rejected"][1]["details"]} == {
+        "events[2].url",
+        "events[2].visitorId",
+    }
+
+
+def test_every_event_invalid_is_still_a_200(grpc_server: RunningServer, project_key: str) -> None:
+    body = {"projectKey": project_key, "partial": True, "events": [{"type": 1, "url": "/"}]}
+    assert send(grpc_server, body) == (
+        200,
+        {
+            "received": 0,
+            "rejected": [
+                {
+                    "index": 0,
+                    "details": [{"field": "events[0].type", "description": "must be a string"}],
+                }
+            ],
+        },
+    )
+
+
+def test_the_whole_request_is_refused_for_its_key_or_its_own_fields(
+    grpc_server: RunningServer, project_key: str
+) -> None:
+    events = [{"type": "x", "url": "/"}]
+    assert (
+        send(grpc_server, {"projectKey": "pk_live_nobody", "partial": True, "events": events})[0]
+        == 401
+    )
+    assert (
+        send(
+            grpc_server, {"projectKey": "pk_live_nobody", "partial": True, "events": [{"type": 1}]}
+        )[0]
+        == 401
+    )
+    assert send(
+        grpc_server, {"projectKey": project_key, "partial": True, "userId": 7, "events": events}
+    ) == (400, {"details": ["userId"]})
+    assert send(grpc_server, {"projectKey": project_key, "partial": 1, "events": events}) == (
+        400,
+        {"details": ["partial"]},
+    )
+
+
+def test_the_snippet_format_too(grpc_server: RunningServer, project_key: str) -> None:
+    body = {
+        "projectKey": project_key,
+        "partial": True,
+        "type": "x",
+        "url": "nope",
+        "visitorId": "v",
+    }
+    status, answer = send(grpc_server, body)
+    assert status == 200 and answer["received"] == 0
+    assert answer["rejected"][0]["details"][0]["field"] == "url"
+
+
+def test_an_answer_maps_the_sent_indexes_back() -> None:
+    prepared = partial.PartialRequest(ingest_pb2.IngestEventsRequest(), False, [0, 2], {}, 3)
+    rejected = [
+        ingest_pb2.RejectedEvent(
+            index=1,
+            violations=[ingest_pb2.FieldViolation(field="events[1].visitor_id", description="d")],
+        )
+    ]
+    assert prepared.answer(1, rejected) == {
+        "received": 1,
+        "rejected": [
+            {"index": 2, "details": [{"field": "events[2].visitorId", "description": "d"}]}
+        ],
+    }

@@ -1,0 +1,267 @@
+"""Dead letters (issue #17): the events of requests refused for their content, kept bounded."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+import pytest
+from sqlalchemy import create_engine, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from apex_ingest.server.database import create_db_engine, create_session_factory
+from apex_ingest.server.deadletters import (
+    MAX_EVENT_BYTES,
+    DeadLetterRecorder,
+    event_from_record,
+    prune,
+)
+from apex_ingest.server.errors import FieldViolation, InvalidRequest
+from apex_ingest.server.models import DeadLetter
+from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from tests.conftest import RunningServer, make_project, start_server
+
+Event = ingest_pb2.Event
+
+
+@pytest.fixture
+def server(database_url: str) -> Iterator[RunningServer]:
+    running = start_server(database_url)
+    yield running
+    running.server.stop(0)
+
+
+@pytest.fixture
+def stub(server: RunningServer) -> Iterator[ingest_pb2_grpc.IngestServiceStub]:
+    with grpc.insecure_channel(server.target) as channel:
+        yield ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+def dead_letters(database_url: str, wait_for: int = 0) -> list[dict[str, Any]]:
+    """The dead letters, waiting up to 3 s for at least `wait_for` of them."""
+    engine = create_engine(database_url)
+    deadline = time.monotonic() + 3
+    try:
+        while True:
+            with engine.connect() as connection:
+                found = [
+                    dict(row._mapping)
+                    for row in connection.execute(text("SELECT * FROM dead_letters ORDER BY id"))
+                ]
+            if len(found) >= wait_for or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+    finally:
+        engine.dispose()
+
+
+def count_events(database_url: str) -> int:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(text("SELECT count(*) FROM events")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_a_refused_request_with_a_known_key_is_kept_with_its_reasons(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    key = make_project(server.database_url)
+    request = ingest_pb2.IngestEventsRequest(
+        project_key=key,
+        user_id="u1",
+        events=[
+            Event(id="ok-1", type="pageview", url="/fine", data='{"n": 1.50}'),
+            Event(id="bad-1", type="click", url="ftp://nope", visitor_id="v1"),
+        ],
+        context=ingest_pb2.RequestContext(
+            client_ip="::ffff:192.0.2.1", user_agent="UA\x01/1", request_id="req-1"
+        ),
+    )
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.IngestEvents(request, timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # the answer is unchanged
+    kept = dead_letters(server.database_url, wait_for=2)
+    assert [row["event_index"] for row in kept] == [0, 1]
+    assert {row["reason"] for row in kept} == {"invalid_argument"}
+    assert json.loads(kept[0]["violations"]) == []  # valid, refused with its request
+    assert [v["field"] for v in json.loads(kept[1]["violations"])] == ["events[1].url"]
+    event = event_from_record(kept[0]["event"])
+    assert event is not None and event.data == '{"n": 1.50}' and event.id == "ok-1"
+    # IP and UA as events store them.
+    assert kept[1]["ip"] == "::ffff:c000:201"  # normalized as events store it
+    assert kept[1]["user_agent"] == "UA/1"
+    assert kept[1]["user_id"] == "u1" and kept[1]["request_id"] == "req-1"
+    assert count_events(server.database_url) == 0  # still not events
+
+
+def test_origin_refusals_are_kept_and_unknown_keys_never(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    key = make_project(server.database_url, allowed_origins=("https://shop.example",))
+    events = [Event(type="pageview", url="/")]
+    with pytest.raises(grpc.RpcError) as unknown:
+        stub.IngestEvents(
+            ingest_pb2.IngestEventsRequest(project_key="pk_live_nobody", events=events), timeout=5
+        )
+    assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as foreign:
+        stub.IngestEvents(
+            ingest_pb2.IngestEventsRequest(
+                project_key=key,
+                events=events,
+                context=ingest_pb2.RequestContext(origin="https://evil.example"),
+            ),
+            timeout=5,
+        )
+    assert foreign.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    kept = dead_letters(server.database_url, wait_for=1)
+    assert len(kept) == 1
+    assert kept[0]["reason"] == "permission_denied"
+    assert kept[0]["origin"] == "https://evil.example"
+    assert json.loads(kept[0]["violations"])[0]["field"] == "context.origin"
+
+
+def test_a_big_event_is_kept_cut_and_marked(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    key = make_project(server.database_url)
+    big = json.dumps({"blob": "x" * 20_000})
+    with pytest.raises(grpc.RpcError):
+        stub.IngestEvents(
+            ingest_pb2.IngestEventsRequest(
+                project_key=key, events=[Event(id="big", type="", url="/", data=big)]
+            ),
+            timeout=5,
+        )
+    kept = dead_letters(server.database_url, wait_for=1)
+    assert len(kept[0]["event"].encode()) <= MAX_EVENT_BYTES
+    record = json.loads(kept[0]["event"])
+    assert record["truncated"] is True and record["id"] == "big"
+    assert event_from_record(kept[0]["event"]) is None  # cannot be replayed
+
+
+def _invalid(key: str, events: int = 1) -> tuple[ingest_pb2.IngestEventsRequest, InvalidRequest]:
+    request = ingest_pb2.IngestEventsRequest(
+        project_key=key, events=[Event(type="", url="/") for _ in range(events)]
+    )
+    return request, InvalidRequest([FieldViolation("events[0].type", "is required")])
+
+
+def _projects(database_url: str, count: int) -> tuple[sessionmaker[Session], list[int]]:
+    factory = create_session_factory(create_db_engine(database_url))
+    ids = []
+    for n in range(count):
+        make_project(database_url, name=f"p{n}")
+    with factory() as session:
+        ids = list(session.scalars(text("SELECT id FROM projects ORDER BY id")))
+    return factory, ids
+
+
+def test_a_flood_from_one_key_stays_within_its_cap_and_costs_others_nothing(
+    database_url: str,
+) -> None:
+    factory, (flooder, other) = _projects(database_url, 2)
+    recorder = DeadLetterRecorder(factory, max_rows=50, queue_size=800)
+    request, error = _invalid("k", events=10)
+    recorder.record(other, "other", *_invalid("o", events=3))
+    assert recorder.flush()
+    started = time.perf_counter()
+    for _ in range(200):
+        recorder.record(flooder, "flooder", request, error)
+    assert time.perf_counter() - started < 0.5  # queueing only: 2,000 events
+    assert recorder.flush(30)
+    with factory() as session:
+        counts: dict[int, int] = dict(
+            session.execute(
+                text("SELECT project_id, count(*) FROM dead_letters GROUP BY project_id")
+            ).all()
+        )
+    assert counts[flooder] <= 50 and counts[other] == 3
+    # The newest are kept.
+    with factory() as session:
+        newest = session.scalars(select(DeadLetter.id).order_by(DeadLetter.id.desc())).first()
+        oldest_kept = session.scalars(
+            select(DeadLetter.id).where(DeadLetter.project_id == flooder).order_by(DeadLetter.id)
+        ).first()
+    assert newest is not None and oldest_kept is not None and newest - oldest_kept == 49
+
+
+def test_the_queue_is_shared_fairly_and_never_blocks(database_url: str) -> None:
+    factory, (flooder, other) = _projects(database_url, 2)
+    gate = threading.Event()
+
+    class Blocked:
+        """A session factory whose writes wait for the gate (a slow database)."""
+
+        def begin(self) -> Any:
+            gate.wait(10)
+            return factory.begin()
+
+    recorder = DeadLetterRecorder(Blocked(), queue_size=16)  # type: ignore[arg-type]
+    request, error = _invalid("k")
+    started = time.perf_counter()
+    taken = [recorder.record(flooder, "flooder", request, error) for _ in range(100)]
+    assert time.perf_counter() - started < 0.5
+    assert sum(taken) <= 3  # one being written, at most 16 // 8 queued
+    assert recorder.record(other, "other", *_invalid("o"))  # room left for the others
+    gate.set()
+    assert recorder.flush(10)
+    with factory() as session:
+        projects = set(session.scalars(select(DeadLetter.project_id)))
+    assert other in projects
+
+
+def test_a_failing_write_is_dropped_quietly(database_url: str) -> None:
+    class Broken:
+        def begin(self) -> Any:
+            raise RuntimeError("database on fire")
+
+    recorder = DeadLetterRecorder(Broken())  # type: ignore[arg-type]
+    assert recorder.record(1, "p", *_invalid("k"))
+    assert recorder.flush()
+
+
+def test_age_and_total_caps(database_url: str) -> None:
+    factory, (project,) = _projects(database_url, 1)
+    recorder = DeadLetterRecorder(factory)
+    for _ in range(5):
+        recorder.record(project, "p", *_invalid("k", events=2))
+    assert recorder.flush()
+    with factory.begin() as session:
+        first = session.scalars(select(DeadLetter.id).order_by(DeadLetter.id)).first()
+        session.execute(
+            update(DeadLetter)
+            .where(DeadLetter.id == first)
+            .values(received_at=datetime.now(UTC) - timedelta(days=8))
+        )
+    with factory.begin() as session:
+        prune(session, datetime.now(UTC) - timedelta(days=7), max_total=6)
+    with factory() as session:
+        left = list(session.scalars(select(DeadLetter.id).order_by(DeadLetter.id)))
+    assert len(left) == 6 and first not in left
+
+
+def test_hostile_values_are_kept_without_breaking_other_rows(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    key = make_project(server.database_url)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.IngestEvents(
+            ingest_pb2.IngestEventsRequest(
+                project_key=key,
+                user_id="a\x00b",
+                events=[Event(id="n", type="t\x00", url="/\x00")],
+                context=ingest_pb2.RequestContext(origin="https://x.example\x00"),
+            ),
+            timeout=5,
+        )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    (kept,) = dead_letters(server.database_url, wait_for=1)
+    assert kept["user_id"] == "ab" and json.loads(kept["event"])["type"] == "t\x00"

@@ -39,6 +39,7 @@ from apex_ingest.server import metrics
 from apex_ingest.server.errors import FieldViolation, InvalidRequest, OriginNotAllowed
 from apex_ingest.server.models import DeadLetter
 from apex_ingest.server.projects import ProjectInfo
+from apex_ingest.server.redaction import redact_url
 from apex_ingest.server.storage import insert_events
 from apex_ingest.server.validation import (
     build_rows,
@@ -63,14 +64,19 @@ INVALID_ARGUMENT = "invalid_argument"
 PERMISSION_DENIED = "permission_denied"
 
 
-def scrub_event(event: dict[str, Any]) -> dict[str, Any]:
+def scrub_event(
+    event: dict[str, Any], redact_params: frozenset[str] = frozenset()
+) -> dict[str, Any]:
     """The event as a dead letter keeps it: only what an event would keep.
 
     THE HOOK for every scrubbing rule that applies to stored events: whatever the server never
-    stores in an event (secret query parameters in `url` and `referrer`, once that redaction
-    exists: issue "secret-parameter redaction", CONTRACT.md section 4) must be applied here too,
-    with the same function `validation.build_rows` calls. Today events keep these fields as sent.
+    stores in an event must be applied here too, with the same function `validation.build_rows`
+    calls (CONTRACT.md section 4): the values of secret query parameters in `url` and
+    `referrer` (the built-in names and the project's own) are `[redacted]`.
     """
+    for name in ("url", "referrer"):
+        if isinstance(event.get(name), str) and event[name]:
+            event[name] = redact_url(event[name], redact_params)
     return event
 
 
@@ -155,6 +161,7 @@ def rows_for(
     error: InvalidRequest | OriginNotAllowed,
     received_at: datetime,
     only: Iterable[int] | None = None,
+    redact_params: frozenset[str] = frozenset(),
 ) -> list[dict[str, Any]]:
     """The dead-letter rows of a refused request (of its events `only`, if given)."""
     events = request.events[:MAX_EVENTS]
@@ -189,7 +196,7 @@ def rows_for(
                     [{"field": v.field, "description": v.description} for v in own],
                     ensure_ascii=False,
                 ),
-                "event": capped_json(scrub_event(event_as_received(events[index]))),
+                "event": capped_json(scrub_event(event_as_received(events[index]), redact_params)),
             }
         )
     return rows
@@ -203,6 +210,7 @@ class _Refused:
     error: InvalidRequest | OriginNotAllowed
     received_at: datetime
     only: tuple[int, ...] | None
+    redact_params: frozenset[str] = frozenset()
 
 
 class DeadLetterRecorder:
@@ -238,6 +246,7 @@ class DeadLetterRecorder:
         request: ingest_pb2.IngestEventsRequest,
         error: InvalidRequest | OriginNotAllowed,
         only: Sequence[int] | None = None,
+        redact_params: frozenset[str] = frozenset(),
     ) -> bool:
         """Queue the request's events (those at `only`, if given); False if dropped. Never
         blocks, never raises."""
@@ -252,6 +261,7 @@ class DeadLetterRecorder:
                 error,
                 datetime.now(UTC),
                 None if only is None else tuple(only),
+                redact_params,
             )
             with self._lock:
                 if self._queued[project_id] >= self._per_project:
@@ -323,7 +333,12 @@ class DeadLetterRecorder:
         counts = []
         for item in batch:
             written = rows_for(
-                item.project_id, item.request, item.error, item.received_at, item.only
+                item.project_id,
+                item.request,
+                item.error,
+                item.received_at,
+                item.only,
+                item.redact_params,
             )
             counts.append((item.project_label, len(written)))
             rows.extend(written)

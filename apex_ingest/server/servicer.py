@@ -199,8 +199,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 request.project_key,
                 request,
                 error,
+                redact_params=self._redact_params(request.project_key),
                 only=[index for index, _ in outcome.rejected],
             )
+
+    def _redact_params(self, key: str) -> frozenset[str]:
+        """The project's own secret parameter names (its key was just looked up: cached)."""
+        try:
+            project = self._projects.lookup(key)
+        except Exception:  # the database may be gone; the built-in names still apply
+            return frozenset()
+        return project.redact_params if project is not None else frozenset()
 
     def _keep(self, request: ingest_pb2.IngestEventsRequest, error: IngestError) -> None:
         """Keep the events of a request refused for its content as dead letters (queued; never
@@ -208,7 +217,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         if request.validate_only or self._dead_letters is None:
             return
         if isinstance(error, InvalidRequest | OriginNotAllowed) and error.project_id is not None:
-            self._dead_letters.record(error.project_id, request.project_key, request, error)
+            self._dead_letters.record(
+                error.project_id,
+                request.project_key,
+                request,
+                error,
+                redact_params=self._redact_params(request.project_key),
+            )
         elif isinstance(error, UnknownProject) or (
             isinstance(error, InvalidRequest) and error.project_id is None
         ):

@@ -265,3 +265,19 @@ def test_hostile_values_are_kept_without_breaking_other_rows(
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     (kept,) = dead_letters(server.database_url, wait_for=1)
     assert kept["user_id"] == "ab" and json.loads(kept["event"])["type"] == "t\x00"
+
+
+def test_dead_letters_are_scrubbed_as_events_are() -> None:
+    """Secret query parameters never reach a dead letter either (CONTRACT.md section 4)."""
+    from apex_ingest.server.deadletters import scrub_event
+
+    event = {
+        "url": "https://shop.example/login?user=a&password=hunter2&plan=pro",
+        "referrer": "https://x.example/?token=abc&ref=1",
+        "data": "{}",
+    }
+    scrubbed = scrub_event(event, frozenset({"plan"}))
+    assert scrubbed["url"] == (
+        "https://shop.example/login?user=a&password=[redacted]&plan=[redacted]"
+    )
+    assert scrubbed["referrer"] == "https://x.example/?token=[redacted]&ref=1"

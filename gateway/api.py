@@ -14,7 +14,7 @@ from importlib import resources
 import grpc
 from flask import Blueprint, Response, g
 
-from gateway import ratelimit
+from gateway import partial, ratelimit
 from gateway.auth_guard import get_guard
 from gateway.coalescer import get_coalescer
 from gateway.errors import ApiError, FieldViolation, handle_http_exception, invalid
@@ -43,6 +43,12 @@ def ingest_events() -> Response:
         refusal = guard.check(request.project_key, context.client_ip)
         if refusal is not None:
             raise refusal  # a key refused a moment ago, or too many unknown keys from here
+        prepared = partial.prepare(parsed.payload)
+        if prepared is not None:  # a partial batch: one call of its own (its answer has more)
+            response = _partial(prepared)
+            if outcome is not None:
+                ratelimit.add_headers(response, outcome)
+            return response
         if parsed.payload.violations:
             raise invalid(_every_violation(parsed.payload))
         request.context.request_id = g.get("apex_request_id", "")
@@ -64,6 +70,16 @@ def ingest_events() -> Response:
     if outcome is not None:
         ratelimit.add_headers(response, outcome)
     return response
+
+
+def _partial(prepared: partial.PartialRequest) -> Response:
+    request = prepared.request
+    request.context.request_id = g.get("apex_request_id", "")
+    try:
+        answer = get_client().ingest_response(request)
+    except grpc.RpcError as exc:
+        raise to_api_error(exc, prepared.snippet) from None
+    return json_response(prepared.answer(answer.received, answer.rejected))
 
 
 def _every_violation(payload: Payload) -> list[FieldViolation]:

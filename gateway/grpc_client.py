@@ -92,6 +92,12 @@ class IngestClient:
 
     def ingest(self, request: ingest_pb2.IngestEventsRequest) -> int:
         """Call IngestEvents; return how many events were received. Raises grpc.RpcError."""
+        return int(self.ingest_response(request).received)
+
+    def ingest_response(
+        self, request: ingest_pb2.IngestEventsRequest
+    ) -> ingest_pb2.IngestEventsResponse:
+        """Call IngestEvents; its whole answer (a partial batch's `rejected` too)."""
         self._connect()
         assert self._ingest is not None
         stub = self._stubs[next(self._next) % len(self._stubs)]
@@ -101,7 +107,7 @@ class IngestClient:
             timeout=self.timeout,
             metadata=((REQUEST_ID_METADATA, request_id),) if request_id else None,
         )
-        return int(response.received)
+        return response
 
     def ingest_many(
         self, requests: Sequence[ingest_pb2.IngestEventsRequest], timeout: float

@@ -11,11 +11,11 @@ all (it would arrive with that field empty, and `data` would read as `{}`): it i
 with its type errors, and the server's answer about the others is mapped back to the indexes of
 the body. Those events are therefore not kept as dead letters (the server never sees them).
 
-The view calls, once the body is parsed into a `Payload` (`document` the parsed JSON):
+The view (gateway.api) calls, once the body is parsed into a `Payload`:
 
-    prepared = partial.prepare(document, payload)   # None: not a partial request
+    prepared = partial.prepare(payload)   # None: not a partial request
     if prepared is not None:
-        response = <IngestEvents(prepared.request) or the request's IngestResult>
+        response = <IngestEvents(prepared.request)>   # one call of its own, not coalesced
         return json_response(prepared.answer(response.received, response.rejected))
 
 `prepare` raises ApiError 400 for a `partial` that is not a boolean and for type errors of the
@@ -24,7 +24,7 @@ request itself; a gRPC error of the call is translated as for any request (`to_a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,11 +35,8 @@ from gateway.payload import Payload, public_field
 FLAG = "partial"
 
 
-def requested(document: Any) -> bool:
-    """Whether the body asks for a partial batch; ApiError 400 if `partial` is no boolean."""
-    if not isinstance(document, Mapping):
-        return False
-    value = document.get(FLAG)
+def requested(value: Any) -> bool:
+    """Whether the body's `partial` asks for a partial batch; ApiError 400 if no boolean."""
     if value is None:  # null is the same as leaving the field out
         return False
     if not isinstance(value, bool):
@@ -90,13 +87,13 @@ class PartialRequest:
         }
 
 
-def prepare(document: Any, payload: Payload) -> PartialRequest | None:
+def prepare(payload: Payload) -> PartialRequest | None:
     """The partial request for a parsed body, or None if it does not ask for one.
 
     Raises ApiError 400 for a `partial` that is no boolean, and for type errors of the request
     itself (they concern every event).
     """
-    if not requested(document):
+    if not requested(payload.partial):
         return None
     source = payload.request
     local: dict[int, list[FieldViolation]] = {}

@@ -36,6 +36,8 @@ class Payload:
     snippet: bool
     #: JSON type errors (public field names); the request then lacks those fields.
     violations: tuple[FieldViolation, ...] = ()
+    #: The body's `partial` field as sent (None: absent or null); gateway.partial reads it.
+    partial: Any = None
 
 
 def _check_count(events: int) -> None:
@@ -78,7 +80,12 @@ def to_request(document: Any) -> Payload:
                     request.events.add()  # keeps the indices of the events after it
         else:
             check.add("events", "must be an array of event objects")
-    return Payload(request=request, snippet=snippet, violations=tuple(check.violations))
+    return Payload(
+        request=request,
+        snippet=snippet,
+        violations=tuple(check.violations),
+        partial=document.get("partial"),
+    )
 
 
 class _Checker:
@@ -281,6 +288,7 @@ class _Snippet(_Event):
     projectKey: Any = None
     userId: Any = None
     events: list[_Event] | msgspec.UnsetType | None = msgspec.UNSET
+    partial: Any = None
 
 
 _DECODER = msgspec.json.Decoder(_Snippet)
@@ -309,11 +317,21 @@ def parse_request(body: bytes) -> Payload:
     )
     if document.events is msgspec.UNSET:
         request.events.add(**check.fast_event(document, "", visitor_required=True))
-        return Payload(request=request, snippet=True, violations=tuple(check.violations))
+        return Payload(
+            request=request,
+            snippet=True,
+            violations=tuple(check.violations),
+            partial=document.partial,
+        )
     request.user_id = check.string_value(document.userId, "userId")
     for index, event in enumerate(document.events):
         request.events.add(**check.fast_event(event, f"events[{index}]."))
-    return Payload(request=request, snippet=False, violations=tuple(check.violations))
+    return Payload(
+        request=request,
+        snippet=False,
+        violations=tuple(check.violations),
+        partial=document.partial,
+    )
 
 
 _BOM = b"\xef\xbb\xbf"

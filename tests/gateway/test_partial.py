@@ -1,8 +1,7 @@
 """gateway/partial.py: the body's `"partial": true` to the proto field, and the answer back.
 
-The view does not call it yet (the request path is being rewritten on another branch): these
-tests do what the view will do, against a real gRPC server, and check the answer against the
-OpenAPI document.
+These tests do what the view does, against a real gRPC server, and check the answer against
+the OpenAPI document; the last one goes through the view itself.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ def send(server: RunningServer, document: Any) -> tuple[int, dict[str, Any]]:
     """What the view does with a body: (status, JSON answer)."""
     payload = to_request(document)
     try:
-        prepared = partial.prepare(document, payload)
+        prepared = partial.prepare(payload)
     except ApiError as error:
         return error.code, {"details": [d.field for d in error.details]}
     assert prepared is not None
@@ -43,15 +42,15 @@ def send(server: RunningServer, document: Any) -> tuple[int, dict[str, Any]]:
 
 
 def test_the_flag_is_read_from_the_body() -> None:
-    assert not partial.requested({"events": []})
-    assert not partial.requested({"partial": None})
-    assert not partial.requested({"partial": False})
-    assert partial.requested({"partial": True})
+    assert not to_request({"events": []}).partial
+    assert not partial.requested(None)
+    assert not partial.requested(False)
+    assert partial.requested(True)
     with pytest.raises(ApiError) as refused:
-        partial.requested({"partial": "yes"})
+        partial.requested("yes")
     assert refused.value.code == 400 and refused.value.details[0].field == "partial"
     document = {"projectKey": "k", "events": [{"type": "x", "url": "/"}]}
-    assert partial.prepare(document, to_request(document)) is None
+    assert partial.prepare(to_request(document)) is None
 
 
 def test_valid_events_are_stored_and_invalid_ones_listed(
@@ -144,3 +143,26 @@ def test_an_answer_maps_the_sent_indexes_back() -> None:
             {"index": 2, "details": [{"field": "events[2].visitorId", "description": "d"}]}
         ],
     }
+
+
+def test_through_the_view(api: Any, project_key: str, rows: Any) -> None:
+    body = {
+        "projectKey": project_key,
+        "partial": True,
+        "events": [
+            {"type": "pageview", "url": "/ok", "id": "p1"},
+            {"type": "pageview", "url": "not a url", "id": "p2"},
+            {"type": 5, "url": "/typed", "id": "p3"},
+            {"type": "pageview", "url": "/ok2", "id": "p4"},
+        ],
+    }
+    response = api.post(body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    answer = response.get_json()
+    assert answer["received"] == 2
+    assert [rejected["index"] for rejected in answer["rejected"]] == [1, 2]
+    assert answer["rejected"][0]["details"][0]["field"] == "events[1].url"
+    assert sorted(row["event_id"] for row in rows()) == ["p1", "p4"]
+    # Without the flag the same batch is refused whole, as the contract says.
+    del body["partial"]
+    assert api.post(body).status_code == 400

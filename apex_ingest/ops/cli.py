@@ -9,14 +9,16 @@ import html
 import os
 import shlex
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from sqlalchemy import Connection, Engine
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, sessionmaker
+
+if TYPE_CHECKING:
+    from sqlalchemy import Connection, Engine
+    from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.common.settings import (
     ConfigError,
@@ -45,7 +47,12 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except ConfigError as error:
             raise BadSetting(str(error)) from None
-        except DBAPIError as error:
+        except Exception as error:
+            # SQLAlchemy is imported only by the commands that use it: `serve` keeps it out of
+            # its own process (and so out of the gateway workers it forks), ~20 MB each.
+            exc = sys.modules.get("sqlalchemy.exc")
+            if exc is None or not isinstance(error, exc.DBAPIError):
+                raise
             reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
             raise click.ClickException(f"database error: {reason}") from None
 

@@ -134,10 +134,22 @@ def _forget_metrics_of(pid: int) -> None:
 
 def start_grpc_processes(settings: ServerSettings, processes: int) -> list[Supervised]:
     """Migrate once, then start `processes` single-process gRPC servers on one port."""
-    from apex_ingest.ops.grpc_process import migrate_at_start
-
     if settings.migrate_on_start:
-        migrate_at_start(settings.database_url)
+        # In a process of its own: Alembic and SQLAlchemy would otherwise stay in this one, and
+        # in the gateway workers it forks (~20 MB of resident memory in each). Never fatal:
+        # the database may be down, the servers then start NOT_SERVING.
+        done = subprocess.run(
+            [sys.executable, "-m", "apex_ingest", "db", "upgrade"],
+            env=child_environment(),
+            check=False,
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode == 0:
+            log.info("%s", done.stdout.strip())  # in this process's log format
+        else:
+            reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
+            log.warning("could not apply migrations at start: %s", reason)
     env = child_environment(
         **{
             variable("migrate_on_start"): "0",

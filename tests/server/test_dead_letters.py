@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,22 +23,9 @@ from apex_ingest.server.deadletters import (
 from apex_ingest.server.errors import FieldViolation, InvalidRequest
 from apex_ingest.server.models import DeadLetter
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from tests.conftest import RunningServer, make_project, start_server
+from tests.conftest import RunningServer, make_project
 
 Event = ingest_pb2.Event
-
-
-@pytest.fixture
-def server(database_url: str) -> Iterator[RunningServer]:
-    running = start_server(database_url)
-    yield running
-    running.server.stop(0)
-
-
-@pytest.fixture
-def stub(server: RunningServer) -> Iterator[ingest_pb2_grpc.IngestServiceStub]:
-    with grpc.insecure_channel(server.target) as channel:
-        yield ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
 def dead_letters(database_url: str, wait_for: int = 0) -> list[dict[str, Any]]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,24 +24,6 @@ from tests.conftest import RunningServer, make_project, start_server
 from tests.tcp_proxy import TcpProxy
 
 Event = ingest_pb2.Event
-
-
-@pytest.fixture
-def server(database_url: str) -> Iterator[RunningServer]:
-    running = start_server(database_url)
-    yield running
-    running.server.stop(0)
-
-
-@pytest.fixture
-def channel(server: RunningServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.target) as chan:
-        yield chan
-
-
-@pytest.fixture
-def stub(channel: grpc.Channel) -> ingest_pb2_grpc.IngestServiceStub:
-    return ingest_pb2_grpc.IngestServiceStub(channel)
 
 
 @pytest.fixture

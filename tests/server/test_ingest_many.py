@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import grpc
@@ -14,23 +13,10 @@ from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.errors import DeadlinePassed
 from apex_ingest.server.storage import EventStore
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from tests.conftest import RunningServer, make_project, start_server
+from tests.conftest import RunningServer, make_project
 from tests.server.test_grpc_integration import rows
 
 Event = ingest_pb2.Event
-
-
-@pytest.fixture
-def server(database_url: str) -> Iterator[RunningServer]:
-    running = start_server(database_url)
-    yield running
-    running.server.stop(0)
-
-
-@pytest.fixture
-def stub(server: RunningServer) -> Iterator[ingest_pb2_grpc.IngestServiceStub]:
-    with grpc.insecure_channel(server.target) as channel:
-        yield ingest_pb2_grpc.IngestServiceStub(channel)
 
 
 def request(key: str, *events: Event, origin: str = "") -> ingest_pb2.IngestEventsRequest:

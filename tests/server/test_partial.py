@@ -3,29 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import grpc
 import pytest
 
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from tests.conftest import RunningServer, make_project, start_server
+from tests.conftest import RunningServer, make_project
 from tests.server.test_dead_letters import count_events, dead_letters
 
 Event = ingest_pb2.Event
-
-
-@pytest.fixture
-def server(database_url: str) -> Iterator[RunningServer]:
-    running = start_server(database_url)
-    yield running
-    running.server.stop(0)
-
-
-@pytest.fixture
-def stub(server: RunningServer) -> Iterator[ingest_pb2_grpc.IngestServiceStub]:
-    with grpc.insecure_channel(server.target) as channel:
-        yield ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
 def mixed(key: str, partial: bool = True) -> ingest_pb2.IngestEventsRequest:

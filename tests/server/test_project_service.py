@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -19,19 +18,6 @@ from tests.conftest import RunningServer, start_server
 from tests.server.test_dead_letters import count_events, dead_letters
 
 Event = ingest_pb2.Event
-
-
-@pytest.fixture
-def server(database_url: str) -> Iterator[RunningServer]:
-    running = start_server(database_url)
-    yield running
-    running.server.stop(0)
-
-
-@pytest.fixture
-def channel(server: RunningServer) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(server.target) as chan:
-        yield chan
 
 
 def new_project(database_url: str, origins: tuple[str, ...] = ()) -> tuple[str, str]:

@@ -3,17 +3,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import grpc
 import pytest
 
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.projects import create_project
 from apex_ingest.server.redaction import redact_url
-from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from tests.conftest import RunningServer, start_server
+from apex_ingest.v1 import ingest_pb2
+from tests.conftest import RunningServer
 from tests.server.test_grpc_integration import ingest, rows
 
 Event = ingest_pb2.Event
@@ -51,19 +49,6 @@ def test_a_projects_own_names_match_whole_and_in_any_case() -> None:
 def test_the_stored_url_still_fits_its_column() -> None:
     url = "/?" + "a" * 4080 + "&pwd=1"  # 4088 characters; redacted it would be 4097
     assert len(url) <= 4096 and len(redact_url(url)) == 4096
-
-
-@pytest.fixture
-def server(database_url: str) -> Iterator[RunningServer]:
-    running = start_server(database_url)
-    yield running
-    running.server.stop(0)
-
-
-@pytest.fixture
-def stub(server: RunningServer) -> Iterator[Any]:
-    with grpc.insecure_channel(server.target) as channel:
-        yield ingest_pb2_grpc.IngestServiceStub(channel)
 
 
 def _project(database_url: str, *redact: str) -> str:

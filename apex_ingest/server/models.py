@@ -49,7 +49,7 @@ class Project(Base):
 
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     #: The project's first public key, kept for readers of this table (analytics). The server
-    #: authenticates through `project_keys` only (migration 0005).
+    #: authenticates through `project_keys` only (migration 0006).
     key: Mapped[str] = mapped_column(String(128), unique=True)
     name: Mapped[str] = mapped_column(String(200))
     # Browser origins allowed to send events, e.g. ["https://shop.example"]; empty: any.

@@ -94,21 +94,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 received=outcome.received, rejected=_rejected_messages(outcome)
             )
         finally:
-            elapsed = time.perf_counter() - started
-            metrics.RPC_IN_FLIGHT.labels("IngestEvents").dec()
-            metrics.RPC_DURATION.labels("IngestEvents", code.name).observe(elapsed)
-            if access_log_enabled():
-                access_log.info(
-                    "IngestEvents %s",
-                    code.name,
-                    extra={
-                        "rpc": "IngestEvents",
-                        "code": code.name,
-                        "events": len(request.events),
-                        "project": project,
-                        "duration_ms": round(elapsed * 1000, 3),
-                    },
-                )
+            _finished(
+                "IngestEvents",
+                code,
+                started,
+                lambda: {"events": len(request.events), "project": project},
+            )
             request_id_var.reset(token)
 
     def IngestMany(
@@ -140,22 +131,16 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 results.append(self._result(sub, outcome))
             return ingest_pb2.IngestManyResponse(results=results)
         finally:
-            elapsed = time.perf_counter() - started
-            metrics.RPC_IN_FLIGHT.labels("IngestMany").dec()
-            metrics.RPC_DURATION.labels("IngestMany", code.name).observe(elapsed)
-            if access_log_enabled():
-                access_log.info(
-                    "IngestMany %s",
-                    code.name,
-                    extra={
-                        "rpc": "IngestMany",
-                        "code": code.name,
-                        "requests": len(request.requests),
-                        "refused": sum(1 for r in results if r.status.code),
-                        "events": sum(len(sub.events) for sub in request.requests),
-                        "duration_ms": round(elapsed * 1000, 3),
-                    },
-                )
+            _finished(
+                "IngestMany",
+                code,
+                started,
+                lambda: {
+                    "requests": len(request.requests),
+                    "refused": sum(1 for r in results if r.status.code),
+                    "events": sum(len(sub.events) for sub in request.requests),
+                },
+            )
             request_id_var.reset(token)
 
     def _result(
@@ -240,6 +225,27 @@ def _rejected_messages(outcome: Outcome) -> list[ingest_pb2.RejectedEvent]:
         )
         for index, own in outcome.rejected
     ]
+
+
+def _finished(
+    method: str, code: grpc.StatusCode, started: float, fields: Callable[[], dict[str, object]]
+) -> None:
+    """An RPC's end: its metrics, and its access-log record (`fields` built only if logged)."""
+    elapsed = time.perf_counter() - started
+    metrics.RPC_IN_FLIGHT.labels(method).dec()
+    metrics.RPC_DURATION.labels(method, code.name).observe(elapsed)
+    if access_log_enabled():
+        access_log.info(
+            "%s %s",
+            method,
+            code.name,
+            extra={
+                "rpc": method,
+                "code": code.name,
+                **fields(),
+                "duration_ms": round(elapsed * 1000, 3),
+            },
+        )
 
 
 def _request_id(context: grpc.ServicerContext) -> str:

@@ -122,11 +122,6 @@ def _typed(raw: Any, hint: Any) -> Any:
     """`raw` (text from the environment, or a typed value) as the field's type."""
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-    if typing.get_origin(hint) is Literal:
-        allowed = typing.get_args(hint)
-        if raw not in allowed:
-            raise ValueError(f"must be one of {', '.join(map(str, allowed))}")
-        return raw
     if hint is bool:
         if isinstance(raw, bool):
             return raw

@@ -308,15 +308,7 @@ class IngestClient:
         Raises ``IngestError`` for any failure, after the channel's own retries of UNAVAILABLE
         (all within the one deadline of ``timeout`` seconds, default the client's).
         """
-        request = ingest_pb2.IngestEventsRequest(project_key=project_key, user_id=user_id)
-        request.events.extend(to_event(event) for event in events)
-        if context is not None:
-            request.context.CopyFrom(context)
-        call = self._get_call()
-        try:
-            response = call(request, timeout=self.timeout if timeout is None else timeout)
-        except grpc.RpcError as exc:
-            raise IngestError.from_rpc_error(exc) from exc
+        response = self._call_ingest(project_key, events, user_id, timeout, context, False)
         return int(response.received)
 
     def ingest_partial(
@@ -336,17 +328,7 @@ class IngestClient:
         unknown key, a refused origin, an invalid ``user_id``, more than 500 events, and
         every failure ``ingest`` raises for.
         """
-        request = ingest_pb2.IngestEventsRequest(
-            project_key=project_key, user_id=user_id, partial=True
-        )
-        request.events.extend(to_event(event) for event in events)
-        if context is not None:
-            request.context.CopyFrom(context)
-        call = self._get_call()
-        try:
-            response = call(request, timeout=self.timeout if timeout is None else timeout)
-        except grpc.RpcError as exc:
-            raise IngestError.from_rpc_error(exc) from exc
+        response = self._call_ingest(project_key, events, user_id, timeout, context, True)
         return PartialResult(
             int(response.received),
             [
@@ -354,6 +336,30 @@ class IngestClient:
                 for r in response.rejected
             ],
         )
+
+    def _call_ingest(
+        self,
+        project_key: str,
+        events: Iterable[EventLike],
+        user_id: str,
+        timeout: float | None,
+        context: ingest_pb2.RequestContext | None,
+        partial: bool,
+    ) -> ingest_pb2.IngestEventsResponse:
+        request = ingest_pb2.IngestEventsRequest(
+            project_key=project_key, user_id=user_id, partial=partial
+        )
+        request.events.extend(to_event(event) for event in events)
+        if context is not None:
+            request.context.CopyFrom(context)
+        call = self._get_call()
+        try:
+            response: ingest_pb2.IngestEventsResponse = call(
+                request, timeout=self.timeout if timeout is None else timeout
+            )
+        except grpc.RpcError as exc:
+            raise IngestError.from_rpc_error(exc) from exc
+        return response
 
     def close(self) -> None:
         with self._lock:

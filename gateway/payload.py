@@ -138,6 +138,9 @@ class _Checker:
             "url": self.string(obj, "url", prefix + "url"),
             "referrer": self.string(obj, "referrer", prefix + "referrer"),
             "data": self.data(obj.get("data"), prefix + "data"),
+            # The event's own user (the snippet's userId; in a batch it overrides the batch's).
+            "user_id": self.string(obj, "userId", prefix + "userId"),
+            "previous_id": self.string(obj, "previousId", prefix + "previousId"),
         }
         timestamp = self.timestamp(obj.get("timestamp"), prefix + "timestamp")
         if timestamp is not None:
@@ -160,6 +163,8 @@ class _Checker:
             "url": string(event.url, prefix + "url"),
             "referrer": string(event.referrer, prefix + "referrer"),
             "data": self.raw_data(event.data, prefix + "data"),
+            "user_id": string(event.userId, prefix + "userId"),
+            "previous_id": string(event.previousId, prefix + "previousId"),
         }
         if event.timestamp is not None:
             timestamp = self.timestamp(event.timestamp, prefix + "timestamp")
@@ -282,11 +287,15 @@ class _Event(msgspec.Struct):
     referrer: Any = None
     timestamp: Any = None
     data: msgspec.Raw = _NO_DATA
+    userId: Any = None
+    previousId: Any = None
 
 
 class _Snippet(_Event):
+    """A snippet body (its one event's fields at the top, `userId` that event's) or a batch
+    (`userId` then applies to every event without its own)."""
+
     projectKey: Any = None
-    userId: Any = None
     events: list[_Event] | msgspec.UnsetType | None = msgspec.UNSET
     partial: Any = None
 

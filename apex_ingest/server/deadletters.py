@@ -90,6 +90,11 @@ def event_as_received(event: ingest_pb2.Event) -> dict[str, Any]:
         "referrer": event.referrer,
         "data": event.data,
     }
+    # Only when set: older records, and events without them, keep their exact shape.
+    if event.user_id:
+        record["user_id"] = event.user_id
+    if event.previous_id:
+        record["previous_id"] = event.previous_id
     if event.HasField("timestamp"):
         record["timestamp"] = {"seconds": event.timestamp.seconds, "nanos": event.timestamp.nanos}
     return record
@@ -124,6 +129,8 @@ def event_from_record(text: str) -> ingest_pb2.Event | None:
         url=record.get("url", ""),
         referrer=record.get("referrer", ""),
         data=record.get("data", ""),
+        user_id=record.get("user_id", ""),
+        previous_id=record.get("previous_id", ""),
     )
     timestamp = record.get("timestamp")
     if timestamp is not None:

@@ -15,6 +15,7 @@ from apex_ingest.server.errors import (
     StorageUnavailable,
     UnknownProject,
 )
+from apex_ingest.server.people import SuppressionDirectory
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.storage import UNAVAILABLE_ERRORS, EventStore
 from apex_ingest.server.validation import Row, build_rows, check_request_shape
@@ -32,6 +33,8 @@ class Outcome:
     received: int
     rejected: list[tuple[int, list[FieldViolation]]] = field(default_factory=list)
     project_id: int | None = None
+    #: Events of suppressed ids dropped on purpose (counted in `received`: CONTRACT section 1).
+    suppressed: int = 0
 
 
 def ingest_events(
@@ -41,13 +44,16 @@ def ingest_events(
     retry_after_seconds: int = 1,
     deadline: float | None = None,
     retention: timedelta | None = None,
+    suppressions: SuppressionDirectory | None = None,
 ) -> Outcome:
     """Store the request's events atomically and say how many were accepted (and, for a
     partial request, which were not).
 
     `deadline` (time.monotonic()): past it, nothing is stored (see EventStore.store).
     """
-    accepted = prepare(request, projects, datetime.now(UTC), retry_after_seconds, retention)
+    accepted = prepare(
+        request, projects, datetime.now(UTC), retry_after_seconds, retention, suppressions
+    )
     if not request.validate_only and accepted.rows:
         store.store(accepted.project_id, accepted.rows, deadline)
     return accepted.outcome()
@@ -60,6 +66,7 @@ def ingest_many(
     retry_after_seconds: int = 1,
     deadline: float | None = None,
     retention: timedelta | None = None,
+    suppressions: SuppressionDirectory | None = None,
 ) -> list[Outcome | IngestError]:
     """Each request's outcome, as ingest_events would give it alone: the number of events
     accepted, or why it was refused. The accepted requests are committed together (one group
@@ -69,7 +76,9 @@ def ingest_many(
     to_store: list[tuple[int, Accepted]] = []
     for index, request in enumerate(requests):
         try:
-            accepted = prepare(request, projects, received_at, retry_after_seconds, retention)
+            accepted = prepare(
+                request, projects, received_at, retry_after_seconds, retention, suppressions
+            )
         except IngestError as error:
             outcomes.append(error)
             continue
@@ -93,9 +102,13 @@ class Accepted:
     rows: list[Row]
     #: For a partial request: the events left out, with their violations.
     rejected: list[tuple[int, list[FieldViolation]]] = field(default_factory=list)
+    #: Valid events of suppressed ids, dropped: accepted, never stored.
+    suppressed: int = 0
 
     def outcome(self) -> Outcome:
-        return Outcome(len(self.rows), self.rejected, self.project_id)
+        return Outcome(
+            len(self.rows) + self.suppressed, self.rejected, self.project_id, self.suppressed
+        )
 
 
 def prepare(
@@ -104,6 +117,7 @@ def prepare(
     received_at: datetime,
     retry_after_seconds: int = 1,
     retention: timedelta | None = None,
+    suppressions: SuppressionDirectory | None = None,
 ) -> Accepted:
     """Check, authorize and validate a request; raise the IngestError that refuses it."""
     violations = check_request_shape(request)
@@ -123,15 +137,23 @@ def prepare(
         refused.project_id = project.id
         raise refused
     rows = build_rows(request, received_at, violations, retention, project.redact_params)
+    rejected: list[tuple[int, list[FieldViolation]]] = []
     if violations and request.partial:
-        rejected = _rejected_events(violations)
-        if rejected is not None:
-            return Accepted(project.id, rows, rejected)
+        rejected_events = _rejected_events(violations)
+        if rejected_events is not None:
+            rejected, violations = rejected_events, []
     if violations:
         refused = InvalidRequest(violations)
         refused.project_id = project.id
         raise refused
-    return Accepted(project.id, rows)
+    suppressed = 0
+    if suppressions is not None:
+        # After validation: a suppressed person's invalid request is refused as anyone's.
+        try:
+            rows, suppressed = suppressions.drop_suppressed(project.id, rows)
+        except UNAVAILABLE_ERRORS as error:
+            raise StorageUnavailable(retry_after_seconds) from error
+    return Accepted(project.id, rows, rejected, suppressed)
 
 
 def _rejected_events(

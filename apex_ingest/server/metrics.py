@@ -38,6 +38,12 @@ EVENTS_REJECTED = Counter(
     "Events of refused IngestEvents calls, by reason (the gRPC status code, lower case).",
     ["project", "reason"],
 )
+EVENTS_SUPPRESSED = Counter(
+    "apex_grpc_events_suppressed",
+    "Events of suppressed user or visitor ids (apex-ingest people delete --suppress) dropped "
+    "at ingest; answered as accepted and counted in apex_grpc_events_accepted too.",
+    ["project"],
+)
 DEAD_LETTERS_RECORDED = Counter(
     "apex_dead_letters_recorded",
     "Events of refused requests (known keys) written as dead letters.",

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     ForeignKeyConstraint,
@@ -162,3 +163,74 @@ class Event(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ip: Mapped[str | None] = mapped_column(String(45), nullable=True)
     user_agent: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+
+
+class IdentityLink(Base):
+    """A visitor (anonymous browser id, or an alias's previous id) known to be a user.
+
+    Written in the transaction of the events that show it (storage.py): an `identify` or
+    `alias` event, or any event carrying both ids. One row per (visitor, user); a visitor
+    attributed to one user only, its FIRST link (lowest id): a later link to another user is
+    kept with `conflict` true and never merged (view `events_with_user`, migration 0007).
+    """
+
+    __tablename__ = "identity_links"
+    __table_args__ = (
+        UniqueConstraint(
+            "project_id", "visitor_id", "user_id", name="uq_identity_links_project_visitor_user"
+        ),
+        Index("ix_identity_links_project_user", "project_id", "user_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(BigInteger)
+    #: The visitor id (for an alias: its previous id).
+    visitor_id: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(128))
+    #: What recorded it first: "identify", "alias" or "event" (an event carrying both ids).
+    source: Mapped[str] = mapped_column(String(16))
+    #: Occurrence times of the earliest and latest event showing the link.
+    first_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: The visitor was already linked to another user when this link was recorded.
+    conflict: Mapped[bool] = mapped_column(Boolean(), default=False)
+
+
+class Suppression(Base):
+    """A user or visitor id whose events are dropped at ingest (answered as accepted)."""
+
+    __tablename__ = "suppressions"
+    __table_args__ = (
+        UniqueConstraint("project_id", "kind", "value", name="uq_suppressions_project_kind_value"),
+    )
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(BigInteger)
+    #: "user" or "visitor".
+    kind: Mapped[str] = mapped_column(String(16))
+    value: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    actor: Mapped[str] = mapped_column(String(200))
+
+
+class PrivacyAudit(Base):
+    """One request about a person's data: deletion, suppression, lifting, export."""
+
+    __tablename__ = "privacy_audit"
+    __table_args__ = (Index("ix_privacy_audit_project", "project_id", "id"),)
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    project_id: Mapped[int] = mapped_column(BigInteger)
+    #: "delete", "unsuppress" or "export" (a deletion with --suppress is one "delete" row).
+    action: Mapped[str] = mapped_column(String(32))
+    #: Who asked: --actor, else the OS user (CLI), or the call's actor, else "grpc".
+    actor: Mapped[str] = mapped_column(String(200))
+    #: "cli" or "grpc".
+    via: Mapped[str] = mapped_column(String(16))
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    #: JSON {"user": [sha256...], "visitor": [sha256...]}: the ids as their SHA-256 in hex.
+    ids: Mapped[str] = mapped_column(Text())
+    #: JSON {"events": n, "identity_links": n, "dead_letters": n, "suppressed": n, ...}.
+    counts: Mapped[str] = mapped_column(Text())
+    suppress: Mapped[bool] = mapped_column(Boolean(), default=False)

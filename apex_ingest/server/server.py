@@ -16,14 +16,23 @@ from apex_ingest.server.admission import AdmissionInterceptor, CountingExecutor
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.deadletters import DeadLetterRecorder
 from apex_ingest.server.health import StorageHealthMonitor
+from apex_ingest.server.people import SuppressionDirectory
+from apex_ingest.server.people_service import PeopleServicer
 from apex_ingest.server.project_service import ProjectServicer
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.servicer import IngestServicer
 from apex_ingest.server.storage import EventStore
-from apex_ingest.v1 import ingest_pb2_grpc, project_pb2, project_pb2_grpc
+from apex_ingest.v1 import (
+    ingest_pb2_grpc,
+    people_pb2,
+    people_pb2_grpc,
+    project_pb2,
+    project_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 PROJECT_SERVICE_NAME: str = project_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name
+PEOPLE_SERVICE_NAME: str = people_pb2.DESCRIPTOR.services_by_name["PeopleService"].full_name
 
 
 class IngestServer:
@@ -108,14 +117,19 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         on_storage_unavailable=monitor.mark_unavailable,
         retention=settings.retention,
         dead_letters=recorder,
+        # The same cache time as keys: a suppression takes effect as a revocation does.
+        suppressions=SuppressionDirectory(session_factory, settings.project_cache_ttl),
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(ingest_servicer, server)  # type: ignore[no-untyped-call]
     project_pb2_grpc.add_ProjectServiceServicer_to_server(  # type: ignore[no-untyped-call]
         ProjectServicer(projects, session_factory), server
     )
+    people_pb2_grpc.add_PeopleServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        PeopleServicer(projects, session_factory), server
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, PROJECT_SERVICE_NAME, health.SERVICE_NAME), server
+        (SERVICE_NAME, PROJECT_SERVICE_NAME, PEOPLE_SERVICE_NAME, health.SERVICE_NAME), server
     )
     port = server.add_insecure_port(address)
     if port == 0:

@@ -25,6 +25,7 @@ from apex_ingest.server.errors import (
     UnknownProject,
 )
 from apex_ingest.server.ingest import Outcome, ingest_events, ingest_many
+from apex_ingest.server.people import SuppressionDirectory
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.status import error_status, rich_status
 from apex_ingest.server.storage import EventStore
@@ -45,8 +46,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         on_storage_unavailable: Callable[[], None] = lambda: None,
         retention: timedelta | None = None,
         dead_letters: DeadLetterRecorder | None = None,
+        suppressions: SuppressionDirectory | None = None,
     ) -> None:
         self._projects = projects
+        #: Suppressed ids (apex-ingest people delete --suppress): their events are dropped.
+        self._suppressions = suppressions
         #: APEX_RETENTION_DAYS: events older than this are refused (see validation.build_rows).
         self._retention = retention
         self._store = store
@@ -71,6 +75,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     self._retry_after,
                     None if remaining is None else time.monotonic() + remaining,
                     self._retention,
+                    self._suppressions,
                 )
             except StorageUnavailable as error:
                 log.warning("storage unavailable: %r", error.__cause__)
@@ -88,7 +93,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 return _refuse(context, error_status(IngestError()))
             project = request.project_key  # authenticated by now
             if not request.validate_only:
-                metrics.EVENTS_ACCEPTED.labels(project).inc(outcome.received)
+                _count_accepted(project, outcome)
             self._keep_rejected(request, outcome)
             return ingest_pb2.IngestEventsResponse(
                 received=outcome.received, rejected=_rejected_messages(outcome)
@@ -123,6 +128,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     self._retry_after,
                     None if remaining is None else time.monotonic() + remaining,
                     self._retention,
+                    self._suppressions,
                 )
             except Exception:
                 log.exception("IngestMany failed")  # a bug: every request gets INTERNAL
@@ -164,7 +170,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 )
             )
         if not request.validate_only:
-            metrics.EVENTS_ACCEPTED.labels(request.project_key).inc(outcome.received)
+            _count_accepted(request.project_key, outcome)
         self._keep_rejected(request, outcome)
         return ingest_pb2.IngestResult(
             received=outcome.received, rejected=_rejected_messages(outcome)
@@ -213,6 +219,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             isinstance(error, InvalidRequest) and error.project_id is None
         ):
             metrics.DEAD_LETTERS_DROPPED.labels("unknown_key").inc(max(1, len(request.events)))
+
+
+def _count_accepted(project: str, outcome: Outcome) -> None:
+    metrics.EVENTS_ACCEPTED.labels(project).inc(outcome.received)
+    if outcome.suppressed:
+        metrics.EVENTS_SUPPRESSED.labels(project).inc(outcome.suppressed)
 
 
 def _rejected_messages(outcome: Outcome) -> list[ingest_pb2.RejectedEvent]:

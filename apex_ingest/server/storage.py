@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine, exc, text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
-from apex_ingest.server import metrics
+from apex_ingest.server import identity, metrics
 from apex_ingest.server.errors import DeadlinePassed, IngestError, StorageUnavailable
 from apex_ingest.server.models import Event
 
@@ -118,8 +118,12 @@ _PG_INSERT_DRIVER = _pg_insert_sql([f"%b::{pg_type}[]" for _, pg_type in _COLUMN
 
 
 def insert_events(connection: Connection | Session, rows: Sequence[Row]) -> None:
-    """Insert rows; a row whose (project_id, event_id) is already stored is skipped."""
+    """Insert rows; a row whose (project_id, event_id) is already stored is skipped.
+
+    The identity links the rows show are recorded in the same transaction (identity.py).
+    """
     bind = connection.get_bind() if isinstance(connection, Session) else connection
+    links = identity.links_of(rows)
     if bind.dialect.name == "postgresql":
         rows = _first_of_each_id(rows)
         columns = {name: [row[name] for row in rows] for name, _ in _COLUMNS}
@@ -128,7 +132,8 @@ def insert_events(connection: Connection | Session, rows: Sequence[Row]) -> None
         statement = sqlite.insert(Event).on_conflict_do_nothing(
             index_elements=["project_id", "event_id"]
         )
-        connection.execute(statement, list(rows))
+        connection.execute(statement, list(identity.event_columns_only(rows)))
+    identity.upsert_links(connection, links)
 
 
 class _OutcomeUnknown(Exception):
@@ -282,10 +287,11 @@ class EventStore:
             with self._session_factory.begin() as session:
                 insert_events(session, rows)
             return
+        links = identity.link_columns(identity.links_of(rows))
         rows = _first_of_each_id(rows)
         columns = [[row[name] for row in rows] for name, _ in _COLUMNS]
         try:
-            self._pg_execute(columns)
+            self._pg_execute(columns, links)
         except psycopg.Error as error:
             # A statement timeout or a constraint error leaves the connection usable (autocommit:
             # nothing to roll back); only a lost connection is replaced.
@@ -295,7 +301,7 @@ class EventStore:
             # or may not have committed. Running it again on a fresh connection settles it:
             # every row has an event id and the insert skips ids already stored.
             try:
-                self._pg_execute(columns)
+                self._pg_execute(columns, links)
             except psycopg.Error as again:
                 # Whatever stopped the second try (even a lock the first one's session still
                 # holds), nothing tells whether the first committed.
@@ -304,7 +310,7 @@ class EventStore:
             except UNAVAILABLE_ERRORS as again:  # no new connection
                 raise _OutcomeUnknown() from again
 
-    def _pg_execute(self, columns: list[list[Any]]) -> None:
+    def _pg_execute(self, columns: list[list[Any]], links: list[list[Any]]) -> None:
         proxy: Any = getattr(self._local, "connection", None)
         if proxy is None:
             assert self._pg_engine is not None
@@ -312,12 +318,25 @@ class EventStore:
             metrics.hold_for_writer(self._pg_engine, proxy)
             proxy.driver_connection.autocommit = True
             self._local.connection = proxy
+        connection = proxy.driver_connection
+
+        def run() -> None:
+            if not links[0]:
+                connection.execute(_PG_INSERT_DRIVER, columns)
+                return
+            # Events and the identity links they show commit together: only groups with such
+            # events pay for the BEGIN and COMMIT.
+            with connection.transaction():
+                connection.execute(_PG_INSERT_DRIVER, columns)
+                connection.execute(identity.PG_LINKS_DRIVER, links)
+
         try:
-            proxy.driver_connection.execute(_PG_INSERT_DRIVER, columns)
+            run()
         except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
-            # A deadlock with some other session (ours insert ids in key order and cannot
-            # deadlock each other): the statement was rolled back, so running it again is safe.
-            proxy.driver_connection.execute(_PG_INSERT_DRIVER, columns)
+            # A deadlock with some other session (ours insert ids and links in key order and
+            # cannot deadlock each other): the transaction was rolled back, so running it
+            # again is safe.
+            run()
 
     def _drop_pg_connection_if_lost(self) -> bool:
         """Forget this writer's connection if it is closed or broken; True if it was."""

@@ -117,9 +117,18 @@ def build_rows(
             problem = _id_problem(event.visitor_id, MAX_ID_CHARS)
             if problem:
                 violations.append(FieldViolation(prefix + "visitor_id", problem))
-        problem = _url_problem(event.url)
-        if problem:
-            violations.append(FieldViolation(prefix + "url", problem))
+        event_user_id = user_id
+        if event.user_id:
+            problem = _id_problem(event.user_id, MAX_ID_CHARS)
+            if problem:
+                violations.append(FieldViolation(prefix + "user_id", problem))
+            event_user_id = event.user_id
+        _check_identity(event, event_user_id, prefix, violations)
+        # identify and alias say who someone is, not where: their url is optional.
+        if event.url or event.type not in IDENTITY_TYPES:
+            problem = _url_problem(event.url)
+            if problem:
+                violations.append(FieldViolation(prefix + "url", problem))
         if event.referrer:
             if len(event.referrer) > MAX_URL_CHARS:
                 violations.append(
@@ -164,22 +173,54 @@ def build_rows(
                 violations.append(FieldViolation(prefix + "timestamp", problem))
 
         if len(violations) == before:
-            rows.append(
-                {
-                    "event_id": event_id,
-                    "type": event.type,
-                    "visitor_id": event.visitor_id or None,
-                    "user_id": user_id,
-                    "url": redact_url(event.url, redact_params),
-                    "referrer": redact_url(event.referrer, redact_params) or None,
-                    "data": data,
-                    "occurred_at": occurred_at,
-                    "received_at": received_at,
-                    "ip": ip,
-                    "user_agent": user_agent,
-                }
-            )
+            row = {
+                "event_id": event_id,
+                "type": event.type,
+                "visitor_id": event.visitor_id or None,
+                "user_id": event_user_id,
+                "url": redact_url(event.url, redact_params),
+                "referrer": redact_url(event.referrer, redact_params) or None,
+                "data": data,
+                "occurred_at": occurred_at,
+                "received_at": received_at,
+                "ip": ip,
+                "user_agent": user_agent,
+            }
+            if event.previous_id:
+                # Not a column of `events`: storage.py turns it into an identity link.
+                row[PREVIOUS_ID] = event.previous_id
+            rows.append(row)
     return rows
+
+
+#: Event types with a meaning of their own (proto/apex_ingest/v1/ingest.proto).
+IDENTIFY, ALIAS = "identify", "alias"
+IDENTITY_TYPES = frozenset({IDENTIFY, ALIAS})
+#: The row key carrying an alias's previous id (never a column of `events`).
+PREVIOUS_ID = "previous_id"
+
+
+def _check_identity(
+    event: ingest_pb2.Event, user_id: str | None, prefix: str, violations: list[FieldViolation]
+) -> None:
+    """identify needs a user id; alias a user id and a previous id; no other type takes one."""
+    if event.previous_id:
+        problem = _id_problem(event.previous_id, MAX_ID_CHARS)
+        if problem:
+            violations.append(FieldViolation(prefix + "previous_id", problem))
+        elif event.type != ALIAS:
+            violations.append(
+                FieldViolation(prefix + "previous_id", 'is only for events of type "alias"')
+            )
+    elif event.type == ALIAS:
+        violations.append(FieldViolation(prefix + "previous_id", "is required for an alias"))
+    if event.type in IDENTITY_TYPES and not user_id:
+        violations.append(
+            FieldViolation(
+                prefix + "user_id",
+                f"is required for an {event.type} (the event's or the request's)",
+            )
+        )
 
 
 def clean_user_agent(user_agent: str) -> str | None:

@@ -71,7 +71,7 @@ class RequestContext(_message.Message):
     def __init__(self, client_ip: _Optional[str] = ..., user_agent: _Optional[str] = ..., origin: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("id", "type", "visitor_id", "url", "referrer", "data", "timestamp")
+    __slots__ = ("id", "type", "visitor_id", "url", "referrer", "data", "timestamp", "user_id", "previous_id")
     ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     VISITOR_ID_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,8 @@ class Event(_message.Message):
     REFERRER_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     type: str
     visitor_id: str
@@ -86,7 +88,9 @@ class Event(_message.Message):
     referrer: str
     data: str
     timestamp: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., visitor_id: _Optional[str] = ..., url: _Optional[str] = ..., referrer: _Optional[str] = ..., data: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    user_id: str
+    previous_id: str
+    def __init__(self, id: _Optional[str] = ..., type: _Optional[str] = ..., visitor_id: _Optional[str] = ..., url: _Optional[str] = ..., referrer: _Optional[str] = ..., data: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., user_id: _Optional[str] = ..., previous_id: _Optional[str] = ...) -> None: ...
 
 class IngestEventsResponse(_message.Message):
     __slots__ = ("received", "rejected")

@@ -201,6 +201,82 @@ class Apex:
             self._consumer.report(rejected, [snapshot])
         return event_id
 
+    def identify(
+        self,
+        user_id: str,
+        traits: Mapping[str, Any] | None = None,
+        visitor_id: str | None = None,
+        *,
+        url: str | None = None,
+        timestamp: datetime | str | float | None = None,
+        id: str | None = None,
+    ) -> str:
+        """Queue an ``identify`` event: ``visitor_id`` (the browser's anonymous id, if known) is
+        the user ``user_id``; ``traits`` are stored as the event's ``data`` (same limits).
+
+        The server records the link visitor -> user, so that visitor's earlier anonymous events
+        are attributed to the user (database view ``events_with_user``). A visitor links to one
+        user: identifying it later as someone else is recorded but not merged. Returns the
+        event id.
+        """
+        if not isinstance(user_id, str) or not user_id:
+            raise ValueError("user_id must be a non-empty string")
+        return self._send_identity(
+            "identify", user_id, traits, visitor_id, None, url, timestamp, id
+        )
+
+    def alias(
+        self,
+        previous_id: str,
+        user_id: str,
+        *,
+        url: str | None = None,
+        timestamp: datetime | str | float | None = None,
+        id: str | None = None,
+    ) -> str:
+        """Queue an ``alias`` event: ``previous_id`` (usually a visitor id the server never saw
+        identified) is the same person as ``user_id``. Returns the event id."""
+        for name, value in (("previous_id", previous_id), ("user_id", user_id)):
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"{name} must be a non-empty string")
+        return self._send_identity("alias", user_id, None, None, previous_id, url, timestamp, id)
+
+    def _send_identity(
+        self,
+        type: str,
+        user_id: str,
+        traits: Mapping[str, Any] | None,
+        visitor_id: str | None,
+        previous_id: str | None,
+        url: str | None,
+        timestamp: datetime | str | float | None,
+        id: str | None,
+    ) -> str:
+        if traits is not None and not isinstance(traits, Mapping):
+            raise TypeError("traits must be a mapping (a JSON object)")
+        for name, value in (("visitor_id", visitor_id), ("url", url), ("id", id)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"{name} must be a string")
+        event_id = id if id is not None else new_event_id()
+        # No url needed: identify and alias say who, not where.
+        event: dict[str, Any] = {"id": event_id, "type": type}
+        if url is not None:
+            event["url"] = url
+        event["timestamp"] = format_timestamp(timestamp if timestamp is not None else time.time())
+        if visitor_id is not None:
+            event["visitorId"] = visitor_id
+        if previous_id is not None:
+            event["previousId"] = previous_id
+        if traits is not None:
+            event["data"] = dict(traits)
+        encoded = dumps(event)
+        rejected = self._consumer.put(user_id, encoded)
+        if rejected is not None:
+            snapshot: dict[str, Any] = json.loads(encoded)
+            snapshot["userId"] = user_id
+            self._consumer.report(rejected, [snapshot])
+        return event_id
+
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every event tracked before this call is sent or handed to ``on_error``.
 

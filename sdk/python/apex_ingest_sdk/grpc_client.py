@@ -152,8 +152,9 @@ def _rebuild_error(
 #: ``ingest_pb2.Event`` or the same message generated elsewhere).
 EventLike = Mapping[str, Any] | Message
 
-_ALIASES: Final = {"visitorId": "visitor_id"}
-_STRING_FIELDS: Final = ("id", "type", "visitor_id", "url", "referrer")
+_ALIASES: Final = {"visitorId": "visitor_id", "userId": "user_id", "previousId": "previous_id"}
+#: ``user_id``: the event's own user, overriding the request's; ``previous_id``: an alias's.
+_STRING_FIELDS: Final = ("id", "type", "visitor_id", "url", "referrer", "user_id", "previous_id")
 
 
 def _timestamp(value: Any) -> Timestamp:

@@ -714,3 +714,9 @@ def _session_factory() -> sessionmaker[Session]:
     settings = load(ServerSettings)
     _require_schema(settings.database_url)
     return create_session_factory(create_db_engine(settings.database_url, settings))
+
+
+# Last: `people` (ops/people_cli.py) reads this module's helpers when it runs.
+from apex_ingest.ops.people_cli import people as _people_group  # noqa: E402
+
+main.add_command(_people_group)

@@ -118,7 +118,7 @@ def linked_visitors(session: Session, project_id: int, user_ids: Sequence[str]) 
                 )
             )
         )
-    found = []
+    found: list[str] = []
     for chunk in _chunks(sorted(candidates)):
         first: dict[str, str] = {}
         for visitor, user in session.execute(
@@ -141,7 +141,7 @@ def _event_conditions(
     for chunk in _chunks(person.visitor_ids):
         conditions.append(and_(Event.project_id == project_id, Event.visitor_id.in_(chunk)))
     for chunk in _chunks(linked):
-        anonymous_or_theirs = Event.user_id.is_(None)
+        anonymous_or_theirs: ColumnElement[bool] = Event.user_id.is_(None)
         if person.user_ids:
             anonymous_or_theirs = or_(anonymous_or_theirs, Event.user_id.in_(person.user_ids))
         conditions.append(
@@ -528,7 +528,8 @@ class SuppressionDirectory:
         cached = self._cache.get(project_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        users, visitors = set(), set()
+        users: set[str] = set()
+        visitors: set[str] = set()
         with self._session_factory() as session:
             for kind, value in session.execute(
                 select(Suppression.kind, Suppression.value).where(

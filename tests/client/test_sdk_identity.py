@@ -1,0 +1,87 @@
+"""identify and alias from both SDK clients against the real service (issue #18): the events
+are stored, the links recorded, and `events_with_user` attributes the visitor's earlier
+anonymous events to the user. `apex-ingest serve` on PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from apex_ingest_sdk import Apex, IngestClient
+from sqlalchemy import create_engine, text
+
+from tests.client.support import Errors
+from tests.conftest import make_project
+from tests.service import running_service
+
+pytestmark = pytest.mark.postgres
+
+
+def query(database_url: str, sql: str) -> list[tuple[Any, ...]]:
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def service(postgres_url: str) -> Iterator[Any]:
+    with running_service(postgres_url) as running:
+        yield running
+
+
+def test_identify_and_alias_from_both_clients(service: Any, postgres_url: str) -> None:
+    key = make_project(postgres_url)
+    errors = Errors()
+    apex = Apex(key, service.base_url, flush_interval=0.2, on_error=errors)
+    apex.track("pageview", "/", visitor_id="v-http", id="anon-http")
+    assert apex.flush(30)
+    apex.identify("u-http", {"plan": "pro"}, visitor_id="v-http", id="identify-http")
+    apex.alias("anon-cookie", "u-http", id="alias-http")
+    assert apex.close(30)
+    assert errors.calls == []
+
+    with IngestClient(service.grpc_target) as client:
+        assert (
+            client.ingest(
+                key, [{"id": "anon-grpc", "type": "click", "url": "/", "visitorId": "v-grpc"}]
+            )
+            == 1
+        )
+        events = [
+            {
+                "id": "identify-grpc",
+                "type": "identify",
+                "visitorId": "v-grpc",
+                "userId": "u-grpc",
+                "data": {"name": "Ada"},
+            },
+            {"id": "alias-grpc", "type": "alias", "previousId": "old-grpc", "userId": "u-grpc"},
+            {"id": "other-grpc", "type": "click", "url": "/"},
+        ]
+        assert client.ingest(key, events, user_id="batch-user") == 3
+
+    stored = dict(query(postgres_url, "SELECT event_id, user_id FROM events"))
+    assert stored == {
+        "anon-http": None,
+        "identify-http": "u-http",
+        "alias-http": "u-http",
+        "anon-grpc": None,
+        "identify-grpc": "u-grpc",
+        "alias-grpc": "u-grpc",
+        "other-grpc": "batch-user",
+    }
+    assert sorted(
+        query(postgres_url, "SELECT visitor_id, user_id, source FROM identity_links")
+    ) == [
+        ("anon-cookie", "u-http", "alias"),
+        ("old-grpc", "u-grpc", "alias"),
+        ("v-grpc", "u-grpc", "identify"),
+        ("v-http", "u-http", "identify"),
+    ]
+    resolved = dict(query(postgres_url, "SELECT event_id, resolved_user_id FROM events_with_user"))
+    assert resolved["anon-http"] == "u-http"
+    assert resolved["anon-grpc"] == "u-grpc"

@@ -2,8 +2,8 @@
 ((w, d) => {
 'use strict';
 const nav = navigator, loc = location, old = w.apex, NUL = /\u0000/g, FIELD = /^(INPUT|SELECT|TEXTAREA)$/;
-const QK = 'apex_q';
-let s, api, key, vid, last, lastRef, timer, ls, busy, tries = 0, off = 1, q = [], extra = [];
+const QK = 'apex_q', UK = 'apex_uid';
+let s, api, key, vid, uid, last, lastRef, timer, ls, busy, tries = 0, off = 1, q = [], extra = [];
 
 const dict = () => Object.create(null);
 const attr = (n) => s && s.getAttribute('data-' + n);
@@ -67,7 +67,7 @@ const flush = () => q.forEach((b) => { try { nav.sendBeacon(api, b); } catch (e)
 const send = (type, data) => {
   type = cut(type, 100).replace(/[\x00-\x1f\x7f-\x9f]/g, '');
   if (!off && type) post(JSON.stringify({
-    type, visitorId: vid, projectKey: key, url: cut(red(href()), 4096), referrer: cut(red(lastRef), 4096),
+    type, visitorId: vid, userId: uid || undefined, projectKey: key, url: cut(red(href()), 4096), referrer: cut(red(lastRef), 4096),
     data: fit(data), timestamp: new Date().toISOString(), id: hex(16)
   }));
 };
@@ -77,17 +77,24 @@ const pv = (force) => {
   send('pageview', {});
 };
 
-const visitor = () => {
-  const k = 'apex_vid';
-  let v, ls;
-  try { ls = w.localStorage; v = ls.getItem(k); } catch (e) {}
-  try { v = v || (/(?:^|; *)apex_vid=([\w-]+)/.exec(d.cookie) || [])[1]; } catch (e) {}
-  if (!/^[\w-]{1,128}$/.test(v || '')) v = hex(16);
-  try { ls.setItem(k, v); } catch (e) {
-    try {
-      d.cookie = k + '=' + v + ';max-age=63072000;path=/;SameSite=Lax' + (loc.protocol == 'https:' ? ';Secure' : '');
-    } catch (x) {}
-  }
+// the one place ids are kept across pages (visitor and user): localStorage, else a first-party cookie
+const load = (k) => {
+  let v;
+  try { v = w.localStorage.getItem(k); } catch (e) {}
+  try { v = v || decodeURIComponent((RegExp('(?:^|; *)' + k + '=([^;]+)').exec(d.cookie) || [])[1] || ''); } catch (e) {}
+  return v || '';
+};
+const store = (k, v) => { // v undefined: forget
+  try { return v ? w.localStorage.setItem(k, v) : w.localStorage.removeItem(k); } catch (e) {}
+  try {
+    d.cookie = k + '=' + encodeURIComponent(v || '') + ';max-age=' + (v ? 63072000 : 0) + ';path=/;SameSite=Lax' +
+      (loc.protocol == 'https:' ? ';Secure' : '');
+  } catch (x) {}
+};
+const visitor = (fresh) => {
+  let v = fresh ? '' : load('apex_vid');
+  if (!/^[\w-]{1,128}$/.test(v)) v = hex(16);
+  store('apex_vid', v);
   return v;
 };
 
@@ -139,10 +146,22 @@ const apex = (cmd, name, data) => {
   try {
     if (cmd == 'track') send(name, data);
     if (cmd == 'pageview') pv(1);
+    if (off) return;
+    // identify: this visitor is the user `name`; events carry the user id until reset
+    if (cmd == 'identify' && name && (name != uid || data)) {
+      store(UK, uid = cut(name, 128));
+      send('identify', data);
+    }
+    if (cmd == 'reset') {
+      store(UK, uid = '');
+      apex.visitorId = vid = visitor(1);
+    }
   } catch (e) {}
 };
 apex.track = (name, data) => apex('track', name, data);
 apex.pageview = () => apex('pageview');
+apex.identify = (id, traits) => apex('identify', id, traits);
+apex.reset = () => apex('reset');
 
 try {
   if (old && old.loaded) return; // the tag is on the page twice
@@ -155,6 +174,7 @@ try {
   if (!key || (attr('respect-dnt') != null && attr('respect-dnt') != 'false' &&
     (nav.doNotTrack == '1' || nav.globalPrivacyControl === true))) return; // nothing stored, nothing sent
   apex.visitorId = vid = visitor();
+  uid = load(UK);
   try { ls = w.localStorage; q = [].concat(JSON.parse(ls.getItem(QK)) || []).slice(-100); } catch (e) {}
   last = href();
   lastRef = d.referrer;

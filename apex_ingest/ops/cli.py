@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
     from sqlalchemy.orm import Session, sessionmaker
 
+    from apex_ingest.server.models import Project
+
 from apex_ingest.common.settings import (
     ConfigError,
     Internal,
@@ -388,8 +390,8 @@ def projects_revoke(key: str) -> None:
     click.echo(f"revoked {key}")
 
 
-def _project_id(session: Session, reference: str) -> tuple[int, frozenset[str]]:
-    """A project named by a public key, its id or its (unique) name: (id, allowed origins)."""
+def _project(session: Session, reference: str) -> Project:
+    """A project named by a public key, its id or its (unique) name."""
     from sqlalchemy import select
 
     from apex_ingest.server import projects as project_store
@@ -407,12 +409,154 @@ def _project_id(session: Session, reference: str) -> tuple[int, frozenset[str]]:
         project = named[0] if named else None
     if project is None:
         raise click.ClickException(f"no project {reference!r} (a public key, an id or a name)")
+    return project
+
+
+def _project_id(session: Session, reference: str) -> tuple[int, frozenset[str]]:
+    """A project named by a public key, its id or its (unique) name: (id, allowed origins)."""
+    project = _project(session, reference)
     return project.id, frozenset(project.allowed_origins)
 
 
 _PROJECT = click.option(
     "--project", "project", required=True, help="The project: a public key, its id or its name."
 )
+
+
+@projects.group("keys")
+def project_keys() -> None:
+    """A project's keys: add, list, revoke (rotation).
+
+    Public keys (pk_live_...) send events; secret keys (sk_live_...) read and administer. A
+    project holds several of each; rotate by adding a new key, moving clients to it, then
+    revoking the old one. A revoked key is refused (401 / UNAUTHENTICATED, like an unknown one)
+    within APEX_PROJECT_CACHE_TTL seconds; events keep their project, whichever key sent them.
+    """
+
+
+_KIND = click.option(
+    "--kind",
+    type=click.Choice(["public", "secret"]),
+    default="public",
+    show_default=True,
+    help="public: sends events; secret: reads and administers.",
+)
+
+
+@project_keys.command("add")
+@_PROJECT
+@_KIND
+@click.option("--label", default="default", show_default=True, help="What you call the key.")
+def project_keys_add(project: str, kind: str, label: str) -> None:
+    """Give the project a new key and print it (a secret key is shown this once)."""
+    from apex_ingest.server import projects as project_store
+
+    if not 1 <= len(label.strip()) <= 200:
+        raise click.BadParameter("a label is 1-200 characters", param_hint="--label")
+    with _session_factory().begin() as session:
+        project_id = _project(session, project).id
+        key = project_store.add_key(session, project_id, kind, label=label.strip())
+    click.echo(key)
+    if kind == project_store.SECRET:
+        click.echo(
+            "secret key shown once (only its SHA-256 is stored): keep it safe; it reads and "
+            "administers this project",
+            err=True,
+        )
+
+
+@project_keys.command("list")
+@_PROJECT
+def project_keys_list(project: str) -> None:
+    """Every key of the project, revoked ones too: id, kind, key, label, created, state.
+
+    A secret key is shown by the start of its SHA-256 (the key itself is never stored).
+    """
+    from apex_ingest.server import projects as project_store
+
+    with _session_factory()() as session:
+        project_id = _project(session, project).id
+        for row in project_store.list_keys(session, project_id):
+            revoked = row.revoked_at
+            state = "active" if revoked is None else f"revoked {revoked:%Y-%m-%d %H:%M:%S}"
+            click.echo(
+                f"{row.id}\\t{row.kind}\\t{project_store.shown_key(row)}\\t{row.label}\\t"
+                f"{row.created_at:%Y-%m-%d %H:%M:%S}\\t{state}"
+            )
+
+
+@project_keys.command("revoke")
+@_PROJECT
+@click.argument("key", required=False)
+@click.option("--id", "key_id", type=int, default=None, help="The key's id (`keys list`).")
+@click.option(
+    "--force",
+    is_flag=True,
+    default=False,
+    help="Revoke even the project's last active key of its kind (it then stops receiving "
+    "events, or cannot be administered with a secret key).",
+)
+def project_keys_revoke(project: str, key: str | None, key_id: int | None, force: bool) -> None:
+    """Revoke one key, given as it is (a public or a secret key) or by --id.
+
+    Refused within APEX_PROJECT_CACHE_TTL seconds; the project's other keys stay valid. The
+    last active key of a kind is kept unless --force: add the new key first.
+    """
+    from apex_ingest.server import projects as project_store
+    from apex_ingest.server.models import ProjectKey
+
+    if (key is None) == (key_id is None):
+        raise click.UsageError("give the key, or --id N")
+    with _session_factory().begin() as session:
+        project_id = _project(session, project).id
+        if key_id is not None:
+            row = session.get(ProjectKey, key_id)
+            if row is not None and row.project_id != project_id:
+                row = None
+        else:
+            assert key is not None
+            row = project_store.find_key(session, project_id, key)
+        if row is None:
+            raise click.ClickException("no such key in this project")
+        try:
+            revoked = project_store.revoke_key_row(session, row, allow_last=force)
+        except project_store.LastKey as error:
+            raise click.ClickException(
+                f"{error}: add a new one first (`projects keys add`), or pass --force"
+            ) from None
+        if not revoked:
+            raise click.ClickException(f"key {row.id} was revoked already")
+        shown = project_store.shown_key(row)
+    click.echo(f"revoked {row.kind} key {key_id or shown} (id {row.id})")
+
+
+def _with_setting_options(command: Any) -> Any:
+    """Attach the options of every row of project_settings.SETTINGS to `command`."""
+    from apex_ingest.ops.project_settings import SETTINGS
+
+    for setting in SETTINGS:
+        command.params.extend(setting.options)
+    return command
+
+
+@_with_setting_options
+@projects.command("update")
+@_PROJECT
+def projects_update(project: str, **values: Any) -> None:
+    """Change a project's settings (see the options); print what changed.
+
+    Takes effect within APEX_PROJECT_CACHE_TTL seconds on running servers, without a restart.
+    """
+    from apex_ingest.ops.project_settings import apply_settings
+
+    with _session_factory().begin() as session:
+        row = _project(session, project)
+        changes = apply_settings(row, values)
+        if not changes:
+            raise click.UsageError("nothing to change: give at least one setting's option")
+        project_id = row.id
+    for name, shown in changes:
+        click.echo(f"project {project_id}: {name} = {shown}")
 
 
 @main.group("dead-letters")

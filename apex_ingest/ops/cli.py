@@ -480,8 +480,8 @@ def project_keys_list(project: str) -> None:
             revoked = row.revoked_at
             state = "active" if revoked is None else f"revoked {revoked:%Y-%m-%d %H:%M:%S}"
             click.echo(
-                f"{row.id}\\t{row.kind}\\t{project_store.shown_key(row)}\\t{row.label}\\t"
-                f"{row.created_at:%Y-%m-%d %H:%M:%S}\\t{state}"
+                f"{row.id}\t{row.kind}\t{project_store.shown_key(row)}\t{row.label}\t"
+                f"{row.created_at:%Y-%m-%d %H:%M:%S}\t{state}"
             )
 
 
@@ -527,7 +527,7 @@ def project_keys_revoke(project: str, key: str | None, key_id: int | None, force
         if not revoked:
             raise click.ClickException(f"key {row.id} was revoked already")
         shown = project_store.shown_key(row)
-    click.echo(f"revoked {row.kind} key {key_id or shown} (id {row.id})")
+    click.echo(f"revoked {row.kind} key {shown} (id {row.id})")
 
 
 def _with_setting_options(command: Any) -> Any:

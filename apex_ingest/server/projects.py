@@ -164,7 +164,7 @@ def list_keys(session: Session, project_id: int) -> Sequence[ProjectKey]:
 def shown_key(row: ProjectKey) -> str:
     """How a key is shown in listings: a public key as it is; a secret key (only its SHA-256
     is stored) as the start of that digest, enough to tell two apart."""
-    return row.key if row.kind == PUBLIC else f"sk_live_… (sha256 {row.key[:12]})"
+    return row.key if row.kind == PUBLIC else f"sk_live_... (sha256 {row.key[:12]})"
 
 
 def find_key(session: Session, project_id: int, key: str) -> ProjectKey | None:

@@ -32,7 +32,7 @@ def ingest_events() -> Response:
     parsed = parsed_body()  # read and parse, once; an error is answered after the rate limit
     outcome = None
     try:
-        outcome = ratelimit.check()  # keyed by the body's projectKey, else the client's IP
+        outcome = ratelimit.check()  # keyed by the key's project (or key), else the client's IP
         if parsed.error is not None:
             raise parsed.error
         assert parsed.payload is not None
@@ -58,6 +58,7 @@ def ingest_events() -> Response:
             error = to_api_error(exc, parsed.payload.snippet)
             if error.code == 401:
                 guard.refused(request.project_key)
+                get_client().known_keys.forget(request.project_key)  # revoked: not the project's
             elif error.code in (400, 403):  # the key was known: only the content was refused
                 guard.accepted(request.project_key)
             raise error from None

@@ -16,10 +16,12 @@ import grpc
 from flask import Flask, current_app
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from apex_ingest.common import key_projects
 from apex_ingest.common.logs import REQUEST_ID_METADATA, request_id_var
 from apex_ingest.common.rpc import SERVICE_NAME, retry_service_config_json
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from gateway.config import get_settings
+from gateway.known_keys import KnownKeys
 
 _EXTENSION_KEY = "apex_gateway.grpc"
 
@@ -67,6 +69,8 @@ class IngestClient:
         self._stubs: list[ingest_pb2_grpc.IngestServiceStub] = []
         self._next = itertools.count()
         self._health: health_pb2_grpc.HealthStub | None = None
+        #: The project of each key the server accepted (per-project rate limits).
+        self.known_keys = KnownKeys()
 
     def _connect(self) -> None:
         pid = os.getpid()
@@ -102,11 +106,13 @@ class IngestClient:
         assert self._ingest is not None
         stub = self._stubs[next(self._next) % len(self._stubs)]
         request_id = request_id_var.get()
-        response: ingest_pb2.IngestEventsResponse = stub.IngestEvents(
+        response: ingest_pb2.IngestEventsResponse
+        response, call = stub.IngestEvents.with_call(
             request,
             timeout=self.timeout,
             metadata=((REQUEST_ID_METADATA, request_id),) if request_id else None,
         )
+        self.known_keys.learn([request.project_key], key_projects.decode(call.trailing_metadata()))
         return response
 
     def ingest_many(
@@ -119,10 +125,15 @@ class IngestClient:
         # Each request's own id is in its context; the call's metadata (the server's log line
         # for the call) carries the first one's, so that a lone request is traced end to end.
         request_id = requests[0].context.request_id if requests else ""
-        response: ingest_pb2.IngestManyResponse = stub.IngestMany(
+        response: ingest_pb2.IngestManyResponse
+        response, call = stub.IngestMany.with_call(
             ingest_pb2.IngestManyRequest(requests=requests),
             timeout=max(0.001, timeout),
             metadata=((REQUEST_ID_METADATA, request_id),) if request_id else None,
+        )
+        self.known_keys.learn(
+            [request.project_key for request in requests],
+            key_projects.decode(call.trailing_metadata()),
         )
         return response.results
 

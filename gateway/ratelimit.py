@@ -1,9 +1,11 @@
 """Per-project rate limits, with the `limits` library (fixed windows).
 
-A request counts once whatever the number of events it carries. The key is the body's
-projectKey, so the key function needs the parsed body: it reuses the one parse of the request
-(cached on flask.g by gateway.request_state). Bodies without a usable projectKey are limited by
-client IP.
+A request counts once whatever the number of events it carries. It counts under its project,
+all the project's keys together, against the project's own limit (`projects update
+--rate-limit`) or APEX_RATE_LIMIT: the server names the project of each key it accepts
+(gateway.known_keys). A key this worker has not seen accepted yet counts under the key itself.
+The key function needs the parsed body: it reuses the one parse of the request (cached on
+flask.g by gateway.request_state). Bodies without a usable projectKey are limited by client IP.
 
 Only POST /api/events counts: its view calls check() after parsing the body (CORS preflights and
 other endpoints never use up the budget). Every counted answer carries
@@ -34,6 +36,7 @@ from limits.strategies import FixedWindowRateLimiter
 from apex_ingest.common.settings import GatewaySettings, Internal
 from gateway import request_state
 from gateway.errors import ApiError
+from gateway.grpc_client import get_client
 from gateway.shared_windows import SharedWindows
 
 log = logging.getLogger(__name__)
@@ -47,11 +50,25 @@ STORAGE_RETRY_SECONDS = 5.0
 _MAX_LOCAL_WINDOWS = 100_000
 
 
-def rate_limit_key() -> str:
+def rate_limit_keys() -> list[tuple[str, str]]:
+    """What to count the request under: (name, the project's own limit or "" for the default).
+
+    A key the server said belongs to project N counts under `project:N`, all the project's keys
+    together (gateway.known_keys), and under `key:KEY` against the same limit; a key not known
+    yet only under `key:KEY` (the default limit); no usable key: the client's IP. Counting every
+    key under itself too keeps a project with one key exact: its first request, counted before
+    the server named the project, is in the key's window.
+    """
     project_key = request_state.parsed_body().project_key
     if project_key and len(project_key) <= _MAX_KEY_LENGTH:
-        return f"project:{project_key}"
-    return f"ip:{request_state.client_ip()}"
+        known = get_client().known_keys.project_of(project_key)
+        if known is not None:
+            return [
+                (f"project:{known.project_id}", known.rate_limit),
+                (f"key:{project_key}", known.rate_limit),
+            ]
+        return [(f"key:{project_key}", "")]
+    return [(f"ip:{request_state.client_ip()}", "")]
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,25 +98,44 @@ class RateLimiter:
         self._machine = SharedWindows(shared_file) if shared_file else None
         self._lock = threading.Lock()
         self._windows: dict[str, list[float]] = {}  # key -> [expires at, hits]
+        #: Projects' own limits, parsed once per text ("" and unparsable: the default).
+        self._parsed: dict[str, list[RateLimitItem]] = {"": self.limits}
 
-    def hit(self, key: str) -> _Outcome:
+    def limits_for(self, text: str) -> list[RateLimitItem]:
+        """A project's own limit (text as the server sent it), or the default."""
+        parsed = self._parsed.get(text)
+        if parsed is None:
+            try:
+                parsed = parse_many(text) or self.limits
+            except ValueError:
+                log.warning("a project's rate limit %r cannot be parsed; using the default", text)
+                parsed = self.limits
+            with self._lock:
+                if len(self._parsed) > 1000:  # a few distinct limits in practice
+                    self._parsed = {"": self.limits}
+                self._parsed[text] = parsed
+        return parsed
+
+    def hit(self, key: str, own_limit: str = "") -> _Outcome:
+        """Count one hit under `key` against `own_limit` (a project's) or the default."""
+        limits = self.limits_for(own_limit) if own_limit else self.limits
         if self._shared is None or (
             self._shared_down_until and time.monotonic() < self._shared_down_until
         ):
-            return self._hit_local(key)
+            return self._hit_local(key, limits)
         try:
-            return self._hit(self._shared, key)
+            return self._hit(self._shared, key, limits)
         except Exception as error:
             with self._lock:
                 if time.monotonic() >= self._shared_down_until:
                     log.warning("rate-limit storage failed (%r); limiting per process", error)
                 self._shared_down_until = time.monotonic() + STORAGE_RETRY_SECONDS
-            return self._hit_local(key)
+            return self._hit_local(key, limits)
 
-    def _hit_local(self, key: str) -> _Outcome:
+    def _hit_local(self, key: str, limits: list[RateLimitItem]) -> _Outcome:
         now = time.time()
         reported: _Outcome | None = None
-        for limit in self.limits:
+        for limit in limits:
             name = limit.key_for(_KEY_PREFIX, key)
             counted = None
             if self._machine is not None:
@@ -123,9 +159,11 @@ class RateLimiter:
             window[1] += 1
             return window[0], int(window[1])
 
-    def _hit(self, strategy: FixedWindowRateLimiter, key: str) -> _Outcome:
+    def _hit(
+        self, strategy: FixedWindowRateLimiter, key: str, limits: list[RateLimitItem]
+    ) -> _Outcome:
         reported: _Outcome | None = None
-        for limit in self.limits:
+        for limit in limits:
             allowed = strategy.hit(limit, _KEY_PREFIX, key)
             stats = strategy.get_window_stats(limit, _KEY_PREFIX, key)
             outcome = _Outcome(limit, max(0, stats.remaining), stats.reset_time, allowed)
@@ -152,11 +190,16 @@ def check() -> _Outcome:
     """Count the current request (a POST to /api/events, called by its view); ApiError 429
     with Retry-After if over a limit. The outcome goes on every answer (add_headers)."""
     limiter: RateLimiter = current_app.extensions[_EXTENSION_KEY]
-    outcome = limiter.hit(rate_limit_key())
-    if not outcome.allowed:
-        retry_after = max(1, math.ceil(outcome.reset_at - time.time()))
-        raise RateLimited(outcome, retry_after)
-    return outcome
+    reported: _Outcome | None = None
+    for key, own_limit in rate_limit_keys():
+        outcome = limiter.hit(key, own_limit)
+        if not outcome.allowed:
+            retry_after = max(1, math.ceil(outcome.reset_at - time.time()))
+            raise RateLimited(outcome, retry_after)
+        if reported is None or outcome.remaining < reported.remaining:
+            reported = outcome
+    assert reported is not None
+    return reported
 
 
 class RateLimited(ApiError):

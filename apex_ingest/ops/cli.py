@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
     from sqlalchemy.orm import Session, sessionmaker
 
+    from apex_ingest.server.models import Project
+
 from apex_ingest.common.settings import (
     ConfigError,
     Internal,
@@ -388,8 +390,8 @@ def projects_revoke(key: str) -> None:
     click.echo(f"revoked {key}")
 
 
-def _project_id(session: Session, reference: str) -> tuple[int, frozenset[str]]:
-    """A project named by a public key, its id or its (unique) name: (id, allowed origins)."""
+def _project(session: Session, reference: str) -> Project:
+    """A project named by a public key, its id or its (unique) name."""
     from sqlalchemy import select
 
     from apex_ingest.server import projects as project_store
@@ -407,12 +409,154 @@ def _project_id(session: Session, reference: str) -> tuple[int, frozenset[str]]:
         project = named[0] if named else None
     if project is None:
         raise click.ClickException(f"no project {reference!r} (a public key, an id or a name)")
+    return project
+
+
+def _project_id(session: Session, reference: str) -> tuple[int, frozenset[str]]:
+    """A project named by a public key, its id or its (unique) name: (id, allowed origins)."""
+    project = _project(session, reference)
     return project.id, frozenset(project.allowed_origins)
 
 
 _PROJECT = click.option(
     "--project", "project", required=True, help="The project: a public key, its id or its name."
 )
+
+
+@projects.group("keys")
+def project_keys() -> None:
+    """A project's keys: add, list, revoke (rotation).
+
+    Public keys (pk_live_...) send events; secret keys (sk_live_...) read and administer. A
+    project holds several of each; rotate by adding a new key, moving clients to it, then
+    revoking the old one. A revoked key is refused (401 / UNAUTHENTICATED, like an unknown one)
+    within APEX_PROJECT_CACHE_TTL seconds; events keep their project, whichever key sent them.
+    """
+
+
+_KIND = click.option(
+    "--kind",
+    type=click.Choice(["public", "secret"]),
+    default="public",
+    show_default=True,
+    help="public: sends events; secret: reads and administers.",
+)
+
+
+@project_keys.command("add")
+@_PROJECT
+@_KIND
+@click.option("--label", default="default", show_default=True, help="What you call the key.")
+def project_keys_add(project: str, kind: str, label: str) -> None:
+    """Give the project a new key and print it (a secret key is shown this once)."""
+    from apex_ingest.server import projects as project_store
+
+    if not 1 <= len(label.strip()) <= 200:
+        raise click.BadParameter("a label is 1-200 characters", param_hint="--label")
+    with _session_factory().begin() as session:
+        project_id = _project(session, project).id
+        key = project_store.add_key(session, project_id, kind, label=label.strip())
+    click.echo(key)
+    if kind == project_store.SECRET:
+        click.echo(
+            "secret key shown once (only its SHA-256 is stored): keep it safe; it reads and "
+            "administers this project",
+            err=True,
+        )
+
+
+@project_keys.command("list")
+@_PROJECT
+def project_keys_list(project: str) -> None:
+    """Every key of the project, revoked ones too: id, kind, key, label, created, state.
+
+    A secret key is shown by the start of its SHA-256 (the key itself is never stored).
+    """
+    from apex_ingest.server import projects as project_store
+
+    with _session_factory()() as session:
+        project_id = _project(session, project).id
+        for row in project_store.list_keys(session, project_id):
+            revoked = row.revoked_at
+            state = "active" if revoked is None else f"revoked {revoked:%Y-%m-%d %H:%M:%S}"
+            click.echo(
+                f"{row.id}\t{row.kind}\t{project_store.shown_key(row)}\t{row.label}\t"
+                f"{row.created_at:%Y-%m-%d %H:%M:%S}\t{state}"
+            )
+
+
+@project_keys.command("revoke")
+@_PROJECT
+@click.argument("key", required=False)
+@click.option("--id", "key_id", type=int, default=None, help="The key's id (`keys list`).")
+@click.option(
+    "--force",
+    is_flag=True,
+    default=False,
+    help="Revoke even the project's last active key of its kind (it then stops receiving "
+    "events, or cannot be administered with a secret key).",
+)
+def project_keys_revoke(project: str, key: str | None, key_id: int | None, force: bool) -> None:
+    """Revoke one key, given as it is (a public or a secret key) or by --id.
+
+    Refused within APEX_PROJECT_CACHE_TTL seconds; the project's other keys stay valid. The
+    last active key of a kind is kept unless --force: add the new key first.
+    """
+    from apex_ingest.server import projects as project_store
+    from apex_ingest.server.models import ProjectKey
+
+    if (key is None) == (key_id is None):
+        raise click.UsageError("give the key, or --id N")
+    with _session_factory().begin() as session:
+        project_id = _project(session, project).id
+        if key_id is not None:
+            row = session.get(ProjectKey, key_id)
+            if row is not None and row.project_id != project_id:
+                row = None
+        else:
+            assert key is not None
+            row = project_store.find_key(session, project_id, key)
+        if row is None:
+            raise click.ClickException("no such key in this project")
+        try:
+            revoked = project_store.revoke_key_row(session, row, allow_last=force)
+        except project_store.LastKey as error:
+            raise click.ClickException(
+                f"{error}: add a new one first (`projects keys add`), or pass --force"
+            ) from None
+        if not revoked:
+            raise click.ClickException(f"key {row.id} was revoked already")
+        shown = project_store.shown_key(row)
+    click.echo(f"revoked {row.kind} key {shown} (id {row.id})")
+
+
+def _with_setting_options(command: Any) -> Any:
+    """Attach the options of every row of project_settings.SETTINGS to `command`."""
+    from apex_ingest.ops.project_settings import SETTINGS
+
+    for setting in SETTINGS:
+        command.params.extend(setting.options)
+    return command
+
+
+@_with_setting_options
+@projects.command("update")
+@_PROJECT
+def projects_update(project: str, **values: Any) -> None:
+    """Change a project's settings (see the options); print what changed.
+
+    Takes effect within APEX_PROJECT_CACHE_TTL seconds on running servers, without a restart.
+    """
+    from apex_ingest.ops.project_settings import apply_settings
+
+    with _session_factory().begin() as session:
+        row = _project(session, project)
+        changes = apply_settings(row, values)
+        if not changes:
+            raise click.UsageError("nothing to change: give at least one setting's option")
+        project_id = row.id
+    for name, shown in changes:
+        click.echo(f"project {project_id}: {name} = {shown}")
 
 
 @main.group("dead-letters")
@@ -533,71 +677,237 @@ def events() -> None:
     """A project's events."""
 
 
-@events.command("tail")
-@click.option(
-    "--secret-key",
-    prompt="Secret key",
-    hide_input=True,
-    help="One of the project's secret keys (sk_live_...); asked for when not given.",
-)
-@click.option("--target", default=None, help="The gRPC server (default: APEX_GRPC_TARGET's).")
-@click.option("--backlog", type=click.IntRange(0, 100), default=10, show_default=True)
-def events_tail(secret_key: str, target: str | None, backlog: int) -> None:
-    """Follow the events stored for the project of --secret-key, and its dead letters.
+def _feed_options(command: Any) -> Any:
+    """The options `events list` and `events tail` share: the key, the server, the filters."""
+    options = [
+        click.option(
+            "--secret-key",
+            prompt="Secret key",
+            hide_input=True,
+            help="One of the project's secret keys (sk_live_...); asked for when not given.",
+        ),
+        click.option(
+            "--project",
+            default=None,
+            help="Check that the key is this project's (a public key, its id or its name).",
+        ),
+        click.option(
+            "--target", default=None, help="The gRPC server (default: APEX_GRPC_TARGET's)."
+        ),
+        click.option("--type", "event_type", default=None, help="Only events of this type."),
+        click.option("--visitor", default=None, help="Only events of this visitor id."),
+        click.option("--user", default=None, help="Only events of this user id."),
+        click.option(
+            "--since",
+            default=None,
+            help="Only those received since: an ISO 8601 time (UTC without an offset) or an "
+            "age like 30s, 15m, 2h, 7d.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-    One line each, as they are committed (whichever server stored them), until Ctrl-C. Uses
-    ProjectService.TailEvents: the same live feed as the debugger page.
-    """
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _since(text: str | None) -> Any:
+    """--since as a protobuf Timestamp, or None."""
+    import re
+    from datetime import UTC, datetime, timedelta
+
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    if text is None:
+        return None
+    age = re.fullmatch(r"\s*(\d{1,9})\s*([smhd])\s*", text)
+    if age:
+        moment = datetime.now(UTC) - timedelta(seconds=int(age[1]) * _AGE_UNITS[age[2]])
+    else:
+        try:
+            moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise click.BadParameter(
+                "an ISO 8601 time (2026-12-02T10:00:00Z) or an age (30s, 15m, 2h, 7d)",
+                param_hint="--since",
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+    stamp = Timestamp()
+    stamp.FromDatetime(moment)
+    return stamp
+
+
+def _feed_line(item: Any) -> tuple[str, int, int]:
+    """One line for a TailEventsResponse, and the event / dead letter id it carries (or 0)."""
     import json
 
+    if item.HasField("event"):
+        event = item.event
+        return (
+            f"{event.received_at.ToDatetime():%Y-%m-%d %H:%M:%S}\tevent\t{event.type}\t"
+            f"{event.visitor_id or '-'}\t{event.user_id or '-'}\t{event.url}\t{event.data}",
+            event.id,
+            0,
+        )
+    letter = item.dead_letter
+    reasons = "; ".join(f"{v.field}: {v.description}" for v in letter.violations)
+    kept = json.loads(letter.event_json)
+    return (
+        f"{letter.received_at.ToDatetime():%Y-%m-%d %H:%M:%S}\trejected\t"
+        f"{kept.get('type', '')}\t{kept.get('visitor_id') or '-'}\t{letter.user_id or '-'}\t"
+        f"{kept.get('url', '')}\t{reasons or letter.reason}",
+        0,
+        letter.id,
+    )
+
+
+@contextlib.contextmanager
+def _project_stub(
+    secret_key: str, target: str | None, project: str | None
+) -> Iterator[tuple[Any, tuple[tuple[str, str]]]]:
+    """A ProjectService stub and the call metadata; with --project, the key checked first."""
     import grpc as grpc_lib
 
     from apex_ingest.common.settings import GatewaySettings
     from apex_ingest.v1 import project_pb2, project_pb2_grpc
 
     address = target or load(GatewaySettings).grpc_target
-    after_event = after_letter = 0
+    metadata = (("authorization", f"Bearer {secret_key}"),)
     with grpc_lib.insecure_channel(address) as channel:
         stub = project_pb2_grpc.ProjectServiceStub(channel)  # type: ignore[no-untyped-call]
+        if project is not None:
+            try:
+                info = stub.GetProject(
+                    project_pb2.GetProjectRequest(), metadata=metadata, timeout=10
+                )
+            except grpc_lib.RpcError as error:
+                raise click.ClickException(error.details() or error.code().name) from None
+            names = {str(info.id), info.name, *info.public_keys}
+            if project not in names:
+                raise click.ClickException(
+                    f"this secret key is project {info.id} ({info.name!r})'s, not {project!r}"
+                )
+        yield stub, metadata
+
+
+def _feed_request(
+    event_type: str | None, visitor: str | None, user: str | None, since: str | None, **more: Any
+) -> Any:
+    from apex_ingest.v1 import project_pb2
+
+    request = project_pb2.TailEventsRequest(
+        type=event_type or "", visitor_id=visitor or "", user_id=user or "", **more
+    )
+    moment = _since(since)
+    if moment is not None:
+        request.since.CopyFrom(moment)
+    return request
+
+
+_FATAL_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT")
+
+
+@events.command("list")
+@_feed_options
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=50,
+    show_default=True,
+    help="The newest this many events, oldest first.",
+)
+@click.option(
+    "--rejected/--no-rejected",
+    default=False,
+    show_default=True,
+    help="Also the events of refused requests (dead letters; only without --type, --visitor, "
+    "--user).",
+)
+def events_list(
+    secret_key: str,
+    project: str | None,
+    target: str | None,
+    event_type: str | None,
+    visitor: str | None,
+    user: str | None,
+    since: str | None,
+    limit: int,
+    rejected: bool,
+) -> None:
+    """The newest events stored for the project of --secret-key, oldest first, then exit.
+
+    One line each: received, kind, type, visitor, user, url, data. Reads
+    ProjectService.TailEvents (backlog_only): the same feed as `events tail` and the debugger.
+    """
+    import grpc as grpc_lib
+
+    request = _feed_request(
+        event_type, visitor, user, since, backlog=limit, backlog_only=True, events_only=not rejected
+    )
+    with _project_stub(secret_key, target, project) as (stub, metadata):
+        try:
+            for item in stub.TailEvents(request, metadata=metadata, timeout=60):
+                click.echo(_feed_line(item)[0])
+        except grpc_lib.RpcError as error:
+            raise click.ClickException(error.details() or error.code().name) from None
+
+
+@events.command("tail")
+@_feed_options
+@click.option("--backlog", type=click.IntRange(0, 100), default=10, show_default=True)
+@click.option(
+    "--rejected/--no-rejected",
+    default=True,
+    show_default=True,
+    help="Also the events of refused requests (dead letters; only without --type, --visitor, "
+    "--user).",
+)
+def events_tail(
+    secret_key: str,
+    project: str | None,
+    target: str | None,
+    event_type: str | None,
+    visitor: str | None,
+    user: str | None,
+    since: str | None,
+    backlog: int,
+    rejected: bool,
+) -> None:
+    """Follow the events stored for the project of --secret-key, and its dead letters.
+
+    One line each (received, kind, type, visitor, user, url, data or reasons), as they are
+    committed (whichever server stored them), until Ctrl-C. Uses ProjectService.TailEvents:
+    the same live feed as the debugger page.
+    """
+    import time
+
+    import grpc as grpc_lib
+
+    after_event = after_letter = 0
+    with _project_stub(secret_key, target, project) as (stub, metadata):
         while True:
-            request = project_pb2.TailEventsRequest(
+            request = _feed_request(
+                event_type,
+                visitor,
+                user,
+                since,
                 after_event_id=after_event,
                 after_dead_letter_id=after_letter,
                 backlog=backlog if not (after_event or after_letter) else 0,
+                events_only=not rejected,
             )
             try:
-                for item in stub.TailEvents(
-                    request, metadata=(("authorization", f"Bearer {secret_key}"),)
-                ):
-                    if item.HasField("event"):
-                        event = item.event
-                        after_event = max(after_event, event.id)
-                        click.echo(
-                            f"{event.received_at.ToDatetime():%H:%M:%S}\tevent\t{event.type}\t"
-                            f"{event.visitor_id or '-'}\t{event.url}\t{event.data}"
-                        )
-                    else:
-                        letter = item.dead_letter
-                        after_letter = max(after_letter, letter.id)
-                        reasons = "; ".join(
-                            f"{v.field}: {v.description}" for v in letter.violations
-                        )
-                        kept = json.loads(letter.event_json)
-                        click.echo(
-                            f"{letter.received_at.ToDatetime():%H:%M:%S}\trejected\t"
-                            f"{kept.get('type', '')}\t{kept.get('visitor_id') or '-'}\t"
-                            f"{kept.get('url', '')}\t{reasons or letter.reason}"
-                        )
+                for item in stub.TailEvents(request, metadata=metadata):
+                    line, event_id, letter_id = _feed_line(item)
+                    after_event = max(after_event, event_id)
+                    after_letter = max(after_letter, letter_id)
+                    click.echo(line)
             except grpc_lib.RpcError as error:
-                if error.code() in (
-                    grpc_lib.StatusCode.UNAUTHENTICATED,
-                    grpc_lib.StatusCode.PERMISSION_DENIED,
-                    grpc_lib.StatusCode.INVALID_ARGUMENT,
-                ):
+                if error.code().name in _FATAL_CODES:
                     raise click.ClickException(error.details() or error.code().name) from None
                 click.echo(f"(feed interrupted: {error.code().name}; reconnecting)", err=True)
-                import time
-
                 time.sleep(1)
             if not (after_event or after_letter):
                 backlog = 0

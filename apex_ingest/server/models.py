@@ -62,6 +62,9 @@ class Project(Base):
         JSON().with_variant(JSONB(), "postgresql"), nullable=True
     )
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The project's own gateway rate limit, e.g. "100/second;5000/hour", all its keys together
+    # (migration 0009); null: APEX_RATE_LIMIT.
+    rate_limit: Mapped[str | None] = mapped_column(String(200), nullable=True)
 
 
 class ProjectKey(Base):

@@ -28,8 +28,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.server import deadletters
-from apex_ingest.server.models import DeadLetter, Event
-from apex_ingest.server.projects import ProjectDirectory, ProjectInfo
+from apex_ingest.server.models import DeadLetter, Event, Project
+from apex_ingest.server.projects import ProjectDirectory, ProjectInfo, active_public_keys
 from apex_ingest.server.storage import UNAVAILABLE_ERRORS
 from apex_ingest.v1 import ingest_pb2, project_pb2, project_pb2_grpc
 
@@ -46,6 +46,8 @@ MAX_TAILS = 8
 _LATE_COMMIT_WINDOW = timedelta(seconds=15)
 _BATCH = 500
 _MAX_BACKLOG = 100
+#: With `backlog_only` (a listing, not a tail) a call may ask for more at once.
+_MAX_LISTED = 1000
 _MAX_IDS = 1000
 
 
@@ -194,20 +196,47 @@ class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):
         finally:
             self._tails.release()
 
+    def GetProject(
+        self, request: project_pb2.GetProjectRequest, context: grpc.ServicerContext
+    ) -> project_pb2.GetProjectResponse:
+        project = authenticate(context, self._projects)
+        try:
+            with self._session_factory() as session:
+                row = session.get(Project, project.id)
+                assert row is not None  # projects are never deleted
+                return project_pb2.GetProjectResponse(
+                    id=row.id,
+                    name=row.name,
+                    allowed_origins=sorted(row.allowed_origins or ()),
+                    redact_params=sorted(row.redact_params or ()),
+                    rate_limit=row.rate_limit or "",
+                    public_keys=active_public_keys(session, row.id),
+                )
+        except UNAVAILABLE_ERRORS:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
+            raise  # not reached: abort raises
+
     def _tail(
         self,
         project_id: int,
         request: project_pb2.TailEventsRequest,
         context: grpc.ServicerContext,
     ) -> Iterator[project_pb2.TailEventsResponse]:
-        backlog = max(0, min(request.backlog, _MAX_BACKLOG))
-        feeds = [
-            _Feed(Event, Event.id, request.after_event_id, "event"),
-            _Feed(DeadLetter, DeadLetter.id, request.after_dead_letter_id, "dead_letter"),
-        ]
+        limit = _MAX_LISTED if request.backlog_only else _MAX_BACKLOG
+        backlog = max(0, min(request.backlog, limit))
+        if request.backlog_only and backlog == 0:
+            backlog = 100
+        feeds = _feeds(request)
         with self._session_factory() as session:
             for feed in feeds:
                 feed.start(session, project_id, backlog)
+            if request.backlog_only:
+                listed = [
+                    item for feed in feeds for item in feed.listing(session, project_id, backlog)
+                ]
+                for _, item in sorted(listed, key=lambda pair: pair[0]):
+                    yield item
+                return
         ends = time.monotonic() + self._max_tail_seconds
         while context.is_active() and time.monotonic() < ends:
             items: list[tuple[datetime, project_pb2.TailEventsResponse]] = []
@@ -222,6 +251,37 @@ class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):
             time.sleep(self._poll_interval)
 
 
+def _feeds(request: project_pb2.TailEventsRequest) -> list[_Feed]:
+    """The feeds a tail reads, with the request's filters as SQL conditions."""
+    since: list[Any] = []
+    if request.HasField("since"):
+        moment = request.since.ToDatetime(tzinfo=UTC)
+        since = [Event.received_at >= moment]
+        letters_since = [DeadLetter.received_at >= moment]
+    else:
+        letters_since = []
+    chosen = [
+        *since,
+        *([Event.type == request.type] if request.type else []),
+        *([Event.visitor_id == request.visitor_id] if request.visitor_id else []),
+        *([Event.user_id == request.user_id] if request.user_id else []),
+    ]
+    feeds = [_Feed(Event, Event.id, request.after_event_id, "event", chosen)]
+    # Dead letters are refused requests, not events of a type or a person: a filter on those
+    # leaves them out (the proto says so).
+    if not (request.events_only or request.type or request.visitor_id or request.user_id):
+        feeds.append(
+            _Feed(
+                DeadLetter,
+                DeadLetter.id,
+                request.after_dead_letter_id,
+                "dead_letter",
+                letters_since,
+            )
+        )
+    return feeds
+
+
 class _Feed:
     """New rows of one table for one project, each sent once (see the module's docstring).
 
@@ -230,11 +290,15 @@ class _Feed:
     cursor (an index range) and skips those already sent.
     """
 
-    def __init__(self, table: Any, id_column: Any, after: int, kind: str) -> None:
+    def __init__(
+        self, table: Any, id_column: Any, after: int, kind: str, filters: list[Any] | None = None
+    ) -> None:
         self.table = table
         self.id_column = id_column
         self.cursor = after
         self.kind = kind
+        #: SQL conditions a row must meet (the request's filters).
+        self.filters = filters or []
         #: Ids sent (or already there at the start) above the floor.
         self.seen: set[int] = set()
         #: (time.monotonic(), cursor) of past polls: the floor is the cursor of one window ago.
@@ -244,13 +308,33 @@ class _Feed:
         if self.cursor <= 0:
             newest = session.scalars(
                 select(self.id_column)
-                .where(self.table.project_id == project_id)
+                .where(self.table.project_id == project_id, *self.filters)
                 .order_by(self.id_column.desc())
                 .offset(backlog)
                 .limit(1)
             ).first()
             self.cursor = int(newest) if newest is not None else 0
         self.history.append((time.monotonic(), self.cursor))
+
+    def listing(
+        self, session: Session, project_id: int, limit: int
+    ) -> list[tuple[datetime, project_pb2.TailEventsResponse]]:
+        """At most `limit` committed rows after the cursor, once (`backlog_only`)."""
+        rows = session.scalars(
+            select(self.table)
+            .where(self.table.project_id == project_id, self.id_column > self.cursor, *self.filters)
+            .order_by(self.id_column)
+            .limit(limit)
+        ).all()
+        return [self._item(row) for row in rows]
+
+    def _item(self, row: Any) -> tuple[datetime, project_pb2.TailEventsResponse]:
+        received = row.received_at
+        if received.tzinfo is None:
+            received = received.replace(tzinfo=UTC)
+        if self.kind == "event":
+            return received, project_pb2.TailEventsResponse(event=event_message(row))
+        return received, project_pb2.TailEventsResponse(dead_letter=dead_letter_message(row))
 
     def poll(
         self, session: Session, project_id: int
@@ -262,7 +346,7 @@ class _Feed:
         floor = self.history[0][1]
         rows = session.scalars(
             select(self.table)
-            .where(self.table.project_id == project_id, self.id_column > floor)
+            .where(self.table.project_id == project_id, self.id_column > floor, *self.filters)
             .order_by(self.id_column)
             .limit(_BATCH)
         ).all()
@@ -271,15 +355,8 @@ class _Feed:
             if row.id in self.seen:
                 continue
             self.seen.add(row.id)
-            received = row.received_at
-            if received.tzinfo is None:
-                received = received.replace(tzinfo=UTC)
             self.cursor = max(self.cursor, row.id)
-            if self.kind == "event":
-                item = project_pb2.TailEventsResponse(event=event_message(row))
-            else:
-                item = project_pb2.TailEventsResponse(dead_letter=dead_letter_message(row))
-            found.append((received, item))
+            found.append(self._item(row))
         self.history.append((now, self.cursor))
         self.seen = {i for i in self.seen if i > floor}
         return found

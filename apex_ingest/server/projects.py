@@ -154,6 +154,83 @@ def add_key(
     return plain
 
 
+def list_keys(session: Session, project_id: int) -> Sequence[ProjectKey]:
+    """Every key of a project, revoked ones too, oldest first."""
+    return session.scalars(
+        select(ProjectKey).where(ProjectKey.project_id == project_id).order_by(ProjectKey.id)
+    ).all()
+
+
+def shown_key(row: ProjectKey) -> str:
+    """How a key is shown in listings: a public key as it is; a secret key (only its SHA-256
+    is stored) as the start of that digest, enough to tell two apart."""
+    return row.key if row.kind == PUBLIC else f"sk_live_... (sha256 {row.key[:12]})"
+
+
+def find_key(session: Session, project_id: int, key: str) -> ProjectKey | None:
+    """The project's key row for `key`, a public key or a secret key given in plain."""
+    return session.scalars(
+        select(ProjectKey).where(
+            ProjectKey.project_id == project_id,
+            ((ProjectKey.kind == PUBLIC) & (ProjectKey.key == key))
+            | ((ProjectKey.kind == SECRET) & (ProjectKey.key == secret_digest(key))),
+        )
+    ).first()
+
+
+class LastKey(ValueError):
+    """Revoking this key would leave the project without an active key of its kind."""
+
+
+def revoke_key_row(session: Session, row: ProjectKey, allow_last: bool = False) -> bool:
+    """Revoke one key row; False if it was revoked already.
+
+    Unless `allow_last`, refuses (LastKey) to revoke a project's last active key of a kind:
+    rotation adds the new key first, and a project left without a public key stops receiving
+    events (with `allow_last` that is what the owner asks for).
+    """
+    if row.revoked_at is not None:
+        return False
+    if not allow_last:
+        others = session.scalars(
+            select(ProjectKey.id).where(
+                ProjectKey.project_id == row.project_id,
+                ProjectKey.kind == row.kind,
+                ProjectKey.revoked_at.is_(None),
+                ProjectKey.id != row.id,
+            )
+        ).first()
+        if others is None:
+            raise LastKey(f"this is the project's last active {row.kind} key")
+    row.revoked_at = datetime.now(UTC)
+    return True
+
+
+class InvalidRateLimit(ValueError):
+    """A per-project rate limit the gateway could not parse."""
+
+
+#: The stored text of a rate limit is at most this long (projects.rate_limit).
+MAX_RATE_LIMIT_CHARS = 200
+
+
+def check_rate_limit(text: str) -> str:
+    """`text` stripped if it is a rate limit like `100/second;5000/hour` (APEX_RATE_LIMIT's
+    syntax, parsed as the gateway parses it); InvalidRateLimit otherwise."""
+    from limits import parse_many  # the gateway's parser: what it accepts, and nothing else
+
+    cleaned = text.strip()
+    try:
+        parsed = parse_many(cleaned) if cleaned.isascii() else []
+    except ValueError:
+        parsed = []
+    if not parsed or len(cleaned) > MAX_RATE_LIMIT_CHARS:
+        raise InvalidRateLimit(
+            f"a rate limit is like 100/second or 100/second;5000/hour, not {text!r}"
+        )
+    return cleaned
+
+
 def list_projects(session: Session) -> Sequence[Project]:
     return session.scalars(select(Project).order_by(Project.id)).all()
 
@@ -208,6 +285,8 @@ class ProjectInfo:
     #: The project's own query parameter names to redact (lower case), beside the built-in list.
     redact_params: frozenset[str] = frozenset()
     name: str = ""
+    #: The project's own gateway rate limit (e.g. "100/second"); None: APEX_RATE_LIMIT.
+    rate_limit: str | None = None
 
     def allows_origin(self, origin: str) -> bool:
         if not self.allowed_origins or not origin:
@@ -264,6 +343,7 @@ class ProjectDirectory:
                     _normalized_origins(project.allowed_origins),
                     normalize_names(project.redact_params or ()),
                     project.name,
+                    project.rate_limit or None,
                 )
                 if project is not None
                 else None

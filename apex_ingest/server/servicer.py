@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import grpc
 
+from apex_ingest.common import key_projects
 from apex_ingest.common.logs import (
     REQUEST_ID_METADATA,
     access_log_enabled,
@@ -95,6 +96,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             if not request.validate_only:
                 _count_accepted(project, outcome)
             self._keep_rejected(request, outcome)
+            context.set_trailing_metadata(
+                ((key_projects.PROJECTS_METADATA, self._projects_of([(request, outcome)])),)
+            )
             return ingest_pb2.IngestEventsResponse(
                 received=outcome.received, rejected=_rejected_messages(outcome)
             )
@@ -135,6 +139,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 outcomes = [IngestError() for _ in request.requests]
             for sub, outcome in zip(request.requests, outcomes, strict=True):
                 results.append(self._result(sub, outcome))
+            context.set_trailing_metadata(
+                (
+                    (
+                        key_projects.PROJECTS_METADATA,
+                        self._projects_of(list(zip(request.requests, outcomes, strict=True))),
+                    ),
+                )
+            )
             return ingest_pb2.IngestManyResponse(results=results)
         finally:
             _finished(
@@ -193,6 +205,24 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 redact_params=self._redact_params(request.project_key),
                 only=[index for index, _ in outcome.rejected],
             )
+
+    def _projects_of(
+        self, answered: list[tuple[ingest_pb2.IngestEventsRequest, Outcome | IngestError]]
+    ) -> str:
+        """The `x-apex-projects` metadata of an answer (apex_ingest.common.key_projects): the
+        project and rate limit of each accepted request's key, for the gateway's limits."""
+        entries: list[key_projects.KeyProject | None] = []
+        for request, outcome in answered:
+            entry = None
+            if isinstance(outcome, Outcome) and outcome.project_id is not None:
+                try:
+                    project = self._projects.lookup(request.project_key)  # just looked up: cached
+                except Exception:  # the database may be gone: the caller then limits by key
+                    project = None
+                if project is not None and project.id == outcome.project_id:
+                    entry = key_projects.KeyProject(project.id, project.rate_limit or "")
+            entries.append(entry)
+        return key_projects.encode(entries)
 
     def _redact_params(self, key: str) -> frozenset[str]:
         """The project's own secret parameter names (its key was just looked up: cached)."""

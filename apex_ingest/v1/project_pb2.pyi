@@ -81,14 +81,46 @@ class PurgeDeadLettersResponse(_message.Message):
     def __init__(self, purged: _Optional[int] = ...) -> None: ...
 
 class TailEventsRequest(_message.Message):
-    __slots__ = ("after_event_id", "after_dead_letter_id", "backlog")
+    __slots__ = ("after_event_id", "after_dead_letter_id", "backlog", "type", "visitor_id", "user_id", "since", "backlog_only", "events_only")
     AFTER_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     AFTER_DEAD_LETTER_ID_FIELD_NUMBER: _ClassVar[int]
     BACKLOG_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    VISITOR_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_FIELD_NUMBER: _ClassVar[int]
+    BACKLOG_ONLY_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_ONLY_FIELD_NUMBER: _ClassVar[int]
     after_event_id: int
     after_dead_letter_id: int
     backlog: int
-    def __init__(self, after_event_id: _Optional[int] = ..., after_dead_letter_id: _Optional[int] = ..., backlog: _Optional[int] = ...) -> None: ...
+    type: str
+    visitor_id: str
+    user_id: str
+    since: _timestamp_pb2.Timestamp
+    backlog_only: bool
+    events_only: bool
+    def __init__(self, after_event_id: _Optional[int] = ..., after_dead_letter_id: _Optional[int] = ..., backlog: _Optional[int] = ..., type: _Optional[str] = ..., visitor_id: _Optional[str] = ..., user_id: _Optional[str] = ..., since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., backlog_only: _Optional[bool] = ..., events_only: _Optional[bool] = ...) -> None: ...
+
+class GetProjectRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetProjectResponse(_message.Message):
+    __slots__ = ("id", "name", "allowed_origins", "redact_params", "rate_limit", "public_keys")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    REDACT_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEYS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    name: str
+    allowed_origins: _containers.RepeatedScalarFieldContainer[str]
+    redact_params: _containers.RepeatedScalarFieldContainer[str]
+    rate_limit: str
+    public_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., allowed_origins: _Optional[_Iterable[str]] = ..., redact_params: _Optional[_Iterable[str]] = ..., rate_limit: _Optional[str] = ..., public_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StoredEvent(_message.Message):
     __slots__ = ("id", "event_id", "type", "visitor_id", "user_id", "url", "referrer", "data", "occurred_at", "received_at")

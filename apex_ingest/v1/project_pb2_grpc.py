@@ -55,6 +55,11 @@ class ProjectServiceStub:
                 request_serializer=apex__ingest_dot_v1_dot_project__pb2.TailEventsRequest.SerializeToString,
                 response_deserializer=apex__ingest_dot_v1_dot_project__pb2.TailEventsResponse.FromString,
                 _registered_method=True)
+        self.GetProject = channel.unary_unary(
+                '/apex_ingest.v1.ProjectService/GetProject',
+                request_serializer=apex__ingest_dot_v1_dot_project__pb2.GetProjectRequest.SerializeToString,
+                response_deserializer=apex__ingest_dot_v1_dot_project__pb2.GetProjectResponse.FromString,
+                _registered_method=True)
 
 
 class ProjectServiceServicer:
@@ -93,6 +98,18 @@ class ProjectServiceServicer:
         stored them), until the caller cancels or the stream's time (10 minutes)
         is up: call again with the last ids seen. Each server process serves a
         few tails at once; beyond that RESOURCE_EXHAUSTED.
+
+        With `backlog_only` the stream sends what is already committed and ends
+        instead of following (what `apex-ingest events list` reads). The filters
+        (type, visitor_id, user_id, since) select events as stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProject(self, request, context):
+        """GetProject describes the project the call's secret key belongs to: its id,
+        name, settings and active public keys (secret keys are never shown).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -120,6 +137,11 @@ def add_ProjectServiceServicer_to_server(servicer, server):
                     servicer.TailEvents,
                     request_deserializer=apex__ingest_dot_v1_dot_project__pb2.TailEventsRequest.FromString,
                     response_serializer=apex__ingest_dot_v1_dot_project__pb2.TailEventsResponse.SerializeToString,
+            ),
+            'GetProject': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProject,
+                    request_deserializer=apex__ingest_dot_v1_dot_project__pb2.GetProjectRequest.FromString,
+                    response_serializer=apex__ingest_dot_v1_dot_project__pb2.GetProjectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +253,33 @@ class ProjectService:
             '/apex_ingest.v1.ProjectService/TailEvents',
             apex__ingest_dot_v1_dot_project__pb2.TailEventsRequest.SerializeToString,
             apex__ingest_dot_v1_dot_project__pb2.TailEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProject(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apex_ingest.v1.ProjectService/GetProject',
+            apex__ingest_dot_v1_dot_project__pb2.GetProjectRequest.SerializeToString,
+            apex__ingest_dot_v1_dot_project__pb2.GetProjectResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,9 +36,9 @@ def free_port() -> int:
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0007\n"
-    assert current_revision(url) == "0007"  # the head: 0007 adds identity links, suppressions
-    assert "up to date (revision 0007)" in run(url, "db", "upgrade").stdout  # idempotent
+    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0009\n"
+    assert current_revision(url) == "0009"  # the head: 0009 adds projects.rate_limit
+    assert "up to date (revision 0009)" in run(url, "db", "upgrade").stdout  # idempotent
 
 
 def test_projects_create_list_revoke(database_url: str) -> None:

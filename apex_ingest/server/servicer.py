@@ -214,7 +214,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 except Exception:  # the database may be gone: the caller then limits by key
                     project = None
                 if project is not None and project.id == outcome.project_id:
-                    entry = key_projects.KeyProject(project.id, project.rate_limit or "")
+                    entry = key_projects.KeyProject(
+                        project.id, project.rate_limit or "", project.uid
+                    )
             entries.append(entry)
         return key_projects.encode(entries)
 

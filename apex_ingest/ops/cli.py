@@ -369,6 +369,8 @@ def projects_list() -> None:
             shown = keys[0] if keys else project.key
             redacted = ",".join(project.redact_params or ())
             extra = f"\tredact={redacted}" if redacted else ""
+            if project.rate_limit:
+                extra += f"\trate_limit={project.rate_limit}"
             click.echo(f"{shown}\t{project.name}\t{state}\torigins={origins}{extra}")
 
 

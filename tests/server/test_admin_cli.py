@@ -156,6 +156,7 @@ def test_projects_update_each_setting(sqlite_url: str) -> None:
     assert "rate limit = 10/second;500/hour" in out and "name = Shop 2" in out
     assert project_row(sqlite_url, "Shop 2").rate_limit == "10/second;500/hour"
     assert directory(sqlite_url).lookup(key).rate_limit == "10/second;500/hour"  # type: ignore[union-attr]
+    assert "\trate_limit=10/second;500/hour" in run(sqlite_url, "projects", "list").stdout
     bad_limit = run(sqlite_url, *update, "--rate-limit", "lots", check=False)
     assert bad_limit.returncode == 2 and "100/second" in bad_limit.stderr
     run(sqlite_url, *update, "--default-rate-limit")

@@ -15,7 +15,7 @@ from apex_ingest.server.errors import (
     StorageUnavailable,
     UnknownProject,
 )
-from apex_ingest.server.projects import ProjectDirectory
+from apex_ingest.server.projects import ProjectDirectory, ProjectInfo
 from apex_ingest.server.storage import UNAVAILABLE_ERRORS, EventStore
 from apex_ingest.server.validation import Row, build_rows, check_request_shape
 from apex_ingest.v1 import ingest_pb2
@@ -32,6 +32,8 @@ class Outcome:
     received: int
     rejected: list[tuple[int, list[FieldViolation]]] = field(default_factory=list)
     project_id: int | None = None
+    #: The project as looked up for the request (its rate limit goes back to the gateway).
+    project: ProjectInfo | None = None
 
 
 def ingest_events(
@@ -93,9 +95,10 @@ class Accepted:
     rows: list[Row]
     #: For a partial request: the events left out, with their violations.
     rejected: list[tuple[int, list[FieldViolation]]] = field(default_factory=list)
+    project: ProjectInfo | None = None
 
     def outcome(self) -> Outcome:
-        return Outcome(len(self.rows), self.rejected, self.project_id)
+        return Outcome(len(self.rows), self.rejected, self.project_id, self.project)
 
 
 def prepare(
@@ -126,12 +129,12 @@ def prepare(
     if violations and request.partial:
         rejected = _rejected_events(violations)
         if rejected is not None:
-            return Accepted(project.id, rows, rejected)
+            return Accepted(project.id, rows, rejected, project)
     if violations:
         refused = InvalidRequest(violations)
         refused.project_id = project.id
         raise refused
-    return Accepted(project.id, rows)
+    return Accepted(project.id, rows, project=project)
 
 
 def _rejected_events(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import grpc
@@ -92,7 +92,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 metrics.EVENTS_ACCEPTED.labels(project).inc(outcome.received)
             self._keep_rejected(request, outcome)
             context.set_trailing_metadata(
-                ((key_projects.PROJECTS_METADATA, self._projects_of([(request, outcome)])),)
+                ((key_projects.PROJECTS_METADATA, _projects_of([outcome])),)
             )
             return ingest_pb2.IngestEventsResponse(
                 received=outcome.received, rejected=_rejected_messages(outcome)
@@ -137,7 +137,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 (
                     (
                         key_projects.PROJECTS_METADATA,
-                        self._projects_of(list(zip(request.requests, outcomes, strict=True))),
+                        _projects_of(outcomes),
                     ),
                 )
             )
@@ -200,26 +200,6 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 only=[index for index, _ in outcome.rejected],
             )
 
-    def _projects_of(
-        self, answered: list[tuple[ingest_pb2.IngestEventsRequest, Outcome | IngestError]]
-    ) -> str:
-        """The `x-apex-projects` metadata of an answer (apex_ingest.common.key_projects): the
-        project and rate limit of each accepted request's key, for the gateway's limits."""
-        entries: list[key_projects.KeyProject | None] = []
-        for request, outcome in answered:
-            entry = None
-            if isinstance(outcome, Outcome) and outcome.project_id is not None:
-                try:
-                    project = self._projects.lookup(request.project_key)  # just looked up: cached
-                except Exception:  # the database may be gone: the caller then limits by key
-                    project = None
-                if project is not None and project.id == outcome.project_id:
-                    entry = key_projects.KeyProject(
-                        project.id, project.rate_limit or "", project.uid
-                    )
-            entries.append(entry)
-        return key_projects.encode(entries)
-
     def _redact_params(self, key: str) -> frozenset[str]:
         """The project's own secret parameter names (its key was just looked up: cached)."""
         try:
@@ -245,6 +225,20 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             isinstance(error, InvalidRequest) and error.project_id is None
         ):
             metrics.DEAD_LETTERS_DROPPED.labels("unknown_key").inc(max(1, len(request.events)))
+
+
+def _projects_of(outcomes: Sequence[Outcome | IngestError]) -> str:
+    """The `x-apex-projects` metadata of an answer (apex_ingest.common.key_projects): the
+    project and rate limit of each accepted request's key, for the gateway's limits."""
+    entries: list[key_projects.KeyProject | None] = []
+    for outcome in outcomes:
+        project = outcome.project if isinstance(outcome, Outcome) else None
+        entries.append(
+            None
+            if project is None
+            else key_projects.KeyProject(project.id, project.rate_limit or "", project.uid)
+        )
+    return key_projects.encode(entries)
 
 
 def _rejected_messages(outcome: Outcome) -> list[ingest_pb2.RejectedEvent]:

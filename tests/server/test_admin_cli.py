@@ -264,3 +264,27 @@ def test_events_list_filters(sqlite_url: str) -> None:
     with create_session_factory(engine)() as session:
         assert len(session.scalars(select(EventRow)).all()) == 4
     engine.dispose()
+
+
+def test_migration_0009_adds_and_drops_rate_limit(database_url: str) -> None:
+    from alembic import command
+
+    from apex_ingest.ops.migrate import alembic_config, upgrade
+
+    run(database_url, "projects", "create", "Kept")
+    run(database_url, "projects", "update", "--project", "Kept", "--rate-limit", "7/second")
+    command.downgrade(alembic_config(database_url), "0006")
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            columns = {
+                row[0]
+                for row in connection.exec_driver_sql(
+                    "SELECT * FROM projects WHERE 1 = 0"
+                ).cursor.description  # type: ignore[union-attr]
+            }
+        assert "rate_limit" not in columns
+        upgrade(database_url)  # back to the head: the project is there, with the default limit
+        assert project_row(database_url, "Kept").rate_limit is None
+    finally:
+        engine.dispose()

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import grpc
+import pytest
 
 from apex_ingest.common import key_projects
 from apex_ingest.common.key_projects import KeyProject
 from apex_ingest.server.database import create_db_engine, create_session_factory
-from apex_ingest.server.projects import PUBLIC, add_key, create_project
+from apex_ingest.server.projects import PUBLIC, add_key, create_project, revoke_key
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from gateway.known_keys import KnownKeys
 from tests.conftest import RunningServer
+from tests.gateway.conftest import Api
 
 
 def test_ingest_answers_name_each_accepted_keys_project(grpc_server: RunningServer) -> None:
@@ -83,3 +85,26 @@ def test_known_keys_learn_and_forget() -> None:
     assert known.project_of("a") == KeyProject(1, "3/second", "pa")
     known.forget("a")  # refused (revoked): its requests count under the key again
     assert known.project_of("a") is None
+
+
+@pytest.mark.parametrize("app_config", [{"APEX_RATE_LIMIT": "3/minute"}])
+def test_a_revoked_key_stops_using_its_projects_budget(
+    api: Api, grpc_server: RunningServer
+) -> None:
+    engine = create_db_engine(grpc_server.database_url)
+    with create_session_factory(engine).begin() as session:
+        project = create_project(session, "shop")
+        leaked, kept = project.key, add_key(session, project.id, PUBLIC, label="new")
+
+    def post(key: str) -> int:
+        body = {"projectKey": key, "events": [{"type": "t", "url": "/"}]}
+        return api.post(body).status_code
+
+    assert [post(leaked), post(kept)] == [200, 200]  # both keys now known as the project's
+    with create_session_factory(engine).begin() as session:
+        assert revoke_key(session, PUBLIC, leaked)
+    engine.dispose()
+    # The server refuses the revoked key (the test server caches nothing); the gateway forgets
+    # it, so its flood is counted under the key alone, not under the project.
+    assert [post(leaked) for _ in range(4)] == [401, 401, 429, 429]
+    assert [post(kept), post(kept), post(kept)] == [200, 200, 429]  # the project's 3 per minute

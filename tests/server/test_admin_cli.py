@@ -16,6 +16,8 @@ from apex_ingest.server.models import Project
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.conftest import start_server
+from tests.server.test_dead_letters import dead_letters
+from tests.service import wait_for
 
 Event = ingest_pb2.Event
 
@@ -191,6 +193,8 @@ def test_events_list_filters(sqlite_url: str) -> None:
             send(other, "u1", Event(id="z", type="signup", url="/other", visitor_id="v1"))
             with pytest.raises(grpc.RpcError):
                 send(key, "", Event(id="bad", type="click", url="nope"))
+        # Dead letters are written by a thread of their own, after the answer.
+        assert wait_for(lambda: len(dead_letters(sqlite_url)) == 1, 15) is not None
 
         def listed(*args: str) -> list[list[str]]:
             out = run(

@@ -10,7 +10,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from apex_ingest.v1 import ingest_pb2, project_pb2
 from tests.conftest import RunningServer
+from tests.server.test_dead_letters import dead_letters
 from tests.server.test_project_service import admin, bearer, ingest, new_project, refuse
+from tests.service import wait_for
 
 Event = ingest_pb2.Event
 
@@ -60,6 +62,8 @@ def test_backlog_only_lists_and_ends(server: RunningServer, channel: grpc.Channe
     for n in range(5):
         send(channel, public, f"u{n % 2}", Event(id=f"e{n}", type="t", url=f"/{n}"))
     refuse(channel, public, [Event(id="bad", type="t", url="nope")])
+    # Dead letters are written by a thread of their own, after the answer.
+    assert wait_for(lambda: len(dead_letters(server.database_url)) == 1, 15) is not None
     stub = admin(channel)
 
     def listed(**fields: object) -> list[str]:

@@ -79,7 +79,10 @@ def _partial(prepared: partial.PartialRequest) -> Response:
     try:
         answer = get_client().ingest_response(request)
     except grpc.RpcError as exc:
-        raise to_api_error(exc, prepared.snippet) from None
+        error = to_api_error(exc, prepared.snippet)
+        if error.code == 401:  # revoked: its requests no longer count under the project
+            get_client().known_keys.forget(request.project_key)
+        raise error from None
     return json_response(prepared.answer(answer.received, answer.rejected))
 
 

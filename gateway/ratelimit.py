@@ -53,7 +53,8 @@ _MAX_LOCAL_WINDOWS = 100_000
 def rate_limit_keys() -> list[tuple[str, str]]:
     """What to count the request under: (name, the project's own limit or "" for the default).
 
-    A key the server said belongs to project N counts under `project:N`, all the project's keys
+    A key the server said belongs to project N counts under `project:UID` (N's first public
+    key, which never changes: apex_ingest.common.key_projects), all the project's keys
     together (gateway.known_keys), and under `key:KEY` against the same limit; a key not known
     yet only under `key:KEY` (the default limit); no usable key: the client's IP. Counting every
     key under itself too keeps a project with one key exact: its first request, counted before
@@ -64,7 +65,7 @@ def rate_limit_keys() -> list[tuple[str, str]]:
         known = get_client().known_keys.project_of(project_key)
         if known is not None:
             return [
-                (f"project:{known.project_id}", known.rate_limit),
+                (f"project:{known.uid or known.project_id}", known.rate_limit),
                 (f"key:{project_key}", known.rate_limit),
             ]
         return [(f"key:{project_key}", "")]

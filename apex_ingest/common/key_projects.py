@@ -3,8 +3,11 @@
 Rate limits count per project, all its keys together (CONTRACT section 4), but the gateway sees
 only the body's projectKey. So every IngestEvents / IngestMany answer carries, in its trailing
 metadata `x-apex-projects`, a JSON list with one entry per request of the call, in order:
-`[project_id, rate_limit]` for a request the server accepted (`rate_limit`: the project's own,
-e.g. "100/second;5000/hour", or "" for the gateway's APEX_RATE_LIMIT), `null` for one it refused.
+`[project_id, rate_limit, uid]` for a request the server accepted (`rate_limit`: the project's
+own, e.g. "100/second;5000/hour", or "" for the gateway's APEX_RATE_LIMIT; `uid`: the project's
+first public key, `projects.key`, which never changes and is unique beyond one database, unlike
+the id: a rate-limit window in a shared Redis outlives a test database), `null` for one it
+refused.
 The gateway remembers key -> (project, limit) and counts later requests of that key under the
 project. Metadata, not proto fields: older callers ignore it, and the messages stay as they are.
 """
@@ -21,16 +24,17 @@ PROJECTS_METADATA = "x-apex-projects"
 
 @dataclass(frozen=True, slots=True)
 class KeyProject:
-    """The project a key belongs to, and its own rate limit ("" for the default)."""
+    """The project a key belongs to, its own rate limit ("" for the default), its uid."""
 
     project_id: int
     rate_limit: str = ""
+    uid: str = ""
 
 
 def encode(entries: Sequence[KeyProject | None]) -> str:
     """The metadata value for a call's requests (ASCII: rate limits are ASCII)."""
     return json.dumps(
-        [None if e is None else [e.project_id, e.rate_limit] for e in entries],
+        [None if e is None else [e.project_id, e.rate_limit, e.uid] for e in entries],
         separators=(",", ":"),
     )
 
@@ -51,11 +55,12 @@ def decode(metadata: Iterable[tuple[str, str | bytes]] | None) -> list[KeyProjec
         for item in items:
             if (
                 isinstance(item, list)
-                and len(item) == 2
+                and len(item) == 3
                 and isinstance(item[0], int)
                 and isinstance(item[1], str)
+                and isinstance(item[2], str)
             ):
-                entries.append(KeyProject(item[0], item[1]))
+                entries.append(KeyProject(item[0], item[1], item[2]))
             else:
                 entries.append(None)
         return entries

@@ -369,6 +369,8 @@ def projects_list() -> None:
             shown = keys[0] if keys else project.key
             redacted = ",".join(project.redact_params or ())
             extra = f"\tredact={redacted}" if redacted else ""
+            if project.rate_limit:
+                extra += f"\trate_limit={project.rate_limit}"
             click.echo(f"{shown}\t{project.name}\t{state}\torigins={origins}{extra}")
 
 
@@ -451,8 +453,10 @@ def project_keys_add(project: str, kind: str, label: str) -> None:
     """Give the project a new key and print it (a secret key is shown this once)."""
     from apex_ingest.server import projects as project_store
 
-    if not 1 <= len(label.strip()) <= 200:
-        raise click.BadParameter("a label is 1-200 characters", param_hint="--label")
+    if not 1 <= len(label.strip()) <= 200 or any(ord(ch) < 32 for ch in label):
+        raise click.BadParameter(
+            "a label is 1-200 characters, no control characters", param_hint="--label"
+        )
     with _session_factory().begin() as session:
         project_id = _project(session, project).id
         key = project_store.add_key(session, project_id, kind, label=label.strip())

@@ -16,7 +16,7 @@ from apex_ingest.server.errors import (
     UnknownProject,
 )
 from apex_ingest.server.people import SuppressionDirectory
-from apex_ingest.server.projects import ProjectDirectory
+from apex_ingest.server.projects import ProjectDirectory, ProjectInfo
 from apex_ingest.server.storage import UNAVAILABLE_ERRORS, EventStore
 from apex_ingest.server.validation import Row, build_rows, check_request_shape
 from apex_ingest.v1 import ingest_pb2
@@ -35,6 +35,8 @@ class Outcome:
     project_id: int | None = None
     #: Events of suppressed ids dropped on purpose (counted in `received`: CONTRACT section 1).
     suppressed: int = 0
+    #: The project as looked up for the request (its rate limit goes back to the gateway).
+    project: ProjectInfo | None = None
 
 
 def ingest_events(
@@ -104,10 +106,15 @@ class Accepted:
     rejected: list[tuple[int, list[FieldViolation]]] = field(default_factory=list)
     #: Valid events of suppressed ids, dropped: accepted, never stored.
     suppressed: int = 0
+    project: ProjectInfo | None = None
 
     def outcome(self) -> Outcome:
         return Outcome(
-            len(self.rows) + self.suppressed, self.rejected, self.project_id, self.suppressed
+            len(self.rows) + self.suppressed,
+            self.rejected,
+            self.project_id,
+            self.suppressed,
+            self.project,
         )
 
 
@@ -153,7 +160,7 @@ def prepare(
             rows, suppressed = suppressions.drop_suppressed(project.id, rows)
         except UNAVAILABLE_ERRORS as error:
             raise StorageUnavailable(retry_after_seconds) from error
-    return Accepted(project.id, rows, rejected, suppressed)
+    return Accepted(project.id, rows, rejected, suppressed, project)
 
 
 def _rejected_events(

@@ -28,7 +28,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.server import deadletters
-from apex_ingest.server.models import DeadLetter, Event, Project
+from apex_ingest.server import projects as project_store
+from apex_ingest.server.models import DeadLetter, Event, Project, ProjectKey
 from apex_ingest.server.projects import ProjectDirectory, ProjectInfo, active_public_keys
 from apex_ingest.server.storage import UNAVAILABLE_ERRORS
 from apex_ingest.v1 import ingest_pb2, project_pb2, project_pb2_grpc
@@ -114,6 +115,19 @@ def dead_letter_message(letter: DeadLetter) -> project_pb2.DeadLetter:
         user_agent=letter.user_agent or "",
         request_id=letter.request_id or "",
     )
+
+
+def key_message(row: ProjectKey) -> project_pb2.ProjectKey:
+    message = project_pb2.ProjectKey(
+        id=row.id,
+        kind=row.kind,
+        key=project_store.shown_key(row),
+        label=row.label,
+        created_at=_timestamp(row.created_at),
+    )
+    if row.revoked_at is not None:
+        message.revoked_at.CopyFrom(_timestamp(row.revoked_at))
+    return message
 
 
 def event_message(event: Event) -> project_pb2.StoredEvent:
@@ -212,6 +226,62 @@ class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):
                     rate_limit=row.rate_limit or "",
                     public_keys=active_public_keys(session, row.id),
                 )
+        except UNAVAILABLE_ERRORS:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
+            raise  # not reached: abort raises
+
+    def ListKeys(
+        self, request: project_pb2.ListKeysRequest, context: grpc.ServicerContext
+    ) -> project_pb2.ListKeysResponse:
+        project = authenticate(context, self._projects)
+        try:
+            with self._session_factory() as session:
+                rows = project_store.list_keys(session, project.id)
+                return project_pb2.ListKeysResponse(keys=[key_message(row) for row in rows])
+        except UNAVAILABLE_ERRORS:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
+            raise  # not reached: abort raises
+
+    def CreateKey(
+        self, request: project_pb2.CreateKeyRequest, context: grpc.ServicerContext
+    ) -> project_pb2.CreateKeyResponse:
+        project = authenticate(context, self._projects)
+        if request.kind not in (project_store.PUBLIC, project_store.SECRET):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, 'kind must be "public" or "secret"')
+        label = request.label.strip() or "default"
+        if len(label) > 200 or any(ord(ch) < 32 for ch in label):
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "label: 1-200 characters, no control characters"
+            )
+        try:
+            with self._session_factory.begin() as session:
+                key = project_store.add_key(session, project.id, request.kind, label=label)
+                row = project_store.find_key(session, project.id, key)
+                assert row is not None
+                return project_pb2.CreateKeyResponse(key=key, info=key_message(row))
+        except UNAVAILABLE_ERRORS:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
+            raise  # not reached: abort raises
+
+    def RevokeKey(
+        self, request: project_pb2.RevokeKeyRequest, context: grpc.ServicerContext
+    ) -> project_pb2.RevokeKeyResponse:
+        project = authenticate(context, self._projects)
+        try:
+            with self._session_factory.begin() as session:
+                row = session.get(ProjectKey, request.id) if request.id > 0 else None
+                if row is None or row.project_id != project.id:
+                    context.abort(grpc.StatusCode.NOT_FOUND, "no such key in this project")
+                assert row is not None
+                try:
+                    project_store.revoke_key_row(session, row, allow_last=request.allow_last)
+                except project_store.LastKey as error:
+                    context.abort(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"{error}: create a new one first, or set allow_last",
+                    )
+                session.flush()
+                return project_pb2.RevokeKeyResponse(info=key_message(row))
         except UNAVAILABLE_ERRORS:
             context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
             raise  # not reached: abort raises

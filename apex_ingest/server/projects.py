@@ -287,6 +287,9 @@ class ProjectInfo:
     name: str = ""
     #: The project's own gateway rate limit (e.g. "100/second"); None: APEX_RATE_LIMIT.
     rate_limit: str | None = None
+    #: `projects.key`, the project's first public key: never changes, unique beyond one database
+    #: (names the project's rate-limit window at the gateway).
+    uid: str = ""
 
     def allows_origin(self, origin: str) -> bool:
         if not self.allowed_origins or not origin:
@@ -344,6 +347,7 @@ class ProjectDirectory:
                     normalize_names(project.redact_params or ()),
                     project.name,
                     project.rate_limit or None,
+                    project.key,
                 )
                 if project is not None
                 else None

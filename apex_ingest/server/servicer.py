@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import grpc
@@ -97,7 +97,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 _count_accepted(project, outcome)
             self._keep_rejected(request, outcome)
             context.set_trailing_metadata(
-                ((key_projects.PROJECTS_METADATA, self._projects_of([(request, outcome)])),)
+                ((key_projects.PROJECTS_METADATA, _projects_of([outcome])),)
             )
             return ingest_pb2.IngestEventsResponse(
                 received=outcome.received, rejected=_rejected_messages(outcome)
@@ -143,7 +143,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 (
                     (
                         key_projects.PROJECTS_METADATA,
-                        self._projects_of(list(zip(request.requests, outcomes, strict=True))),
+                        _projects_of(outcomes),
                     ),
                 )
             )
@@ -206,24 +206,6 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 only=[index for index, _ in outcome.rejected],
             )
 
-    def _projects_of(
-        self, answered: list[tuple[ingest_pb2.IngestEventsRequest, Outcome | IngestError]]
-    ) -> str:
-        """The `x-apex-projects` metadata of an answer (apex_ingest.common.key_projects): the
-        project and rate limit of each accepted request's key, for the gateway's limits."""
-        entries: list[key_projects.KeyProject | None] = []
-        for request, outcome in answered:
-            entry = None
-            if isinstance(outcome, Outcome) and outcome.project_id is not None:
-                try:
-                    project = self._projects.lookup(request.project_key)  # just looked up: cached
-                except Exception:  # the database may be gone: the caller then limits by key
-                    project = None
-                if project is not None and project.id == outcome.project_id:
-                    entry = key_projects.KeyProject(project.id, project.rate_limit or "")
-            entries.append(entry)
-        return key_projects.encode(entries)
-
     def _redact_params(self, key: str) -> frozenset[str]:
         """The project's own secret parameter names (its key was just looked up: cached)."""
         try:
@@ -255,6 +237,20 @@ def _count_accepted(project: str, outcome: Outcome) -> None:
     metrics.EVENTS_ACCEPTED.labels(project).inc(outcome.received)
     if outcome.suppressed:
         metrics.EVENTS_SUPPRESSED.labels(project).inc(outcome.suppressed)
+
+
+def _projects_of(outcomes: Sequence[Outcome | IngestError]) -> str:
+    """The `x-apex-projects` metadata of an answer (apex_ingest.common.key_projects): the
+    project and rate limit of each accepted request's key, for the gateway's limits."""
+    entries: list[key_projects.KeyProject | None] = []
+    for outcome in outcomes:
+        project = outcome.project if isinstance(outcome, Outcome) else None
+        entries.append(
+            None
+            if project is None
+            else key_projects.KeyProject(project.id, project.rate_limit or "", project.uid)
+        )
+    return key_projects.encode(entries)
 
 
 def _rejected_messages(outcome: Outcome) -> list[ingest_pb2.RejectedEvent]:

@@ -153,3 +153,59 @@ class TailEventsResponse(_message.Message):
     event: StoredEvent
     dead_letter: DeadLetter
     def __init__(self, event: _Optional[_Union[StoredEvent, _Mapping]] = ..., dead_letter: _Optional[_Union[DeadLetter, _Mapping]] = ...) -> None: ...
+
+class ProjectKey(_message.Message):
+    __slots__ = ("id", "kind", "key", "label", "created_at", "revoked_at")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    kind: str
+    key: str
+    label: str
+    created_at: _timestamp_pb2.Timestamp
+    revoked_at: _timestamp_pb2.Timestamp
+    def __init__(self, id: _Optional[int] = ..., kind: _Optional[str] = ..., key: _Optional[str] = ..., label: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ListKeysRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListKeysResponse(_message.Message):
+    __slots__ = ("keys",)
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ProjectKey]
+    def __init__(self, keys: _Optional[_Iterable[_Union[ProjectKey, _Mapping]]] = ...) -> None: ...
+
+class CreateKeyRequest(_message.Message):
+    __slots__ = ("kind", "label")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    label: str
+    def __init__(self, kind: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
+
+class CreateKeyResponse(_message.Message):
+    __slots__ = ("key", "info")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    info: ProjectKey
+    def __init__(self, key: _Optional[str] = ..., info: _Optional[_Union[ProjectKey, _Mapping]] = ...) -> None: ...
+
+class RevokeKeyRequest(_message.Message):
+    __slots__ = ("id", "allow_last")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_LAST_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    allow_last: bool
+    def __init__(self, id: _Optional[int] = ..., allow_last: _Optional[bool] = ...) -> None: ...
+
+class RevokeKeyResponse(_message.Message):
+    __slots__ = ("info",)
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    info: ProjectKey
+    def __init__(self, info: _Optional[_Union[ProjectKey, _Mapping]] = ...) -> None: ...

@@ -60,6 +60,21 @@ class ProjectServiceStub:
                 request_serializer=apex__ingest_dot_v1_dot_project__pb2.GetProjectRequest.SerializeToString,
                 response_deserializer=apex__ingest_dot_v1_dot_project__pb2.GetProjectResponse.FromString,
                 _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/apex_ingest.v1.ProjectService/ListKeys',
+                request_serializer=apex__ingest_dot_v1_dot_project__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=apex__ingest_dot_v1_dot_project__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
+        self.CreateKey = channel.unary_unary(
+                '/apex_ingest.v1.ProjectService/CreateKey',
+                request_serializer=apex__ingest_dot_v1_dot_project__pb2.CreateKeyRequest.SerializeToString,
+                response_deserializer=apex__ingest_dot_v1_dot_project__pb2.CreateKeyResponse.FromString,
+                _registered_method=True)
+        self.RevokeKey = channel.unary_unary(
+                '/apex_ingest.v1.ProjectService/RevokeKey',
+                request_serializer=apex__ingest_dot_v1_dot_project__pb2.RevokeKeyRequest.SerializeToString,
+                response_deserializer=apex__ingest_dot_v1_dot_project__pb2.RevokeKeyResponse.FromString,
+                _registered_method=True)
 
 
 class ProjectServiceServicer:
@@ -115,6 +130,32 @@ class ProjectServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKeys(self, request, context):
+        """ListKeys lists the project's keys, revoked ones too, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateKey(self, request, context):
+        """CreateKey gives the project a new key (rotation: add the new key, move
+        clients to it, revoke the old one). A secret key is in this answer only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeKey(self, request, context):
+        """RevokeKey revokes one of the project's keys: it is refused like an unknown
+        key within the servers' cache time (APEX_PROJECT_CACHE_TTL). The last
+        active key of a kind only with `allow_last` (FAILED_PRECONDITION otherwise);
+        a key of another project, or none: NOT_FOUND. A key revoked already is
+        answered as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ProjectServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +183,21 @@ def add_ProjectServiceServicer_to_server(servicer, server):
                     servicer.GetProject,
                     request_deserializer=apex__ingest_dot_v1_dot_project__pb2.GetProjectRequest.FromString,
                     response_serializer=apex__ingest_dot_v1_dot_project__pb2.GetProjectResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=apex__ingest_dot_v1_dot_project__pb2.ListKeysRequest.FromString,
+                    response_serializer=apex__ingest_dot_v1_dot_project__pb2.ListKeysResponse.SerializeToString,
+            ),
+            'CreateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateKey,
+                    request_deserializer=apex__ingest_dot_v1_dot_project__pb2.CreateKeyRequest.FromString,
+                    response_serializer=apex__ingest_dot_v1_dot_project__pb2.CreateKeyResponse.SerializeToString,
+            ),
+            'RevokeKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeKey,
+                    request_deserializer=apex__ingest_dot_v1_dot_project__pb2.RevokeKeyRequest.FromString,
+                    response_serializer=apex__ingest_dot_v1_dot_project__pb2.RevokeKeyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -280,6 +336,87 @@ class ProjectService:
             '/apex_ingest.v1.ProjectService/GetProject',
             apex__ingest_dot_v1_dot_project__pb2.GetProjectRequest.SerializeToString,
             apex__ingest_dot_v1_dot_project__pb2.GetProjectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apex_ingest.v1.ProjectService/ListKeys',
+            apex__ingest_dot_v1_dot_project__pb2.ListKeysRequest.SerializeToString,
+            apex__ingest_dot_v1_dot_project__pb2.ListKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apex_ingest.v1.ProjectService/CreateKey',
+            apex__ingest_dot_v1_dot_project__pb2.CreateKeyRequest.SerializeToString,
+            apex__ingest_dot_v1_dot_project__pb2.CreateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apex_ingest.v1.ProjectService/RevokeKey',
+            apex__ingest_dot_v1_dot_project__pb2.RevokeKeyRequest.SerializeToString,
+            apex__ingest_dot_v1_dot_project__pb2.RevokeKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

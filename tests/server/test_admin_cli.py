@@ -16,6 +16,8 @@ from apex_ingest.server.models import Project
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.conftest import start_server
+from tests.server.test_dead_letters import dead_letters
+from tests.service import wait_for
 
 Event = ingest_pb2.Event
 
@@ -156,6 +158,7 @@ def test_projects_update_each_setting(sqlite_url: str) -> None:
     assert "rate limit = 10/second;500/hour" in out and "name = Shop 2" in out
     assert project_row(sqlite_url, "Shop 2").rate_limit == "10/second;500/hour"
     assert directory(sqlite_url).lookup(key).rate_limit == "10/second;500/hour"  # type: ignore[union-attr]
+    assert "\trate_limit=10/second;500/hour" in run(sqlite_url, "projects", "list").stdout
     bad_limit = run(sqlite_url, *update, "--rate-limit", "lots", check=False)
     assert bad_limit.returncode == 2 and "100/second" in bad_limit.stderr
     run(sqlite_url, *update, "--default-rate-limit")
@@ -190,6 +193,8 @@ def test_events_list_filters(sqlite_url: str) -> None:
             send(other, "u1", Event(id="z", type="signup", url="/other", visitor_id="v1"))
             with pytest.raises(grpc.RpcError):
                 send(key, "", Event(id="bad", type="click", url="nope"))
+        # Dead letters are written by a thread of their own, after the answer.
+        assert wait_for(lambda: len(dead_letters(sqlite_url)) == 1, 15) is not None
 
         def listed(*args: str) -> list[list[str]]:
             out = run(
@@ -263,3 +268,27 @@ def test_events_list_filters(sqlite_url: str) -> None:
     with create_session_factory(engine)() as session:
         assert len(session.scalars(select(EventRow)).all()) == 4
     engine.dispose()
+
+
+def test_migration_0009_adds_and_drops_rate_limit(database_url: str) -> None:
+    from alembic import command
+
+    from apex_ingest.ops.migrate import alembic_config, upgrade
+
+    run(database_url, "projects", "create", "Kept")
+    run(database_url, "projects", "update", "--project", "Kept", "--rate-limit", "7/second")
+    command.downgrade(alembic_config(database_url), "0006")
+    engine = create_db_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            columns = {
+                row[0]
+                for row in connection.exec_driver_sql(
+                    "SELECT * FROM projects WHERE 1 = 0"
+                ).cursor.description  # type: ignore[union-attr]
+            }
+        assert "rate_limit" not in columns
+        upgrade(database_url)  # back to the head: the project is there, with the default limit
+        assert project_row(database_url, "Kept").rate_limit is None
+    finally:
+        engine.dispose()

@@ -135,6 +135,12 @@ def test_suppression_drops_later_events_with_ok_until_lifted(
     assert suppressed() - before == 3
     stored = event_ids(server.database_url)
     assert "kept" in stored and not stored & {"s1", "s2", "s3"}
+    # A suppressed person's refused events are not kept as dead letters either.
+    with pytest.raises(grpc.RpcError):
+        send(stub, key, [Event(id="bad", type="click", url="nope")], user_id="alice")
+    with pytest.raises(grpc.RpcError):
+        send(stub, key, [Event(id="bad2", type="click", url="nope")], user_id="carol")
+    assert [json.loads(d["event"])["id"] for d in dead_letters(server.database_url, 1)] == ["bad2"]
 
     listed = service.ListSuppressions(
         people_pb2.ListSuppressionsRequest(), metadata=bearer(secret), timeout=5

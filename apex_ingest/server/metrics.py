@@ -52,7 +52,7 @@ DEAD_LETTERS_RECORDED = Counter(
 DEAD_LETTERS_DROPPED = Counter(
     "apex_dead_letters_dropped",
     "Events of refused requests not written as dead letters: unknown_key (never recorded), "
-    "queue_full (the writer was behind), write_failed.",
+    "queue_full (the writer was behind), write_failed, suppressed (a suppressed person's).",
     ["reason"],
 )
 GROUP_REQUESTS = Histogram(

@@ -49,6 +49,7 @@ from apex_ingest.server.models import (
     PrivacyAudit,
     Suppression,
 )
+from apex_ingest.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)
 
@@ -543,6 +544,23 @@ class SuppressionDirectory:
                 self._cache.clear()
             self._cache[project_id] = (now + self._ttl, found)
         return found
+
+    def kept_indexes(
+        self, project_id: int, request: ingest_pb2.IngestEventsRequest
+    ) -> list[int] | None:
+        """The indexes of the request's events of ids not suppressed; None: all of them.
+        (A suppressed person's refused events are not kept as dead letters either.)"""
+        suppressed = self._of(project_id)
+        if suppressed is _NONE:
+            return None
+        users, visitors = suppressed.users, suppressed.visitors
+        return [
+            index
+            for index, event in enumerate(request.events)
+            if (event.user_id or request.user_id) not in users
+            and event.visitor_id not in visitors
+            and event.previous_id not in visitors
+        ]
 
     def drop_suppressed(
         self, project_id: int, rows: list[dict[str, Any]]

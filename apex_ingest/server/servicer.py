@@ -203,8 +203,29 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 request,
                 error,
                 redact_params=self._redact_params(request.project_key),
-                only=[index for index, _ in outcome.rejected],
+                only=self._unsuppressed(
+                    outcome.project_id, request, [index for index, _ in outcome.rejected]
+                ),
             )
+
+    def _unsuppressed(
+        self, project_id: int, request: ingest_pb2.IngestEventsRequest, only: list[int] | None
+    ) -> list[int] | None:
+        """`only` (None: every event) without the events of suppressed ids, counted as dropped
+        dead letters: a suppressed person's data is not kept, valid or not."""
+        if self._suppressions is None:
+            return only
+        try:
+            kept = self._suppressions.kept_indexes(project_id, request)
+        except Exception:  # the database may be gone: the writer will fail on its own
+            return only
+        if kept is None:
+            return only
+        chosen = kept if only is None else [index for index in only if index in set(kept)]
+        dropped = (len(request.events) if only is None else len(only)) - len(chosen)
+        if dropped:
+            metrics.DEAD_LETTERS_DROPPED.labels("suppressed").inc(dropped)
+        return chosen
 
     def _redact_params(self, key: str) -> frozenset[str]:
         """The project's own secret parameter names (its key was just looked up: cached)."""
@@ -226,6 +247,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 request,
                 error,
                 redact_params=self._redact_params(request.project_key),
+                only=self._unsuppressed(error.project_id, request, None),
             )
         elif isinstance(error, UnknownProject) or (
             isinstance(error, InvalidRequest) and error.project_id is None

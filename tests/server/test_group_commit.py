@@ -256,10 +256,12 @@ def test_a_connection_lost_during_the_commit_with_no_new_one_is_maybe_stored(
     real_execute = store._pg_execute
     calls = []
 
-    def commit_then_lose_the_connection(columns: list[list[object]]) -> None:
+    def commit_then_lose_the_connection(
+        columns: list[list[object]], links: list[list[object]]
+    ) -> None:
         calls.append(columns)
         if len(calls) == 1:
-            real_execute(columns)  # committed ...
+            real_execute(columns, links)  # committed ...
             store._local.connection.driver_connection.close()  # ... but the answer is lost
             raise storage.psycopg.OperationalError("server closed the connection unexpectedly")
         raise exc.OperationalError("connect", {}, Exception("connection refused"))

@@ -6,10 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from prometheus_client import REGISTRY
 
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc, people_pb2, people_pb2_grpc
@@ -135,6 +137,12 @@ def test_suppression_drops_later_events_with_ok_until_lifted(
     assert suppressed() - before == 3
     stored = event_ids(server.database_url)
     assert "kept" in stored and not stored & {"s1", "s2", "s3"}
+    # A suppressed person's refused events are not kept as dead letters either.
+    with pytest.raises(grpc.RpcError):
+        send(stub, key, [Event(id="bad", type="click", url="nope")], user_id="alice")
+    with pytest.raises(grpc.RpcError):
+        send(stub, key, [Event(id="bad2", type="click", url="nope")], user_id="carol")
+    assert [json.loads(d["event"])["id"] for d in dead_letters(server.database_url, 1)] == ["bad2"]
 
     listed = service.ListSuppressions(
         people_pb2.ListSuppressionsRequest(), metadata=bearer(secret), timeout=5
@@ -230,18 +238,32 @@ def test_deletion_while_ingestion_runs(
     server: RunningServer, channel: grpc.Channel, stub: ingest_pb2_grpc.IngestServiceStub
 ) -> None:
     """Thousands of the person's rows deleted in batches while another thread ingests through
-    the gRPC server: no ingest call fails, the others' events all stay."""
+    the gRPC server: no ingest call fails, the others' events all stay. On PostgreSQL the
+    person's events lie in several monthly partitions of `events`."""
     key, secret = new_project(server.database_url)
+    if server.database_url.startswith("postgresql"):
+        assert query(server.database_url, "SELECT relkind FROM pg_class WHERE relname = 'events'")[
+            0
+        ][0] in ("p", b"p")
+    now = datetime.now(UTC)
     for batch in range(6):
+        when = Timestamp()
+        when.FromDatetime(now - timedelta(days=40 * batch))  # six months: several partitions
         send(
             stub,
             key,
             [
-                Event(id=f"d{batch}-{n}", type="click", url="/", visitor_id="v-del")
+                Event(id=f"d{batch}-{n}", type="click", url="/", visitor_id="v-del", timestamp=when)
                 for n in range(500)
             ],
             user_id="deleted-user",
         )
+    if server.database_url.startswith("postgresql"):
+        partitions = query(
+            server.database_url,
+            "SELECT count(DISTINCT tableoid) FROM events WHERE user_id = 'deleted-user'",
+        )[0][0]
+        assert partitions >= 2
     failures: list[BaseException] = []
     sent: list[str] = []
     stop = threading.Event()

@@ -13,6 +13,12 @@ link of the same visitor to another user is kept with `conflict` true and not me
 an identify are attributed without rewriting `events`). Links are recorded from this version
 on: events stored before it keep their own `user_id` only.
 
+For later migrations touching `events`: adding a nullable column (`op.add_column`) works with the
+view in place, but PostgreSQL expanded its `e.*` when it was created: drop and create the view
+again (VIEW_SQL below) to show the new column. Rebuilding `events` on SQLite (Alembic batch mode)
+fails while the view exists ("error in view events_with_user: no such table"): drop the view
+before and create it again after.
+
 `suppressions`: user or visitor ids whose events are dropped at ingest (answered as accepted).
 `privacy_audit`: one row per deletion, lifting or export (ids as SHA-256, row counts).
 """

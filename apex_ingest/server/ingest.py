@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from apex_ingest.server import metrics
 from apex_ingest.server.deadletters import event_index
 from apex_ingest.server.errors import (
     FieldViolation,
@@ -15,7 +16,7 @@ from apex_ingest.server.errors import (
     StorageUnavailable,
     UnknownProject,
 )
-from apex_ingest.server.projects import ProjectDirectory
+from apex_ingest.server.projects import ProjectDirectory, ProjectInfo
 from apex_ingest.server.storage import UNAVAILABLE_ERRORS, EventStore
 from apex_ingest.server.validation import Row, build_rows, check_request_shape
 from apex_ingest.v1 import ingest_pb2
@@ -93,9 +94,12 @@ class Accepted:
     rows: list[Row]
     #: For a partial request: the events left out, with their violations.
     rejected: list[tuple[int, list[FieldViolation]]] = field(default_factory=list)
+    #: Events answered as accepted, when it differs from the rows stored (bots dropped).
+    received: int | None = None
 
     def outcome(self) -> Outcome:
-        return Outcome(len(self.rows), self.rejected, self.project_id)
+        received = len(self.rows) if self.received is None else self.received
+        return Outcome(received, self.rejected, self.project_id)
 
 
 def prepare(
@@ -122,16 +126,35 @@ def prepare(
         refused: IngestError = OriginNotAllowed(request.context.origin)
         refused.project_id = project.id
         raise refused
-    rows = build_rows(request, received_at, violations, retention, project.redact_params)
+    rows = build_rows(
+        request, received_at, violations, retention, project.redact_params, project.ip_mode
+    )
     if violations and request.partial:
         rejected = _rejected_events(violations)
         if rejected is not None:
-            return Accepted(project.id, rows, rejected)
+            return _without_bots(request, project, Accepted(project.id, rows, rejected))
     if violations:
         refused = InvalidRequest(violations)
         refused.project_id = project.id
         raise refused
-    return Accepted(project.id, rows)
+    return _without_bots(request, project, Accepted(project.id, rows))
+
+
+def _without_bots(
+    request: ingest_pb2.IngestEventsRequest, project: ProjectInfo, accepted: Accepted
+) -> Accepted:
+    """`accepted`, its rows dropped if they are a bot's and the project drops bots.
+
+    Every event of a request shares its User-Agent, so the whole request is a bot's or none of
+    it. The dropped events still count as accepted (the client is told 200, as for repeated
+    ids: a bot learns nothing) and are counted in apex_grpc_events_dropped{reason="bot"}.
+    """
+    rows = accepted.rows
+    if not (project.drop_bots and rows and rows[0]["is_bot"]):
+        return accepted
+    if not request.validate_only:
+        metrics.EVENTS_DROPPED.labels(request.project_key, "bot").inc(len(rows))
+    return Accepted(accepted.project_id, [], accepted.rejected, received=len(rows))
 
 
 def _rejected_events(

@@ -61,3 +61,20 @@ def _parse_ip(text: str) -> IPAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def logged_ip(ip: str | None, mode: str) -> str | None:
+    """What the gateway's own logs keep of a client IP (APEX_LOG_CLIENT_IP): `truncated` (the
+    default: IPv4 /24, IPv6 /48, as a project's `truncated` IP mode keeps it), `full` or `none`.
+
+    The gateway does not know the projects' IP modes, so by default it never writes a whole IP.
+    """
+    if not ip or mode == "none":
+        return None
+    if mode == "full":
+        return ip
+    address = _parse_ip(ip)
+    if address is None:
+        return None
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)

@@ -352,6 +352,10 @@ class IngestClient:
         request.events.extend(to_event(event) for event in events)
         if context is not None:
             request.context.CopyFrom(context)
+        # When it leaves, by this machine's clock: the server corrects the events' times by
+        # the clock skew it measures with it. gRPC's own retries resend the same stamp, within
+        # the call's deadline (a few seconds at most).
+        request.sent_at.GetCurrentTime()
         call = self._get_call()
         try:
             response: ingest_pb2.IngestEventsResponse = call(

@@ -313,8 +313,27 @@ def projects() -> None:
     help="Query parameter whose value is stored as [redacted] in url and referrer, beside "
     "the built-in list of secret names (repeatable; whole name, any case).",
 )
+@click.option(
+    "--ip-mode",
+    type=click.Choice(["full", "truncated", "none"]),
+    default="full",
+    show_default=True,
+    help="What is kept of client IPs (events, dead letters): all of it, its network (IPv4 /24, "
+    "IPv6 /48), or nothing. The country is looked up first in every mode.",
+)
+@click.option(
+    "--drop-bots",
+    is_flag=True,
+    help="Drop events flagged as bots (crawlers, headless browsers) instead of storing them "
+    "with is_bot: they are answered as accepted and counted in apex_grpc_events_dropped.",
+)
 def projects_create(
-    name: str, key: str | None, allowed_origins: tuple[str, ...], redact_params: tuple[str, ...]
+    name: str,
+    key: str | None,
+    allowed_origins: tuple[str, ...],
+    redact_params: tuple[str, ...],
+    ip_mode: str,
+    drop_bots: bool,
 ) -> None:
     """Create a project; print its public key, and its secret key once (on stderr).
 
@@ -327,7 +346,7 @@ def projects_create(
     try:
         with _session_factory().begin() as session:
             project = project_store.create_project(
-                session, name, key, allowed_origins, redact_params
+                session, name, key, allowed_origins, redact_params, ip_mode, drop_bots
             )
             secret = project_store.add_key(session, project.id, project_store.SECRET)
             public = project.key
@@ -367,6 +386,10 @@ def projects_list() -> None:
             shown = keys[0] if keys else project.key
             redacted = ",".join(project.redact_params or ())
             extra = f"\tredact={redacted}" if redacted else ""
+            if project.ip_mode != "full":
+                extra += f"\tip_mode={project.ip_mode}"
+            if project.drop_bots:
+                extra += "\tdrop_bots"
             click.echo(f"{shown}\t{project.name}\t{state}\torigins={origins}{extra}")
 
 
@@ -386,6 +409,41 @@ def projects_revoke(key: str) -> None:
         ):
             raise click.ClickException(f"no active project with key {key!r}")
     click.echo(f"revoked {key}")
+
+
+@projects.command("update")
+@click.argument("project")
+@click.option(
+    "--ip-mode",
+    type=click.Choice(["full", "truncated", "none"]),
+    default=None,
+    help="What is kept of client IPs from now on (rows already stored keep theirs).",
+)
+@click.option(
+    "--drop-bots/--keep-bots",
+    "drop_bots",
+    default=None,
+    help="Drop events flagged as bots (answered as accepted), or store them with is_bot.",
+)
+def projects_update(project: str, ip_mode: str | None, drop_bots: bool | None) -> None:
+    """Change a project's IP mode and bot dropping (PROJECT: a public key, an id or a name).
+
+    Takes effect within APEX_PROJECT_CACHE_TTL seconds on every server.
+    """
+    _update_privacy(project, ip_mode, drop_bots)
+
+
+def _update_privacy(reference: str, ip_mode: str | None, drop_bots: bool | None) -> None:
+    """`projects update` for the settings of issue #19 (ip_mode, drop_bots), kept apart from
+    any other project setting so that a fuller `projects update` can call it as it is."""
+    from apex_ingest.server import projects as project_store
+
+    if ip_mode is None and drop_bots is None:
+        raise click.UsageError("nothing to change: give --ip-mode and/or --drop-bots/--keep-bots")
+    with _session_factory().begin() as session:
+        project_id, _ = _project_id(session, reference)
+        project = project_store.update_privacy(session, project_id, ip_mode, drop_bots)
+        click.echo(f"{project.name}\tip_mode={project.ip_mode}\tdrop_bots={project.drop_bots}")
 
 
 def _project_id(session: Session, reference: str) -> tuple[int, frozenset[str]]:

@@ -232,11 +232,18 @@ def referrer(referrer: str | None, url: str) -> tuple[str | None, str]:
     """(referrer_host, referrer_class) of an event: `direct` without a referrer, `internal`
     when the referrer is the event's own site, else `email`, `social`, `search` or `other`."""
     if not referrer:
-        return None, "direct"
+        return _DIRECT
+    return _referrer(referrer, _host(url) if url[:1] != "/" else None)
+
+
+_DIRECT: tuple[str | None, str] = (None, "direct")
+
+
+@lru_cache(maxsize=UA_CACHE_SIZE)
+def _referrer(referrer: str, site: str | None) -> tuple[str | None, str]:
     host = _host(referrer)
     if host is None:
         return None, "other"
-    site = _host(url) if url[:1] != "/" else None
     if site is not None and _same_site(host, site):
         return host, "internal"
     return host, _host_class(host)
@@ -419,10 +426,24 @@ def request_columns(ip: str | None, user_agent: str | None, ip_mode: str) -> dic
     }
 
 
+_NO_EVENT_COLUMNS: dict[str, Any] = dict.fromkeys(CAMPAIGN_COLUMNS + REFERRER_COLUMNS)
+_NO_CAMPAIGN_COLUMNS: dict[str, Any] = dict.fromkeys(CAMPAIGN_COLUMNS)
+
+
 def event_columns(url: str, referrer_url: str | None) -> dict[str, Any]:
-    """The columns of one event: campaign parameters of its URL, its referrer's host and class."""
+    """The columns of one event: campaign parameters of its URL, its referrer's host and class.
+
+    The dict returned may be shared between calls (cached): callers copy it, never change it.
+    """
     if not _config.enabled:
-        return dict.fromkeys(CAMPAIGN_COLUMNS + REFERRER_COLUMNS)
-    values = dict(zip(CAMPAIGN_COLUMNS, campaign(url), strict=True))
-    values["referrer_host"], values["referrer_class"] = referrer(referrer_url, url)
-    return values
+        return _NO_EVENT_COLUMNS
+    campaign_columns = (
+        _campaign_columns(url) if "utm_" in url or "clid=" in url else _NO_CAMPAIGN_COLUMNS
+    )
+    host, kind = referrer(referrer_url, url)
+    return {**campaign_columns, "referrer_host": host, "referrer_class": kind}
+
+
+@lru_cache(maxsize=UA_CACHE_SIZE)
+def _campaign_columns(url: str) -> dict[str, Any]:
+    return dict(zip(CAMPAIGN_COLUMNS, _campaign(url), strict=True))

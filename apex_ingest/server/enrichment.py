@@ -344,12 +344,14 @@ _countries_lock = threading.Lock()
 
 
 def configure(enabled: bool = True, geoip: str = "builtin") -> None:
-    """Choose what runs (the server calls this with its settings); resets the country reader."""
+    """Choose what runs (the server calls this with its settings); a new country source is
+    opened when first needed."""
     global _config, _countries
     with _countries_lock:
-        if _config != Config(enabled, geoip):
-            _config = Config(enabled, geoip)
-            _countries = None
+        if _config.geoip != geoip:
+            _countries = None  # opened anew, from the other source, when first needed
+            country.cache_clear()
+        _config = Config(enabled, geoip)
 
 
 def enabled() -> bool:

@@ -36,9 +36,9 @@ def free_port() -> int:
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0006\n"
-    assert current_revision(url) == "0006"  # the head: 0006 adds project_keys and dead_letters
-    assert "up to date (revision 0006)" in run(url, "db", "upgrade").stdout  # idempotent
+    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0008\n"
+    assert current_revision(url) == "0008"  # the head: 0008 adds the enrichment columns
+    assert "up to date (revision 0008)" in run(url, "db", "upgrade").stdout  # idempotent
 
 
 def test_projects_create_list_revoke(database_url: str) -> None:

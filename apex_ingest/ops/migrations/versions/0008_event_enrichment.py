@@ -23,6 +23,8 @@ of them, so this migration may run before they are replaced.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -32,7 +34,7 @@ branch_labels = None
 depends_on = None
 
 #: (name, type) of each new column of `events`, all nullable (README: "The database").
-EVENT_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[object]], ...] = (
+EVENT_COLUMNS: tuple[tuple[str, sa.types.TypeEngine[Any]], ...] = (
     ("client_occurred_at", sa.DateTime(timezone=True)),
     ("clock_skew_ms", sa.BigInteger()),
     ("browser", sa.String(64)),

@@ -43,9 +43,12 @@ _NUMBER_AT_RISK = re.compile(r"[eE][+-]?[0-9]{4}|[0-9]{15000}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: Seconds since the epoch of the last second datetime can hold (9999-12-31T23:59:59Z).
 _MAX_SECONDS = 253_402_300_799
-#: A client clock off by less than this is not corrected: below it, the measured skew is mostly
-#: the request's time in transit (docs/enrichment.md, "Clock skew").
-SKEW_THRESHOLD = timedelta(seconds=1)
+#: A client clock off by less than this is not corrected: the measured skew includes the
+#: request's time in transit (a slow mobile upload, a first connection: 1.1 s measured for the
+#: gRPC SDK's first call on a busy machine), and correcting by it would move a correct clock's
+#: events later, reordering them against the same client's other requests. Real skews are
+#: minutes, hours (a wrong time zone) or years (docs/enrichment.md, "Clock skew").
+SKEW_THRESHOLD = timedelta(seconds=10)
 _BEFORE_EPOCH_CORRECTED = (
     "must not be before 1970-01-01T00:00:00Z once corrected by the client's clock skew "
     "(measured with sent_at)"

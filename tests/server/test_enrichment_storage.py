@@ -266,3 +266,29 @@ def test_migration_0008_on_existing_rows(database_url: str) -> None:
             assert connection.execute(text("SELECT count(*) FROM events")).scalar_one() == 2
     finally:
         engine.dispose()
+
+
+def test_the_live_feed_carries_the_derived_columns(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    from sqlalchemy import select
+
+    from apex_ingest.server.models import Event as EventRow
+    from apex_ingest.server.project_service import event_message
+
+    key = project(server.database_url, ip_mode="none")
+    url = "https://shop.example/?utm_source=news"
+    send(stub, key, [Event(id="1", type="pageview", url=url)], user_agent=GOOGLEBOT)
+    send(stub, key, [Event(id="2", type="pageview", url="/")], user_agent="")
+    engine = create_db_engine(server.database_url)
+    try:
+        with create_session_factory(engine)() as session:
+            rows = session.scalars(select(EventRow).order_by(EventRow.id)).all()
+            bot, anonymous = (event_message(row) for row in rows)
+    finally:
+        engine.dispose()
+    assert (bot.browser, bot.device_class, bot.is_bot) == ("Googlebot", "bot", True)
+    assert (bot.utm_source, bot.referrer_class, bot.country) == ("news", "direct", "GB")
+    assert not bot.HasField("clock_skew_ms") and not bot.HasField("client_occurred_at")
+    assert not anonymous.HasField("is_bot") and anonymous.browser == ""
+    assert IPV4 not in str(bot) + str(anonymous)

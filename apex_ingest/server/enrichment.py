@@ -393,13 +393,14 @@ def country(ip: str | None) -> str | None:
 
 
 def warm_up() -> None:
-    """Load the parsers and the country database now (at server start) rather than on the
-    first request, which would otherwise wait ~0.2 s."""
+    """Load the parsers and the country database now (at server start, in the background)
+    rather than on the first request, which would otherwise wait ~1 s."""
     if not _config.enabled:
         return
-    parse_agent.cache_clear()
-    parse_agent("Mozilla/5.0 (Windows NT 10.0; Win64; x64) Chrome/131.0.0.0 Safari/537.36")
-    parse_agent.cache_clear()
+    parse_agent(
+        "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) "
+        "Chrome/131.0.0.0 Safari/537.36"
+    )
     _country_reader()
 
 

@@ -404,10 +404,13 @@ def warm_up() -> None:
     _country_reader()
 
 
-def request_columns(ip: str | None, user_agent: str | None, ip_mode: str) -> dict[str, Any]:
+def request_columns(
+    ip: str | None, user_agent: str | None, ip_mode: str, enrich: bool = True
+) -> dict[str, Any]:
     """The columns every event of a request shares: the IP as `ip_mode` keeps it, the parsed
-    User-Agent and the country (looked up from the full IP before it is reduced)."""
-    if not _config.enabled:
+    User-Agent and the country (looked up from the full IP before it is reduced). `enrich`
+    False: none derived (rows built only to report violations, before authentication)."""
+    if not (enrich and _config.enabled):
         return {
             "ip": scrub_ip(ip, ip_mode),
             "browser": None,
@@ -433,12 +436,12 @@ _NO_EVENT_COLUMNS: dict[str, Any] = dict.fromkeys(CAMPAIGN_COLUMNS + REFERRER_CO
 _NO_CAMPAIGN_COLUMNS: dict[str, Any] = dict.fromkeys(CAMPAIGN_COLUMNS)
 
 
-def event_columns(url: str, referrer_url: str | None) -> dict[str, Any]:
+def event_columns(url: str, referrer_url: str | None, enrich: bool = True) -> dict[str, Any]:
     """The columns of one event: campaign parameters of its URL, its referrer's host and class.
 
     The dict returned may be shared between calls (cached): callers copy it, never change it.
     """
-    if not _config.enabled:
+    if not (enrich and _config.enabled):
         return _NO_EVENT_COLUMNS
     campaign_columns = (
         _campaign_columns(url) if "utm_" in url or "clid=" in url else _NO_CAMPAIGN_COLUMNS

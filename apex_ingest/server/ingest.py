@@ -113,7 +113,7 @@ def prepare(
     violations = check_request_shape(request)
     if any(v.field == "project_key" for v in violations):
         # Without a usable key there is no project to authorize; report everything at once.
-        build_rows(request, received_at, violations, retention)
+        build_rows(request, received_at, violations, retention, enrich=False)
         raise InvalidRequest(violations)
     # Authenticate before reporting event problems: unknown callers learn nothing more.
     try:

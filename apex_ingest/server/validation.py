@@ -96,6 +96,7 @@ def build_rows(
     retention: timedelta | None = None,
     redact_params: frozenset[str] = frozenset(),
     ip_mode: str = "full",
+    enrich: bool = True,
 ) -> list[Row]:
     """Validate every event, appending each problem to `violations`; return the valid rows.
 
@@ -103,7 +104,9 @@ def build_rows(
     corrected by the client's clock skew when the request has `sent_at` (the client's own
     time kept in `client_occurred_at`, the skew in `clock_skew_ms`), the User-Agent, the
     country, the campaign and the referrer are parsed, and the IP is kept as `ip_mode` says
-    (`full`, `truncated`, `none`), after the country was looked up.
+    (`full`, `truncated`, `none`), after the country was looked up. `enrich=False` derives
+    nothing: for rows built only to name violations (an unauthenticated request must not
+    make the server parse its User-Agent).
 
     `retention` (APEX_RETENTION_DAYS): an event whose stored time (its timestamp, or the time
     of receipt) is older than `received_at - retention` is refused, since the next
@@ -125,7 +128,7 @@ def build_rows(
         "received_at": received_at,
         "user_agent": user_agent,
         "clock_skew_ms": skew_ms,
-        **enrichment.request_columns(normalized_ip(context.client_ip), user_agent, ip_mode),
+        **enrichment.request_columns(normalized_ip(context.client_ip), user_agent, ip_mode, enrich),
     }
     rows: list[Row] = []
     for index, event in enumerate(request.events[:MAX_EVENTS]):
@@ -223,7 +226,7 @@ def build_rows(
                     "occurred_at": occurred_at,
                     "client_occurred_at": client_occurred_at,
                     **shared,
-                    **enrichment.event_columns(url, referrer),
+                    **enrichment.event_columns(url, referrer, enrich),
                 }
             )
     return rows

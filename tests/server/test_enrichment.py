@@ -324,3 +324,15 @@ def test_a_correction_before_1970_is_refused() -> None:
     )
     rows, violations = _rows(request)
     assert rows == [] and [v.field for v in violations] == ["events[0].timestamp"]
+
+
+def test_a_request_refused_before_authentication_parses_nothing() -> None:
+    from apex_ingest.server.errors import InvalidRequest
+    from apex_ingest.server.ingest import prepare
+
+    request = _request(user_agent="Mozilla/5.0 (never seen) Gecko/1 Firefox/1")
+    request.project_key = ""  # refused before any project is looked up
+    enrichment.parse_agent.cache_clear()
+    with pytest.raises(InvalidRequest):
+        prepare(request, projects=None, received_at=RECEIVED)  # type: ignore[arg-type]
+    assert enrichment.parse_agent.cache_info().currsize == 0

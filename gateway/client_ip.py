@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from apex_ingest.common.ip import truncated_ip
 from gateway.config import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -74,7 +75,4 @@ def logged_ip(ip: str | None, mode: str) -> str | None:
     if mode == "full":
         return ip
     address = _parse_ip(ip)
-    if address is None:
-        return None
-    prefix = 24 if address.version == 4 else 48
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+    return None if address is None else truncated_ip(str(address))

@@ -27,6 +27,8 @@ from functools import lru_cache
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
+from apex_ingest.common.ip import truncated_ip
+
 log = logging.getLogger(__name__)
 
 IP_MODES = ("full", "truncated", "none")
@@ -68,14 +70,7 @@ def scrub_ip(ip: str | None, mode: str) -> str | None:
     nothing. Anything else keeps nothing (a mode this server does not know must not leak)."""
     if ip is None or mode == "full":
         return ip if mode == "full" else None
-    if mode != "truncated":
-        return None
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    prefix = 24 if address.version == 4 else 48
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+    return truncated_ip(ip) if mode == "truncated" else None
 
 
 # --- the User-Agent ------------------------------------------------------------------------

@@ -8,7 +8,7 @@ SDK := sdk/python
 SDK_VENV := .venv-sdk
 PYSRC := apex_ingest gateway tests bench $(SDK)
 
-.PHONY: run test test-sdk lint proto proto-check breaking install install-dev services bench test-reliability clean
+.PHONY: run test test-sdk lint proto proto-check breaking install install-dev services bench bench-enrichment test-reliability clean
 
 $(VENV)/.run-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -102,3 +102,10 @@ clean:
 bench: install-dev
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+## bench-enrichment: what enrichment costs (issue #19): the microbenchmark, then interleaved
+## service runs with APEX_ENRICHMENT on and off (5 x 10 s each per load: ~4 minutes)
+bench-enrichment: install-dev
+	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	$(PY) -m bench.enrichment
+	$(PY) -m bench.run --enrichment-compare --rounds 5 --seconds 10 $(BENCH_ARGS)

@@ -21,6 +21,7 @@ import re
 import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -393,10 +394,122 @@ def report(f: Figures) -> bool:
     return not missed
 
 
+def enrichment_compare(seconds: int, rounds: int, loads: list[str]) -> int:
+    """What enrichment costs the whole service: two services side by side on one database,
+    one with APEX_ENRICHMENT=1, one with 0, loaded in turn (the order alternating each round,
+    so that a drift of the machine favours neither), `rounds` runs of `seconds` each per mode
+    and load; prints the medians, their ratio and the cost per event (issue #19: single runs
+    vary by ±40 %, medians of at least 5 each)."""
+    python = sys.executable
+    name = f"apex_bench_{uuid.uuid4().hex[:8]}"
+    admin = libpq(ADMIN_URL)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    database_url = make_url(ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    base_env = {
+        **os.environ,
+        "APEX_DATABASE_URL": database_url,
+        "APEX_RATE_LIMIT": "1000000/second",
+        "APEX_LOG_LEVEL": "WARNING",
+    }
+    services: dict[str, subprocess.Popen[bytes]] = {}
+    bodies = tempfile.TemporaryDirectory(prefix="apex-bench-")
+    started = time.monotonic()
+    try:
+        subprocess.run(
+            [python, "-m", "apex_ingest", "db", "upgrade"],
+            env=base_env,
+            check=True,
+            capture_output=True,
+        )
+        key = subprocess.run(
+            [python, "-m", "apex_ingest", "projects", "create", "bench"],
+            env=base_env,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        directory = Path(bodies.name)
+        manifests = {"batch": write_manifest(directory, events.batches(8), key)}
+        # The snippet: one browser event with a User-Agent, a campaign URL and a referrer.
+        snippet_file = directory / "snippet.json"
+        snippet_file.write_bytes(snippet_body(key))
+        manifests["snippet"] = directory / "snippet.tsv"
+        manifests["snippet"].write_text(f"{events.USER_AGENTS[0]}\t{snippet_file}\n")
+        urls = {}
+        for mode in ("on", "off"):
+            http_port, grpc_port = free_port(), free_port()
+            env = {
+                **base_env,
+                "APEX_HTTP_PORT": str(http_port),
+                "APEX_GRPC_PORT": str(grpc_port),
+                "APEX_ENRICHMENT": "1" if mode == "on" else "0",
+            }
+            services[mode] = subprocess.Popen(
+                [python, "-m", "apex_ingest", "serve"], env=env, start_new_session=True
+            )
+            urls[mode] = f"http://127.0.0.1:{http_port}/api/events"
+            wait_http(f"http://127.0.0.1:{http_port}/healthz")
+        print(f"services up after {time.monotonic() - started:.1f} s", flush=True)
+        connections = {"snippet": 32, "batch": 16}
+        per_request = {"snippet": 1, "batch": BATCH}
+        for mode in ("on", "off"):  # warm-up: caches, pools, the parser's rules
+            for load in loads:
+                wrk(urls[mode], connections[load], 1, manifest=manifests[load])
+        rates: dict[tuple[str, str], list[float]] = {}
+        print(f"warmed up after {time.monotonic() - started:.1f} s", flush=True)
+        for index in range(rounds):
+            order = ("on", "off") if index % 2 == 0 else ("off", "on")
+            for mode in order:
+                for load in loads:
+                    result = wrk(urls[mode], connections[load], seconds, manifest=manifests[load])
+                    rates.setdefault((mode, load), []).append(result.requests_per_s)
+        print(f"enrichment on vs off: {rounds} interleaved runs of {seconds} s each, medians")
+        for load in loads:
+            on = statistics.median(rates["on", load])
+            off = statistics.median(rates["off", load])
+            events_per_s_on, events_per_s_off = on * per_request[load], off * per_request[load]
+            cost_us = (1 / events_per_s_on - 1 / events_per_s_off) * 1e6
+            print(
+                f"  {load:8} on {on:9.1f} req/s  off {off:9.1f} req/s  ratio {on / off:.3f}"
+                f"  cost {cost_us:+.2f} µs of service time per event"
+                f"  (runs on: {', '.join(f'{r:.0f}' for r in rates['on', load])};"
+                f" off: {', '.join(f'{r:.0f}' for r in rates['off', load])})"
+            )
+        return 0
+    finally:
+        for service in services.values():
+            if service.poll() is None:
+                os.killpg(service.pid, signal.SIGTERM)
+        for service in services.values():
+            try:
+                service.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(service.pid, signal.SIGKILL)
+        bodies.cleanup()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=15)
+    parser.add_argument(
+        "--enrichment-compare",
+        action="store_true",
+        help="only compare the service with enrichment on and off (interleaved runs)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="runs per mode (--enrichment-compare)"
+    )
+    parser.add_argument(
+        "--loads",
+        default="snippet,batch",
+        help="comma-separated loads for --enrichment-compare: snippet, batch",
+    )
     args = parser.parse_args()
+    if args.enrichment_compare:
+        return enrichment_compare(args.seconds, args.rounds, args.loads.split(","))
     seconds = args.seconds
     python = sys.executable
     name = f"apex_bench_{uuid.uuid4().hex[:8]}"

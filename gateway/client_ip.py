@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from apex_ingest.common.ip import truncated_ip
 from gateway.config import IPNetwork
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -61,3 +62,17 @@ def _parse_ip(text: str) -> IPAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+def logged_ip(ip: str | None, mode: str) -> str | None:
+    """What the gateway's own logs keep of a client IP (APEX_LOG_CLIENT_IP): `truncated` (the
+    default: IPv4 /24, IPv6 /48, as a project's `truncated` IP mode keeps it), `full` or `none`.
+
+    The gateway does not know the projects' IP modes, so by default it never writes a whole IP.
+    """
+    if not ip or mode == "none":
+        return None
+    if mode == "full":
+        return ip
+    address = _parse_ip(ip)
+    return None if address is None else truncated_ip(str(address))

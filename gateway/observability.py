@@ -30,6 +30,8 @@ from apex_ingest.common.logs import (
     clean_request_id,
     request_id_var,
 )
+from gateway.client_ip import logged_ip
+from gateway.config import get_settings
 from gateway.errors import error_code
 from gateway.request_state import ParsedBody
 
@@ -129,7 +131,7 @@ def _finish(response: Response) -> Response:
                 "path": request.path[:512],
                 "status": status,
                 "duration_ms": round(elapsed * 1000, 3),
-                "client_ip": request.remote_addr,
+                "client_ip": logged_ip(request.remote_addr, get_settings().log_client_ip),
                 "user_agent": request.headers.get("User-Agent", "")[:512],
                 "project": project,
                 "events": events,

@@ -64,6 +64,9 @@ def to_request(document: Any) -> Payload:
     request = ingest_pb2.IngestEventsRequest(
         project_key=check.string(document, "projectKey", "projectKey")
     )
+    sent_at = check.timestamp(document.get("sentAt"), "sentAt")
+    if sent_at is not None:
+        request.sent_at.CopyFrom(sent_at)
     snippet = is_snippet(document)
     if snippet:
         request.events.add(**check.event(document, prefix="", visitor_required=True))
@@ -298,6 +301,8 @@ class _Snippet(_Event):
     projectKey: Any = None
     events: list[_Event] | msgspec.UnsetType | None = msgspec.UNSET
     partial: Any = None
+    #: When the client sent the request (its clock): the server corrects clock skew with it.
+    sentAt: Any = None
 
 
 _DECODER = msgspec.json.Decoder(_Snippet)
@@ -324,6 +329,10 @@ def parse_request(body: bytes) -> Payload:
     request = ingest_pb2.IngestEventsRequest(
         project_key=check.string_value(document.projectKey, "projectKey")
     )
+    if document.sentAt is not None:
+        sent_at = check.timestamp(document.sentAt, "sentAt")
+        if sent_at is not None:
+            request.sent_at.CopyFrom(sent_at)
     if document.events is msgspec.UNSET:
         request.events.add(**check.fast_event(document, "", visitor_required=True))
         return Payload(

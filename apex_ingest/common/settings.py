@@ -222,6 +222,14 @@ def check_database_url(url: str) -> str:
     return url
 
 
+def _geoip(value: str) -> str:
+    if value in ("builtin", "off"):
+        return value
+    if not Path(value).is_file():
+        raise ValueError("must be builtin, off or the path of a MaxMind DB file that exists")
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class ServerSettings(NetworkSettings, LimitSettings):
     """The gRPC server and its database."""
@@ -265,6 +273,13 @@ class ServerSettings(NetworkSettings, LimitSettings):
     #: Refused requests waiting for the dead-letter writer, per server process; beyond it
     #: (and beyond an eighth of it for one project) their events are not recorded (counted).
     dead_letter_queue: int = setting(1000, ge=1)
+    #: Derive columns from each event at ingest: parsed User-Agent, bot flag, campaign,
+    #: referrer class, country (docs/enrichment.md). Off: those columns stay null (clock-skew
+    #: correction and the projects' IP modes still apply).
+    enrichment: bool = True
+    #: Country database: `builtin` (geoip2fast's bundled one), `off`, or the path of a MaxMind
+    #: DB file (GeoLite2-Country.mmdb or compatible) the operator provides.
+    geoip: str = setting("builtin", parse=lambda value: _geoip(str(value)))
 
     @property
     def retention(self) -> timedelta | None:
@@ -349,6 +364,11 @@ class GatewaySettings(NetworkSettings, LimitSettings):
     http_threads: int | None = setting(None, ge=1)
     #: Seconds a gateway worker keeps serving after SIGTERM before it stops accepting.
     shutdown_drain: float = setting(2.0, ge=0, le=300)
+    #: What the gateway's own logs keep of a client IP: `truncated` (IPv4 /24, IPv6 /48),
+    #: `full` or `none`. The gateway does not know the projects' IP modes: never full by default.
+    log_client_ip: str = setting(
+        "truncated", parse=lambda value: _one_of(str(value).lower(), ("truncated", "full", "none"))
+    )
 
     def __post_init__(self) -> None:
         if not self.grpc_target:

@@ -315,8 +315,27 @@ def projects() -> None:
     help="Query parameter whose value is stored as [redacted] in url and referrer, beside "
     "the built-in list of secret names (repeatable; whole name, any case).",
 )
+@click.option(
+    "--ip-mode",
+    type=click.Choice(["full", "truncated", "none"]),
+    default="full",
+    show_default=True,
+    help="What is kept of client IPs (events, dead letters): all of it, its network (IPv4 /24, "
+    "IPv6 /48), or nothing. The country is looked up first in every mode.",
+)
+@click.option(
+    "--drop-bots",
+    is_flag=True,
+    help="Drop events flagged as bots (crawlers, headless browsers) instead of storing them "
+    "with is_bot: they are answered as accepted and counted in apex_grpc_events_dropped.",
+)
 def projects_create(
-    name: str, key: str | None, allowed_origins: tuple[str, ...], redact_params: tuple[str, ...]
+    name: str,
+    key: str | None,
+    allowed_origins: tuple[str, ...],
+    redact_params: tuple[str, ...],
+    ip_mode: str,
+    drop_bots: bool,
 ) -> None:
     """Create a project; print its public key, and its secret key once (on stderr).
 
@@ -329,7 +348,7 @@ def projects_create(
     try:
         with _session_factory().begin() as session:
             project = project_store.create_project(
-                session, name, key, allowed_origins, redact_params
+                session, name, key, allowed_origins, redact_params, ip_mode, drop_bots
             )
             secret = project_store.add_key(session, project.id, project_store.SECRET)
             public = project.key
@@ -371,6 +390,10 @@ def projects_list() -> None:
             extra = f"\tredact={redacted}" if redacted else ""
             if project.rate_limit:
                 extra += f"\trate_limit={project.rate_limit}"
+            if project.ip_mode != "full":
+                extra += f"\tip_mode={project.ip_mode}"
+            if project.drop_bots:
+                extra += "\tdrop_bots"
             click.echo(f"{shown}\t{project.name}\t{state}\torigins={origins}{extra}")
 
 

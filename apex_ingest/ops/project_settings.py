@@ -140,6 +140,22 @@ def _apply_rate_limit(project: Project, values: Mapping[str, Any]) -> str | None
     return project.rate_limit
 
 
+def _apply_ip_mode(project: Project, values: Mapping[str, Any]) -> str | None:
+    ip_mode: str | None = values.get("ip_mode")
+    if ip_mode is None:
+        return None
+    project.ip_mode = ip_mode
+    return ip_mode
+
+
+def _apply_drop_bots(project: Project, values: Mapping[str, Any]) -> str | None:
+    drop_bots: bool | None = values.get("drop_bots")
+    if drop_bots is None:
+        return None
+    project.drop_bots = drop_bots
+    return "dropped" if drop_bots else "stored, flagged is_bot"
+
+
 SETTINGS: tuple[ProjectSetting, ...] = (
     ProjectSetting(
         "name",
@@ -204,6 +220,30 @@ SETTINGS: tuple[ProjectSetting, ...] = (
             ),
         ],
         _apply_rate_limit,
+    ),
+    ProjectSetting(
+        "ip mode",
+        [
+            click.Option(
+                ["--ip-mode"],
+                type=click.Choice(["full", "truncated", "none"]),
+                default=None,
+                help="What is kept of client IPs from now on (rows already stored keep theirs).",
+            )
+        ],
+        _apply_ip_mode,
+    ),
+    ProjectSetting(
+        "bots",
+        [
+            click.Option(
+                ["--drop-bots/--keep-bots", "drop_bots"],
+                default=None,
+                help="Drop events flagged as bots (answered as accepted), or store them with "
+                "is_bot.",
+            )
+        ],
+        _apply_drop_bots,
     ),
 )
 

@@ -13,9 +13,9 @@ the caps (per project: APEX_DEAD_LETTER_MAX_ROWS rows and APEX_DEAD_LETTER_MAX_A
 APEX_DEAD_LETTER_MAX_TOTAL_ROWS in all; the oldest go first). A failed write is logged and
 counted, nothing more.
 
-What is stored of an event is scrubbed as events are (`scrub_event`): the IP as events store it,
-the User-Agent without control characters and cut to 1024 characters, and each event capped at
-MAX_EVENT_BYTES of JSON.
+What is stored of an event is scrubbed as events are (`scrub_event`, `scrub_ip`): the IP as
+events store it (reduced or dropped as the project's `ip_mode` says), the User-Agent without
+control characters and cut to 1024 characters, and each event capped at MAX_EVENT_BYTES of JSON.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.common.limits import MAX_EVENTS
 from apex_ingest.server import metrics
+from apex_ingest.server.enrichment import scrub_ip
 from apex_ingest.server.errors import FieldViolation, InvalidRequest, OriginNotAllowed
-from apex_ingest.server.models import DeadLetter
+from apex_ingest.server.models import DeadLetter, Project
 from apex_ingest.server.projects import ProjectInfo
 from apex_ingest.server.redaction import redact_url
 from apex_ingest.server.storage import insert_events
@@ -72,7 +73,9 @@ def scrub_event(
     THE HOOK for every scrubbing rule that applies to stored events: whatever the server never
     stores in an event must be applied here too, with the same function `validation.build_rows`
     calls (CONTRACT.md section 4): the values of secret query parameters in `url` and
-    `referrer` (the built-in names and the project's own) are `[redacted]`.
+    `referrer` (the built-in names and the project's own) are `[redacted]`. The request's IP,
+    which dead letters keep once per row beside the event, goes through `scrub_ip` (the
+    project's `ip_mode`) in `rows_for`, the same function events' rows use.
     """
     for name in ("url", "referrer"):
         if isinstance(event.get(name), str) and event[name]:
@@ -169,8 +172,10 @@ def rows_for(
     received_at: datetime,
     only: Iterable[int] | None = None,
     redact_params: frozenset[str] = frozenset(),
+    ip_mode: str = "full",
 ) -> list[dict[str, Any]]:
-    """The dead-letter rows of a refused request (of its events `only`, if given)."""
+    """The dead-letter rows of a refused request (of its events `only`, if given); the IP is
+    kept as the project's `ip_mode` says, as in its events."""
     events = request.events[:MAX_EVENTS]
     if isinstance(error, OriginNotAllowed):
         reason = PERMISSION_DENIED
@@ -187,7 +192,7 @@ def rows_for(
         # Refused values may hold anything; PostgreSQL's text holds no NUL.
         "user_id": request.user_id.replace("\x00", "")[:128] or None,
         "origin": context.origin.replace("\x00", "")[:4096] or None,
-        "ip": normalized_ip(context.client_ip),
+        "ip": scrub_ip(normalized_ip(context.client_ip), ip_mode),
         "user_agent": clean_user_agent(context.user_agent),
         "request_id": context.request_id.replace("\x00", "")[:128] or None,
     }
@@ -218,6 +223,7 @@ class _Refused:
     received_at: datetime
     only: tuple[int, ...] | None
     redact_params: frozenset[str] = frozenset()
+    ip_mode: str = "full"
 
 
 class DeadLetterRecorder:
@@ -254,9 +260,11 @@ class DeadLetterRecorder:
         error: InvalidRequest | OriginNotAllowed,
         only: Sequence[int] | None = None,
         redact_params: frozenset[str] = frozenset(),
+        ip_mode: str = "full",
     ) -> bool:
         """Queue the request's events (those at `only`, if given); False if dropped. Never
-        blocks, never raises."""
+        blocks, never raises. `ip_mode`: the project's; the IP is scrubbed when the row is
+        built, off the request's path (the full IP only waits in memory meanwhile)."""
         try:
             events = min(len(request.events), MAX_EVENTS) if only is None else len(only)
             if self._max_rows == 0 or self._max_total == 0 or events == 0:
@@ -269,6 +277,7 @@ class DeadLetterRecorder:
                 datetime.now(UTC),
                 None if only is None else tuple(only),
                 redact_params,
+                ip_mode,
             )
             with self._lock:
                 if self._queued[project_id] >= self._per_project:
@@ -346,6 +355,7 @@ class DeadLetterRecorder:
                 item.received_at,
                 item.only,
                 item.redact_params,
+                item.ip_mode,
             )
             counts.append((item.project_label, len(written)))
             rows.extend(written)
@@ -432,7 +442,12 @@ def replay(
     pass are inserted as events (insert-or-ignore on the event id, so a replay never stores an
     event twice) and deleted from the dead letters in the same transaction.
     """
-    project = ProjectInfo(project_id, allowed_origins)
+    with session_factory() as session:
+        stored = session.get(Project, project_id)
+        ip_mode = stored.ip_mode if stored is not None else "full"
+    # The IP mode of today: a project that keeps less now than when the letter was written
+    # stores only what it keeps now.
+    project = ProjectInfo(project_id, allowed_origins, ip_mode=ip_mode or "full")
     replayed = 0
     failed: list[DeadLetter] = []
     last_id = 0
@@ -497,7 +512,7 @@ def _replay_violations(
     received_at = letter.received_at
     if received_at.tzinfo is None:  # SQLite gives naive datetimes back
         received_at = received_at.replace(tzinfo=UTC)
-    built = build_rows(request, received_at, violations)
+    built = build_rows(request, received_at, violations, ip_mode=project.ip_mode)
     if violations:
         return [
             FieldViolation(

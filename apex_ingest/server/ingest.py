@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from apex_ingest.server import metrics
 from apex_ingest.server.deadletters import event_index
 from apex_ingest.server.errors import (
     FieldViolation,
@@ -107,10 +108,12 @@ class Accepted:
     #: Valid events of suppressed ids, dropped: accepted, never stored.
     suppressed: int = 0
     project: ProjectInfo | None = None
+    #: Events of a bot dropped as the project asks (drop_bots): accepted, never stored.
+    bots: int = 0
 
     def outcome(self) -> Outcome:
         return Outcome(
-            len(self.rows) + self.suppressed,
+            len(self.rows) + self.suppressed + self.bots,
             self.rejected,
             self.project_id,
             self.suppressed,
@@ -130,7 +133,7 @@ def prepare(
     violations = check_request_shape(request)
     if any(v.field == "project_key" for v in violations):
         # Without a usable key there is no project to authorize; report everything at once.
-        build_rows(request, received_at, violations, retention)
+        build_rows(request, received_at, violations, retention, enrich=False)
         raise InvalidRequest(violations)
     # Authenticate before reporting event problems: unknown callers learn nothing more.
     try:
@@ -143,7 +146,9 @@ def prepare(
         refused: IngestError = OriginNotAllowed(request.context.origin)
         refused.project_id = project.id
         raise refused
-    rows = build_rows(request, received_at, violations, retention, project.redact_params)
+    rows = build_rows(
+        request, received_at, violations, retention, project.redact_params, project.ip_mode
+    )
     rejected: list[tuple[int, list[FieldViolation]]] = []
     if violations and request.partial:
         rejected_events = _rejected_events(violations)
@@ -153,6 +158,7 @@ def prepare(
         refused = InvalidRequest(violations)
         refused.project_id = project.id
         raise refused
+    rows, bots = _without_bots(request, project, rows)
     suppressed = 0
     if suppressions is not None:
         # After validation: a suppressed person's invalid request is refused as anyone's.
@@ -160,7 +166,24 @@ def prepare(
             rows, suppressed = suppressions.drop_suppressed(project.id, rows)
         except UNAVAILABLE_ERRORS as error:
             raise StorageUnavailable(retry_after_seconds) from error
-    return Accepted(project.id, rows, rejected, suppressed, project)
+    return Accepted(project.id, rows, rejected, suppressed, project, bots)
+
+
+def _without_bots(
+    request: ingest_pb2.IngestEventsRequest, project: ProjectInfo, rows: list[Row]
+) -> tuple[list[Row], int]:
+    """`rows`, and how many were dropped: all of them if they are a bot's and the project
+    drops bots.
+
+    Every event of a request shares its User-Agent, so the whole request is a bot's or none of
+    it. The dropped events still count as accepted (the client is told 200, as for repeated
+    ids: a bot learns nothing) and are counted in apex_grpc_events_dropped{reason="bot"}.
+    """
+    if not (project.drop_bots and rows and rows[0]["is_bot"]):
+        return rows, 0
+    if not request.validate_only:
+        metrics.EVENTS_DROPPED.labels(request.project_key, "bot").inc(len(rows))
+    return [], len(rows)
 
 
 def _rejected_events(

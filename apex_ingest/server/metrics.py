@@ -44,6 +44,12 @@ EVENTS_SUPPRESSED = Counter(
     "at ingest; answered as accepted and counted in apex_grpc_events_accepted too.",
     ["project"],
 )
+EVENTS_DROPPED = Counter(
+    "apex_grpc_events_dropped",
+    "Events answered as accepted but not stored on purpose, by reason (bot: the project "
+    "drops events flagged as bots). Also counted in apex_grpc_events_accepted.",
+    ["project", "reason"],
+)
 DEAD_LETTERS_RECORDED = Counter(
     "apex_dead_letters_recorded",
     "Events of refused requests (known keys) written as dead letters.",

@@ -65,6 +65,11 @@ class Project(Base):
     # The project's own gateway rate limit, e.g. "100/second;5000/hour", all its keys together
     # (migration 0009); null: APEX_RATE_LIMIT.
     rate_limit: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    #: What is kept of a client IP (migration 0008): "full", "truncated" (IPv4 /24, IPv6 /48)
+    #: or "none" (apex_ingest/server/enrichment.py, `scrub_ip`).
+    ip_mode: Mapped[str] = mapped_column(String(16), default="full", server_default="full")
+    #: Drop events flagged as bots at ingest (answered as accepted, counted in metrics).
+    drop_bots: Mapped[bool] = mapped_column(Boolean(), default=False, server_default=text("false"))
 
 
 class ProjectKey(Base):
@@ -166,6 +171,33 @@ class Event(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     ip: Mapped[str | None] = mapped_column(String(45), nullable=True)
     user_agent: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    # Derived at ingest (migration 0008; docs/enrichment.md): null for rows stored before it,
+    # and wherever the rule found nothing.
+    #: The client's own `timestamp` when the server corrected its clock skew (else null).
+    client_occurred_at: Mapped[datetime | None] = mapped_column(
+        DateTime(timezone=True), nullable=True
+    )
+    #: Skew applied (client clock minus server clock, ms); 0 when measured but under the
+    #: threshold; null without `sent_at`.
+    clock_skew_ms: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    browser: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    browser_version: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    os: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    #: desktop, mobile, tablet or bot.
+    device_class: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    is_bot: Mapped[bool | None] = mapped_column(Boolean(), nullable=True)
+    utm_source: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    utm_medium: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    utm_campaign: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    utm_term: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    utm_content: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    gclid: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    fbclid: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    referrer_host: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: search, social, email, internal, direct or other.
+    referrer_class: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    #: ISO 3166-1 alpha-2 code of the client IP's country.
+    country: Mapped[str | None] = mapped_column(String(2), nullable=True)
 
 
 class IdentityLink(Base):

@@ -145,7 +145,39 @@ def event_message(event: Event) -> project_pb2.StoredEvent:
         data=data,
         occurred_at=_timestamp(event.occurred_at),
         received_at=_timestamp(event.received_at),
+        **_enrichment_fields(event),
     )
+
+
+#: StoredEvent's string fields read from the event row as they are (NULL: empty).
+_ENRICHED_TEXT = (
+    "browser",
+    "browser_version",
+    "os",
+    "device_class",
+    "utm_source",
+    "utm_medium",
+    "utm_campaign",
+    "utm_term",
+    "utm_content",
+    "gclid",
+    "fbclid",
+    "referrer_host",
+    "referrer_class",
+    "country",
+)
+
+
+def _enrichment_fields(event: Event) -> dict[str, Any]:
+    """The derived columns of migration 0008 as StoredEvent fields (NULL: unset or empty)."""
+    fields: dict[str, Any] = {name: getattr(event, name) or "" for name in _ENRICHED_TEXT}
+    if event.client_occurred_at is not None:
+        fields["client_occurred_at"] = _timestamp(event.client_occurred_at)
+    if event.clock_skew_ms is not None:
+        fields["clock_skew_ms"] = event.clock_skew_ms
+    if event.is_bot is not None:
+        fields["is_bot"] = bool(event.is_bot)
+    return fields
 
 
 class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):

@@ -15,6 +15,7 @@ import idna
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from apex_ingest.server.enrichment import IP_MODES
 from apex_ingest.server.models import Project, ProjectKey
 from apex_ingest.server.redaction import normalize_names
 from apex_ingest.server.validation import project_key_problem
@@ -95,7 +96,10 @@ def create_project(
     key: str | None = None,
     allowed_origins: Iterable[str] = (),
     redact_params: Iterable[str] = (),
+    ip_mode: str = "full",
+    drop_bots: bool = False,
 ) -> Project:
+    check_ip_mode(ip_mode)
     if key is not None:
         problem = project_key_problem(key)
         if problem:
@@ -114,10 +118,38 @@ def create_project(
         redact_params=extra or None,
         created_at=now,
         revoked_at=None,
+        ip_mode=ip_mode,
+        drop_bots=drop_bots,
     )
     session.add(project)
     session.flush()
     add_key(session, project.id, PUBLIC, key=public_key)
+    return project
+
+
+def check_ip_mode(ip_mode: str) -> str:
+    """`ip_mode` if it is one the server knows; ValueError otherwise."""
+    if ip_mode not in IP_MODES:
+        raise ValueError(f"ip_mode must be one of {', '.join(IP_MODES)}, not {ip_mode!r}")
+    return ip_mode
+
+
+def update_privacy(
+    session: Session, project_id: int, ip_mode: str | None = None, drop_bots: bool | None = None
+) -> Project:
+    """Change a project's IP mode and bot dropping (issue #19); None leaves a setting as it is.
+
+    Kept apart from any fuller `projects update`: these two settings only. Servers apply the
+    change within APEX_PROJECT_CACHE_TTL; rows already stored keep what they were stored with.
+    """
+    project = session.get(Project, project_id)
+    if project is None:
+        raise LookupError(f"no project {project_id}")
+    if ip_mode is not None:
+        project.ip_mode = check_ip_mode(ip_mode)
+    if drop_bots is not None:
+        project.drop_bots = drop_bots
+    session.flush()
     return project
 
 
@@ -290,6 +322,10 @@ class ProjectInfo:
     #: `projects.key`, the project's first public key: never changes, unique beyond one database
     #: (names the project's rate-limit window at the gateway).
     uid: str = ""
+    #: What is kept of client IPs: "full", "truncated" or "none" (enrichment.scrub_ip).
+    ip_mode: str = "full"
+    #: Drop events flagged as bots (answered as accepted, counted in metrics).
+    drop_bots: bool = False
 
     def allows_origin(self, origin: str) -> bool:
         if not self.allowed_origins or not origin:
@@ -348,6 +384,8 @@ class ProjectDirectory:
                     project.name,
                     project.rate_limit or None,
                     project.key,
+                    project.ip_mode or "full",
+                    bool(project.drop_bots),
                 )
                 if project is not None
                 else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from concurrent import futures
 
 import grpc
@@ -11,7 +12,7 @@ from sqlalchemy import Engine
 
 from apex_ingest.common.rpc import INGEST_MANY_METHOD, INGEST_METHOD, SERVICE_NAME
 from apex_ingest.common.settings import ServerSettings, load
-from apex_ingest.server import metrics, reflection
+from apex_ingest.server import enrichment, metrics, reflection
 from apex_ingest.server.admission import AdmissionInterceptor, CountingExecutor
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.deadletters import DeadLetterRecorder
@@ -98,6 +99,10 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
     )
     monitor = StorageHealthMonitor(engine, health_servicer, settings.health_interval)
+    enrichment.configure(settings.enrichment, settings.geoip)
+    # The User-Agent parser's rules and the country database take ~1.5 s to load: in the
+    # background, so that the server starts at once (a request meanwhile waits for them).
+    threading.Thread(target=enrichment.warm_up, name="enrichment-warm-up", daemon=True).start()
     projects = ProjectDirectory(session_factory, settings.project_cache_ttl)
     recorder = DeadLetterRecorder(
         session_factory,

@@ -197,15 +197,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         )
         if self._dead_letters is not None:
             error = InvalidRequest([v for _, own in outcome.rejected for v in own])
+            redact_params, ip_mode = self._scrubbing(request.project_key)
             self._dead_letters.record(
                 outcome.project_id,
                 request.project_key,
                 request,
                 error,
-                redact_params=self._redact_params(request.project_key),
+                redact_params=redact_params,
                 only=self._unsuppressed(
                     outcome.project_id, request, [index for index, _ in outcome.rejected]
                 ),
+                ip_mode=ip_mode,
             )
 
     def _unsuppressed(
@@ -227,13 +229,16 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             metrics.DEAD_LETTERS_DROPPED.labels("suppressed").inc(dropped)
         return chosen
 
-    def _redact_params(self, key: str) -> frozenset[str]:
-        """The project's own secret parameter names (its key was just looked up: cached)."""
+    def _scrubbing(self, key: str) -> tuple[frozenset[str], str]:
+        """The project's own secret parameter names and its IP mode (its key was just looked
+        up: cached). Unknown (the database gone): the built-in names, and no IP kept."""
         try:
             project = self._projects.lookup(key)
-        except Exception:  # the database may be gone; the built-in names still apply
-            return frozenset()
-        return project.redact_params if project is not None else frozenset()
+        except Exception:  # the database may be gone
+            return frozenset(), "none"
+        if project is None:
+            return frozenset(), "none"
+        return project.redact_params, project.ip_mode
 
     def _keep(self, request: ingest_pb2.IngestEventsRequest, error: IngestError) -> None:
         """Keep the events of a request refused for its content as dead letters (queued; never
@@ -241,13 +246,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         if request.validate_only or self._dead_letters is None:
             return
         if isinstance(error, InvalidRequest | OriginNotAllowed) and error.project_id is not None:
+            redact_params, ip_mode = self._scrubbing(request.project_key)
             self._dead_letters.record(
                 error.project_id,
                 request.project_key,
                 request,
                 error,
-                redact_params=self._redact_params(request.project_key),
+                redact_params=redact_params,
                 only=self._unsuppressed(error.project_id, request, None),
+                ip_mode=ip_mode,
             )
         elif isinstance(error, UnknownProject) or (
             isinstance(error, InvalidRequest) and error.project_id is None

@@ -53,6 +53,24 @@ _COLUMNS = (
     ("received_at", "timestamptz"),
     ("ip", "text"),
     ("user_agent", "text"),
+    # Enrichment (migration 0008; apex_ingest/server/enrichment.py).
+    ("client_occurred_at", "timestamptz"),
+    ("clock_skew_ms", "bigint"),
+    ("browser", "text"),
+    ("browser_version", "text"),
+    ("os", "text"),
+    ("device_class", "text"),
+    ("is_bot", "boolean"),
+    ("utm_source", "text"),
+    ("utm_medium", "text"),
+    ("utm_campaign", "text"),
+    ("utm_term", "text"),
+    ("utm_content", "text"),
+    ("gclid", "text"),
+    ("fbclid", "text"),
+    ("referrer_host", "text"),
+    ("referrer_class", "text"),
+    ("country", "text"),
 )
 
 
@@ -126,7 +144,9 @@ def insert_events(connection: Connection | Session, rows: Sequence[Row]) -> None
     links = identity.links_of(rows)
     if bind.dialect.name == "postgresql":
         rows = _first_of_each_id(rows)
-        columns = {name: [row[name] for row in rows] for name, _ in _COLUMNS}
+        # .get: rows built elsewhere than validation.build_rows (tools, tests) may lack the
+        # derived columns, which are nullable.
+        columns = {name: [row.get(name) for row in rows] for name, _ in _COLUMNS}
         connection.execute(_PG_INSERT, columns)
     else:
         statement = sqlite.insert(Event).on_conflict_do_nothing(
@@ -289,7 +309,7 @@ class EventStore:
             return
         links = identity.link_columns(identity.links_of(rows))
         rows = _first_of_each_id(rows)
-        columns = [[row[name] for row in rows] for name, _ in _COLUMNS]
+        columns = [[row.get(name) for row in rows] for name, _ in _COLUMNS]
         try:
             self._pg_execute(columns, links)
         except psycopg.Error as error:

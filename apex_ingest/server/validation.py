@@ -27,6 +27,7 @@ from apex_ingest.common.limits import (
     MAX_USER_AGENT_CHARS,
 )
 from apex_ingest.common.rpc import new_event_ids
+from apex_ingest.server import enrichment
 from apex_ingest.server.errors import FieldViolation
 from apex_ingest.server.redaction import redact_url
 from apex_ingest.v1 import ingest_pb2
@@ -40,6 +41,18 @@ _MAX_EXPONENT = 2**30 - 1  # INT_MAX / 2 in numeric.c
 #: caps a literal at 32 KiB); anything else skips the exact check.
 _NUMBER_AT_RISK = re.compile(r"[eE][+-]?[0-9]{4}|[0-9]{15000}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Seconds since the epoch of the last second datetime can hold (9999-12-31T23:59:59Z).
+_MAX_SECONDS = 253_402_300_799
+#: A client clock off by less than this is not corrected: the measured skew includes the
+#: request's time in transit (a slow mobile upload, a first connection: 1.1 s measured for the
+#: gRPC SDK's first call on a busy machine), and correcting by it would move a correct clock's
+#: events later, reordering them against the same client's other requests. Real skews are
+#: minutes, hours (a wrong time zone) or years (docs/enrichment.md, "Clock skew").
+SKEW_THRESHOLD = timedelta(seconds=10)
+_BEFORE_EPOCH_CORRECTED = (
+    "must not be before 1970-01-01T00:00:00Z once corrected by the client's clock skew "
+    "(measured with sent_at)"
+)
 
 Row = dict[str, Any]
 
@@ -82,8 +95,18 @@ def build_rows(
     violations: list[FieldViolation],
     retention: timedelta | None = None,
     redact_params: frozenset[str] = frozenset(),
+    ip_mode: str = "full",
+    enrich: bool = True,
 ) -> list[Row]:
     """Validate every event, appending each problem to `violations`; return the valid rows.
+
+    Each row is enriched (apex_ingest/server/enrichment.py, docs/enrichment.md): its time is
+    corrected by the client's clock skew when the request has `sent_at` (the client's own
+    time kept in `client_occurred_at`, the skew in `clock_skew_ms`), the User-Agent, the
+    country, the campaign and the referrer are parsed, and the IP is kept as `ip_mode` says
+    (`full`, `truncated`, `none`), after the country was looked up. `enrich=False` derives
+    nothing: for rows built only to name violations (an unauthenticated request must not
+    make the server parse its User-Agent).
 
     `retention` (APEX_RETENTION_DAYS): an event whose stored time (its timestamp, or the time
     of receipt) is older than `received_at - retention` is refused, since the next
@@ -94,9 +117,20 @@ def build_rows(
     latest = received_at + MAX_FUTURE
     earliest = received_at - retention if retention is not None else None
     context = request.context
-    user_id = request.user_id or None
-    ip = normalized_ip(context.client_ip)
+    skew = _clock_skew(request, received_at, violations)
+    skew_ms = None if skew is None else round(skew.total_seconds() * 1000)
+    skew_seconds = 0.0 if skew is None else skew.total_seconds()
+    # What every event of the request shares, computed once: the IP as the project keeps it,
+    # the parsed User-Agent, the country (from the full IP, before it is reduced).
     user_agent = clean_user_agent(context.user_agent)
+    user_id = request.user_id or None
+    shared: Row = {
+        "user_id": user_id,
+        "received_at": received_at,
+        "user_agent": user_agent,
+        "clock_skew_ms": skew_ms,
+        **enrichment.request_columns(normalized_ip(context.client_ip), user_agent, ip_mode, enrich),
+    }
     rows: list[Row] = []
     for index, event in enumerate(request.events[:MAX_EVENTS]):
         prefix = f"events[{index}]."
@@ -146,20 +180,36 @@ def build_rows(
             violations.append(FieldViolation(prefix + "data", problem))
 
         occurred_at = received_at
+        client_occurred_at = None
         if event.HasField("timestamp"):
             ts = event.timestamp
             too_late = "must not be more than one day after the time of receipt"
+            if skew:
+                too_late += " (once corrected by the client's clock skew, measured with sent_at)"
             if not 0 <= ts.nanos <= 999_999_999:
                 problem = "has invalid nanos"
             elif ts.seconds < 0:
                 problem = "must not be before 1970-01-01T00:00:00Z"
-            elif ts.seconds > (latest - _EPOCH).total_seconds():
+            elif ts.seconds - skew_seconds > (latest - _EPOCH).total_seconds():
                 # Checked before building a datetime: seconds near 2**63 overflow it.
                 problem = too_late
+            elif ts.seconds > _MAX_SECONDS:
+                problem = "must be before year 10000"
+            elif ts.seconds - skew_seconds < 0:
+                problem = _BEFORE_EPOCH_CORRECTED
             else:
-                occurred_at = _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
+                client_occurred_at = _EPOCH + timedelta(
+                    seconds=ts.seconds, microseconds=ts.nanos // 1000
+                )
+                occurred_at = client_occurred_at if not skew else client_occurred_at - skew
+                if skew is not None and received_at < occurred_at <= latest:
+                    # Still after the receipt once corrected: clamped (PostHog does the same),
+                    # since nothing can have happened after the request arrived.
+                    occurred_at = received_at
                 if occurred_at > latest:
                     problem = too_late
+                elif occurred_at < _EPOCH:
+                    problem = _BEFORE_EPOCH_CORRECTED
                 elif earliest is not None and occurred_at < earliest:
                     assert retention is not None
                     problem = (
@@ -173,18 +223,20 @@ def build_rows(
                 violations.append(FieldViolation(prefix + "timestamp", problem))
 
         if len(violations) == before:
+            url = redact_url(event.url, redact_params)
+            referrer = redact_url(event.referrer, redact_params) or None
             row = {
                 "event_id": event_id,
                 "type": event.type,
                 "visitor_id": event.visitor_id or None,
-                "user_id": event_user_id,
-                "url": redact_url(event.url, redact_params),
-                "referrer": redact_url(event.referrer, redact_params) or None,
+                "url": url,
+                "referrer": referrer,
                 "data": data,
                 "occurred_at": occurred_at,
-                "received_at": received_at,
-                "ip": ip,
-                "user_agent": user_agent,
+                "client_occurred_at": client_occurred_at,
+                **shared,
+                "user_id": event_user_id,
+                **enrichment.event_columns(url, referrer, enrich),
             }
             if event.previous_id:
                 # Not a column of `events`: storage.py turns it into an identity link.
@@ -221,6 +273,29 @@ def _check_identity(
                 f"is required for an {event.type} (the event's or the request's)",
             )
         )
+
+
+def _clock_skew(
+    request: ingest_pb2.IngestEventsRequest,
+    received_at: datetime,
+    violations: list[FieldViolation],
+) -> timedelta | None:
+    """The client's clock minus the server's, measured with the request's `sent_at`: None
+    without one (or an invalid one, reported), zero when under SKEW_THRESHOLD."""
+    if not request.HasField("sent_at"):
+        return None
+    sent = request.sent_at
+    if not 0 <= sent.nanos <= 999_999_999:
+        violations.append(FieldViolation("sent_at", "has invalid nanos"))
+        return None
+    if not 0 <= sent.seconds <= _MAX_SECONDS:
+        violations.append(
+            FieldViolation("sent_at", "must be between 1970-01-01 and 9999-12-31 (UTC)")
+        )
+        return None
+    sent_at = _EPOCH + timedelta(seconds=sent.seconds, microseconds=sent.nanos // 1000)
+    skew = sent_at - received_at
+    return skew if abs(skew) >= SKEW_THRESHOLD else timedelta(0)
 
 
 def clean_user_agent(user_agent: str) -> str | None:

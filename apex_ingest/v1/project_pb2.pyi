@@ -123,7 +123,7 @@ class GetProjectResponse(_message.Message):
     def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., allowed_origins: _Optional[_Iterable[str]] = ..., redact_params: _Optional[_Iterable[str]] = ..., rate_limit: _Optional[str] = ..., public_keys: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StoredEvent(_message.Message):
-    __slots__ = ("id", "event_id", "type", "visitor_id", "user_id", "url", "referrer", "data", "occurred_at", "received_at")
+    __slots__ = ("id", "event_id", "type", "visitor_id", "user_id", "url", "referrer", "data", "occurred_at", "received_at", "client_occurred_at", "clock_skew_ms", "browser", "browser_version", "os", "device_class", "is_bot", "utm_source", "utm_medium", "utm_campaign", "utm_term", "utm_content", "gclid", "fbclid", "referrer_host", "referrer_class", "country")
     ID_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +134,23 @@ class StoredEvent(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_OCCURRED_AT_FIELD_NUMBER: _ClassVar[int]
+    CLOCK_SKEW_MS_FIELD_NUMBER: _ClassVar[int]
+    BROWSER_FIELD_NUMBER: _ClassVar[int]
+    BROWSER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    OS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    IS_BOT_FIELD_NUMBER: _ClassVar[int]
+    UTM_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    UTM_MEDIUM_FIELD_NUMBER: _ClassVar[int]
+    UTM_CAMPAIGN_FIELD_NUMBER: _ClassVar[int]
+    UTM_TERM_FIELD_NUMBER: _ClassVar[int]
+    UTM_CONTENT_FIELD_NUMBER: _ClassVar[int]
+    GCLID_FIELD_NUMBER: _ClassVar[int]
+    FBCLID_FIELD_NUMBER: _ClassVar[int]
+    REFERRER_HOST_FIELD_NUMBER: _ClassVar[int]
+    REFERRER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    COUNTRY_FIELD_NUMBER: _ClassVar[int]
     id: int
     event_id: str
     type: str
@@ -144,7 +161,24 @@ class StoredEvent(_message.Message):
     data: str
     occurred_at: _timestamp_pb2.Timestamp
     received_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[int] = ..., event_id: _Optional[str] = ..., type: _Optional[str] = ..., visitor_id: _Optional[str] = ..., user_id: _Optional[str] = ..., url: _Optional[str] = ..., referrer: _Optional[str] = ..., data: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    client_occurred_at: _timestamp_pb2.Timestamp
+    clock_skew_ms: int
+    browser: str
+    browser_version: str
+    os: str
+    device_class: str
+    is_bot: bool
+    utm_source: str
+    utm_medium: str
+    utm_campaign: str
+    utm_term: str
+    utm_content: str
+    gclid: str
+    fbclid: str
+    referrer_host: str
+    referrer_class: str
+    country: str
+    def __init__(self, id: _Optional[int] = ..., event_id: _Optional[str] = ..., type: _Optional[str] = ..., visitor_id: _Optional[str] = ..., user_id: _Optional[str] = ..., url: _Optional[str] = ..., referrer: _Optional[str] = ..., data: _Optional[str] = ..., occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., client_occurred_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., clock_skew_ms: _Optional[int] = ..., browser: _Optional[str] = ..., browser_version: _Optional[str] = ..., os: _Optional[str] = ..., device_class: _Optional[str] = ..., is_bot: _Optional[bool] = ..., utm_source: _Optional[str] = ..., utm_medium: _Optional[str] = ..., utm_campaign: _Optional[str] = ..., utm_term: _Optional[str] = ..., utm_content: _Optional[str] = ..., gclid: _Optional[str] = ..., fbclid: _Optional[str] = ..., referrer_host: _Optional[str] = ..., referrer_class: _Optional[str] = ..., country: _Optional[str] = ...) -> None: ...
 
 class TailEventsResponse(_message.Message):
     __slots__ = ("event", "dead_letter")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -108,6 +109,11 @@ def test_events_are_partitioned_by_month_and_stored_once(postgres_url: str) -> N
             assert list(columns) == [
                 "id", "project_id", "event_id", "type", "visitor_id", "user_id", "url",
                 "referrer", "data", "occurred_at", "received_at", "ip", "user_agent",
+                # Migration 0008 (enrichment).
+                "client_occurred_at", "clock_skew_ms", "browser", "browser_version", "os",
+                "device_class", "is_bot", "utm_source", "utm_medium", "utm_campaign",
+                "utm_term", "utm_content", "gclid", "fbclid", "referrer_host",
+                "referrer_class", "country",
             ]  # fmt: skip
             # Creating a month that has rows in the default partition moves them over.
             created = partitions.create_month_partition(connection, long_ago)
@@ -345,7 +351,7 @@ def test_migration_0005_up_and_down_with_rows_in_partitions_and_default(
             rows = [_row(project_id, "here", now), _row(project_id, "stray", datetime(2003, 3, 3))]
             rows[1]["occurred_at"] = datetime(2003, 3, 3, tzinfo=UTC)
             rows[1]["user_id"], rows[1]["visitor_id"] = "u1", None
-            insert_events(connection, rows)
+            _insert_as_0004(connection, rows)  # today's insert_events needs 0008's columns
             # An id written by a server of a release before 0004 (no occurred_at).
             connection.execute(
                 text("UPDATE event_ids SET occurred_at = NULL WHERE event_id = 'here'")
@@ -429,3 +435,24 @@ def test_queries_by_person_and_recent_events_use_the_0005_indexes(postgres_url: 
             assert "Index Cond: ((project_id = $1) AND (id < $2))" in plan, plan
     finally:
         engine.dispose()
+
+
+def _insert_as_0004(connection: Any, rows: list[dict[str, Any]]) -> None:
+    """Rows inserted as a server of the 0004 release did: the columns of that schema only."""
+    for row in rows:
+        connection.execute(
+            text(
+                "INSERT INTO event_ids (project_id, event_id, received_at, occurred_at) "
+                "VALUES (:project_id, :event_id, :received_at, :occurred_at)"
+            ),
+            row,
+        )
+        connection.execute(
+            text(
+                "INSERT INTO events (project_id, event_id, type, visitor_id, user_id, url, "
+                "referrer, data, occurred_at, received_at, ip, user_agent) VALUES (:project_id, "
+                ":event_id, :type, :visitor_id, :user_id, :url, :referrer, CAST(:data AS jsonb), "
+                ":occurred_at, :received_at, :ip, :user_agent)"
+            ),
+            row,
+        )

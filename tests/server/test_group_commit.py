@@ -148,7 +148,7 @@ def test_the_same_ids_in_another_order_wait_instead_of_deadlocking(postgres_url:
         rows = rows_for("x", len(ids), project_id)
         for row, event_id in zip(rows, ids, strict=True):
             row["event_id"] = event_id
-        return [[row[name] for row in rows] for name, _ in storage._COLUMNS]
+        return [[row.get(name) for row in rows] for name, _ in storage._COLUMNS]
 
     first, second = (engine.raw_connection() for _ in range(2))
     for proxy in (first, second):

@@ -22,6 +22,7 @@ import sys
 import threading
 import time
 import weakref
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from apex_ingest_sdk.errors import ApexError, ErrorCallback, error_from_response
@@ -68,6 +69,12 @@ class _Batch:
 def dumps(value: Any) -> bytes:
     """Compact JSON; ``allow_nan=False``: NaN is not JSON and would sink a whole batch."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def with_sent_at(body: bytes) -> bytes:
+    """``body`` (a JSON object) with ``"sentAt"``: now, by this machine's clock, in RFC 3339."""
+    stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return b'{"sentAt":"' + stamp.encode() + b'",' + body[1:]
 
 
 def _is_retryable(status: int) -> bool:
@@ -313,11 +320,14 @@ class Consumer:
 
     def _post_with_retries(self, batch: _Batch) -> ApexError | None:
         raw = batch.body()
-        payload = gzip.compress(raw, compresslevel=6) if self.compress else raw
         attempt = 0
         while True:
             if self._abort.is_set():
                 return ApexError("close() timed out before delivery", code="shutdown")
+            # sentAt is stamped on each attempt, as it leaves: the server measures this
+            # machine's clock skew with it (a stale one would shift the events by the wait).
+            body = with_sent_at(raw)
+            payload = gzip.compress(body, compresslevel=6) if self.compress else body
             error = self._post(payload)
             if error is None:
                 return None

@@ -354,6 +354,10 @@ class IngestClient:
         if context is not None:
             request.context.CopyFrom(context)
         call = self._get_call()
+        # When it leaves, by this machine's clock: the server corrects the events' times by
+        # the clock skew it measures with it. gRPC's own retries resend the same stamp, within
+        # the call's deadline (a few seconds at most, under the server's 10 s threshold).
+        request.sent_at.GetCurrentTime()
         try:
             response: ingest_pb2.IngestEventsResponse = call(
                 request, timeout=self.timeout if timeout is None else timeout

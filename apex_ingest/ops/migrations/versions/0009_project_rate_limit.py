@@ -1,7 +1,7 @@
 """projects.rate_limit: a project's own rate limit at the gateway
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-02
 
 A nullable text such as `100/second;5000/hour` (the syntax of APEX_RATE_LIMIT), counted by the
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0009"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 

@@ -43,20 +43,22 @@ class RequestStatus(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., details: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
 
 class IngestEventsRequest(_message.Message):
-    __slots__ = ("project_key", "user_id", "events", "context", "validate_only", "partial")
+    __slots__ = ("project_key", "user_id", "events", "context", "validate_only", "partial", "sent_at")
     PROJECT_KEY_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
     project_key: str
     user_id: str
     events: _containers.RepeatedCompositeFieldContainer[Event]
     context: RequestContext
     validate_only: bool
     partial: bool
-    def __init__(self, project_key: _Optional[str] = ..., user_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., context: _Optional[_Union[RequestContext, _Mapping]] = ..., validate_only: _Optional[bool] = ..., partial: _Optional[bool] = ...) -> None: ...
+    sent_at: _timestamp_pb2.Timestamp
+    def __init__(self, project_key: _Optional[str] = ..., user_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., context: _Optional[_Union[RequestContext, _Mapping]] = ..., validate_only: _Optional[bool] = ..., partial: _Optional[bool] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class RequestContext(_message.Message):
     __slots__ = ("client_ip", "user_agent", "origin", "request_id")

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from apex_ingest.server.cookieless import assign_cookieless_visitors
 from apex_ingest.server.deadletters import event_index
 from apex_ingest.server.errors import (
     FieldViolation,
@@ -109,7 +110,9 @@ def prepare(
     violations = check_request_shape(request)
     if any(v.field == "project_key" for v in violations):
         # Without a usable key there is no project to authorize; report everything at once.
-        build_rows(request, received_at, violations, retention)
+        build_rows(
+            request, received_at, violations, retention, visitor_required=request.derive_visitor_id
+        )
         raise InvalidRequest(violations)
     # Authenticate before reporting event problems: unknown callers learn nothing more.
     try:
@@ -122,16 +125,32 @@ def prepare(
         refused: IngestError = OriginNotAllowed(request.context.origin)
         refused.project_id = project.id
         raise refused
-    rows = build_rows(request, received_at, violations, retention, project.redact_params)
-    if violations and request.partial:
-        rejected = _rejected_events(violations)
-        if rejected is not None:
-            return Accepted(project.id, rows, rejected)
+    cookieless = request.derive_visitor_id and project.cookieless
+    rows = build_rows(
+        request,
+        received_at,
+        violations,
+        retention,
+        project.redact_params,
+        visitor_required=request.derive_visitor_id and not project.cookieless,
+    )
+    rejected: list[tuple[int, list[FieldViolation]]] = []
     if violations:
-        refused = InvalidRequest(violations)
-        refused.project_id = project.id
-        raise refused
-    return Accepted(project.id, rows)
+        found = _rejected_events(violations) if request.partial else None
+        if found is None:
+            refused = InvalidRequest(violations)
+            refused.project_id = project.id
+            raise refused
+        rejected = found
+    if cookieless and rows and not request.validate_only:
+        # Before anything that truncates or drops the IP: the id is derived from the full one.
+        try:
+            assign_cookieless_visitors(
+                rows, project.id, request.context, received_at, projects.visitor_salts
+            )
+        except UNAVAILABLE_ERRORS as error:
+            raise StorageUnavailable(retry_after_seconds) from error
+    return Accepted(project.id, rows, rejected)
 
 
 def _rejected_events(

@@ -15,6 +15,7 @@ import idna
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from apex_ingest.server.cookieless import VisitorSalts
 from apex_ingest.server.models import Project, ProjectKey
 from apex_ingest.server.redaction import normalize_names
 from apex_ingest.server.validation import project_key_problem
@@ -95,6 +96,7 @@ def create_project(
     key: str | None = None,
     allowed_origins: Iterable[str] = (),
     redact_params: Iterable[str] = (),
+    cookieless: bool = False,
 ) -> Project:
     if key is not None:
         problem = project_key_problem(key)
@@ -112,6 +114,7 @@ def create_project(
         name=name,
         allowed_origins=sorted({normalize_origin(o) for o in allowed_origins}),
         redact_params=extra or None,
+        cookieless=cookieless,
         created_at=now,
         revoked_at=None,
     )
@@ -152,6 +155,17 @@ def add_key(
     )
     session.flush()
     return plain
+
+
+def set_cookieless(session: Session, project_id: int, cookieless: bool) -> None:
+    """Turn cookieless visitors on or off for a project (`projects update --cookieless`).
+
+    Takes effect within APEX_PROJECT_CACHE_TTL seconds, like every project setting.
+    """
+    project = session.get(Project, project_id)
+    if project is None:
+        raise ValueError(f"no project {project_id}")
+    project.cookieless = cookieless
 
 
 def list_projects(session: Session) -> Sequence[Project]:
@@ -208,6 +222,8 @@ class ProjectInfo:
     #: The project's own query parameter names to redact (lower case), beside the built-in list.
     redact_params: frozenset[str] = frozenset()
     name: str = ""
+    #: Snippet events without visitorId get a derived one (apex_ingest/server/cookieless.py).
+    cookieless: bool = False
 
     def allows_origin(self, origin: str) -> bool:
         if not self.allowed_origins or not origin:
@@ -233,6 +249,9 @@ class ProjectDirectory:
         self._ttl = ttl
         self._cache: dict[str, tuple[float, ProjectInfo | None]] = {}
         self._lock = threading.Lock()
+        #: The daily salts of cookieless visitor ids: per-request project state that needs the
+        #: database and a per-process cache, like the keys (apex_ingest/server/cookieless.py).
+        self.visitor_salts = VisitorSalts(session_factory)
 
     def lookup(self, key: str) -> ProjectInfo | None:
         """The project of an active public key, or None."""
@@ -264,6 +283,7 @@ class ProjectDirectory:
                     _normalized_origins(project.allowed_origins),
                     normalize_names(project.redact_params or ()),
                     project.name,
+                    bool(project.cookieless),
                 )
                 if project is not None
                 else None

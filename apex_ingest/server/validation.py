@@ -82,6 +82,7 @@ def build_rows(
     violations: list[FieldViolation],
     retention: timedelta | None = None,
     redact_params: frozenset[str] = frozenset(),
+    visitor_required: bool = False,
 ) -> list[Row]:
     """Validate every event, appending each problem to `violations`; return the valid rows.
 
@@ -89,7 +90,8 @@ def build_rows(
     of receipt) is older than `received_at - retention` is refused, since the next
     `db retention` would remove it. The rows' `url` and `referrer` are redacted (secret
     query parameters, plus `redact_params`) once the event is valid: the limits apply to what
-    the client sent.
+    the client sent. `visitor_required`: an event without `visitor_id` is refused (a
+    browser event of a project that is not cookieless: IngestEventsRequest.derive_visitor_id).
     """
     latest = received_at + MAX_FUTURE
     earliest = received_at - retention if retention is not None else None
@@ -117,6 +119,8 @@ def build_rows(
             problem = _id_problem(event.visitor_id, MAX_ID_CHARS)
             if problem:
                 violations.append(FieldViolation(prefix + "visitor_id", problem))
+        elif visitor_required:
+            violations.append(FieldViolation(prefix + "visitor_id", "is required"))
         problem = _url_problem(event.url)
         if problem:
             violations.append(FieldViolation(prefix + "url", problem))

@@ -43,20 +43,22 @@ class RequestStatus(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., details: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
 
 class IngestEventsRequest(_message.Message):
-    __slots__ = ("project_key", "user_id", "events", "context", "validate_only", "partial")
+    __slots__ = ("project_key", "user_id", "events", "context", "validate_only", "partial", "derive_visitor_id")
     PROJECT_KEY_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    DERIVE_VISITOR_ID_FIELD_NUMBER: _ClassVar[int]
     project_key: str
     user_id: str
     events: _containers.RepeatedCompositeFieldContainer[Event]
     context: RequestContext
     validate_only: bool
     partial: bool
-    def __init__(self, project_key: _Optional[str] = ..., user_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., context: _Optional[_Union[RequestContext, _Mapping]] = ..., validate_only: _Optional[bool] = ..., partial: _Optional[bool] = ...) -> None: ...
+    derive_visitor_id: bool
+    def __init__(self, project_key: _Optional[str] = ..., user_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., context: _Optional[_Union[RequestContext, _Mapping]] = ..., validate_only: _Optional[bool] = ..., partial: _Optional[bool] = ..., derive_visitor_id: _Optional[bool] = ...) -> None: ...
 
 class RequestContext(_message.Message):
     __slots__ = ("client_ip", "user_agent", "origin", "request_id")

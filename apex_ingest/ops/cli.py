@@ -313,8 +313,18 @@ def projects() -> None:
     help="Query parameter whose value is stored as [redacted] in url and referrer, beside "
     "the built-in list of secret names (repeatable; whole name, any case).",
 )
+@click.option(
+    "--cookieless",
+    is_flag=True,
+    help="Accept snippet events without visitorId: the server derives a visitor id that "
+    "changes every day (docs/snippet.md, Cookieless mode).",
+)
 def projects_create(
-    name: str, key: str | None, allowed_origins: tuple[str, ...], redact_params: tuple[str, ...]
+    name: str,
+    key: str | None,
+    allowed_origins: tuple[str, ...],
+    redact_params: tuple[str, ...],
+    cookieless: bool,
 ) -> None:
     """Create a project; print its public key, and its secret key once (on stderr).
 
@@ -327,7 +337,7 @@ def projects_create(
     try:
         with _session_factory().begin() as session:
             project = project_store.create_project(
-                session, name, key, allowed_origins, redact_params
+                session, name, key, allowed_origins, redact_params, cookieless=cookieless
             )
             secret = project_store.add_key(session, project.id, project_store.SECRET)
             public = project.key
@@ -367,6 +377,7 @@ def projects_list() -> None:
             shown = keys[0] if keys else project.key
             redacted = ",".join(project.redact_params or ())
             extra = f"\tredact={redacted}" if redacted else ""
+            extra += "\tcookieless" if project.cookieless else ""
             click.echo(f"{shown}\t{project.name}\t{state}\torigins={origins}{extra}")
 
 
@@ -386,6 +397,30 @@ def projects_revoke(key: str) -> None:
         ):
             raise click.ClickException(f"no active project with key {key!r}")
     click.echo(f"revoked {key}")
+
+
+@projects.command("update")
+@click.argument("project")
+@click.option(
+    "--cookieless/--no-cookieless",
+    "cookieless",
+    default=None,
+    help="Accept snippet events without visitorId (the server derives a daily visitor id), "
+    "or require it again.",
+)
+def projects_update_cookieless(project: str, cookieless: bool | None) -> None:
+    """Change a project's settings (PROJECT: a public key, its id or its name).
+
+    Takes effect within APEX_PROJECT_CACHE_TTL seconds.
+    """
+    from apex_ingest.server import projects as project_store
+
+    if cookieless is None:
+        raise click.UsageError("nothing to change: give --cookieless or --no-cookieless")
+    with _session_factory().begin() as session:
+        project_id, _ = _project_id(session, project)
+        project_store.set_cookieless(session, project_id, cookieless)
+    click.echo(f"project {project_id}: cookieless {'on' if cookieless else 'off'}")
 
 
 def _project_id(session: Session, reference: str) -> tuple[int, frozenset[str]]:

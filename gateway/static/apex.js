@@ -3,7 +3,7 @@
 'use strict';
 const nav = navigator, loc = location, old = w.apex, NUL = /\u0000/g, FIELD = /^(INPUT|SELECT|TEXTAREA)$/;
 const QK = 'apex_q';
-let s, api, key, vid, last, lastRef, timer, ls, busy, tries = 0, off = 1, q = [], extra = [];
+let s, api, key, vid, last, lastRef, timer, busy, cl, out, tries = 0, off = 1, q = [], extra = [];
 
 const dict = () => Object.create(null);
 const attr = (n) => s && s.getAttribute('data-' + n);
@@ -42,19 +42,23 @@ const fit = (data) => {
   return { truncated: true };
 };
 
-// the send queue: docs/snippet.md
-const save = () => { try { ls.setItem(QK, JSON.stringify(q)); } catch (e) {} };
+// localStorage, never used in cookieless mode (data-cookieless): docs/snippet.md
+const get = (k) => { try { return cl ? null : w.localStorage.getItem(k); } catch (e) {} };
+const put = (k, v) => { try { if (!cl) w.localStorage.setItem(k, v); } catch (e) {} };
+// the send queue: docs/snippet.md; sentAt is when this attempt leaves the browser
+const save = () => put(QK, JSON.stringify(q));
+const at = (b) => b.slice(0, -1) + ',"sentAt":"' + new Date().toISOString() + '"}';
 const go = () => {
   if (busy || !q.length) return;
   busy = 1;
-  const next = (done, after) => {
-    if (done) { busy = 0; q.shift(); tries = 0; save(); go(); } else {
+  const b = q[0], next = (done, after) => {
+    if (done) { busy = 0; if (q[0] == b) q.shift(); tries = 0; save(); go(); } else {
       timer = setTimeout(() => { busy = 0; go(); },
         Math.max(after * 1e3 || 0, (250 << Math.min(tries++, 7)) * (1 + Math.random())));
     }
   };
   fetch(api, {
-    method: 'POST', body: q[0], keepalive: true, credentials: 'omit', headers: { 'Content-Type': 'text/plain' }
+    method: 'POST', body: at(b), keepalive: true, credentials: 'omit', headers: { 'Content-Type': 'text/plain' }
   }).then((r) => next(r.status != 408 && r.status != 429 && r.status < 500, +r.headers.get('Retry-After')),
     () => next());
 };
@@ -63,10 +67,10 @@ const post = (body) => {
   save();
   go();
 };
-const flush = () => q.forEach((b) => { try { nav.sendBeacon(api, b); } catch (e) {} });
+const flush = () => q.forEach((b) => { try { nav.sendBeacon(api, at(b)); } catch (e) {} });
 const send = (type, data) => {
   type = cut(type, 100).replace(/[\x00-\x1f\x7f-\x9f]/g, '');
-  if (!off && type) post(JSON.stringify({
+  if (!off && !out && type) post(JSON.stringify({
     type, visitorId: vid, projectKey: key, url: cut(red(href()), 4096), referrer: cut(red(lastRef), 4096),
     data: fit(data), timestamp: new Date().toISOString(), id: hex(16)
   }));
@@ -135,10 +139,17 @@ const submit = (e) => {
   });
 };
 
+// consent: opted out (apex('opt_out'), or Global Privacy Control unless apex('opt_in')), nothing is sent
+const consent = (yes, k) => {
+  if (k) put('apex_consent', yes);
+  out = !yes;
+  if (out) { q = []; save(); } else if (!cl && !vid) apex.visitorId = vid = visitor();
+};
 const apex = (cmd, name, data) => {
   try {
     if (cmd == 'track') send(name, data);
     if (cmd == 'pageview') pv(1);
+    if (!off && /^opt_(in|out)$/.test(cmd)) consent(+(cmd == 'opt_in'), 1);
   } catch (e) {}
 };
 apex.track = (name, data) => apex('track', name, data);
@@ -154,8 +165,10 @@ try {
   api = new URL(attr('api') || '/api/events', (s && s.src) || loc.href).href;
   if (!key || (attr('respect-dnt') != null && attr('respect-dnt') != 'false' &&
     (nav.doNotTrack == '1' || nav.globalPrivacyControl === true))) return; // nothing stored, nothing sent
-  apex.visitorId = vid = visitor();
-  try { ls = w.localStorage; q = [].concat(JSON.parse(ls.getItem(QK)) || []).slice(-100); } catch (e) {}
+  cl = attr('cookieless') != null && attr('cookieless') != 'false'; // nothing stored, the server derives the visitor
+  const c = get('apex_consent');
+  try { q = [].concat(JSON.parse(get(QK)) || []).slice(-100); } catch (e) {}
+  consent(c ? +c : +(nav.globalPrivacyControl !== true));
   last = href();
   lastRef = d.referrer;
   off = 0;

@@ -64,12 +64,11 @@ def test_other_projects_still_answer_400_naming_visitor_id(api: Api, project_key
     response = api.post(pageview(project_key))
     assert response.status_code == 400
     assert response.json is not None
-    assert response.json["error"]["details"] == [{"field": "visitorId", "description": "is required"}]
+    required = {"field": "visitorId", "description": "is required"}
+    assert response.json["error"]["details"] == [required]
 
 
-def test_sent_at_is_accepted_by_the_snippet_format(
-    api: Api, project_key: str, rows: Rows
-) -> None:
+def test_sent_at_is_accepted_by_the_snippet_format(api: Api, project_key: str, rows: Rows) -> None:
     """apex.js sends sentAt (issue #19, item 1) whether or not the server uses it yet."""
     body = pageview(
         project_key,

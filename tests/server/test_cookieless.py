@@ -9,8 +9,8 @@ from datetime import UTC, date, datetime, timedelta
 import grpc
 import pytest
 from alembic import command
-from sqlalchemy import select, text
 from grpc_status import rpc_status
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.common.rpc import field_violations
@@ -95,6 +95,28 @@ def test_the_cache_holds_only_recent_days(sessions: sessionmaker[Session]) -> No
     assert salts.salt(DAY) != first
 
 
+def race(creators: list[VisitorSalts], day: date) -> list[bytes]:
+    """Each creator asks for the day's salt at the same moment, in a thread of its own."""
+    barrier = threading.Barrier(len(creators))
+    found: list[bytes] = []
+    errors: list[BaseException] = []
+
+    def create(salts: VisitorSalts) -> None:
+        try:
+            barrier.wait()
+            found.append(salts.salt(day))
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=create, args=(c,)) for c in creators]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    return found
+
+
 def test_concurrent_creators_agree_on_one_salt(database_url: str) -> None:
     """Two processes (two engines, two caches) creating the same day's salt at the same moment."""
     engines = [create_db_engine(database_url) for _ in range(2)]
@@ -102,30 +124,13 @@ def test_concurrent_creators_agree_on_one_salt(database_url: str) -> None:
         for attempt in range(5):
             day = DAY + timedelta(days=attempt)
             clock = Clock(day)
-            creators = [VisitorSalts(create_session_factory(e), clock) for e in engines]
-            barrier = threading.Barrier(2)
-            found: list[bytes] = []
-            errors: list[BaseException] = []
-
-            def create(salts: VisitorSalts) -> None:
-                try:
-                    barrier.wait()
-                    found.append(salts.salt(day))  # noqa: B023 (joined below)
-                except BaseException as error:  # pragma: no cover - reported below
-                    errors.append(error)
-
-            threads = [threading.Thread(target=create, args=(c,)) for c in creators]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            assert errors == []
+            found = race([VisitorSalts(create_session_factory(e), clock) for e in engines], day)
             assert len(found) == 2 and found[0] == found[1]
             with engines[0].connect() as connection:
-                count = connection.execute(
+                stored = connection.execute(
                     select(VisitorSalt.salt).where(VisitorSalt.day == day)
                 ).all()
-            assert [bytes.fromhex(row[0]) for row in count] == [found[0]]
+            assert [bytes.fromhex(row[0]) for row in stored] == [found[0]]
     finally:
         for engine in engines:
             engine.dispose()
@@ -193,11 +198,11 @@ def project(database_url: str, cookieless: bool) -> str:
 
 
 def browser_request(
-    key: str, ip: str = "198.51.100.4", event_id: str = "e1", **event: str
+    key: str, ip: str = "198.51.100.4", event_id: str = "e1", visitor_id: str = ""
 ) -> ingest_pb2.IngestEventsRequest:
     return ingest_pb2.IngestEventsRequest(
         project_key=key,
-        events=[ingest_pb2.Event(id=event_id, type="pageview", url="/", **event)],
+        events=[ingest_pb2.Event(id=event_id, type="pageview", url="/", visitor_id=visitor_id)],
         context=ingest_pb2.RequestContext(client_ip=ip, user_agent=CHROME),
         derive_visitor_id=True,
     )
@@ -241,7 +246,7 @@ def test_other_projects_still_require_a_visitor_id(
     with pytest.raises(grpc.RpcError) as refused:
         ingest_stub.IngestEvents(browser_request(key), timeout=10)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status = rpc_status.from_call(refused.value)  # type: ignore[arg-type]
+    status = rpc_status.from_call(refused.value)
     assert field_violations(status) == [("events[0].visitor_id", "is required")]
     # Without derive_visitor_id (a server-side batch) an event needs no visitor.
     batch = browser_request(key, event_id="batch")

@@ -7,6 +7,7 @@ let s, api, key, vid, last, lastRef, timer, busy, cl, out, tries = 0, off = 1, q
 
 const dict = () => Object.create(null);
 const attr = (n) => s && s.getAttribute('data-' + n);
+const flag = (n) => attr(n) != null && attr(n) != 'false';
 const on = (t, ev, fn, capture) => t.addEventListener(ev, (e) => { try { fn(e); } catch (x) {} }, capture);
 const hex = (n) => [].map.call(w.crypto.getRandomValues(new Uint8Array(n)),
   (b) => (256 + b).toString(16).slice(1)).join('');
@@ -42,10 +43,10 @@ const fit = (data) => {
   return { truncated: true };
 };
 
-// localStorage, never used in cookieless mode (data-cookieless): docs/snippet.md
+// localStorage, unused in cookieless mode
 const get = (k) => { try { return cl ? null : w.localStorage.getItem(k); } catch (e) {} };
 const put = (k, v) => { try { if (!cl) w.localStorage.setItem(k, v); } catch (e) {} };
-// the send queue: docs/snippet.md; sentAt is when this attempt leaves the browser
+// the send queue: docs/snippet.md; sentAt: when this attempt leaves
 const save = () => put(QK, JSON.stringify(q));
 const at = (b) => b.slice(0, -1) + ',"sentAt":"' + new Date().toISOString() + '"}';
 const go = () => {
@@ -139,7 +140,7 @@ const submit = (e) => {
   });
 };
 
-// consent: opted out (apex('opt_out'), or Global Privacy Control unless apex('opt_in')), nothing is sent
+// opted out (apex('opt_out'), or Global Privacy Control without apex('opt_in')): nothing is sent
 const consent = (yes, k) => {
   if (k) put('apex_consent', yes);
   out = !yes;
@@ -163,9 +164,8 @@ try {
   key = attr('project-key');
   extra = (attr('redact') || '').toLowerCase().split(',').map((x) => x.trim()).filter(String);
   api = new URL(attr('api') || '/api/events', (s && s.src) || loc.href).href;
-  if (!key || (attr('respect-dnt') != null && attr('respect-dnt') != 'false' &&
-    (nav.doNotTrack == '1' || nav.globalPrivacyControl === true))) return; // nothing stored, nothing sent
-  cl = attr('cookieless') != null && attr('cookieless') != 'false'; // nothing stored, the server derives the visitor
+  if (!key || (flag('respect-dnt') && (nav.doNotTrack == '1' || nav.globalPrivacyControl === true))) return;
+  cl = flag('cookieless'); // nothing stored in the browser, the server derives the visitor
   const c = get('apex_consent');
   try { q = [].concat(JSON.parse(get(QK)) || []).slice(-100); } catch (e) {}
   consent(c ? +c : +(nav.globalPrivacyControl !== true));

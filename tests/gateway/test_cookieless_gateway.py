@@ -83,3 +83,9 @@ def test_sent_at_is_accepted_by_the_snippet_format(api: Api, project_key: str, r
     )
     assert api.post(raw=raw, content_type="text/plain").status_code == 200
     assert len(rows()) == 2
+
+
+def test_an_unknown_key_without_visitor_id_is_401(api: Api) -> None:
+    """Whether visitorId may be left out depends on the project: an unknown key learns nothing
+    more (before, the gateway answered 400 for the missing visitorId first)."""
+    assert api.post(pageview("pk_live_nobody")).status_code == 401

@@ -172,6 +172,8 @@ try {
   last = href();
   lastRef = d.referrer;
   off = 0;
+  const early = [...(old && old.q) || []], opt = (a) => /^opt_/.test(a[0]);
+  for (const a of early.filter(opt)) apex(...a); // queued consent first, before the pageview
   on(w, 'pagehide', flush);
   on(d, 'visibilitychange', () => { if (d.visibilityState == 'hidden') flush(); });
   if (attr('auto') != 'false') {
@@ -191,7 +193,7 @@ try {
     on(d, 'click', click, true);
     on(d, 'submit', submit, true);
   }
-  for (const args of (old && old.q) || []) apex(...args);
+  for (const a of early.filter((a) => !opt(a))) apex(...a);
   go(); // what an earlier page could not deliver
 } catch (e) {}
 })(window, document);

@@ -14,7 +14,7 @@ import pytest
 
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.projects import create_project
-from tests.browser.support import EventsTable, Site, page, serve_site, snippet_tag
+from tests.browser.support import STUB, EventsTable, Site, page, serve_site, snippet_tag
 
 if TYPE_CHECKING:
     from playwright.sync_api import BrowserContext, Page, Request
@@ -43,6 +43,14 @@ def site(gateway_url: str, project_key: str) -> Iterator[Site]:
     pages = {
         "/": page("Home", button, snippet_tag(src, project_key)),
         "/cookieless": page("Cookieless", button, snippet_tag(src, project_key, cookieless="")),
+        # A consent banner's default: opted out before the tag, with the queue stub.
+        "/consent-first": page(
+            "Consent first",
+            button,
+            STUB
+            + "<script>apex('track', 'early'); apex('opt_out')</script>"
+            + snippet_tag(src, project_key),
+        ),
     }
     with serve_site(pages) as running:
         yield running
@@ -146,6 +154,21 @@ def test_opt_out_sends_nothing_and_is_remembered_until_opt_in(
     # The visitor id kept in the browser is the same before and after.
     assert {e.visitor_id for e in events.all()} == {first.visitor_id}
     assert rows[1].visitor_id == first.visitor_id
+
+
+def test_an_opt_out_queued_before_the_tag_comes_first(
+    tab: Page, site: Site, events: EventsTable, sent: list[dict[str, Any]]
+) -> None:
+    """Queued consent calls take effect before anything is sent, the page's pageview included."""
+    tab.goto(site.url("/consent-first"))
+    loaded(tab)
+    tab.click("#b")
+    time.sleep(0.5)
+    assert sent == []
+    tab.evaluate("apex('opt_in')")  # the banner's "accept"
+    tab.click("#b")
+    events.wait_count("click", 1)
+    assert [e.type for e in events.all()] == ["click"]
 
 
 def test_opting_out_drops_the_queue(

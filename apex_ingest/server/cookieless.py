@@ -23,6 +23,7 @@ drops it: `assign_cookieless_visitors` reads the request's context, never the ro
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import threading
 from collections.abc import Callable
@@ -36,6 +37,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from apex_ingest.server.models import VisitorSalt
 from apex_ingest.server.validation import normalized_ip
 from apex_ingest.v1 import ingest_pb2
+
+log = logging.getLogger(__name__)
 
 #: Every derived visitor id starts with it, so readers can tell them from the browser's own.
 VISITOR_PREFIX = "cl_"
@@ -90,9 +93,15 @@ class VisitorSalts:
                 statement = postgresql.insert(VisitorSalt).values(values)
             else:
                 statement = sqlite.insert(VisitorSalt).values(values)
-            session.execute(statement.on_conflict_do_nothing(index_elements=["day"]))
-            session.execute(delete(VisitorSalt).where(VisitorSalt.day < oldest))
+            created = session.execute(statement.on_conflict_do_nothing(index_elements=["day"]))
+            deleted = session.execute(delete(VisitorSalt).where(VisitorSalt.day < oldest))
             stored = session.scalars(select(VisitorSalt.salt).where(VisitorSalt.day == day)).one()
+        if getattr(created, "rowcount", 0) == 1:
+            log.info(
+                "created the cookieless visitor salt of %s (%d older deleted)",
+                day,
+                getattr(deleted, "rowcount", 0),
+            )
         return bytes.fromhex(stored)
 
 

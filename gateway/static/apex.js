@@ -144,7 +144,7 @@ const submit = (e) => {
 const consent = (yes, k) => {
   if (k) put('apex_consent', yes);
   out = !yes;
-  if (out) { q = []; save(); } else if (!cl && !vid) apex.visitorId = vid = visitor();
+  if (out) q.length && save(q = []); else if (!cl && !vid) apex.visitorId = vid = visitor();
 };
 const apex = (cmd, name, data) => {
   try {

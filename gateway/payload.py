@@ -70,6 +70,7 @@ def to_request(document: Any) -> Payload:
     snippet = is_snippet(document)
     if snippet:
         request.events.add(**check.event(document, prefix="", visitor_required=True))
+        request.derive_visitor_id = check.derive_visitor_id
     else:
         request.user_id = check.string(document, "userId", "userId")
         if isinstance(events, list):
@@ -96,6 +97,11 @@ class _Checker:
 
     def __init__(self, expected_events: int) -> None:
         self.violations: list[FieldViolation] = []
+        #: A snippet without visitorId. The snippet format requires one unless the project is
+        #: cookieless, which only the server knows: it derives the id or refuses the event
+        #: ("visitorId is required"). The RPC treats "" as "no visitor", so the flag says which
+        #: format the client used (IngestEventsRequest.derive_visitor_id).
+        self.derive_visitor_id = False
         self._expected_ids = max(1, expected_events)
         self._ids: Iterator[str] = iter(())
 
@@ -129,9 +135,7 @@ class _Checker:
         event_id = self.string(obj, "id", prefix + "id")
         visitor_id = self.string(obj, "visitorId", prefix + "visitorId")
         if visitor_required and obj.get("visitorId") in (None, ""):
-            # The snippet format requires it, but the RPC treats "" as "no visitor": only the
-            # gateway knows which format the client used.
-            self.add(prefix + "visitorId", "is required")
+            self.derive_visitor_id = True
         fields: dict[str, Any] = {
             # An id stamped here, before the call, makes gRPC's own retries idempotent: a retried
             # call carries the same ids, and the server stores each id once.
@@ -158,7 +162,7 @@ class _Checker:
         event_id = string(event.id, prefix + "id")
         visitor_id = string(event.visitorId, prefix + "visitorId")
         if visitor_required and event.visitorId in (None, ""):
-            self.add(prefix + "visitorId", "is required")
+            self.derive_visitor_id = True
         fields: dict[str, Any] = {
             "id": event_id or self.new_event_id(),
             "type": string(event.type, prefix + "type"),
@@ -335,6 +339,7 @@ def parse_request(body: bytes) -> Payload:
             request.sent_at.CopyFrom(sent_at)
     if document.events is msgspec.UNSET:
         request.events.add(**check.fast_event(document, "", visitor_required=True))
+        request.derive_visitor_id = check.derive_visitor_id
         return Payload(
             request=request,
             snippet=True,

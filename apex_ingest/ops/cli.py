@@ -329,6 +329,12 @@ def projects() -> None:
     help="Drop events flagged as bots (crawlers, headless browsers) instead of storing them "
     "with is_bot: they are answered as accepted and counted in apex_grpc_events_dropped.",
 )
+@click.option(
+    "--cookieless",
+    is_flag=True,
+    help="Accept snippet events without visitorId: the server derives a visitor id that "
+    "changes every day (docs/snippet.md, Cookieless mode).",
+)
 def projects_create(
     name: str,
     key: str | None,
@@ -336,6 +342,7 @@ def projects_create(
     redact_params: tuple[str, ...],
     ip_mode: str,
     drop_bots: bool,
+    cookieless: bool,
 ) -> None:
     """Create a project; print its public key, and its secret key once (on stderr).
 
@@ -348,7 +355,14 @@ def projects_create(
     try:
         with _session_factory().begin() as session:
             project = project_store.create_project(
-                session, name, key, allowed_origins, redact_params, ip_mode, drop_bots
+                session,
+                name,
+                key,
+                allowed_origins,
+                redact_params,
+                ip_mode,
+                drop_bots,
+                cookieless=cookieless,
             )
             secret = project_store.add_key(session, project.id, project_store.SECRET)
             public = project.key
@@ -394,6 +408,7 @@ def projects_list() -> None:
                 extra += f"\tip_mode={project.ip_mode}"
             if project.drop_bots:
                 extra += "\tdrop_bots"
+            extra += "\tcookieless" if project.cookieless else ""
             click.echo(f"{shown}\t{project.name}\t{state}\torigins={origins}{extra}")
 
 

@@ -156,6 +156,14 @@ def _apply_drop_bots(project: Project, values: Mapping[str, Any]) -> str | None:
     return "dropped" if drop_bots else "stored, flagged is_bot"
 
 
+def _apply_cookieless(project: Project, values: Mapping[str, Any]) -> str | None:
+    cookieless: bool | None = values.get("cookieless")
+    if cookieless is None:
+        return None
+    project.cookieless = cookieless
+    return "on" if cookieless else "off"
+
+
 SETTINGS: tuple[ProjectSetting, ...] = (
     ProjectSetting(
         "name",
@@ -244,6 +252,18 @@ SETTINGS: tuple[ProjectSetting, ...] = (
             )
         ],
         _apply_drop_bots,
+    ),
+    ProjectSetting(
+        "cookieless",
+        [
+            click.Option(
+                ["--cookieless/--no-cookieless", "cookieless"],
+                default=None,
+                help="Accept snippet events without visitorId (the server derives a visitor id "
+                "that changes every day: docs/snippet.md), or require visitorId again.",
+            )
+        ],
+        _apply_cookieless,
     ),
 )
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from apex_ingest.server import metrics
+from apex_ingest.server.cookieless import assign_cookieless_visitors
 from apex_ingest.server.deadletters import event_index
 from apex_ingest.server.errors import (
     FieldViolation,
@@ -133,7 +134,14 @@ def prepare(
     violations = check_request_shape(request)
     if any(v.field == "project_key" for v in violations):
         # Without a usable key there is no project to authorize; report everything at once.
-        build_rows(request, received_at, violations, retention, enrich=False)
+        build_rows(
+            request,
+            received_at,
+            violations,
+            retention,
+            enrich=False,
+            visitor_required=request.derive_visitor_id,
+        )
         raise InvalidRequest(violations)
     # Authenticate before reporting event problems: unknown callers learn nothing more.
     try:
@@ -146,8 +154,15 @@ def prepare(
         refused: IngestError = OriginNotAllowed(request.context.origin)
         refused.project_id = project.id
         raise refused
+    cookieless = request.derive_visitor_id and project.cookieless
     rows = build_rows(
-        request, received_at, violations, retention, project.redact_params, project.ip_mode
+        request,
+        received_at,
+        violations,
+        retention,
+        project.redact_params,
+        project.ip_mode,
+        visitor_required=request.derive_visitor_id and not project.cookieless,
     )
     rejected: list[tuple[int, list[FieldViolation]]] = []
     if violations and request.partial:
@@ -158,6 +173,15 @@ def prepare(
         refused = InvalidRequest(violations)
         refused.project_id = project.id
         raise refused
+    if cookieless and rows and not request.validate_only:
+        # From the request's full IP (the rows' may be truncated already, as ip_mode says), and
+        # before suppressions: a derived visitor id can be suppressed like any other.
+        try:
+            assign_cookieless_visitors(
+                rows, project.id, request.context, received_at, projects.visitor_salts
+            )
+        except UNAVAILABLE_ERRORS as error:
+            raise StorageUnavailable(retry_after_seconds) from error
     rows, bots = _without_bots(request, project, rows)
     suppressed = 0
     if suppressions is not None:

@@ -3,13 +3,14 @@ change it only through an Alembic migration (apex_ingest/ops/migrations)."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     ForeignKey,
     ForeignKeyConstraint,
@@ -70,6 +71,26 @@ class Project(Base):
     ip_mode: Mapped[str] = mapped_column(String(16), default="full", server_default="full")
     #: Drop events flagged as bots at ingest (answered as accepted, counted in metrics).
     drop_bots: Mapped[bool] = mapped_column(Boolean(), default=False, server_default=text("false"))
+    #: Snippet events may come without visitorId: the server derives one from a daily salt, the
+    #: IP and the User-Agent (apex_ingest/server/cookieless.py; migration 0010). Null: false.
+    cookieless: Mapped[bool | None] = mapped_column(
+        Boolean(), nullable=True, server_default=text("false")
+    )
+
+
+class VisitorSalt(Base):
+    """The secret salt of one UTC day for cookieless visitor ids (apex_ingest/server/cookieless.py).
+
+    One row per day, created by the first server that needs it (`day` is the key: concurrent
+    creators keep the first row); rows older than yesterday are deleted then (migration 0010).
+    """
+
+    __tablename__ = "visitor_salts"
+
+    day: Mapped[date] = mapped_column(Date(), primary_key=True)
+    #: 32 random bytes in hex.
+    salt: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class ProjectKey(Base):

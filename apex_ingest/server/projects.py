@@ -15,6 +15,7 @@ import idna
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from apex_ingest.server.cookieless import VisitorSalts
 from apex_ingest.server.enrichment import IP_MODES
 from apex_ingest.server.models import Project, ProjectKey
 from apex_ingest.server.redaction import normalize_names
@@ -98,6 +99,7 @@ def create_project(
     redact_params: Iterable[str] = (),
     ip_mode: str = "full",
     drop_bots: bool = False,
+    cookieless: bool = False,
 ) -> Project:
     check_ip_mode(ip_mode)
     if key is not None:
@@ -116,6 +118,7 @@ def create_project(
         name=name,
         allowed_origins=sorted({normalize_origin(o) for o in allowed_origins}),
         redact_params=extra or None,
+        cookieless=cookieless,
         created_at=now,
         revoked_at=None,
         ip_mode=ip_mode,
@@ -263,6 +266,17 @@ def check_rate_limit(text: str) -> str:
     return cleaned
 
 
+def set_cookieless(session: Session, project_id: int, cookieless: bool) -> None:
+    """Turn cookieless visitors on or off for a project (`projects update --cookieless`).
+
+    Takes effect within APEX_PROJECT_CACHE_TTL seconds, like every project setting.
+    """
+    project = session.get(Project, project_id)
+    if project is None:
+        raise ValueError(f"no project {project_id}")
+    project.cookieless = cookieless
+
+
 def list_projects(session: Session) -> Sequence[Project]:
     return session.scalars(select(Project).order_by(Project.id)).all()
 
@@ -326,6 +340,8 @@ class ProjectInfo:
     ip_mode: str = "full"
     #: Drop events flagged as bots (answered as accepted, counted in metrics).
     drop_bots: bool = False
+    #: Snippet events without visitorId get a derived one (apex_ingest/server/cookieless.py).
+    cookieless: bool = False
 
     def allows_origin(self, origin: str) -> bool:
         if not self.allowed_origins or not origin:
@@ -351,6 +367,9 @@ class ProjectDirectory:
         self._ttl = ttl
         self._cache: dict[str, tuple[float, ProjectInfo | None]] = {}
         self._lock = threading.Lock()
+        #: The daily salts of cookieless visitor ids: per-request project state that needs the
+        #: database and a per-process cache, like the keys (apex_ingest/server/cookieless.py).
+        self.visitor_salts = VisitorSalts(session_factory)
 
     def lookup(self, key: str) -> ProjectInfo | None:
         """The project of an active public key, or None."""
@@ -386,6 +405,7 @@ class ProjectDirectory:
                     project.key,
                     project.ip_mode or "full",
                     bool(project.drop_bots),
+                    bool(project.cookieless),
                 )
                 if project is not None
                 else None

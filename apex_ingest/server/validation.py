@@ -97,6 +97,7 @@ def build_rows(
     redact_params: frozenset[str] = frozenset(),
     ip_mode: str = "full",
     enrich: bool = True,
+    visitor_required: bool = False,
 ) -> list[Row]:
     """Validate every event, appending each problem to `violations`; return the valid rows.
 
@@ -112,7 +113,8 @@ def build_rows(
     of receipt) is older than `received_at - retention` is refused, since the next
     `db retention` would remove it. The rows' `url` and `referrer` are redacted (secret
     query parameters, plus `redact_params`) once the event is valid: the limits apply to what
-    the client sent.
+    the client sent. `visitor_required`: an event without `visitor_id` is refused (a
+    browser event of a project that is not cookieless: IngestEventsRequest.derive_visitor_id).
     """
     latest = received_at + MAX_FUTURE
     earliest = received_at - retention if retention is not None else None
@@ -151,6 +153,8 @@ def build_rows(
             problem = _id_problem(event.visitor_id, MAX_ID_CHARS)
             if problem:
                 violations.append(FieldViolation(prefix + "visitor_id", problem))
+        elif visitor_required:
+            violations.append(FieldViolation(prefix + "visitor_id", "is required"))
         event_user_id = user_id
         if event.user_id:
             problem = _id_problem(event.user_id, MAX_ID_CHARS)

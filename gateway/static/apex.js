@@ -3,10 +3,11 @@
 'use strict';
 const nav = navigator, loc = location, old = w.apex, NUL = /\u0000/g, FIELD = /^(INPUT|SELECT|TEXTAREA)$/;
 const QK = 'apex_q', UK = 'apex_uid';
-let s, api, key, vid, uid, last, lastRef, timer, ls, busy, tries = 0, off = 1, q = [], extra = [];
+let s, api, key, vid, uid, last, lastRef, timer, busy, cl, out, tries = 0, off = 1, q = [], extra = [];
 
 const dict = () => Object.create(null);
 const attr = (n) => s && s.getAttribute('data-' + n);
+const flag = (n) => attr(n) != null && attr(n) != 'false';
 const on = (t, ev, fn, capture) => t.addEventListener(ev, (e) => { try { fn(e); } catch (x) {} }, capture);
 const hex = (n) => [].map.call(w.crypto.getRandomValues(new Uint8Array(n)),
   (b) => (256 + b).toString(16).slice(1)).join('');
@@ -42,19 +43,23 @@ const fit = (data) => {
   return { truncated: true };
 };
 
-// the send queue: docs/snippet.md
-const save = () => { try { ls.setItem(QK, JSON.stringify(q)); } catch (e) {} };
+// localStorage, unused in cookieless mode
+const get = (k) => { try { return cl ? null : w.localStorage.getItem(k); } catch (e) {} };
+const put = (k, v) => { try { if (!cl) w.localStorage.setItem(k, v); } catch (e) {} };
+// the send queue: docs/snippet.md; sentAt: when this attempt leaves
+const save = () => put(QK, JSON.stringify(q));
+const at = (b) => b.slice(0, -1) + ',"sentAt":"' + new Date().toISOString() + '"}';
 const go = () => {
   if (busy || !q.length) return;
   busy = 1;
-  const next = (done, after) => {
-    if (done) { busy = 0; q.shift(); tries = 0; save(); go(); } else {
+  const b = q[0], next = (done, after) => {
+    if (done) { busy = 0; if (q[0] == b) q.shift(); tries = 0; save(); go(); } else {
       timer = setTimeout(() => { busy = 0; go(); },
         Math.max(after * 1e3 || 0, (250 << Math.min(tries++, 7)) * (1 + Math.random())));
     }
   };
   fetch(api, {
-    method: 'POST', body: q[0], keepalive: true, credentials: 'omit', headers: { 'Content-Type': 'text/plain' }
+    method: 'POST', body: at(b), keepalive: true, credentials: 'omit', headers: { 'Content-Type': 'text/plain' }
   }).then((r) => next(r.status != 408 && r.status != 429 && r.status < 500, +r.headers.get('Retry-After')),
     () => next());
 };
@@ -63,10 +68,10 @@ const post = (body) => {
   save();
   go();
 };
-const flush = () => q.forEach((b) => { try { nav.sendBeacon(api, b); } catch (e) {} });
+const flush = () => q.forEach((b) => { try { nav.sendBeacon(api, at(b)); } catch (e) {} });
 const send = (type, data) => {
   type = cut(type, 100).replace(/[\x00-\x1f\x7f-\x9f]/g, '');
-  if (!off && type) post(JSON.stringify({
+  if (!off && !out && type) post(JSON.stringify({
     type, visitorId: vid, userId: uid || undefined, projectKey: key, url: cut(red(href()), 4096), referrer: cut(red(lastRef), 4096),
     data: fit(data), timestamp: new Date().toISOString(), id: hex(16)
   }));
@@ -77,24 +82,17 @@ const pv = (force) => {
   send('pageview', {});
 };
 
-// the one place ids are kept across pages (visitor and user): localStorage, else a first-party cookie
-const load = (k) => {
-  let v;
-  try { v = w.localStorage.getItem(k); } catch (e) {}
-  try { v = v || decodeURIComponent((RegExp('(?:^|; *)' + k + '=([^;]+)').exec(d.cookie) || [])[1] || ''); } catch (e) {}
-  return v || '';
-};
-const store = (k, v) => { // v undefined: forget
-  try { return v ? w.localStorage.setItem(k, v) : w.localStorage.removeItem(k); } catch (e) {}
-  try {
-    d.cookie = k + '=' + encodeURIComponent(v || '') + ';max-age=' + (v ? 63072000 : 0) + ';path=/;SameSite=Lax' +
-      (loc.protocol == 'https:' ? ';Secure' : '');
-  } catch (x) {}
-};
 const visitor = (fresh) => {
-  let v = fresh ? '' : load('apex_vid');
-  if (!/^[\w-]{1,128}$/.test(v)) v = hex(16);
-  store('apex_vid', v);
+  const k = 'apex_vid';
+  let v, ls;
+  try { ls = w.localStorage; v = ls.getItem(k); } catch (e) {}
+  try { v = v || (/(?:^|; *)apex_vid=([\w-]+)/.exec(d.cookie) || [])[1]; } catch (e) {}
+  if (fresh || !/^[\w-]{1,128}$/.test(v || '')) v = hex(16);
+  try { ls.setItem(k, v); } catch (e) {
+    try {
+      d.cookie = k + '=' + v + ';max-age=63072000;path=/;SameSite=Lax' + (loc.protocol == 'https:' ? ';Secure' : '');
+    } catch (x) {}
+  }
   return v;
 };
 
@@ -142,20 +140,20 @@ const submit = (e) => {
   });
 };
 
+// opted out (apex('opt_out'), or Global Privacy Control without apex('opt_in')): nothing is sent
+const consent = (yes, k) => {
+  if (k) put('apex_consent', yes);
+  out = !yes;
+  if (out) q.length && save(q = []); else if (!cl && !vid) apex.visitorId = vid = visitor();
+};
 const apex = (cmd, name, data) => {
   try {
     if (cmd == 'track') send(name, data);
     if (cmd == 'pageview') pv(1);
-    if (off) return;
-    // identify: this visitor is the user `name`; events carry the user id until reset
-    if (cmd == 'identify' && name && (name != uid || data)) {
-      store(UK, uid = cut(name, 128));
-      send('identify', data);
-    }
-    if (cmd == 'reset') {
-      store(UK, uid = '');
-      apex.visitorId = vid = visitor(1);
-    }
+    if (!off && /^opt_(in|out)$/.test(cmd)) consent(+(cmd == 'opt_in'), 1);
+    if (off || out) return;
+    if (cmd == 'identify' && name && (name != uid || data)) send('identify', data, put(UK, uid = cut(name, 128)));
+    if (cmd == 'reset' && !put(UK, uid = '') && !cl) apex.visitorId = vid = visitor(1);
   } catch (e) {}
 };
 apex.track = (name, data) => apex('track', name, data);
@@ -171,14 +169,17 @@ try {
   key = attr('project-key');
   extra = (attr('redact') || '').toLowerCase().split(',').map((x) => x.trim()).filter(String);
   api = new URL(attr('api') || '/api/events', (s && s.src) || loc.href).href;
-  if (!key || (attr('respect-dnt') != null && attr('respect-dnt') != 'false' &&
-    (nav.doNotTrack == '1' || nav.globalPrivacyControl === true))) return; // nothing stored, nothing sent
-  apex.visitorId = vid = visitor();
-  uid = load(UK);
-  try { ls = w.localStorage; q = [].concat(JSON.parse(ls.getItem(QK)) || []).slice(-100); } catch (e) {}
+  if (!key || (flag('respect-dnt') && (nav.doNotTrack == '1' || nav.globalPrivacyControl === true))) return;
+  cl = flag('cookieless'); // nothing stored in the browser, the server derives the visitor
+  const c = get('apex_consent');
+  uid = get(UK) || '';
+  try { q = [].concat(JSON.parse(get(QK)) || []).slice(-100); } catch (e) {}
+  consent(c ? +c : +(nav.globalPrivacyControl !== true));
   last = href();
   lastRef = d.referrer;
   off = 0;
+  const early = [...(old && old.q) || []], opt = (a) => /^opt_/.test(a[0]);
+  for (const a of early.filter(opt)) apex(...a); // queued consent first, before the pageview
   on(w, 'pagehide', flush);
   on(d, 'visibilitychange', () => { if (d.visibilityState == 'hidden') flush(); });
   if (attr('auto') != 'false') {
@@ -198,7 +199,7 @@ try {
     on(d, 'click', click, true);
     on(d, 'submit', submit, true);
   }
-  for (const args of (old && old.q) || []) apex(...args);
+  for (const a of early.filter((a) => !opt(a))) apex(...a);
   go(); // what an earlier page could not deliver
 } catch (e) {}
 })(window, document);

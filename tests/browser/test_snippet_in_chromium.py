@@ -248,8 +248,10 @@ def test_auto_false_sends_no_automatic_events(tab: Page, site: Site, events: Eve
 def test_do_not_track_is_respected_when_asked(
     context: BrowserContext, tab: Page, site: Site, events: EventsTable
 ) -> None:
+    # Do Not Track (Global Privacy Control opts out with or without the attribute:
+    # tests/browser/test_privacy_in_chromium.py).
     context.add_init_script(
-        "Object.defineProperty(Navigator.prototype, 'globalPrivacyControl', {get: () => true})"
+        "Object.defineProperty(Navigator.prototype, 'doNotTrack', {get: () => '1'})"
     )
     tab.goto(site.url("/dnt"))
     loaded(tab)

@@ -36,9 +36,9 @@ def free_port() -> int:
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'fresh.db'}"
-    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0009\n"
-    assert current_revision(url) == "0009"  # the head: 0009 adds projects.rate_limit
-    assert "up to date (revision 0009)" in run(url, "db", "upgrade").stdout  # idempotent
+    assert run(url, "db", "upgrade").stdout == "database migrated from revision none to 0010\n"
+    assert current_revision(url) == "0010"  # the head: 0010 adds cookieless and visitor_salts
+    assert "up to date (revision 0010)" in run(url, "db", "upgrade").stdout  # idempotent
 
 
 def test_projects_create_list_revoke(database_url: str) -> None:
@@ -81,6 +81,30 @@ def test_projects_create_refuses_a_key_no_request_could_use(database_url: str, k
     assert refused.returncode == 2, refused.stderr
     assert "--key" in refused.stderr and "Traceback" not in refused.stderr
     assert run(database_url, "projects", "list").stdout == ""
+
+
+def test_projects_cookieless_on_create_and_update(sqlite_url: str) -> None:
+    """Issue #19, item 7: `create --cookieless`, `update --cookieless/--no-cookieless`."""
+    key = run(sqlite_url, "projects", "create", "Site", "--cookieless").stdout.strip()
+    other = run(sqlite_url, "projects", "create", "Shop").stdout.strip()
+    listing = run(sqlite_url, "projects", "list").stdout.splitlines()
+    assert listing[0].startswith(key) and listing[0].endswith("\tcookieless")
+    assert listing[1].startswith(other) and "cookieless" not in listing[1]
+
+    off = run(sqlite_url, "projects", "update", "--project", key, "--no-cookieless")
+    assert off.stdout == "project 1: cookieless = off\n"
+    assert "cookieless" not in run(sqlite_url, "projects", "list").stdout
+    assert (
+        run(sqlite_url, "projects", "update", "--project", "Shop", "--cookieless").returncode == 0
+    )
+    assert run(sqlite_url, "projects", "list").stdout.splitlines()[1].endswith("\tcookieless")
+
+    nothing = run(sqlite_url, "projects", "update", "--project", key, check=False)
+    assert nothing.returncode == 2 and "nothing to change" in nothing.stderr
+    unknown = run(
+        sqlite_url, "projects", "update", "--project", "nobody", "--cookieless", check=False
+    )
+    assert unknown.returncode == 1 and "no project 'nobody'" in unknown.stderr
 
 
 def test_an_internationalized_origin_is_kept_as_browsers_send_it(sqlite_url: str) -> None:

@@ -43,7 +43,7 @@ class RequestStatus(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., details: _Optional[_Iterable[_Union[_any_pb2.Any, _Mapping]]] = ...) -> None: ...
 
 class IngestEventsRequest(_message.Message):
-    __slots__ = ("project_key", "user_id", "events", "context", "validate_only", "partial", "sent_at")
+    __slots__ = ("project_key", "user_id", "events", "context", "validate_only", "partial", "sent_at", "derive_visitor_id")
     PROJECT_KEY_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class IngestEventsRequest(_message.Message):
     VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     PARTIAL_FIELD_NUMBER: _ClassVar[int]
     SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    DERIVE_VISITOR_ID_FIELD_NUMBER: _ClassVar[int]
     project_key: str
     user_id: str
     events: _containers.RepeatedCompositeFieldContainer[Event]
@@ -58,7 +59,8 @@ class IngestEventsRequest(_message.Message):
     validate_only: bool
     partial: bool
     sent_at: _timestamp_pb2.Timestamp
-    def __init__(self, project_key: _Optional[str] = ..., user_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., context: _Optional[_Union[RequestContext, _Mapping]] = ..., validate_only: _Optional[bool] = ..., partial: _Optional[bool] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    derive_visitor_id: bool
+    def __init__(self, project_key: _Optional[str] = ..., user_id: _Optional[str] = ..., events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., context: _Optional[_Union[RequestContext, _Mapping]] = ..., validate_only: _Optional[bool] = ..., partial: _Optional[bool] = ..., sent_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., derive_visitor_id: _Optional[bool] = ...) -> None: ...
 
 class RequestContext(_message.Message):
     __slots__ = ("client_ip", "user_agent", "origin", "request_id")

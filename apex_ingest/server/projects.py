@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.server.models import Project, ProjectKey
 from apex_ingest.server.redaction import normalize_names
+from apex_ingest.server.storage import UNAVAILABLE_ERRORS
 from apex_ingest.server.validation import project_key_problem
 
 KEY_PREFIX = "pk_live_"
@@ -228,10 +229,17 @@ class ProjectDirectory:
 
     MAX_ENTRIES = 100_000
 
-    def __init__(self, session_factory: sessionmaker[Session], ttl: float) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], ttl: float, stale_for: float = 0.0
+    ) -> None:
+        """`stale_for` (stream mode, APEX_STREAM_KEY_GRACE): while the database is unreachable,
+        an answer fetched at most `ttl + stale_for` seconds ago is given instead of the error,
+        so ingestion goes on through a database outage with the keys as they last were."""
         self._session_factory = session_factory
         self._ttl = ttl
-        self._cache: dict[str, tuple[float, ProjectInfo | None]] = {}
+        self._stale_for = stale_for
+        #: cache key -> (time.monotonic() past which it is looked up again, answer, fetched at)
+        self._cache: dict[str, tuple[float, ProjectInfo | None, float]] = {}
         self._lock = threading.Lock()
 
     def lookup(self, key: str) -> ProjectInfo | None:
@@ -248,6 +256,19 @@ class ProjectDirectory:
         cached = self._cache.get(cache_key)
         if cached is not None and cached[0] > now:
             return cached[1]
+        try:
+            info = self._fetch(kind, stored)
+        except UNAVAILABLE_ERRORS:
+            if cached is not None and now - cached[2] <= self._ttl + self._stale_for:
+                return cached[1]  # stream mode: the last known answer, through the outage
+            raise
+        with self._lock:
+            if len(self._cache) >= self.MAX_ENTRIES:
+                self._cache.clear()  # bounded memory against floods of random keys
+            self._cache[cache_key] = (now + self._ttl, info, now)
+        return info
+
+    def _fetch(self, kind: str, stored: str) -> ProjectInfo | None:
         with self._session_factory() as session:
             project = session.scalars(
                 select(Project)
@@ -268,10 +289,6 @@ class ProjectDirectory:
                 if project is not None
                 else None
             )
-        with self._lock:
-            if len(self._cache) >= self.MAX_ENTRIES:
-                self._cache.clear()  # bounded memory against floods of random keys
-            self._cache[cache_key] = (now + self._ttl, info)
         return info
 
 

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from sqlalchemy import Connection, Engine, exc, text
@@ -129,6 +129,19 @@ def insert_events(connection: Connection | Session, rows: Sequence[Row]) -> None
             index_elements=["project_id", "event_id"]
         )
         connection.execute(statement, list(rows))
+
+
+class EventSink(Protocol):
+    """Where accepted requests go: the database (`EventStore`), or in stream mode the stream
+    (`stream.StreamSink`). Either answers only once the rows are durable there."""
+
+    def store(self, project_id: int, rows: list[Row], deadline: float | None = None) -> None:
+        """Return once the rows are durable; raise the IngestError that says why not."""
+
+    def store_many(
+        self, requests: Sequence[tuple[int, list[Row]]], deadline: float | None = None
+    ) -> list[IngestError | None]:
+        """Each request's error (None: durable), each request all-or-nothing."""
 
 
 class _OutcomeUnknown(Exception):

@@ -56,6 +56,7 @@ test-reliability: install-dev services $(BUF)
 services:
 	bash scripts/ensure-chromium.sh
 	bash scripts/ensure-services.sh
+	bash scripts/ensure-nats.sh
 
 ## proto: regenerate the committed Python stubs from proto/
 proto: install-dev

@@ -197,7 +197,11 @@ class Loader:
             lag_task = asyncio.create_task(self._watch_lag(subscription, stop))
             try:
                 while not stop.is_set():
-                    await self.load_batch(subscription)
+                    try:
+                        await self.load_batch(subscription)
+                    except Exception:  # a bug or an unforeseen error: never lose the loop
+                        log.exception("loading failed; retrying")
+                        await asyncio.sleep(RETRY_DELAY)
             finally:
                 lag_task.cancel()
         finally:
@@ -207,7 +211,7 @@ class Loader:
         """Fetch and load one batch; the number of messages loaded (0: none waiting)."""
         try:
             messages: list[Msg] = await subscription.fetch(self.settings.loader_batch, timeout=wait)
-        except nats.errors.TimeoutError:
+        except TimeoutError:  # nats-py raises its own and asyncio's: nothing waiting
             return 0
         except nats.errors.Error as error:  # reconnecting, no leader: try again shortly
             log.warning("could not fetch from the stream: %r", error)

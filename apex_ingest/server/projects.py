@@ -260,7 +260,11 @@ class ProjectDirectory:
             info = self._fetch(kind, stored)
         except UNAVAILABLE_ERRORS:
             if cached is not None and now - cached[2] <= self._ttl + self._stale_for:
-                return cached[1]  # stream mode: the last known answer, through the outage
+                # Stream mode: the last known answer, through the outage. Asked again after a
+                # second at the earliest: not one failing connection attempt per request.
+                with self._lock:
+                    self._cache[cache_key] = (now + max(self._ttl, 1.0), cached[1], cached[2])
+                return cached[1]
             raise
         with self._lock:
             if len(self._cache) >= self.MAX_ENTRIES:

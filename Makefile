@@ -102,4 +102,5 @@ clean:
 ## bench: the full path against its baselines (needs PostgreSQL and wrk)
 bench: install-dev
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	@command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server >/dev/null; }
 	$(PY) -m bench.run $(BENCH_ARGS)

@@ -44,7 +44,12 @@ from sqlalchemy import Connection, Engine
 from apex_ingest.common.settings import ServerSettings
 from apex_ingest.server import metrics
 from apex_ingest.server.database import create_db_engine
-from apex_ingest.server.storage import UNAVAILABLE_ERRORS, Row, insert_events, storage_reachable
+from apex_ingest.server.storage import (
+    UNAVAILABLE_ERRORS,
+    Row,
+    insert_events_fast,
+    storage_reachable,
+)
 from apex_ingest.server.stream import SHARDS, UnknownFormat, decode, rows_of
 
 log = logging.getLogger(__name__)
@@ -287,7 +292,7 @@ class Loader:
             for keep in self.filters:
                 rows = keep(connection, rows)
             if rows:
-                insert_events(connection, rows)
+                insert_events_fast(connection, rows)
 
     async def _watch_lag(self, subscription: Any, stop: asyncio.Event) -> None:
         while not stop.is_set():

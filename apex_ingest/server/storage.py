@@ -131,6 +131,26 @@ def insert_events(connection: Connection | Session, rows: Sequence[Row]) -> None
         connection.execute(statement, list(rows))
 
 
+def insert_events_fast(connection: Connection, rows: Sequence[Row]) -> None:
+    """`insert_events` in the connection's transaction by the group commit's own path on
+    PostgreSQL (one statement, columns as binary arrays: a quarter of the CPU of the text
+    path); the loaders' insert. SQLite: `insert_events`."""
+    if connection.dialect.name != "postgresql":
+        insert_events(connection, rows)
+        return
+    driver: Any = connection.connection.driver_connection
+    try:
+        driver.execute(_PG_INSERT_DRIVER, _columns(rows))
+    except psycopg.Error as error:  # classified as the SQLAlchemy path's errors are
+        raise _as_sqlalchemy_error(error) from error
+
+
+def _columns(rows: Sequence[Row]) -> list[list[Any]]:
+    """The statement's parameters: one list per column, each (project_id, event_id) once."""
+    rows = _first_of_each_id(rows)
+    return [[row[name] for row in rows] for name, _ in _COLUMNS]
+
+
 class EventSink(Protocol):
     """Where accepted requests go: the database (`EventStore`), or in stream mode the stream
     (`stream.StreamSink`). Either answers only once the rows are durable there."""
@@ -295,8 +315,7 @@ class EventStore:
             with self._session_factory.begin() as session:
                 insert_events(session, rows)
             return
-        rows = _first_of_each_id(rows)
-        columns = [[row[name] for row in rows] for name, _ in _COLUMNS]
+        columns = _columns(rows)
         try:
             self._pg_execute(columns)
         except psycopg.Error as error:

@@ -193,7 +193,17 @@ class Loader:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Load until `stop` is set (a batch in progress is finished and acknowledged)."""
-        client = await _connect(self.settings, "apex-ingest-loader")
+        while True:  # NATS may not be up yet: wait for it, as the servers do
+            try:
+                client = await _connect(self.settings, "apex-ingest-loader")
+                break
+            except (OSError, TimeoutError, nats.errors.Error) as error:
+                log.warning("cannot reach the stream yet: %r", error)
+                self.state.stream_reachable = False
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), RETRY_DELAY)
+                if stop.is_set():
+                    return
         try:
             js = client.jetstream(timeout=10)
             subscription = await js.pull_subscribe_bind(
@@ -251,7 +261,7 @@ class Loader:
     async def _commit_and_ack(self, batch: list[tuple[Msg, float, list[Row]]]) -> int:
         rows = [row for _, _, message_rows in batch for row in message_rows]
         try:
-            await asyncio.to_thread(self._commit, rows)
+            await self._commit_in_time([message for message, _, _ in batch], rows)
         except UNAVAILABLE_ERRORS as error:
             log.warning("database unavailable, %d messages deferred: %r", len(batch), error)
             self.state.database_reachable = False
@@ -286,6 +296,18 @@ class Loader:
         metrics.LOADER_MESSAGES.labels("loaded").inc(len(batch))
         metrics.LOADER_ROWS.inc(len(rows))
         return len(batch)
+
+    async def _commit_in_time(self, messages: list[Msg], rows: list[Row]) -> None:
+        """Commit `rows` in a worker thread; while it takes long, tell JetStream the messages
+        are in progress, so that a slow commit is not redelivered to another loader."""
+        commit = asyncio.ensure_future(asyncio.to_thread(self._commit, rows))
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.shield(commit), self.settings.stream_ack_wait / 3)
+                return
+            except TimeoutError:
+                for message in messages:
+                    await message.in_progress()
 
     def _commit(self, rows: list[Row]) -> None:
         with self.engine.begin() as connection:

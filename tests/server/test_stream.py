@@ -322,6 +322,45 @@ def test_row_filters_see_the_loading_transaction(settings: ServerSettings) -> No
     assert stream_state(settings) == (0, 0)
 
 
+def test_a_commit_longer_than_the_ack_wait_is_not_redelivered(settings: ServerSettings) -> None:
+    """A slow commit keeps its messages (in progress), instead of JetStream handing them to
+    another loader after APEX_STREAM_ACK_WAIT (1 s here) and the work being done twice."""
+    key = make_project(settings.database_url)
+    running = start_server(settings.database_url, **_stream_fields(settings))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
+            ingest(stub, key, Event(id="slow", type="t", url="/"))
+    finally:
+        running.server.stop(0)
+    calls: list[list[str]] = []
+    other_loader_got: list[int] = []
+
+    async def fetch_as_another_loader() -> int:
+        client = await nats.connect(settings.stream_servers)
+        try:
+            subscription = await client.jetstream().pull_subscribe_bind(
+                durable=settings.stream_consumer, stream=settings.stream_name
+            )
+            try:
+                return len(await subscription.fetch(10, timeout=settings.stream_ack_wait))
+            except TimeoutError:
+                return 0
+        finally:
+            await client.close()
+
+    def slow(connection: Connection, rows: list[Row]) -> list[Row]:
+        calls.append([row["event_id"] for row in rows])
+        time.sleep(settings.stream_ack_wait * 1.5)  # past the ack wait...
+        other_loader_got.append(asyncio.run(fetch_as_another_loader()))  # ...is it offered?
+        return rows
+
+    assert load_all(settings, [slow], wait=1.5) == 1
+    assert calls == [["slow"]]
+    assert other_loader_got == [0]
+    assert stored(settings.database_url) == [("slow", "t")]
+
+
 def test_unreadable_messages_stay_in_the_stream(settings: ServerSettings) -> None:
     async def publish_junk() -> None:
         client = await nats.connect(settings.stream_servers)

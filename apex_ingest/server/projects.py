@@ -262,8 +262,9 @@ class ProjectDirectory:
             if cached is not None and now - cached[2] <= self._ttl + self._stale_for:
                 # Stream mode: the last known answer, through the outage. Asked again after a
                 # second at the earliest: not one failing connection attempt per request.
+                until = min(now + max(self._ttl, 1.0), cached[2] + self._ttl + self._stale_for)
                 with self._lock:
-                    self._cache[cache_key] = (now + max(self._ttl, 1.0), cached[1], cached[2])
+                    self._cache[cache_key] = (until, cached[1], cached[2])
                 return cached[1]
             raise
         with self._lock:

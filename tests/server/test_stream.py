@@ -21,13 +21,15 @@ from click.testing import CliRunner
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, exc, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.orm import sessionmaker
 
 from apex_ingest.common.settings import ConfigError, ServerSettings, load
 from apex_ingest.ops.cli import main
 from apex_ingest.ops.loader import Loader, RowFilter, loader_engine, setup_stream
 from apex_ingest.server import stream
+from apex_ingest.server.projects import ProjectDirectory, ProjectInfo
 from apex_ingest.server.storage import Row
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.conftest import make_project, start_server
@@ -175,6 +177,39 @@ def test_stream_url_setting_is_checked() -> None:
         load(ServerSettings, stream_url="http://a:4222")
     with pytest.raises(ConfigError, match="APEX_STREAM_NAME"):
         load(ServerSettings, stream_name="a.b")
+
+
+def test_keys_are_served_from_last_known_values_for_the_grace_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stream mode's key cache through a database outage: the last answer, for at most
+    APEX_PROJECT_CACHE_TTL + APEX_STREAM_KEY_GRACE after it was read (the revocation lag)."""
+    directory = ProjectDirectory(sessionmaker(), ttl=0.0, stale_for=0.5)
+    answers = [ProjectInfo(1, frozenset())]
+    asked: list[str] = []
+
+    def fetch(kind: str, stored: str) -> ProjectInfo | None:
+        asked.append(stored)
+        if answers:
+            return answers.pop()
+        raise exc.OperationalError("SELECT", {}, Exception("database down"))
+
+    monkeypatch.setattr(directory, "_fetch", fetch)
+    assert directory.lookup("pk_a") == ProjectInfo(1, frozenset())  # read
+    assert directory.lookup("pk_a") == ProjectInfo(1, frozenset())  # down: last known
+    assert directory.lookup("pk_a") == ProjectInfo(1, frozenset())  # not asked again at once
+    assert len(asked) == 2
+    with pytest.raises(exc.OperationalError):
+        directory.lookup("pk_never_seen")
+    time.sleep(0.6)
+    with pytest.raises(exc.OperationalError):  # past the grace: refused (503)
+        directory.lookup("pk_a")
+    direct = ProjectDirectory(sessionmaker(), ttl=0.0)  # direct mode: no grace at all
+    answers.append(ProjectInfo(1, frozenset()))
+    monkeypatch.setattr(direct, "_fetch", fetch)
+    assert direct.lookup("pk_a") is not None
+    with pytest.raises(exc.OperationalError):
+        direct.lookup("pk_a")
 
 
 def test_accepted_requests_are_published_then_loaded_once(settings: ServerSettings) -> None:

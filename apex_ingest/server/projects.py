@@ -256,13 +256,21 @@ class ProjectDirectory:
         cached = self._cache.get(cache_key)
         if cached is not None and cached[0] > now:
             return cached[1]
+        stale_until = None if cached is None else cached[2] + self._ttl + self._stale_for
+        if stale_until is not None and self._stale_for > 0 and now <= stale_until:
+            # Stream mode: this request reads the key again; concurrent ones keep the last
+            # known answer meanwhile (a database that hangs then delays one request per key a
+            # second, not all of them).
+            assert cached is not None
+            with self._lock:
+                self._cache[cache_key] = (min(now + 1.0, stale_until), cached[1], cached[2])
         try:
             info = self._fetch(kind, stored)
         except UNAVAILABLE_ERRORS:
-            if cached is not None and now - cached[2] <= self._ttl + self._stale_for:
+            if cached is not None and stale_until is not None and now <= stale_until:
                 # Stream mode: the last known answer, through the outage. Asked again after a
                 # second at the earliest: not one failing connection attempt per request.
-                until = min(now + max(self._ttl, 1.0), cached[2] + self._ttl + self._stale_for)
+                until = min(now + max(self._ttl, 1.0), stale_until)
                 with self._lock:
                     self._cache[cache_key] = (until, cached[1], cached[2])
                 return cached[1]

@@ -212,6 +212,29 @@ def test_keys_are_served_from_last_known_values_for_the_grace_only(
         direct.lookup("pk_a")
 
 
+def test_one_request_rereads_a_key_while_the_others_keep_its_last_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Stream mode: a database that hangs delays the one request re-reading a key, not every
+    request carrying it."""
+    directory = ProjectDirectory(sessionmaker(), ttl=0.0, stale_for=60.0)
+    info = ProjectInfo(1, frozenset())
+    calls: list[str] = []
+    meanwhile: list[ProjectInfo | None] = []
+
+    def fetch(kind: str, stored: str) -> ProjectInfo | None:
+        calls.append(stored)
+        if len(calls) == 2:  # the re-read is in flight: another request for the same key
+            meanwhile.append(directory.lookup("pk_a"))
+        return info
+
+    monkeypatch.setattr(directory, "_fetch", fetch)
+    assert directory.lookup("pk_a") == info
+    assert directory.lookup("pk_a") == info
+    assert meanwhile == [info]
+    assert len(calls) == 2
+
+
 def test_accepted_requests_are_published_then_loaded_once(settings: ServerSettings) -> None:
     key = make_project(settings.database_url)
     running = start_server(settings.database_url, **_stream_fields(settings))

@@ -134,6 +134,8 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         max_age_days=settings.dead_letter_max_age_days,
         max_total_rows=settings.dead_letter_max_total_rows,
         queue_size=settings.dead_letter_queue,
+        # Stream mode rides through database outages: so do dead letters (within the queue).
+        wait_out_outages=stream is not None,
     )
     ingest_servicer = IngestServicer(
         projects,

@@ -472,6 +472,9 @@ def test_database_down_ingestion_goes_on_then_loads(postgres_url: str) -> None:
             assert ingest(stub, key, Event(id="before", type="t", url="/")) == 1
             proxy.cut()
             assert ingest(stub, key, Event(id="during", type="t", url="/")) == 1
+            with pytest.raises(grpc.RpcError) as refused:  # a dead letter, kept for later
+                ingest(stub, key, Event(id="bad", type="t", url="no url"))
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             with pytest.raises(grpc.RpcError) as caught:
                 ingest(stub, other, Event(id="x", type="t", url="/"))  # never looked up
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
@@ -483,7 +486,14 @@ def test_database_down_ingestion_goes_on_then_loads(postgres_url: str) -> None:
             proxy.restore()
             time.sleep(1.2)  # the deferred messages' redelivery delay
             assert load_all(configured) == 2
+            assert running.server._dead_letters is not None
+            assert running.server._dead_letters.flush(timeout=10)
         assert stored(postgres_url) == [("before", "t"), ("during", "t")]
+        engine = create_engine(postgres_url)
+        with engine.connect() as connection:
+            letters = connection.execute(text("SELECT count(*) FROM dead_letters")).scalar()
+        engine.dispose()
+        assert letters == 1  # written once the database was back
     finally:
         running.server.stop(0)
         proxy.close()

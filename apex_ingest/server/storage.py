@@ -56,6 +56,10 @@ _COLUMNS = (
 )
 
 
+#: The columns a stored row has (stream mode's loaders fill those a message lacks with None).
+COLUMN_NAMES = tuple(name for name, _ in _COLUMNS)
+
+
 def _pg_insert_sql(arrays: Sequence[str]) -> str:
     """One statement for any number of rows: each column travels as one array parameter.
 

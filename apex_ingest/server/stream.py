@@ -3,14 +3,14 @@
 The message format (`FORMAT`, version 1), one message per accepted request so that a request
 stays all-or-nothing, is a msgpack array (msgspec):
 
-    [1, project_id, published_at, [[event_id, type, visitor_id, user_id, url, referrer, data,
-                                    occurred_at, received_at, ip, user_agent], ...]]
+    [1, project_id, published_at, [column, ...], [[value, ...], ...]]
 
-`published_at` is the server's wall clock (seconds since the epoch) when it published: the
-loaders measure the delay from acknowledgement to row with it. `occurred_at`/`received_at` are
-msgpack timestamps (UTC), `data` the event's JSON text as validated. The rows are exactly what
-the database sink would have inserted (validated, redacted, ids assigned): a loader only adds
-`project_id` and inserts. A reader meeting a version it does not know leaves the message in the
+the rows exactly as the database sink would have inserted them (validated, redacted, ids
+assigned, whatever later features add to a row: the columns are named in the message, so a new
+column travels without a new version), `project_id` once. `published_at` is the server's wall
+clock (seconds since the epoch) when it published: the loaders measure the delay from
+acknowledgement to row with it. Times are msgpack timestamps (UTC), `data` the event's JSON
+text as validated. A reader meeting a version it does not know leaves the message in the
 stream (see `decode`); a new version is added beside this one, never in its place.
 
 Subjects: `<APEX_STREAM_SUBJECT>.<shard>`, shard = project id % SHARDS, so one project's
@@ -33,7 +33,6 @@ import logging
 import threading
 import time
 from collections.abc import Coroutine, Sequence
-from datetime import datetime
 from typing import Any, TypeVar
 
 import msgspec
@@ -45,7 +44,7 @@ from nats.js import JetStreamContext
 
 from apex_ingest.server import metrics
 from apex_ingest.server.errors import DeadlinePassed, IngestError, StorageUnavailable
-from apex_ingest.server.storage import Row
+from apex_ingest.server.storage import COLUMN_NAMES, Row
 
 log = logging.getLogger(__name__)
 
@@ -56,43 +55,15 @@ SHARDS = 16
 #: Header naming the payload's format and version, for readers that are not loaders.
 FORMAT_HEADER = "Apex-Format"
 
-#: The row fields carried per event, in order (project_id travels once per message).
-ROW_FIELDS = (
-    "event_id",
-    "type",
-    "visitor_id",
-    "user_id",
-    "url",
-    "referrer",
-    "data",
-    "occurred_at",
-    "received_at",
-    "ip",
-    "user_agent",
-)
-
-WireRow = tuple[
-    str,
-    str,
-    str | None,
-    str | None,
-    str,
-    str | None,
-    str,
-    datetime,
-    datetime,
-    str | None,
-    str | None,
-]
-
 
 class StreamedRequest(msgspec.Struct, array_like=True, frozen=True):
-    """Version 1 of a message: one accepted request's rows."""
+    """Version 1 of a message: one accepted request's rows, their columns named once."""
 
     version: int
     project_id: int
     published_at: float
-    rows: list[WireRow]
+    columns: list[str]
+    rows: list[list[Any]]
 
 
 class UnknownFormat(ValueError):
@@ -104,12 +75,15 @@ _decoder = msgspec.msgpack.Decoder(StreamedRequest)
 
 
 def encode(project_id: int, rows: Sequence[Row], published_at: float | None = None) -> bytes:
+    """The message of one request's rows (every row has the same columns: `build_rows`')."""
+    columns = [name for name in rows[0] if name != "project_id"] if rows else []
     return _encoder.encode(
         StreamedRequest(
             VERSION,
             project_id,
             time.time() if published_at is None else published_at,
-            [tuple(row[name] for name in ROW_FIELDS) for row in rows],
+            columns,
+            [[row.get(name) for name in columns] for row in rows],
         )
     )
 
@@ -126,10 +100,15 @@ def decode(payload: bytes) -> StreamedRequest:
 
 
 def rows_of(request: StreamedRequest) -> list[Row]:
-    """The rows to insert, as the database sink builds them (project_id included)."""
+    """The rows to insert, as the database sink builds them (project_id included). A column the
+    store has and the message lacks (published by an older server) is None: new columns are
+    nullable; one the store does not have is carried along and ignored by the insert."""
+    missing = [name for name in COLUMN_NAMES if name not in request.columns]
     rows = []
     for values in request.rows:
-        row: Row = dict(zip(ROW_FIELDS, values, strict=True))
+        row: Row = dict(zip(request.columns, values, strict=True))
+        for name in missing:
+            row[name] = None
         row["project_id"] = request.project_id
         rows.append(row)
     return rows

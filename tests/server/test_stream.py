@@ -158,12 +158,20 @@ def test_codec_round_trip_and_message_id() -> None:
     decoded = stream.decode(stream.encode(7, rows, published_at=1.5))
     assert decoded.project_id == 7 and decoded.published_at == 1.5
     assert stream.rows_of(decoded) == [{**rows[0], "project_id": 7}]
+    # A column a later feature adds to rows travels as it is; one the message lacks (an older
+    # server published it) is None.
+    enriched = [{**rows[0], "country": "FR"}]
+    assert stream.rows_of(stream.decode(stream.encode(7, enriched))) == [
+        {**enriched[0], "project_id": 7}
+    ]
+    older = [{name: value for name, value in rows[0].items() if name != "user_agent"}]
+    assert stream.rows_of(stream.decode(stream.encode(7, older)))[0]["user_agent"] is None
     # The message id is the same whatever the order of the events, and differs by project.
     swapped = [{**rows[0], "event_id": "e2"}, rows[0]]
     assert stream.message_id(7, swapped) == stream.message_id(7, list(reversed(swapped)))
     assert stream.message_id(7, rows) != stream.message_id(8, rows)
     with pytest.raises(stream.UnknownFormat):
-        stream.decode(b"\x94\x02\x07\xcb" + b"\0" * 8 + b"\x90")  # version 2
+        stream.decode(b"\x95\x02\x07\xcb" + b"\0" * 8 + b"\x90\x90")  # version 2
     with pytest.raises(stream.UnknownFormat):
         stream.decode(b"not ours")
 

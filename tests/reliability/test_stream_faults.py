@@ -333,9 +333,13 @@ def test_stream_mode_survives_a_node_a_loader_a_server_and_postgresql(
             refusals={
                 f"{code}{'+RetryInfo' if retry else ''}": n for (code, retry), n in codes.items()
             },
-            refusal_times=sorted(
-                {round(a.start - start, 1) for a in load.attempts if a.code != "OK"}
-            )[:40],
+            # When the UNAVAILABLE + RetryInfo answers came (s after the node's kill -9).
+            retry_refusals_s=_span(
+                [a.start - start for a in load.attempts if a.code != "OK" and a.retry_info]
+            ),
+            killed_server_refusals_s=_span(
+                [a.start - start for a in load.attempts if a.code != "OK" and not a.retry_info]
+            ),
             timeline={name: round(at - start, 1) for name, at in timeline.items()},
             drained_after_s=None if drained is None else round(drained, 1),
             loader_health=health,
@@ -357,6 +361,11 @@ def test_stream_mode_survives_a_node_a_loader_a_server_and_postgresql(
         assert not refused_without_postgres, (
             f"refused while only PostgreSQL was away: {refused_without_postgres[:5]}"
         )
+
+
+def _span(times: list[float]) -> list[float]:
+    """[first, last], rounded; [] if none."""
+    return [round(min(times), 1), round(max(times), 1)] if times else []
 
 
 class _NoHttp:

@@ -17,6 +17,14 @@ called inside the loading transaction, before the insert, with the batch's rows.
 hook for whatever must be judged against the database as it is when the rows land rather than
 when they were published (a person deleted or suppressed after their events were accepted):
 a filter drops or rewrites rows, and what it returns is inserted in the same transaction.
+
+A filter that honours a deletion must not race it: a deletion committed between the filter's
+read and the loader's commit would miss the rows this transaction inserts. The simple rule is a
+per-project transaction-level advisory lock: the filter takes it shared
+(`pg_advisory_xact_lock_shared(project_id)`) before reading the deletions, the deleting
+transaction takes it exclusive while it records the deletion and removes the stored events. On
+SQLite the single writer already serializes them. Dedup needs no filter: the insert skips ids
+already stored.
 """
 
 from __future__ import annotations

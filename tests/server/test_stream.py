@@ -358,8 +358,8 @@ def test_a_loader_killed_before_its_ack_loses_and_duplicates_nothing(
 
     assert asyncio.run(commit_without_ack()) == 3
     assert len(stored(settings.database_url)) == 15
-    time.sleep(settings.stream_ack_wait + 0.3)
-    assert load_all(settings) == 4  # the 3 redelivered and the one never fetched
+    time.sleep(settings.stream_ack_wait + 1.0)
+    assert load_all(settings, wait=1.0) == 4  # the 3 redelivered and the one never fetched
     events = stored(settings.database_url)
     assert len(events) == 20 and len(set(events)) == 20
     assert stream_state(settings) == (0, 0)
@@ -492,8 +492,8 @@ def test_database_down_ingestion_goes_on_then_loads(postgres_url: str) -> None:
             assert load_all(configured, wait=0.3) == 0  # deferred: the database is away
             assert stream_state(configured)[0] == 2
             proxy.restore()
-            time.sleep(1.2)  # the deferred messages' redelivery delay
-            assert load_all(configured) == 2
+            time.sleep(1.5)  # the deferred messages' redelivery delay
+            assert load_all(configured, wait=1.0) == 2
             assert running.server._dead_letters is not None
             assert running.server._dead_letters.flush(timeout=10)
         assert stored(postgres_url) == [("before", "t"), ("during", "t")]

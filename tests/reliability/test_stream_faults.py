@@ -3,7 +3,7 @@
 kill -9 the stream's leader node, kill -9 a loader, kill -9 a gRPC server, cut PostgreSQL for
 30 s. At the end every acknowledged event is stored exactly once, no batch is half-stored, and
 the only refusals were UNAVAILABLE with RetryInfo (HTTP 503 + Retry-After), never while only
-PostgreSQL was away.
+PostgreSQL was away. A second, shorter test takes 2 of the 3 nodes away (no quorum).
 
 The load is 4 client threads calling gRPC IngestEvents with 20-event batches whose events
 carry ids, round-robin over both servers, retrying a refused batch (same ids) on the next
@@ -34,7 +34,7 @@ from grpc_status import rpc_status
 from apex_ingest.common.settings import ServerSettings
 from apex_ingest.ops.loader import setup_stream
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from tests.conftest import make_project
+from tests.conftest import make_project, start_server
 from tests.nats_cluster import Cluster, nats_cluster
 from tests.reliability.support import (
     BATCH_SIZE,
@@ -373,3 +373,63 @@ class _NoHttp:
 
     def statuses(self) -> collections.Counter[int]:
         return collections.Counter()
+
+
+def test_no_quorum_is_unavailable_with_retry_info_then_recovers(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """2 of 3 nodes gone: the R3 stream has no quorum. Calls are refused with UNAVAILABLE +
+    RetryInfo (503 + Retry-After) within APEX_STREAM_ACK_TIMEOUT, health turns NOT_SERVING;
+    with the nodes back, calls succeed again without a restart."""
+    key = make_project(sqlite_url)
+    with nats_cluster(tmp_path / "nats") as cluster:
+        settings = _settings(cluster, sqlite_url)
+        _set_up_stream(settings, cluster)
+        running = start_server(
+            sqlite_url,
+            stream_url=cluster.url,
+            stream_name=STREAM,
+            stream_consumer=CONSUMER,
+            stream_ack_timeout=1.0,
+        )
+        try:
+            with grpc.insecure_channel(running.target) as channel:
+                stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
+                health = health_pb2_grpc.HealthStub(channel)
+
+                def call(event_id: str) -> None:
+                    request = ingest_pb2.IngestEventsRequest(
+                        project_key=key,
+                        events=[ingest_pb2.Event(id=event_id, type="t", url="/")],
+                    )
+                    stub.IngestEvents(request, timeout=10)
+
+                def status() -> int:
+                    answer = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                    return int(answer.status)
+
+                call("before")
+                for name in ("n1", "n2"):
+                    cluster.kill(name)
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as caught:
+                    call("during")
+                assert time.monotonic() - started < 5
+                assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+                details = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+                retry = error_details_pb2.RetryInfo()
+                assert details is not None and any(d.Unpack(retry) for d in details.details)
+                assert wait_for(
+                    lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING, 15
+                ), "health stayed SERVING without quorum"
+                for name in ("n1", "n2"):
+                    cluster.start(name)
+
+                def accepted() -> bool:
+                    call("after")
+                    return True
+
+                assert wait_for(accepted, 60, interval=0.5) is not None, cluster.logs()
+                assert wait_for(lambda: status() == health_pb2.HealthCheckResponse.SERVING, 15)
+        finally:
+            running.server.stop(0)

@@ -567,6 +567,7 @@ def main() -> int:
                     snippet.requests_per_s,
                     batch.requests_per_s * BATCH,
                     direct.events_per_s,
+                    (copy_before + copy_after) / 2,
                 )
                 and met
             )

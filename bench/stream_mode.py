@@ -259,6 +259,7 @@ def report(
     snippet_rps: float | None,
     batch_events: float | None,
     direct: float | None,
+    copy: float | None = None,
 ) -> bool:
     """Print stream mode's figures against direct mode's of the same run (None: not measured,
     `--stream-only`); True if every target is met."""
@@ -287,6 +288,13 @@ def report(
         f"loaded while the loads ran: {stream.loaded_events_per_s:7.0f} events/s;"
         f" the stream was empty {stream.drain_s:.1f} s after they ended"
     )
+    if copy:
+        print(
+            f"  against COPY ({copy:.0f} rows/s): acknowledged batches over HTTP"
+            f" {stream.batch_events_per_s / copy:.2f}, gRPC direct"
+            f" {stream.direct.events_per_s / copy:.2f},"
+            f" loaded {stream.loaded_events_per_s / copy:.2f}"
+        )
     delay = stream.delay
     shown = (
         "no observations"

@@ -56,6 +56,7 @@ test-reliability: install-dev services $(BUF)
 services:
 	bash scripts/ensure-chromium.sh
 	bash scripts/ensure-services.sh
+	bash scripts/ensure-nats.sh
 
 ## proto: regenerate the committed Python stubs from proto/
 proto: install-dev
@@ -101,6 +102,7 @@ clean:
 ## bench: the full path against its baselines (needs PostgreSQL and wrk)
 bench: install-dev
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+	@command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server >/dev/null; }
 	$(PY) -m bench.run $(BENCH_ARGS)
 
 ## bench-enrichment: what enrichment costs (issue #19): the microbenchmark, then interleaved

@@ -50,6 +50,7 @@ class Distribution:
     mean: float
     p50: float
     p90: float
+    p99: float = 0.0
 
     def __str__(self) -> str:
         if not self.count:
@@ -80,4 +81,10 @@ def between(before: Scrape, after: Scrape, name: str) -> Distribution | None:
     count = buckets[-1][1] if buckets else 0.0
     if not count:
         return Distribution(0, 0, 0, 0)
-    return Distribution(count, total_sum / count, _quantile(0.5, buckets), _quantile(0.9, buckets))
+    return Distribution(
+        count,
+        total_sum / count,
+        _quantile(0.5, buckets),
+        _quantile(0.9, buckets),
+        _quantile(0.99, buckets),
+    )

@@ -10,6 +10,9 @@
 4. Memory: the summed RSS of every service process, sampled during the runs.
 5. Acked vs stored: every acknowledged event must be in the database afterwards, none twice.
 6. Sizing: the run's figures as rows for docs/deploy.md's Sizing table.
+7. Stream mode (bench/stream_mode.py; `--no-stream` skips it, `--stream-only` runs it alone):
+   the same loads through a 3-node NATS JetStream cluster and 2 loaders, against direct mode's
+   figures of this run; loaded events/s and the ack -> row delay.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.engine import make_url
 
-from bench import events, frozen, grpc_load, promstats
+from bench import events, frozen, grpc_load, promstats, stream_mode
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_URL = os.environ.get(
@@ -507,6 +510,14 @@ def main() -> int:
         default="snippet,batch",
         help="comma-separated loads for --enrichment-compare: snippet, batch",
     )
+    parser.add_argument(
+        "--no-stream", action="store_true", help="Skip stream mode (bench/stream_mode.py)."
+    )
+    parser.add_argument(
+        "--stream-only",
+        action="store_true",
+        help="Only stream mode, without direct mode's figures to compare with (a smoke run).",
+    )
     args = parser.parse_args()
     if args.enrichment_compare:
         return enrichment_compare(args.seconds, args.rounds, args.loads.split(","))
@@ -545,6 +556,11 @@ def main() -> int:
         # clients build theirs the same way (other seeds), COPY takes these 8 batches' events.
         pool = events.batches(8)
         manifest = write_manifest(Path(bodies.name), pool, key)
+
+        if args.stream_only:
+            stream = _stream_mode(python, env, key, manifest, seconds, database_url)
+            stream_mode.report(stream, None, None, None)
+            return 0 if stream.acked_events <= stream.stored_events else 1
 
         service = subprocess.Popen(
             [python, "-m", "apex_ingest", "serve"], env=env, start_new_session=True
@@ -603,6 +619,11 @@ def main() -> int:
         os.killpg(service.pid, signal.SIGTERM)
         service.wait(60)
         service = None
+        stream = (
+            None
+            if args.no_stream
+            else _stream_mode(python, env, key, manifest, seconds, database_url)
+        )
 
         flask_base = granian_load(python, "bench.baseline_app:app", key, seconds)
         # The floor: the same Flask-on-granian gateway shape making one gRPC call per request
@@ -652,6 +673,17 @@ def main() -> int:
             f"acked events {acked}, stored {stored}, distinct {distinct}"
             f" -> {'OK (acked <= stored, no duplicates)' if consistent else 'MISMATCH'}"
         )
+        if stream is not None:
+            met = (
+                stream_mode.report(
+                    stream,
+                    snippet.requests_per_s,
+                    batch.requests_per_s * BATCH,
+                    direct.events_per_s,
+                    (copy_before + copy_after) / 2,
+                )
+                and met
+            )
         print("all targets met" if met and consistent else "some targets NOT met")
         return 0 if consistent else 1
     finally:
@@ -660,6 +692,24 @@ def main() -> int:
         bodies.cleanup()
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _stream_mode(
+    python: str, env: dict[str, str], key: str, manifest: Path, seconds: int, database_url: str
+) -> stream_mode.StreamFigures:
+    return stream_mode.run_stream_mode(
+        python=python,
+        env=env,
+        key=key,
+        manifest=manifest,
+        seconds=seconds,
+        stored_events=lambda: stored_events(database_url)[0],
+        wrk=wrk,
+        snippet_body=snippet_body(key),
+        free_port=free_port,
+        wait_http=wait_http,
+        batch_size=BATCH,
+    )
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Sections, each a frozen dataclass whose fields are read from `APEX_<FIELD>` by `
 
 - `NetworkSettings`: where the servers listen (shared by both servers and the process commands);
 - `LimitSettings`: limits the gateway and the server both apply;
-- `ServerSettings`: the gRPC server and its database;
+- `StreamSettings`: stream mode (NATS JetStream between the servers and the database);
+- `ServerSettings`: the gRPC server and its database (and the stream settings);
 - `GatewaySettings`: the HTTP gateway;
 - `ProcessSettings`: how many processes the commands start;
 - `LogSettings`: logging.
@@ -230,8 +231,72 @@ def _geoip(value: str) -> str:
     return value
 
 
+def check_stream_urls(value: Any) -> str:
+    """One `nats://host:port` or a comma-separated list of a cluster's servers."""
+    urls = [part.strip() for part in str(value).split(",") if part.strip()]
+    if not urls:
+        raise ValueError("names no server")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ValueError(f"must be nats://host:port (comma-separated for a cluster): {url!r}")
+        try:
+            parts.port  # noqa: B018  (raises ValueError for a port that is no number)
+        except ValueError:
+            raise ValueError(f"has a port that is no number: {url!r}") from None
+    return ",".join(urls)
+
+
+def _stream_token(value: Any) -> str:
+    """A stream, consumer or subject token: letters, digits, `-` and `_` (NATS forbids more)."""
+    text = str(value).strip()
+    if not text or not all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in text):
+        raise ValueError("must be letters, digits, - and _ only")
+    return text
+
+
+def _subject_prefix(value: Any) -> str:
+    text = str(value).strip()
+    if not text or not all(_stream_token(token) for token in text.split(".")):
+        raise ValueError("must be dot-separated tokens of letters, digits, - and _")
+    return text
+
+
 @dataclasses.dataclass(frozen=True)
-class ServerSettings(NetworkSettings, LimitSettings):
+class StreamSettings(_Section):
+    """Stream mode (docs/deploy.md): the gRPC servers publish to NATS JetStream, loaders write
+    the database. Read by the gRPC server, `apex-ingest loader` and `apex-ingest stream setup`."""
+
+    #: `nats://host:port`, or a comma-separated list of a cluster's servers (unset: no stream,
+    #: the servers write the database directly).
+    stream_url: str | None = setting(None, parse=check_stream_urls)
+    #: The JetStream stream's name.
+    stream_name: str = setting("APEX_EVENTS", parse=_stream_token)
+    #: Subject prefix: a project's requests go to `<prefix>.<shard>` (shard = project id % 16).
+    stream_subject: str = setting("apex.events", parse=_subject_prefix)
+    #: Replicas of the stream (1, 3 or 5 in a cluster), set by `stream setup`.
+    stream_replicas: int = setting(1, ge=1, le=5)
+    #: Seconds a server waits for JetStream's acknowledgement before answering UNAVAILABLE.
+    stream_ack_timeout: float = setting(2.0, gt=0)
+    #: The loaders' durable pull consumer (all loaders share it: a work queue).
+    stream_consumer: str = setting("apex-loaders", parse=_stream_token)
+    #: Seconds a loader has to commit and ack a message before JetStream redelivers it.
+    stream_ack_wait: float = setting(30.0, gt=0)
+    #: Seconds a gRPC server in stream mode keeps answering from a key lookup's last known
+    #: value while the database is unreachable (0: not at all; then every key is refused).
+    stream_key_grace: float = setting(3600.0, ge=0)
+    #: Messages (requests) a loader fetches and commits in one transaction.
+    loader_batch: int = setting(256, ge=1, le=10_000)
+    #: Port of a loader's /healthz (lag, stream and database) and /metrics (unset: none).
+    loader_port: int | None = setting(None, ge=1, le=65535)
+
+    @property
+    def stream_servers(self) -> list[str]:
+        return self.stream_url.split(",") if self.stream_url else []
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings(NetworkSettings, LimitSettings, StreamSettings):
     """The gRPC server and its database."""
 
     #: SQLAlchemy URL: `sqlite:///PATH` or `postgresql+psycopg://user:pass@host/db`.
@@ -432,6 +497,7 @@ def _one_of(value: str, allowed: tuple[str, ...]) -> str:
 SECTIONS: tuple[type[_Section], ...] = (
     NetworkSettings,
     LimitSettings,
+    StreamSettings,
     ServerSettings,
     GatewaySettings,
     ProcessSettings,

@@ -34,7 +34,7 @@ from apex_ingest.common.settings import (
 )
 
 #: Commands that run servers: they log JSON lines unless APEX_LOG_FORMAT=text.
-_SERVER_COMMANDS = frozenset({"serve", "grpc", "gateway"})
+_SERVER_COMMANDS = frozenset({"serve", "grpc", "gateway", "loader"})
 
 
 class BadSetting(click.ClickException):
@@ -182,6 +182,43 @@ def _ensure_free(host: str, port: int, variable: str) -> None:
                     f"{where} is already in use: is another apex-ingest running there?"
                 ) from None
             raise ConfigError(f"cannot listen on {where}: {error.strerror}") from None
+
+
+@main.group()
+def stream() -> None:
+    """Stream mode: the NATS JetStream stream between the servers and the database."""
+
+
+def _stream_settings() -> ServerSettings:
+    check_all()
+    settings = load(ServerSettings)
+    if not settings.stream_url:
+        raise BadSetting("APEX_STREAM_URL is not set: stream mode needs a NATS server")
+    return settings
+
+
+@stream.command("setup")
+def stream_setup() -> None:
+    """Create the stream and the loaders' consumer, or check and update them."""
+    import asyncio
+
+    from apex_ingest.ops.loader import setup_stream
+
+    settings = _stream_settings()
+    try:
+        done = asyncio.run(setup_stream(settings))
+    except Exception as error:  # nats-py errors: one line, not a traceback
+        raise click.ClickException(f"stream setup failed: {error!r}") from None
+    for line in done:
+        click.echo(line)
+
+
+@main.command()
+def loader() -> None:
+    """Load the stream into the database (stream mode); run several to load faster."""
+    from apex_ingest.ops.loader import run_loader
+
+    run_loader(_stream_settings())
 
 
 @main.group()

@@ -41,7 +41,7 @@ from apex_ingest.server.errors import FieldViolation, InvalidRequest, OriginNotA
 from apex_ingest.server.models import DeadLetter, Project
 from apex_ingest.server.projects import ProjectInfo
 from apex_ingest.server.redaction import redact_url
-from apex_ingest.server.storage import insert_events
+from apex_ingest.server.storage import UNAVAILABLE_ERRORS, insert_events
 from apex_ingest.server.validation import (
     build_rows,
     check_request_shape,
@@ -60,6 +60,8 @@ _BATCH_REQUESTS = 64
 #: Seconds between two passes of the age and total caps (the per-project row cap is applied
 #: after every write).
 _PRUNE_INTERVAL = 30.0
+#: Stream mode: seconds between two tries of a dead-letter write while the database is down.
+_OUTAGE_RETRY_SECONDS = 1.0
 
 INVALID_ARGUMENT = "invalid_argument"
 PERMISSION_DENIED = "permission_denied"
@@ -236,8 +238,14 @@ class DeadLetterRecorder:
         max_age_days: float = 7.0,
         max_total_rows: int = 1_000_000,
         queue_size: int = 1000,
+        wait_out_outages: bool = False,
     ) -> None:
+        """`wait_out_outages` (stream mode, where ingestion goes on while the database is
+        down): a write that fails because the database is unreachable is tried again every
+        second until it succeeds, instead of being dropped; meanwhile new refusals queue up to
+        `queue_size` (beyond it they are dropped and counted, as always)."""
         self._session_factory = session_factory
+        self._wait_out_outages = wait_out_outages
         self._max_rows = max_rows
         self._max_age = timedelta(days=max_age_days)
         self._max_total = max_total_rows
@@ -336,6 +344,23 @@ class DeadLetterRecorder:
         try:
             self._write(batch)
             return
+        except UNAVAILABLE_ERRORS as error:
+            if not self._wait_out_outages:
+                if len(batch) == 1:
+                    log.warning("could not record dead letters: %r", error)
+                    metrics.DEAD_LETTERS_DROPPED.labels("write_failed").inc(_count(batch[0]))
+                    return
+            else:
+                log.warning("database unavailable; dead letters wait: %r", error)
+                while True:
+                    time.sleep(_OUTAGE_RETRY_SECONDS)
+                    try:
+                        self._write(batch)
+                        return
+                    except UNAVAILABLE_ERRORS:
+                        continue
+                    except Exception:
+                        break  # not an outage: each request alone, as below
         except Exception:
             if len(batch) == 1:
                 log.exception("could not record dead letters")

@@ -1,9 +1,14 @@
-"""Keeps grpc.health.v1 truthful: NOT_SERVING while the database is unreachable."""
+"""Keeps grpc.health.v1 truthful: NOT_SERVING while storage is unreachable.
+
+Storage is the database, or in stream mode the stream (the database may then be down for a
+while without refusing anything): the monitor runs whichever probe it is given.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
 from sqlalchemy import Engine
@@ -15,10 +20,20 @@ log = logging.getLogger(__name__)
 
 
 class StorageHealthMonitor:
-    """Probes the database every `interval` seconds and publishes the result."""
+    """Probes storage every `interval` seconds and publishes the result.
 
-    def __init__(self, engine: Engine, servicer: health.HealthServicer, interval: float) -> None:
-        self._engine = engine
+    `storage`: the database's engine, or a probe of its own (stream mode: `StreamSink.reachable`).
+    """
+
+    def __init__(
+        self,
+        storage: Engine | Callable[[], bool],
+        servicer: health.HealthServicer,
+        interval: float,
+    ) -> None:
+        self._probe: Callable[[], bool] = (
+            (lambda: storage_reachable(storage)) if isinstance(storage, Engine) else storage
+        )
         self._servicer = servicer
         self._interval = interval
         self._stopped = threading.Event()
@@ -37,7 +52,7 @@ class StorageHealthMonitor:
         self._publish(False)
 
     def check(self) -> bool:
-        reachable = storage_reachable(self._engine)
+        reachable = self._probe()
         self._publish(reachable)
         return reachable
 

@@ -19,7 +19,7 @@ from apex_ingest.server.errors import (
 )
 from apex_ingest.server.people import SuppressionDirectory
 from apex_ingest.server.projects import ProjectDirectory, ProjectInfo
-from apex_ingest.server.storage import UNAVAILABLE_ERRORS, EventStore
+from apex_ingest.server.storage import UNAVAILABLE_ERRORS, EventSink
 from apex_ingest.server.validation import Row, build_rows, check_request_shape
 from apex_ingest.v1 import ingest_pb2
 
@@ -44,7 +44,7 @@ class Outcome:
 def ingest_events(
     request: ingest_pb2.IngestEventsRequest,
     projects: ProjectDirectory,
-    store: EventStore,
+    store: EventSink,
     retry_after_seconds: int = 1,
     deadline: float | None = None,
     retention: timedelta | None = None,
@@ -66,7 +66,7 @@ def ingest_events(
 def ingest_many(
     requests: Sequence[ingest_pb2.IngestEventsRequest],
     projects: ProjectDirectory,
-    store: EventStore,
+    store: EventSink,
     retry_after_seconds: int = 1,
     deadline: float | None = None,
     retention: timedelta | None = None,

@@ -115,3 +115,42 @@ def _checkin(_dbapi_connection: object, record: ConnectionPoolEntry | None) -> N
         DB_WRITER_CONNECTIONS.dec()
     else:
         DB_POOL_IN_USE.dec()
+
+
+# --- stream mode (apex_ingest/server/stream.py, apex_ingest/ops/loader.py) ---------------------
+
+STREAM_PUBLISHED = Counter(
+    "apex_stream_published",
+    "Requests published to the stream, by outcome: ok (acknowledged by JetStream), "
+    "unavailable (no acknowledgement: answered UNAVAILABLE), failed (a bug: INTERNAL).",
+    ["outcome"],
+)
+STREAM_PUBLISH_SECONDS = Histogram(
+    "apex_stream_publish_seconds",
+    "Time from handing a call's requests to the stream to JetStream's acknowledgements.",
+    buckets=LATENCY_BUCKETS,
+)
+LOADER_LAG = Gauge(
+    "apex_loader_lag_messages",
+    "Messages (requests) in the stream not yet loaded: the consumer's pending plus "
+    "delivered-but-unacknowledged messages, as last read by this loader.",
+    multiprocess_mode="max",
+)
+LOADER_MESSAGES = Counter(
+    "apex_loader_messages",
+    "Stream messages handled by loaders, by outcome: loaded (committed, then acked), "
+    "deferred (the database failed: negatively acked, redelivered later), "
+    "unreadable (unknown format: left in the stream, redelivered later).",
+    ["outcome"],
+)
+LOADER_ROWS = Counter(
+    "apex_loader_rows",
+    "Event rows loaders committed (rows already stored are skipped by the insert, not counted "
+    "apart).",
+)
+LOADER_DELAY = Histogram(
+    "apex_loader_delay_seconds",
+    "From a request's acknowledgement by the stream (its publication) to the commit of its "
+    "rows by a loader.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)

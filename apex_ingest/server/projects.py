@@ -19,6 +19,7 @@ from apex_ingest.server.cookieless import VisitorSalts
 from apex_ingest.server.enrichment import IP_MODES
 from apex_ingest.server.models import Project, ProjectKey
 from apex_ingest.server.redaction import normalize_names
+from apex_ingest.server.storage import UNAVAILABLE_ERRORS
 from apex_ingest.server.validation import project_key_problem
 
 KEY_PREFIX = "pk_live_"
@@ -362,10 +363,17 @@ class ProjectDirectory:
 
     MAX_ENTRIES = 100_000
 
-    def __init__(self, session_factory: sessionmaker[Session], ttl: float) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], ttl: float, stale_for: float = 0.0
+    ) -> None:
+        """`stale_for` (stream mode, APEX_STREAM_KEY_GRACE): while the database is unreachable,
+        an answer fetched at most `ttl + stale_for` seconds ago is given instead of the error,
+        so ingestion goes on through a database outage with the keys as they last were."""
         self._session_factory = session_factory
         self._ttl = ttl
-        self._cache: dict[str, tuple[float, ProjectInfo | None]] = {}
+        self._stale_for = stale_for
+        #: cache key -> (time.monotonic() past which it is looked up again, answer, fetched at)
+        self._cache: dict[str, tuple[float, ProjectInfo | None, float]] = {}
         self._lock = threading.Lock()
         #: The daily salts of cookieless visitor ids: per-request project state that needs the
         #: database and a per-process cache, like the keys (apex_ingest/server/cookieless.py).
@@ -385,6 +393,32 @@ class ProjectDirectory:
         cached = self._cache.get(cache_key)
         if cached is not None and cached[0] > now:
             return cached[1]
+        stale_until = None if cached is None else cached[2] + self._ttl + self._stale_for
+        if stale_until is not None and self._stale_for > 0 and now <= stale_until:
+            # Stream mode: this request reads the key again; concurrent ones keep the last
+            # known answer meanwhile (a database that hangs then delays one request per key a
+            # second, not all of them).
+            assert cached is not None
+            with self._lock:
+                self._cache[cache_key] = (min(now + 1.0, stale_until), cached[1], cached[2])
+        try:
+            info = self._fetch(kind, stored)
+        except UNAVAILABLE_ERRORS:
+            if cached is not None and stale_until is not None and now <= stale_until:
+                # Stream mode: the last known answer, through the outage. Asked again after a
+                # second at the earliest: not one failing connection attempt per request.
+                until = min(now + max(self._ttl, 1.0), stale_until)
+                with self._lock:
+                    self._cache[cache_key] = (until, cached[1], cached[2])
+                return cached[1]
+            raise
+        with self._lock:
+            if len(self._cache) >= self.MAX_ENTRIES:
+                self._cache.clear()  # bounded memory against floods of random keys
+            self._cache[cache_key] = (now + self._ttl, info, now)
+        return info
+
+    def _fetch(self, kind: str, stored: str) -> ProjectInfo | None:
         with self._session_factory() as session:
             project = session.scalars(
                 select(Project)
@@ -410,10 +444,6 @@ class ProjectDirectory:
                 if project is not None
                 else None
             )
-        with self._lock:
-            if len(self._cache) >= self.MAX_ENTRIES:
-                self._cache.clear()  # bounded memory against floods of random keys
-            self._cache[cache_key] = (now + self._ttl, info)
         return info
 
 

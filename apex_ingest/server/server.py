@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent import futures
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
@@ -22,7 +23,7 @@ from apex_ingest.server.people_service import PeopleServicer
 from apex_ingest.server.project_service import ProjectServicer
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.servicer import IngestServicer
-from apex_ingest.server.storage import EventStore
+from apex_ingest.server.storage import EventSink, EventStore
 from apex_ingest.v1 import (
     ingest_pb2_grpc,
     people_pb2,
@@ -30,6 +31,9 @@ from apex_ingest.v1 import (
     project_pb2,
     project_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from apex_ingest.server.stream import StreamSink
 
 log = logging.getLogger(__name__)
 PROJECT_SERVICE_NAME: str = project_pb2.DESCRIPTOR.services_by_name["ProjectService"].full_name
@@ -46,8 +50,10 @@ class IngestServer:
         health_servicer: health.HealthServicer,
         monitor: StorageHealthMonitor,
         dead_letters: DeadLetterRecorder | None = None,
+        stream: StreamSink | None = None,
     ) -> None:
         self.grpc_server = server
+        self._stream = stream
         self._dead_letters = dead_letters
         self._engine = engine
         self._health = health_servicer
@@ -65,6 +71,8 @@ class IngestServer:
         if self._dead_letters is not None:
             # Dead letters still queued are written before the engine goes (a second at most).
             self._dead_letters.flush(timeout=min(1.0, grace or 1.0))
+        if self._stream is not None:
+            self._stream.close()
         self._engine.dispose()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -98,26 +106,54 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         experimental_non_blocking=True,
         experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=1),
     )
-    monitor = StorageHealthMonitor(engine, health_servicer, settings.health_interval)
     enrichment.configure(settings.enrichment, settings.geoip)
     # The User-Agent parser's rules and the country database take ~1.5 s to load: in the
     # background, so that the server starts at once (a request meanwhile waits for them).
     threading.Thread(target=enrichment.warm_up, name="enrichment-warm-up", daemon=True).start()
-    projects = ProjectDirectory(session_factory, settings.project_cache_ttl)
+    # Stream mode: requests go to the stream, and health follows it (the database may be down
+    # meanwhile: loaders catch up, and key lookups are answered from their last known values).
+    stream = None
+    if settings.stream_url:
+        from apex_ingest.server.stream import StreamSink  # nats-py: only in stream mode
+
+        stream = StreamSink(
+            settings.stream_servers,
+            settings.stream_name,
+            settings.stream_subject,
+            settings.retry_after_seconds,
+            settings.stream_ack_timeout,
+        )
+    sink: EventSink = (
+        stream
+        if stream is not None
+        else EventStore(
+            session_factory,
+            settings.retry_after_seconds,
+            commit_timeout=settings.commit_timeout,
+        )
+    )
+    monitor = StorageHealthMonitor(
+        stream.reachable if stream is not None else engine,
+        health_servicer,
+        settings.health_interval,
+    )
+    projects = ProjectDirectory(
+        session_factory,
+        settings.project_cache_ttl,
+        stale_for=settings.stream_key_grace if stream is not None else 0.0,
+    )
     recorder = DeadLetterRecorder(
         session_factory,
         max_rows=settings.dead_letter_max_rows,
         max_age_days=settings.dead_letter_max_age_days,
         max_total_rows=settings.dead_letter_max_total_rows,
         queue_size=settings.dead_letter_queue,
+        # Stream mode rides through database outages: so do dead letters (within the queue).
+        wait_out_outages=stream is not None,
     )
     ingest_servicer = IngestServicer(
         projects,
-        EventStore(
-            session_factory,
-            settings.retry_after_seconds,
-            commit_timeout=settings.commit_timeout,
-        ),
+        sink,
         settings.retry_after_seconds,
         on_storage_unavailable=monitor.mark_unavailable,
         retention=settings.retention,
@@ -139,4 +175,4 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
     port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
-    return IngestServer(server, engine, health_servicer, monitor, recorder), port
+    return IngestServer(server, engine, health_servicer, monitor, recorder, stream), port

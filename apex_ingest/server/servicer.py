@@ -29,7 +29,7 @@ from apex_ingest.server.ingest import Outcome, ingest_events, ingest_many
 from apex_ingest.server.people import SuppressionDirectory
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.status import error_status, rich_status
-from apex_ingest.server.storage import EventStore
+from apex_ingest.server.storage import EventSink
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(
         self,
         projects: ProjectDirectory,
-        store: EventStore,
+        store: EventSink,
         retry_after_seconds: int = 1,
         on_storage_unavailable: Callable[[], None] = lambda: None,
         retention: timedelta | None = None,

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from sqlalchemy import Connection, Engine, exc, text
@@ -72,6 +72,10 @@ _COLUMNS = (
     ("referrer_class", "text"),
     ("country", "text"),
 )
+
+
+#: The columns a stored row has (stream mode's loaders fill those a message lacks with None).
+COLUMN_NAMES = tuple(name for name, _ in _COLUMNS)
 
 
 def _pg_insert_sql(arrays: Sequence[str]) -> str:
@@ -154,6 +158,42 @@ def insert_events(connection: Connection | Session, rows: Sequence[Row]) -> None
         )
         connection.execute(statement, list(identity.event_columns_only(rows)))
     identity.upsert_links(connection, links)
+
+
+def insert_events_fast(connection: Connection, rows: Sequence[Row]) -> None:
+    """`insert_events` (the events and the identity links they show) in the connection's
+    transaction, on PostgreSQL by the group commit's own path (one statement, columns as binary
+    arrays: a quarter of the CPU of the text path); the loaders' insert. SQLite: `insert_events`."""
+    if connection.dialect.name != "postgresql":
+        insert_events(connection, rows)
+        return
+    links = identity.link_columns(identity.links_of(rows))
+    driver: Any = connection.connection.driver_connection
+    try:
+        driver.execute(_PG_INSERT_DRIVER, _columns(rows))
+        if links[0]:
+            driver.execute(identity.PG_LINKS_DRIVER, links)
+    except psycopg.Error as error:  # classified as the SQLAlchemy path's errors are
+        raise _as_sqlalchemy_error(error) from error
+
+
+def _columns(rows: Sequence[Row]) -> list[list[Any]]:
+    """The statement's parameters: one list per column, each (project_id, event_id) once."""
+    rows = _first_of_each_id(rows)
+    return [[row.get(name) for row in rows] for name, _ in _COLUMNS]
+
+
+class EventSink(Protocol):
+    """Where accepted requests go: the database (`EventStore`), or in stream mode the stream
+    (`stream.StreamSink`). Either answers only once the rows are durable there."""
+
+    def store(self, project_id: int, rows: list[Row], deadline: float | None = None) -> None:
+        """Return once the rows are durable; raise the IngestError that says why not."""
+
+    def store_many(
+        self, requests: Sequence[tuple[int, list[Row]]], deadline: float | None = None
+    ) -> list[IngestError | None]:
+        """Each request's error (None: durable), each request all-or-nothing."""
 
 
 class _OutcomeUnknown(Exception):
@@ -308,8 +348,7 @@ class EventStore:
                 insert_events(session, rows)
             return
         links = identity.link_columns(identity.links_of(rows))
-        rows = _first_of_each_id(rows)
-        columns = [[row.get(name) for row in rows] for name, _ in _COLUMNS]
+        columns = _columns(rows)
         try:
             self._pg_execute(columns, links)
         except psycopg.Error as error:

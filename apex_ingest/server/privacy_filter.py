@@ -19,7 +19,12 @@ it drops a row when
   says who the deleted visitor became, and loading it would record the deleted link again.)
 
 A deletion requested before the row was received is history the client saw: the row is new data
-and is kept, as in direct mode. The audit keeps ids as their SHA-256: the batch's ids are hashed
+and is kept, as in direct mode.
+
+One limit: the linked visitors are those linked in the database when the deletion was recorded.
+A visitor identified as the user only by events still in the stream then (its identify not yet
+loaded) is not among them: that identify is dropped (it carries the user), so the link is never
+recorded, but the visitor's anonymous events in the stream are loaded, attributed to nobody. The audit keeps ids as their SHA-256: the batch's ids are hashed
 only when a deletion is found, which is rare.
 
 Cost per batch: the people lock (PostgreSQL) and two indexed queries, whatever the batch's size:
@@ -55,7 +60,9 @@ _CHUNK = 500
 
 _PG_SUPPRESSED = text(
     "SELECT project_id, kind, value FROM suppressions "
-    "WHERE project_id = ANY(CAST(:projects AS bigint[])) AND value = ANY(CAST(:ids AS text[]))"
+    # Every column of the unique index (project_id, kind, value): index lookups only.
+    "WHERE project_id = ANY(CAST(:projects AS bigint[])) AND kind IN ('user', 'visitor') "
+    "AND value = ANY(CAST(:ids AS text[]))"
 )
 
 

@@ -24,8 +24,10 @@ and is kept, as in direct mode.
 One limit: the linked visitors are those linked in the database when the deletion was recorded.
 A visitor identified as the user only by events still in the stream then (its identify not yet
 loaded) is not among them: that identify is dropped (it carries the user), so the link is never
-recorded, but the visitor's anonymous events in the stream are loaded, attributed to nobody. The audit keeps ids as their SHA-256: the batch's ids are hashed
-only when a deletion is found, which is rare.
+recorded, but the visitor's anonymous events in the stream are loaded, attributed to nobody.
+
+The audit keeps ids as their SHA-256: the batch's ids are hashed only when a deletion is found,
+which is rare.
 
 Cost per batch: the people lock (PostgreSQL) and two indexed queries, whatever the batch's size:
 the suppressions among the batch's ids, and the deletions of the batch's projects requested since

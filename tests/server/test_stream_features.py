@@ -275,7 +275,8 @@ def test_suppressions_salts_and_the_live_feed_through_a_database_outage(
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
-            tail = project_pb2_grpc.ProjectServiceStub(channel).TailEvents(  # type: ignore[no-untyped-call]
+            admin = project_pb2_grpc.ProjectServiceStub(channel)  # type: ignore[no-untyped-call]
+            tail = admin.TailEvents(
                 # A backlog: "before" is seen whether it lands before the tail starts or after.
                 project_pb2.TailEventsRequest(backlog=10),
                 metadata=(("authorization", f"Bearer {secret}"),),

@@ -282,8 +282,9 @@ class StreamSettings(_Section):
     stream_consumer: str = setting("apex-loaders", parse=_stream_token)
     #: Seconds a loader has to commit and ack a message before JetStream redelivers it.
     stream_ack_wait: float = setting(30.0, gt=0)
-    #: Seconds a gRPC server in stream mode keeps answering from a key lookup's last known
-    #: value while the database is unreachable (0: not at all; then every key is refused).
+    #: Seconds a gRPC server in stream mode keeps answering from a key lookup's (and a
+    #: project's suppression list's) last known value while the database is unreachable (0: not
+    #: at all; then every key is refused).
     stream_key_grace: float = setting(3600.0, ge=0)
     #: Messages (requests) a loader fetches and commits in one transaction.
     loader_batch: int = setting(256, ge=1, le=10_000)

@@ -24,7 +24,7 @@ per-project transaction-level advisory lock: the filter takes it shared
 (`pg_advisory_xact_lock_shared(project_id)`) before reading the deletions, the deleting
 transaction takes it exclusive while it records the deletion and removes the stored events. On
 SQLite the single writer already serializes them. Dedup needs no filter: the insert skips ids
-already stored.
+already stored. `privacy_filter.honour_privacy` is that filter (people.lock_project is the lock).
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ from sqlalchemy import Connection, Engine
 from apex_ingest.common.settings import ServerSettings
 from apex_ingest.server import metrics
 from apex_ingest.server.database import create_db_engine
+from apex_ingest.server.privacy_filter import honour_privacy
 from apex_ingest.server.storage import (
     UNAVAILABLE_ERRORS,
     Row,
@@ -67,8 +68,8 @@ log = logging.getLogger(__name__)
 RowFilter = Callable[[Connection, list[Row]], list[Row]]
 
 #: Row filters every loader applies, in order. Features that must honour a change made after
-#: publication (deletions, suppressions) add theirs here.
-ROW_FILTERS: list[RowFilter] = []
+#: publication add theirs here: deletions and suppressions (privacy_filter.py).
+ROW_FILTERS: list[RowFilter] = [honour_privacy]
 
 #: Seconds before a message whose rows could not be committed is delivered again.
 RETRY_DELAY = 1.0

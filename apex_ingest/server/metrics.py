@@ -148,6 +148,13 @@ LOADER_ROWS = Counter(
     "Event rows loaders committed (rows already stored are skipped by the insert, not counted "
     "apart).",
 )
+LOADER_ROWS_DROPPED = Counter(
+    "apex_loader_rows_dropped",
+    "Event rows loaders did not insert because their person was deleted after the event was "
+    "received or is suppressed now, by reason (deleted, suppressed). A batch whose commit failed "
+    "is counted again when it is retried.",
+    ["reason"],
+)
 LOADER_DELAY = Histogram(
     "apex_loader_delay_seconds",
     "From a request's acknowledgement by the stream (its publication) to the commit of its "

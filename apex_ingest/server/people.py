@@ -14,6 +14,14 @@ stops them (within the suppression cache's time, APEX_PROJECT_CACHE_TTL).
 Every request writes a `privacy_audit` row before it starts (so an interrupted one is on
 record) and completes it with the row counts when done. The ids are kept as their SHA-256:
 the audit proves what was asked without keeping the person's ids (suppressions must keep them).
+A deletion's row also holds the linked visitors' SHA-256 (`linked`): in stream mode the loaders
+read it to drop the person's events still in the stream (apex_ingest/server/privacy_filter.py),
+and the links themselves are gone by then.
+
+The transaction recording a deletion holds the project's people lock (`lock_project`)
+exclusively; the loaders hold it shared from reading the deletions until their commit. So a
+loader either commits before the deletion is recorded (the deletion then finds its rows) or
+reads the deletion (and drops them): nothing lands between the two.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    Connection,
     and_,
     column,
     delete,
@@ -37,6 +46,7 @@ from sqlalchemy import (
     or_,
     select,
     table,
+    text,
     tuple_,
 )
 from sqlalchemy.orm import Session, sessionmaker
@@ -49,6 +59,7 @@ from apex_ingest.server.models import (
     PrivacyAudit,
     Suppression,
 )
+from apex_ingest.server.storage import UNAVAILABLE_ERRORS
 from apex_ingest.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)
@@ -60,6 +71,11 @@ MAX_IDS = 5000
 #: Ids in one SQL `IN` list.
 _CHUNK = 500
 USER, VISITOR = "user", "visitor"
+#: The key of `privacy_audit.ids` holding a deletion's linked visitors (SHA-256 too).
+LINKED = "linked"
+#: The first half of the people lock's PostgreSQL advisory key (the second is the project):
+#: the two-int key space, apart from the migrations' one-bigint lock.
+_LOCK_CLASS = 0x41504558  # "APEX"
 
 _event_ids = table("event_ids", column("project_id"), column("event_id"))
 
@@ -89,17 +105,42 @@ class Person:
                 )
         return cls(users, visitors)
 
-    def hashed(self) -> str:
-        return json.dumps(
-            {
-                USER: [_sha256(u) for u in self.user_ids],
-                VISITOR: [_sha256(v) for v in self.visitor_ids],
-            }
-        )
+    def hashed(self, linked: Sequence[str] | None = None) -> str:
+        """The audit's `ids`; with `linked` (a deletion), the linked visitors' too."""
+        ids = {
+            USER: [sha256_hex(u) for u in self.user_ids],
+            VISITOR: [sha256_hex(v) for v in self.visitor_ids],
+        }
+        if linked is not None:
+            ids[LINKED] = [sha256_hex(v) for v in linked]
+        return json.dumps(ids)
 
 
-def _sha256(value: str) -> str:
+def sha256_hex(value: str) -> str:
+    """How the audit keeps an id."""
     return hashlib.sha256(value.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def lock_project(
+    connection: Connection | Session, project_ids: Sequence[int], shared: bool
+) -> None:
+    """Hold the projects' people lock until the transaction ends (see the module); PostgreSQL
+    only (SQLite's single writer already serializes a deletion and a loader's batch).
+
+    In project order, so two holders of several never wait for each other in a cycle.
+    """
+    bind = connection.get_bind() if isinstance(connection, Session) else connection
+    if bind.dialect.name != "postgresql" or not project_ids:
+        return
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    # The ids in order, a lock per row of the ordered subquery (no snapshot is read before).
+    connection.execute(
+        text(
+            f"SELECT count({function}(:class, CAST(p % 2147483648 AS integer))) "
+            "FROM (SELECT unnest(CAST(:projects AS bigint[])) AS p ORDER BY 1) AS ordered"
+        ),
+        {"class": _LOCK_CLASS, "projects": sorted(set(project_ids))},
+    )
 
 
 def _chunks(values: Sequence[str]) -> Iterator[list[str]]:
@@ -194,20 +235,33 @@ def _start_audit(
     suppress: bool = False,
 ) -> int:
     with factory.begin() as session:
-        row = PrivacyAudit(
-            project_id=project_id,
-            action=action,
-            actor=actor[:200],
-            via=via,
-            requested_at=datetime.now(UTC),
-            finished_at=None,
-            ids=person.hashed(),
-            counts="{}",
-            suppress=suppress,
-        )
-        session.add(row)
-        session.flush()
-        return row.id
+        return _add_audit(session, project_id, action, person, actor, via, suppress)
+
+
+def _add_audit(
+    session: Session,
+    project_id: int,
+    action: str,
+    person: Person,
+    actor: str,
+    via: str,
+    suppress: bool = False,
+    linked: Sequence[str] | None = None,
+) -> int:
+    row = PrivacyAudit(
+        project_id=project_id,
+        action=action,
+        actor=actor[:200],
+        via=via,
+        requested_at=datetime.now(UTC),
+        finished_at=None,
+        ids=person.hashed(linked),
+        counts="{}",
+        suppress=suppress,
+    )
+    session.add(row)
+    session.flush()
+    return row.id
 
 
 def _finish_audit(factory: sessionmaker[Session], audit_id: int, counts: dict[str, int]) -> None:
@@ -228,9 +282,13 @@ def delete_person(
     via: str,
 ) -> Report:
     """Delete the person's events, identity links and dead letters (see the module)."""
-    report = Report(_start_audit(factory, project_id, "delete", person, actor, via, suppress))
-    with factory() as session:
+    with factory.begin() as session:
+        # Recorded under the people lock, the linked visitors with it: from its commit on, the
+        # loaders drop the person's rows still in the stream (stream mode).
+        lock_project(session, [project_id], shared=False)
         linked = linked_visitors(session, project_id, person.user_ids)
+        audit_id = _add_audit(session, project_id, "delete", person, actor, via, suppress, linked)
+    report = Report(audit_id)
     report.linked_visitors = len(linked)
     if suppress:
         # Before deleting: events arriving meanwhile are dropped, not left behind.
@@ -514,14 +572,26 @@ _NONE = _Suppressed(frozenset(), frozenset())
 class SuppressionDirectory:
     """The suppressed ids of each project, cached for `ttl` seconds (APEX_PROJECT_CACHE_TTL,
     as keys): a new suppression or a lifted one takes effect within that time on every server.
-    A project's whole list is read at once: it is small, and most projects have none."""
+    A project's whole list is read at once: it is small, and most projects have none.
+
+    `stale_for` (stream mode, APEX_STREAM_KEY_GRACE, as ProjectDirectory's keys): while the
+    database is unreachable, a list read at most `ttl + stale_for` seconds ago is used instead
+    of the error, so ingestion goes on through an outage with the suppressions as they last
+    were (a suppression made meanwhile waits for the database, and the loaders still honour
+    it: apex_ingest/server/privacy_filter.py). A project never read, or read longer ago,
+    is refused as before (UNAVAILABLE).
+    """
 
     MAX_PROJECTS = 100_000
 
-    def __init__(self, session_factory: sessionmaker[Session], ttl: float) -> None:
+    def __init__(
+        self, session_factory: sessionmaker[Session], ttl: float, stale_for: float = 0.0
+    ) -> None:
         self._session_factory = session_factory
         self._ttl = ttl
-        self._cache: dict[int, tuple[float, _Suppressed]] = {}
+        self._stale_for = stale_for
+        #: project -> (time.monotonic() past which it is read again, the list, read at)
+        self._cache: dict[int, tuple[float, _Suppressed, float]] = {}
         self._lock = threading.Lock()
 
     def _of(self, project_id: int) -> _Suppressed:
@@ -529,6 +599,37 @@ class SuppressionDirectory:
         cached = self._cache.get(project_id)
         if cached is not None and cached[0] > now:
             return cached[1]
+        # The last list read is usable until then while the database is away (stream mode).
+        stale: tuple[float, _Suppressed, float] | None = None
+        if cached is not None and self._stale_for > 0:
+            until = cached[2] + self._ttl + self._stale_for
+            stale = (until, cached[1], cached[2]) if now <= until else None
+        if stale is not None:
+            # This request reads the list again; concurrent ones keep the last one meanwhile
+            # (a database that hangs delays one request a second, not all of them).
+            with self._lock:
+                self._cache[project_id] = (min(now + 1.0, stale[0]), stale[1], stale[2])
+        try:
+            found = self._fetch(project_id)
+        except UNAVAILABLE_ERRORS:
+            if stale is None:
+                raise
+            # The last known list, through the outage; read again after a second at the
+            # earliest, not one failing connection attempt per request.
+            with self._lock:
+                self._cache[project_id] = (
+                    min(now + max(self._ttl, 1.0), stale[0]),
+                    stale[1],
+                    stale[2],
+                )
+            return stale[1]
+        with self._lock:
+            if len(self._cache) >= self.MAX_PROJECTS:
+                self._cache.clear()
+            self._cache[project_id] = (now + self._ttl, found, now)
+        return found
+
+    def _fetch(self, project_id: int) -> _Suppressed:
         users: set[str] = set()
         visitors: set[str] = set()
         with self._session_factory() as session:
@@ -538,12 +639,7 @@ class SuppressionDirectory:
                 )
             ):
                 (users if kind == USER else visitors).add(value)
-        found = _Suppressed(frozenset(users), frozenset(visitors)) if users or visitors else _NONE
-        with self._lock:
-            if len(self._cache) >= self.MAX_PROJECTS:
-                self._cache.clear()
-            self._cache[project_id] = (now + self._ttl, found)
-        return found
+        return _Suppressed(frozenset(users), frozenset(visitors)) if users or visitors else _NONE
 
     def kept_indexes(
         self, project_id: int, request: ingest_pb2.IngestEventsRequest

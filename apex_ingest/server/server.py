@@ -158,8 +158,13 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         on_storage_unavailable=monitor.mark_unavailable,
         retention=settings.retention,
         dead_letters=recorder,
-        # The same cache time as keys: a suppression takes effect as a revocation does.
-        suppressions=SuppressionDirectory(session_factory, settings.project_cache_ttl),
+        # The same cache time as keys: a suppression takes effect as a revocation does, and
+        # in stream mode the same grace through a database outage.
+        suppressions=SuppressionDirectory(
+            session_factory,
+            settings.project_cache_ttl,
+            stale_for=settings.stream_key_grace if stream is not None else 0.0,
+        ),
     )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(ingest_servicer, server)  # type: ignore[no-untyped-call]
     project_pb2_grpc.add_ProjectServiceServicer_to_server(  # type: ignore[no-untyped-call]

@@ -32,8 +32,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import enum
+import faulthandler
 import json
 import logging
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -180,6 +183,12 @@ async def _quiet(error: Exception) -> None:
 # --- the loader ----------------------------------------------------------------------------
 
 
+class _Outcome(enum.Enum):
+    COMMITTED = "committed"
+    UNAVAILABLE = "unavailable"  # the database cannot take it now: all of it waits
+    FAILED = "failed"  # something in the rows: tried again message by message
+
+
 @dataclass
 class LoaderState:
     """What /healthz reports."""
@@ -268,31 +277,34 @@ class Loader:
         return await self._commit_and_ack(readable)
 
     async def _commit_and_ack(self, batch: list[tuple[Msg, float, list[Row]]]) -> int:
-        rows = [row for _, _, message_rows in batch for row in message_rows]
-        try:
-            await self._commit_in_time([message for message, _, _ in batch], rows)
-        except UNAVAILABLE_ERRORS as error:
-            log.warning("database unavailable, %d messages deferred: %r", len(batch), error)
-            self.state.database_reachable = False
-            metrics.LOADER_MESSAGES.labels("deferred").inc(len(batch))
-            for message, _, _ in batch:
-                await message.nak(delay=RETRY_DELAY)
-            await asyncio.sleep(RETRY_DELAY)
+        """Commit the batch's rows in one transaction and acknowledge its messages; the number
+        loaded. When the database is unavailable every message waits RETRY_DELAY; when the
+        batch fails otherwise (something in one message), each is tried on its own, and one
+        that still fails waits UNREADABLE_DELAY (left in the stream, never lost)."""
+        outcome = await self._commit_in_time(batch, batch)
+        if outcome is _Outcome.COMMITTED:
+            return await self._ack(batch)
+        if outcome is _Outcome.UNAVAILABLE:
+            await self._defer(batch)
             return 0
-        except Exception:
-            if len(batch) > 1:
-                # Something in one message broke the batch: load each on its own.
-                loaded = 0
-                for one in batch:
-                    loaded += await self._commit_and_ack([one])
-                return loaded
-            message = batch[0][0]
-            log.exception(
-                "could not load message %s: left in the stream", message.metadata.sequence.stream
-            )
-            metrics.LOADER_MESSAGES.labels("deferred").inc()
-            await message.nak(delay=UNREADABLE_DELAY)
+        if len(batch) == 1:
+            await self._set_aside(batch[0][0])
             return 0
+        loaded = 0
+        for index, one in enumerate(batch):
+            # The messages not yet tried stay in progress while the earlier ones are loaded.
+            outcome = await self._commit_in_time([one], batch[index:])
+            if outcome is _Outcome.COMMITTED:
+                loaded += await self._ack([one])
+            elif outcome is _Outcome.UNAVAILABLE:
+                # The database went away meanwhile: the rest waits for it, together.
+                await self._defer(batch[index:])
+                break
+            else:
+                await self._set_aside(one[0])
+        return loaded
+
+    async def _ack(self, batch: list[tuple[Msg, float, list[Row]]]) -> int:
         committed = time.time()
         self.state.database_reachable = True
         self.state.loaded_messages += len(batch)
@@ -303,20 +315,60 @@ class Loader:
             await message.ack()
             metrics.LOADER_DELAY.observe(max(0.0, committed - published_at))
         metrics.LOADER_MESSAGES.labels("loaded").inc(len(batch))
-        metrics.LOADER_ROWS.inc(len(rows))
+        metrics.LOADER_ROWS.inc(sum(len(rows) for _, _, rows in batch))
         return len(batch)
 
-    async def _commit_in_time(self, messages: list[Msg], rows: list[Row]) -> None:
-        """Commit `rows` in a worker thread; while it takes long, tell JetStream the messages
-        are in progress, so that a slow commit is not redelivered to another loader."""
+    async def _defer(self, batch: list[tuple[Msg, float, list[Row]]]) -> None:
+        self.state.database_reachable = False
+        metrics.LOADER_MESSAGES.labels("deferred").inc(len(batch))
+        for message, _, _ in batch:
+            await message.nak(delay=RETRY_DELAY)
+        await asyncio.sleep(RETRY_DELAY)
+
+    async def _set_aside(self, message: Msg) -> None:
+        metrics.LOADER_MESSAGES.labels("deferred").inc()
+        await message.nak(delay=UNREADABLE_DELAY)
+
+    async def _commit_in_time(
+        self,
+        batch: list[tuple[Msg, float, list[Row]]],
+        hold: list[tuple[Msg, float, list[Row]]],
+    ) -> _Outcome:
+        """Commit `batch`'s rows in a worker thread; while it takes long, tell JetStream that
+        the messages of `hold` are in progress, so that a slow commit is not redelivered to
+        another loader.
+
+        `asyncio.wait`, not `wait_for`: a commit that itself fails with a TimeoutError must
+        end as that failure, not be taken for "still running" (and held in progress forever).
+        """
+        rows = [row for _, _, message_rows in batch for row in message_rows]
         commit = asyncio.ensure_future(asyncio.to_thread(self._commit, rows))
+        started = time.monotonic()
         while True:
-            try:
-                await asyncio.wait_for(asyncio.shield(commit), self.settings.stream_ack_wait / 3)
-                return
-            except TimeoutError:
-                for message in messages:
+            done, _ = await asyncio.wait({commit}, timeout=self.settings.stream_ack_wait / 3)
+            if done:
+                break
+            log.warning(
+                "a commit of %d rows has taken %.0f s so far", len(rows), time.monotonic() - started
+            )
+            for message, _, _ in hold:
+                try:
                     await message.in_progress()
+                except nats.errors.Error as error:  # reconnecting: the commit goes on
+                    log.debug("could not mark a message in progress: %r", error)
+        try:
+            commit.result()
+        except UNAVAILABLE_ERRORS as error:
+            log.warning("database unavailable, %d messages deferred: %r", len(batch), error)
+            return _Outcome.UNAVAILABLE
+        except Exception:
+            log.exception(
+                "could not load %d messages (stream sequences %s...)",
+                len(batch),
+                batch[0][0].metadata.sequence.stream,
+            )
+            return _Outcome.FAILED
+        return _Outcome.COMMITTED
 
     def _commit(self, rows: list[Row]) -> None:
         with self.engine.begin() as connection:
@@ -358,6 +410,9 @@ def run_loader(settings: ServerSettings) -> None:
     """`apex-ingest loader`: load until SIGTERM/SIGINT, finishing the batch in progress."""
     from apex_ingest.common.stop_signals import StopSignals
 
+    # `kill -USR1` writes every thread's stack to stderr: what a loader that stopped loading is
+    # waiting on, without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     engine = loader_engine(settings)
     loader = Loader(settings, engine)
     if settings.loader_port is not None:

@@ -16,6 +16,7 @@ import asyncio
 import collections
 import json
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -310,6 +311,11 @@ def test_stream_mode_survives_a_node_a_loader_a_server_and_postgresql(
             drained = wait_for(lambda: stream_facts(settings)[1] == 0, 90, interval=0.5)
             _, lag = stream_facts(settings)
             health = requests.get(f"http://127.0.0.1:{loader_ports[1]}/healthz", timeout=5).json()
+            if drained is None:  # where the surviving loader waits (faulthandler, on SIGUSR1)
+                loader_b.process.send_signal(signal.SIGUSR1)
+                time.sleep(1)
+            # Read now: the processes' logs are removed when they stop.
+            logs = outputs()
 
         verdict = judge(postgres_url, load)  # type: ignore[arg-type]
         codes = collections.Counter((a.code, a.retry_info) for a in load.attempts if a.code != "OK")
@@ -344,7 +350,7 @@ def test_stream_mode_survives_a_node_a_loader_a_server_and_postgresql(
             drained_after_s=None if drained is None else round(drained, 1),
             loader_health=health,
         )
-        assert drained is not None, f"{lag} messages never loaded\n{outputs()}"
+        assert drained is not None, f"{lag} messages never loaded\n{logs}"
         assert_clean(verdict, _NoHttp())  # type: ignore[arg-type]
         assert verdict.acked_batches > 50, "the load barely ran"
         for attempt in load.attempts:

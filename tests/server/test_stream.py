@@ -26,6 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
 from apex_ingest.common.settings import ConfigError, ServerSettings, load
+from apex_ingest.ops import loader as loader_module
 from apex_ingest.ops.cli import main
 from apex_ingest.ops.loader import Loader, RowFilter, loader_engine, setup_stream
 from apex_ingest.server import storage, stream
@@ -427,6 +428,64 @@ def test_a_commit_longer_than_the_ack_wait_is_not_redelivered(settings: ServerSe
     assert calls == [["slow"]]
     assert other_loader_got == [0]
     assert stored(settings.database_url) == [("slow", "t")]
+
+
+def _publish_three(settings: ServerSettings, tag: str) -> None:
+    key = make_project(settings.database_url)
+    running = start_server(settings.database_url, **_stream_fields(settings))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
+            for index in range(3):
+                ingest(stub, key, Event(id=f"{tag}{index}", type="t", url="/"))
+    finally:
+        running.server.stop(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_commit_that_raises_timeout_error_ends_and_is_retried(
+    settings: ServerSettings,
+) -> None:
+    """A commit failing with the builtin TimeoutError (a filter's, a driver's) is a failure
+    like any other: the loader goes on (it once took it for "still running" and kept the
+    messages in progress for ever)."""
+    _publish_three(settings, "te")
+    calls: list[int] = []
+
+    def times_out_once(connection: Connection, rows: list[Row]) -> list[Row]:
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise TimeoutError("from inside the commit")
+        return rows
+
+    assert load_all(settings, [times_out_once]) == 3
+    assert calls[0] == 3 and sum(calls[1:]) == 3  # the batch, then each message on its own
+    assert len(stored(settings.database_url)) == 3
+    assert stream_state(settings) == (0, 0)
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_tried_message_by_message_waits_together_when_the_database_goes(
+    settings: ServerSettings,
+) -> None:
+    """A batch that failed is tried message by message; when the database becomes unavailable
+    meanwhile, the messages left wait for it together (one RETRY_DELAY, not one each)."""
+    _publish_three(settings, "dd")
+    calls: list[int] = []
+
+    def breaks_then_database_goes(connection: Connection, rows: list[Row]) -> list[Row]:
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise ValueError("something in one message")
+        raise exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+
+    started = time.monotonic()
+    assert load_all(settings, [breaks_then_database_goes], wait=0.2) == 0
+    assert calls[:2] == [3, 1]
+    assert time.monotonic() - started < 3 * loader_module.RETRY_DELAY + 2
+    time.sleep(loader_module.RETRY_DELAY + 0.5)  # the NAK's delay
+    assert load_all(settings, wait=1.0) == 3
+    assert len(stored(settings.database_url)) == 3
 
 
 def test_unreadable_messages_stay_in_the_stream(settings: ServerSettings) -> None:

@@ -434,10 +434,16 @@ _NO_CAMPAIGN_COLUMNS: dict[str, Any] = dict.fromkeys(CAMPAIGN_COLUMNS)
 def event_columns(url: str, referrer_url: str | None, enrich: bool = True) -> dict[str, Any]:
     """The columns of one event: campaign parameters of its URL, its referrer's host and class.
 
-    The dict returned may be shared between calls (cached): callers copy it, never change it.
+    The dict returned is shared between calls (cached per (url, referrer): a site's pages and
+    their referrers repeat, so most events cost one lookup): callers copy it, never change it.
     """
     if not (enrich and _config.enabled):
         return _NO_EVENT_COLUMNS
+    return _event_columns(url, referrer_url)
+
+
+@lru_cache(maxsize=UA_CACHE_SIZE)
+def _event_columns(url: str, referrer_url: str | None) -> dict[str, Any]:
     campaign_columns = (
         _campaign_columns(url) if "utm_" in url or "clid=" in url else _NO_CAMPAIGN_COLUMNS
     )

@@ -25,6 +25,7 @@ from flask import Blueprint, Response, request, stream_with_context
 from google.protobuf import json_format
 
 from apex_ingest.v1 import project_pb2, project_pb2_grpc
+from gateway import shutdown
 from gateway.config import get_settings
 from gateway.errors import ApiError
 
@@ -51,6 +52,25 @@ _CSP = (
 
 _channels: dict[str, grpc.Channel] = {}
 _channels_lock = threading.Lock()
+#: The feeds being streamed by this worker: ended when it starts draining, so a feed (up to
+#: FEED_SECONDS) never holds the worker past its drain; the page reconnects to another.
+_open_feeds: set[grpc.Future] = set()
+_open_feeds_lock = threading.Lock()
+
+
+def _end_open_feeds() -> None:
+    with _open_feeds_lock:
+        feeds = list(_open_feeds)
+    for call in feeds:
+        call.cancel()
+
+
+def _forget_feed(call: grpc.Future) -> None:
+    with _open_feeds_lock:
+        _open_feeds.discard(call)
+
+
+shutdown.on_drain(_end_open_feeds)
 
 
 def _stub() -> project_pb2_grpc.ProjectServiceStub:
@@ -95,6 +115,8 @@ def feed() -> Response:
     secret = request.headers.get(SECRET_HEADER, "").strip()
     if not secret:
         raise ApiError(401, f"The {SECRET_HEADER} header must carry a secret key.")
+    if shutdown.draining():
+        raise ApiError(503, retry_after=1)  # stopping: the page reconnects to another worker
     metadata = (("x-apex-secret-key", secret),)
     after_event = _int_arg("after_event")
     after_letter = _int_arg("after_dead_letter")
@@ -121,6 +143,10 @@ def feed() -> Response:
         metadata=metadata,
         timeout=FEED_SECONDS,
     )
+
+    with _open_feeds_lock:
+        _open_feeds.add(call)
+    call.add_done_callback(_forget_feed)  # however it ends, even if never read
 
     def stream() -> Iterator[bytes]:
         yield b": connected\n\n"

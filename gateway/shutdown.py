@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from flask import Flask, Response
@@ -31,8 +32,27 @@ _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _draining = threading.Event()
 
 
+_on_drain: list[Callable[[], None]] = []
+
+
 def draining() -> bool:
     return _draining.is_set()
+
+
+def on_drain(callback: Callable[[], None]) -> None:
+    """Call `callback` once this worker starts draining: for what would otherwise hold the
+    worker past its drain (a long-lived response, like the debugger's feed)."""
+    _on_drain.append(callback)
+
+
+def start_draining() -> None:
+    """Mark this worker as draining and run the on_drain callbacks (their failures logged)."""
+    _draining.set()
+    for callback in list(_on_drain):
+        try:
+            callback()
+        except Exception:
+            log.exception("a drain callback failed")
 
 
 def install_in_granian_worker(seconds: float) -> None:
@@ -60,7 +80,7 @@ def install_in_granian_worker(seconds: float) -> None:
 def _drain_on_signal(stop: Any, seconds: float) -> None:
     # Later signals (the master relays the one the group got) stay pending: already draining.
     signum = signal.sigwait(_STOP_SIGNALS)
-    _draining.set()
+    start_draining()
     log.info(
         "received %s: draining for %.1f s, then stopping", signal.Signals(signum).name, seconds
     )

@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.projects import SECRET, add_key, find_project
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from gateway import debugger, shutdown
 from tests.conftest import RunningServer
 
 
@@ -95,3 +96,30 @@ def test_the_feed_streams_new_events_and_rejections(
     kinds = {item["kind"]: item for item in got}
     assert kinds["event"]["event_id"] == "e1" and kinds["event"]["visitor_id"] == "v1"
     assert kinds["dead_letter"]["violations"][0]["field"] == "events[0].url"
+
+
+def test_a_draining_worker_ends_its_feeds_and_refuses_new_ones(
+    client: FlaskClient, grpc_server: RunningServer, project_key: str
+) -> None:
+    """A feed lasts up to FEED_SECONDS: without this a stopping worker waited for it."""
+    secret = secret_for(grpc_server.database_url, project_key)
+    headers = {"X-Apex-Secret-Key": secret}
+    response = client.get("/debugger/feed", headers=headers, buffered=False)
+    chunks = iter(response.response)  # type: ignore[arg-type]
+    assert next(chunks) == b": connected\n\n"
+    assert len(debugger._open_feeds) == 1
+    try:
+        shutdown.start_draining()
+        started = time.monotonic()
+        rest = list(chunks)  # ends when the feed does: at once, or after FEED_SECONDS
+        assert time.monotonic() - started < 3, "the feed outlived the drain"
+        assert rest == []
+        refused = client.get("/debugger/feed", headers=headers)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    finally:
+        shutdown._draining.clear()
+        response.close()
+    deadline = time.monotonic() + 3  # the call's done callbacks run on gRPC's own thread
+    while debugger._open_feeds and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert debugger._open_feeds == set()

@@ -17,9 +17,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.server import people
-from apex_ingest.server.project_service import authenticate
+from apex_ingest.server.project_service import authenticate, storage_errors_unavailable
 from apex_ingest.server.projects import ProjectDirectory
-from apex_ingest.server.storage import UNAVAILABLE_ERRORS
 from apex_ingest.v1 import people_pb2, people_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -49,22 +48,20 @@ class PeopleServicer(people_pb2_grpc.PeopleServiceServicer):
         self._projects = projects
         self._factory = session_factory
 
+    @storage_errors_unavailable
     def DeletePerson(
         self, request: people_pb2.DeletePersonRequest, context: grpc.ServicerContext
     ) -> people_pb2.DeletePersonResponse:
         project = authenticate(context, self._projects)
         person = _person(request.user_ids, request.visitor_ids, context)
-        try:
-            report = people.delete_person(
-                self._factory,
-                project.id,
-                person,
-                suppress=request.suppress,
-                actor=request.actor or DEFAULT_ACTOR,
-                via="grpc",
-            )
-        except UNAVAILABLE_ERRORS:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; call again")
+        report = people.delete_person(
+            self._factory,
+            project.id,
+            person,
+            suppress=request.suppress,
+            actor=request.actor or DEFAULT_ACTOR,
+            via="grpc",
+        )
         return people_pb2.DeletePersonResponse(
             events=report.events,
             identity_links=report.identity_links,
@@ -73,6 +70,7 @@ class PeopleServicer(people_pb2_grpc.PeopleServiceServicer):
             audit_id=report.audit_id,
         )
 
+    @storage_errors_unavailable
     def LiftSuppression(
         self, request: people_pb2.LiftSuppressionRequest, context: grpc.ServicerContext
     ) -> people_pb2.LiftSuppressionResponse:
@@ -83,6 +81,7 @@ class PeopleServicer(people_pb2_grpc.PeopleServiceServicer):
         )
         return people_pb2.LiftSuppressionResponse(lifted=lifted)
 
+    @storage_errors_unavailable
     def ListSuppressions(
         self, request: people_pb2.ListSuppressionsRequest, context: grpc.ServicerContext
     ) -> people_pb2.ListSuppressionsResponse:
@@ -105,6 +104,7 @@ class PeopleServicer(people_pb2_grpc.PeopleServiceServicer):
                 ]
             )
 
+    @storage_errors_unavailable
     def ExportPerson(
         self, request: people_pb2.ExportPersonRequest, context: grpc.ServicerContext
     ) -> Iterator[people_pb2.ExportPersonResponse]:

@@ -13,14 +13,16 @@ one already sent. So each poll also looks again at the rows received in the last
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -50,6 +52,7 @@ _MAX_BACKLOG = 100
 #: With `backlog_only` (a listing, not a tail) a call may ask for more at once.
 _MAX_LISTED = 1000
 _MAX_IDS = 1000
+_UNAVAILABLE = "storage unavailable; retry later"
 
 
 def secret_from_metadata(context: grpc.ServicerContext) -> str | None:
@@ -83,11 +86,39 @@ def authenticate(context: grpc.ServicerContext, projects: ProjectDirectory) -> P
                 "a public key only sends events: use one of the project's secret keys",
             )
     except UNAVAILABLE_ERRORS:
-        context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
+        context.abort(grpc.StatusCode.UNAVAILABLE, _UNAVAILABLE)
     if project is None:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked secret key")
     assert project is not None
     return project
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Any])
+
+
+def storage_errors_unavailable(method: _Method) -> _Method:
+    """An admin RPC whose storage cannot answer now ends UNAVAILABLE ("retry later"), like
+    ingestion, never UNKNOWN: for unary methods and server-streaming ones alike."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def streaming(self: Any, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            try:
+                yield from method(self, request, context)
+            except UNAVAILABLE_ERRORS:
+                context.abort(grpc.StatusCode.UNAVAILABLE, _UNAVAILABLE)
+
+        return cast(_Method, streaming)
+
+    @functools.wraps(method)
+    def unary(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except UNAVAILABLE_ERRORS:
+            context.abort(grpc.StatusCode.UNAVAILABLE, _UNAVAILABLE)
+            raise  # not reached: abort raises
+
+    return cast(_Method, unary)
 
 
 def _timestamp(value: datetime) -> Timestamp:
@@ -195,6 +226,7 @@ class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):
         self._max_tail_seconds = max_tail_seconds
         self._tails = threading.BoundedSemaphore(max_tails)
 
+    @storage_errors_unavailable
     def ListDeadLetters(
         self, request: project_pb2.ListDeadLettersRequest, context: grpc.ServicerContext
     ) -> project_pb2.ListDeadLettersResponse:
@@ -208,6 +240,7 @@ class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):
                 dead_letters=[dead_letter_message(letter) for letter in letters]
             )
 
+    @storage_errors_unavailable
     def ReplayDeadLetters(
         self, request: project_pb2.ReplayDeadLettersRequest, context: grpc.ServicerContext
     ) -> project_pb2.ReplayDeadLettersResponse:
@@ -219,6 +252,7 @@ class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):
             failed=[dead_letter_message(letter) for letter in result.failed],
         )
 
+    @storage_errors_unavailable
     def PurgeDeadLetters(
         self, request: project_pb2.PurgeDeadLettersRequest, context: grpc.ServicerContext
     ) -> project_pb2.PurgeDeadLettersResponse:
@@ -228,6 +262,7 @@ class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):
             purged = deadletters.purge(session, project.id, ids)
         return project_pb2.PurgeDeadLettersResponse(purged=purged)
 
+    @storage_errors_unavailable
     def TailEvents(
         self, request: project_pb2.TailEventsRequest, context: grpc.ServicerContext
     ) -> Iterator[project_pb2.TailEventsResponse]:
@@ -242,38 +277,33 @@ class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):
         finally:
             self._tails.release()
 
+    @storage_errors_unavailable
     def GetProject(
         self, request: project_pb2.GetProjectRequest, context: grpc.ServicerContext
     ) -> project_pb2.GetProjectResponse:
         project = authenticate(context, self._projects)
-        try:
-            with self._session_factory() as session:
-                row = session.get(Project, project.id)
-                assert row is not None  # projects are never deleted
-                return project_pb2.GetProjectResponse(
-                    id=row.id,
-                    name=row.name,
-                    allowed_origins=sorted(row.allowed_origins or ()),
-                    redact_params=sorted(row.redact_params or ()),
-                    rate_limit=row.rate_limit or "",
-                    public_keys=active_public_keys(session, row.id),
-                )
-        except UNAVAILABLE_ERRORS:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
-            raise  # not reached: abort raises
+        with self._session_factory() as session:
+            row = session.get(Project, project.id)
+            assert row is not None  # projects are never deleted
+            return project_pb2.GetProjectResponse(
+                id=row.id,
+                name=row.name,
+                allowed_origins=sorted(row.allowed_origins or ()),
+                redact_params=sorted(row.redact_params or ()),
+                rate_limit=row.rate_limit or "",
+                public_keys=active_public_keys(session, row.id),
+            )
 
+    @storage_errors_unavailable
     def ListKeys(
         self, request: project_pb2.ListKeysRequest, context: grpc.ServicerContext
     ) -> project_pb2.ListKeysResponse:
         project = authenticate(context, self._projects)
-        try:
-            with self._session_factory() as session:
-                rows = project_store.list_keys(session, project.id)
-                return project_pb2.ListKeysResponse(keys=[key_message(row) for row in rows])
-        except UNAVAILABLE_ERRORS:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
-            raise  # not reached: abort raises
+        with self._session_factory() as session:
+            rows = project_store.list_keys(session, project.id)
+            return project_pb2.ListKeysResponse(keys=[key_message(row) for row in rows])
 
+    @storage_errors_unavailable
     def CreateKey(
         self, request: project_pb2.CreateKeyRequest, context: grpc.ServicerContext
     ) -> project_pb2.CreateKeyResponse:
@@ -285,38 +315,31 @@ class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):
             context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "label: 1-200 characters, no control characters"
             )
-        try:
-            with self._session_factory.begin() as session:
-                key = project_store.add_key(session, project.id, request.kind, label=label)
-                row = project_store.find_key(session, project.id, key)
-                assert row is not None
-                return project_pb2.CreateKeyResponse(key=key, info=key_message(row))
-        except UNAVAILABLE_ERRORS:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
-            raise  # not reached: abort raises
+        with self._session_factory.begin() as session:
+            key = project_store.add_key(session, project.id, request.kind, label=label)
+            row = project_store.find_key(session, project.id, key)
+            assert row is not None
+            return project_pb2.CreateKeyResponse(key=key, info=key_message(row))
 
+    @storage_errors_unavailable
     def RevokeKey(
         self, request: project_pb2.RevokeKeyRequest, context: grpc.ServicerContext
     ) -> project_pb2.RevokeKeyResponse:
         project = authenticate(context, self._projects)
-        try:
-            with self._session_factory.begin() as session:
-                row = session.get(ProjectKey, request.id) if request.id > 0 else None
-                if row is None or row.project_id != project.id:
-                    context.abort(grpc.StatusCode.NOT_FOUND, "no such key in this project")
-                assert row is not None
-                try:
-                    project_store.revoke_key_row(session, row, allow_last=request.allow_last)
-                except project_store.LastKey as error:
-                    context.abort(
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        f"{error}: create a new one first, or set allow_last",
-                    )
-                session.flush()
-                return project_pb2.RevokeKeyResponse(info=key_message(row))
-        except UNAVAILABLE_ERRORS:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "storage unavailable; retry later")
-            raise  # not reached: abort raises
+        with self._session_factory.begin() as session:
+            row = session.get(ProjectKey, request.id) if request.id > 0 else None
+            if row is None or row.project_id != project.id:
+                context.abort(grpc.StatusCode.NOT_FOUND, "no such key in this project")
+            assert row is not None
+            try:
+                project_store.revoke_key_row(session, row, allow_last=request.allow_last)
+            except project_store.LastKey as error:
+                context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{error}: create a new one first, or set allow_last",
+                )
+            session.flush()
+            return project_pb2.RevokeKeyResponse(info=key_message(row))
 
     def _tail(
         self,

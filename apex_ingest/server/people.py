@@ -31,7 +31,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +61,7 @@ from apex_ingest.server.models import (
     Suppression,
 )
 from apex_ingest.server.storage import UNAVAILABLE_ERRORS
+from apex_ingest.server.validation import PREVIOUS_ID
 from apex_ingest.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)
@@ -569,6 +571,19 @@ class _Suppressed:
 _NONE = _Suppressed(frozenset(), frozenset())
 
 
+def of_suppressed_person(
+    row: Mapping[str, Any], users: AbstractSet[str], visitors: AbstractSet[str]
+) -> bool:
+    """Whether a row is a suppressed person's: its user id is a suppressed user id, or its
+    visitor id (or an alias's previous id) a suppressed visitor id. The one rule, applied at
+    ingest (SuppressionDirectory) and, in stream mode, at load (privacy_filter)."""
+    return (
+        row.get("user_id") in users
+        or row.get("visitor_id") in visitors
+        or row.get(PREVIOUS_ID) in visitors
+    )
+
+
 class SuppressionDirectory:
     """The suppressed ids of each project, cached for `ttl` seconds (APEX_PROJECT_CACHE_TTL,
     as keys): a new suppression or a lifted one takes effect within that time on every server.
@@ -666,11 +681,5 @@ class SuppressionDirectory:
         if suppressed is _NONE:
             return rows, 0
         users, visitors = suppressed.users, suppressed.visitors
-        kept = [
-            row
-            for row in rows
-            if row["user_id"] not in users
-            and row["visitor_id"] not in visitors
-            and row.get("previous_id") not in visitors
-        ]
+        kept = [row for row in rows if not of_suppressed_person(row, users, visitors)]
         return kept, len(rows) - len(kept)

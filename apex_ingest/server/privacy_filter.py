@@ -51,7 +51,14 @@ from sqlalchemy import Connection, select, text
 
 from apex_ingest.server import metrics
 from apex_ingest.server.models import PrivacyAudit, Suppression
-from apex_ingest.server.people import LINKED, USER, VISITOR, lock_project, sha256_hex
+from apex_ingest.server.people import (
+    LINKED,
+    USER,
+    VISITOR,
+    lock_project,
+    of_suppressed_person,
+    sha256_hex,
+)
 from apex_ingest.server.storage import Row
 from apex_ingest.server.validation import PREVIOUS_ID
 
@@ -103,11 +110,7 @@ def honour_privacy(connection: Connection, rows: list[Row]) -> list[Row]:
         project = int(row["project_id"])
         user, visitor = row.get("user_id"), row.get("visitor_id")
         previous = row.get(PREVIOUS_ID)
-        if (
-            (project, USER, user) in suppressed
-            or (project, VISITOR, visitor) in suppressed
-            or (project, VISITOR, previous) in suppressed
-        ):
+        if project in suppressed and of_suppressed_person(row, *suppressed[project]):
             dropped["suppressed"] += 1
             continue
         applying = [
@@ -155,23 +158,33 @@ def _ids_of(rows: Iterable[Row]) -> list[str]:
 
 def _suppressed(
     connection: Connection, projects: Sequence[int], ids: Sequence[str]
-) -> set[tuple[int, str, str]]:
-    """(project, kind, value) of the suppressed ids among `ids`."""
+) -> dict[int, tuple[set[str], set[str]]]:
+    """Per project, (suppressed user ids, suppressed visitor ids) among `ids`."""
+    found: dict[int, tuple[set[str], set[str]]] = {}
     if not ids:
-        return set()
+        return found
     if connection.dialect.name == "postgresql":
-        found = connection.execute(_PG_SUPPRESSED, {"projects": list(projects), "ids": list(ids)})
-        return {(int(p), str(k), str(v)) for p, k, v in found}
-    result: set[tuple[int, str, str]] = set()
-    for start in range(0, len(ids), _CHUNK):
-        chunk = list(ids[start : start + _CHUNK])
-        for p, k, v in connection.execute(
-            select(Suppression.project_id, Suppression.kind, Suppression.value).where(
-                Suppression.project_id.in_(projects), Suppression.value.in_(chunk)
+        rows: Iterable[Any] = connection.execute(
+            _PG_SUPPRESSED, {"projects": list(projects), "ids": list(ids)}
+        )
+    else:
+        rows = (
+            row
+            for start in range(0, len(ids), _CHUNK)
+            for row in connection.execute(
+                select(Suppression.project_id, Suppression.kind, Suppression.value).where(
+                    Suppression.project_id.in_(projects),
+                    Suppression.value.in_(list(ids[start : start + _CHUNK])),
+                )
             )
-        ):
-            result.add((int(p), str(k), str(v)))
-    return result
+        )
+    for project_id, kind, value in rows:
+        users, visitors = found.setdefault(int(project_id), (set(), set()))
+        if kind == USER:
+            users.add(str(value))
+        elif kind == VISITOR:
+            visitors.add(str(value))
+    return found
 
 
 def _deletions(connection: Connection, projects: Sequence[int], since: datetime) -> list[_Deletion]:

@@ -17,7 +17,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.server import people
-from apex_ingest.server.project_service import authenticate, storage_errors_unavailable
+from apex_ingest.server.project_service import (
+    authenticate,
+    page_limit,
+    storage_errors_unavailable,
+)
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.v1 import people_pb2, people_pb2_grpc
 
@@ -86,9 +90,7 @@ class PeopleServicer(people_pb2_grpc.PeopleServiceServicer):
         self, request: people_pb2.ListSuppressionsRequest, context: grpc.ServicerContext
     ) -> people_pb2.ListSuppressionsResponse:
         project = authenticate(context, self._projects)
-        limit = request.limit or 100
-        if not 1 <= limit <= 1000:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must be 1-1000")
+        limit = page_limit(request.limit, context)
         with self._factory() as session:
             rows = people.list_suppressions(session, project.id, limit, request.after_id)
             return people_pb2.ListSuppressionsResponse(

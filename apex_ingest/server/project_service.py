@@ -52,6 +52,7 @@ _MAX_BACKLOG = 100
 #: With `backlog_only` (a listing, not a tail) a call may ask for more at once.
 _MAX_LISTED = 1000
 _MAX_IDS = 1000
+_MAX_PAGE = 1000
 _UNAVAILABLE = "storage unavailable; retry later"
 
 
@@ -91,6 +92,14 @@ def authenticate(context: grpc.ServicerContext, projects: ProjectDirectory) -> P
         context.abort(grpc.StatusCode.UNAUTHENTICATED, "unknown or revoked secret key")
     assert project is not None
     return project
+
+
+def page_limit(requested: int, context: grpc.ServicerContext) -> int:
+    """A listing's page size: 100 when not given, 1-1000 when given (INVALID_ARGUMENT else)."""
+    limit = requested or 100
+    if not 1 <= limit <= _MAX_PAGE:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit must be 1-{_MAX_PAGE}")
+    return limit
 
 
 _Method = TypeVar("_Method", bound=Callable[..., Any])
@@ -231,9 +240,7 @@ class ProjectServicer(project_pb2_grpc.ProjectServiceServicer):
         self, request: project_pb2.ListDeadLettersRequest, context: grpc.ServicerContext
     ) -> project_pb2.ListDeadLettersResponse:
         project = authenticate(context, self._projects)
-        limit = request.limit or 100
-        if not 1 <= limit <= 1000:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must be 1-1000")
+        limit = page_limit(request.limit, context)
         with self._session_factory() as session:
             letters = deadletters.list_dead_letters(session, project.id, limit, request.before_id)
             return project_pb2.ListDeadLettersResponse(

@@ -147,6 +147,8 @@ def feed() -> Response:
     with _open_feeds_lock:
         _open_feeds.add(call)
     call.add_done_callback(_forget_feed)  # however it ends, even if never read
+    if shutdown.draining():  # the drain began after the check above: _end_open_feeds missed it
+        call.cancel()
 
     def stream() -> Iterator[bytes]:
         yield b": connected\n\n"

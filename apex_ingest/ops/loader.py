@@ -291,8 +291,13 @@ class Loader:
             await self._set_aside(batch[0][0])
             return 0
         loaded = 0
+        pinged = time.monotonic()
         for index, one in enumerate(batch):
-            # The messages not yet tried stay in progress while the earlier ones are loaded.
+            if time.monotonic() - pinged > self.settings.stream_ack_wait / 3:
+                # The messages not yet tried stay in progress while the earlier ones are loaded
+                # (a long commit pings them itself, in _commit_in_time).
+                await self._in_progress(batch[index:])
+                pinged = time.monotonic()
             outcome = await self._commit_in_time([one], batch[index:])
             if outcome is _Outcome.COMMITTED:
                 loaded += await self._ack([one])
@@ -318,7 +323,15 @@ class Loader:
         metrics.LOADER_ROWS.inc(sum(len(rows) for _, _, rows in batch))
         return len(batch)
 
+    async def _in_progress(self, batch: list[tuple[Msg, float, list[Row]]]) -> None:
+        for message, _, _ in batch:
+            try:
+                await message.in_progress()
+            except nats.errors.Error as error:  # reconnecting: the work goes on
+                log.debug("could not mark a message in progress: %r", error)
+
     async def _defer(self, batch: list[tuple[Msg, float, list[Row]]]) -> None:
+        log.warning("%d messages deferred until the database answers", len(batch))
         self.state.database_reachable = False
         metrics.LOADER_MESSAGES.labels("deferred").inc(len(batch))
         for message, _, _ in batch:
@@ -351,15 +364,11 @@ class Loader:
             log.warning(
                 "a commit of %d rows has taken %.0f s so far", len(rows), time.monotonic() - started
             )
-            for message, _, _ in hold:
-                try:
-                    await message.in_progress()
-                except nats.errors.Error as error:  # reconnecting: the commit goes on
-                    log.debug("could not mark a message in progress: %r", error)
+            await self._in_progress(hold)
         try:
             commit.result()
         except UNAVAILABLE_ERRORS as error:
-            log.warning("database unavailable, %d messages deferred: %r", len(batch), error)
+            log.warning("database unavailable: %r", error)
             return _Outcome.UNAVAILABLE
         except Exception:
             log.exception(

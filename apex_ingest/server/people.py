@@ -576,7 +576,8 @@ def of_suppressed_person(
 ) -> bool:
     """Whether a row is a suppressed person's: its user id is a suppressed user id, or its
     visitor id (or an alias's previous id) a suppressed visitor id. The one rule, applied at
-    ingest (SuppressionDirectory) and, in stream mode, at load (privacy_filter)."""
+    ingest (SuppressionDirectory: to rows, and to a request's events for its dead letters) and,
+    in stream mode, at load (privacy_filter)."""
     return (
         row.get("user_id") in users
         or row.get("visitor_id") in visitors
@@ -668,9 +669,15 @@ class SuppressionDirectory:
         return [
             index
             for index, event in enumerate(request.events)
-            if (event.user_id or request.user_id) not in users
-            and event.visitor_id not in visitors
-            and event.previous_id not in visitors
+            if not of_suppressed_person(
+                {
+                    "user_id": event.user_id or request.user_id,
+                    "visitor_id": event.visitor_id,
+                    PREVIOUS_ID: event.previous_id,
+                },
+                users,
+                visitors,
+            )
         ]
 
     def drop_suppressed(

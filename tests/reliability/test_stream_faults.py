@@ -267,7 +267,7 @@ def test_stream_mode_survives_a_node_a_loader_a_server_and_postgresql(
 
             def outputs() -> str:
                 return "\n".join(
-                    f"--- {name} ---\n{proc.output()[-3000:]}" for name, proc in processes.items()
+                    f"--- {name} ---\n{proc.output()[-8000:]}" for name, proc in processes.items()
                 )
 
             for target in targets:

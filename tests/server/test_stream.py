@@ -120,6 +120,33 @@ def load_all(
     return asyncio.run(go())
 
 
+def commit_without_ack(
+    settings: ServerSettings, count: int, timeout: float, filters: Sequence[RowFilter] = ()
+) -> int:
+    """Fetch up to `count` messages and commit their rows as a loader with `filters` does,
+    then stop as a loader killed before its acks would: messages committed."""
+
+    async def go() -> int:
+        client = await nats.connect(settings.stream_servers)
+        engine = loader_engine(settings)
+        try:
+            subscription = await client.jetstream().pull_subscribe_bind(
+                durable=settings.stream_consumer, stream=settings.stream_name
+            )
+            messages = await subscription.fetch(count, timeout=timeout)
+            loader = Loader(settings, engine, list(filters))
+            rows = [
+                row for message in messages for row in stream.rows_of(stream.decode(message.data))
+            ]
+            await asyncio.to_thread(loader._commit, rows)
+            return len(messages)  # ... and the loader dies here: no ack
+        finally:
+            await client.close()
+            engine.dispose()
+
+    return asyncio.run(go())
+
+
 def stored(database_url: str) -> list[tuple[str, str]]:
     engine = create_engine(database_url)
     try:
@@ -341,25 +368,7 @@ def test_a_loader_killed_before_its_ack_loses_and_duplicates_nothing(
     finally:
         running.server.stop(0)
 
-    async def commit_without_ack() -> int:
-        client = await nats.connect(settings.stream_servers)
-        engine = loader_engine(settings)
-        try:
-            subscription = await client.jetstream().pull_subscribe_bind(
-                durable=settings.stream_consumer, stream=settings.stream_name
-            )
-            messages = await subscription.fetch(3, timeout=2)
-            loader = Loader(settings, engine, [])
-            rows = [
-                row for message in messages for row in stream.rows_of(stream.decode(message.data))
-            ]
-            await asyncio.to_thread(loader._commit, rows)
-            return len(messages)  # ... and the loader dies here: no ack
-        finally:
-            await client.close()
-            engine.dispose()
-
-    assert asyncio.run(commit_without_ack()) == 3
+    assert commit_without_ack(settings, 3, timeout=2) == 3
     assert len(stored(settings.database_url)) == 15
     time.sleep(settings.stream_ack_wait + 1.0)
     assert load_all(settings, wait=1.0) == 4  # the 3 redelivered and the one never fetched

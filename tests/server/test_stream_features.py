@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import grpc
-import nats
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import Connection, create_engine, exc, text
@@ -24,8 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 
 from apex_ingest.common.settings import ServerSettings
-from apex_ingest.ops.loader import ROW_FILTERS, Loader, loader_engine, setup_stream
-from apex_ingest.server import stream
+from apex_ingest.ops.loader import ROW_FILTERS, setup_stream
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.people import (
     Person,
@@ -42,6 +40,7 @@ from tests.conftest import start_server
 from tests.server.test_stream import (
     _delete_stream,
     _stream_fields,
+    commit_without_ack,
     ingest,
     load_all,
     stream_settings,
@@ -414,27 +413,10 @@ def test_rows_and_links_survive_the_stream_once_across_redeliveries(
         direct.server.stop(0)
         streaming.server.stop(0)
 
-    async def commit_without_ack() -> int:
-        client = await nats.connect(settings.stream_servers)
-        engine = loader_engine(settings)
-        try:
-            subscription = await client.jetstream().pull_subscribe_bind(
-                durable=settings.stream_consumer, stream=settings.stream_name
-            )
-            messages = await subscription.fetch(1, timeout=5)
-            loader = Loader(settings, engine)  # the loaders' own filters
-            rows = [
-                row for message in messages for row in stream.rows_of(stream.decode(message.data))
-            ]
-            await asyncio.to_thread(loader._commit, rows)
-            return len(messages)  # killed before the ack
-        finally:
-            await client.close()
-            engine.dispose()
-
-    assert asyncio.run(commit_without_ack()) == 1
+    assert commit_without_ack(settings, 1, timeout=5, filters=ROW_FILTERS) == 1
     time.sleep(settings.stream_ack_wait + 1.0)
-    assert asyncio.run(commit_without_ack()) == 1  # redelivered, committed again, no ack
+    # Redelivered, committed again, no ack.
+    assert commit_without_ack(settings, 1, timeout=5, filters=ROW_FILTERS) == 1
     time.sleep(settings.stream_ack_wait + 1.0)
     assert load_all(settings, ROW_FILTERS, wait=1.0) == 1  # the third delivery, acked
     assert load_all(settings, ROW_FILTERS, wait=0.3) == 0

@@ -67,6 +67,12 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            # shutdown before close: the other direction's thread is blocked in recv on one of
+            # these sockets, and close() alone does not end a connection another thread is
+            # reading, so the far end (PostgreSQL) would never learn that its client died and
+            # would keep its transaction, and its locks, open for ever.
             for end in (source, sink):
+                with contextlib.suppress(OSError):
+                    end.shutdown(socket.SHUT_RDWR)
                 with contextlib.suppress(OSError):
                     end.close()

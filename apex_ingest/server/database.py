@@ -26,10 +26,17 @@ def create_db_engine(url: str, settings: ServerSettings | None = None) -> Engine
     # Bounded connect, statement and TCP timeouts: when PostgreSQL goes away a call
     # fails within seconds (UNAVAILABLE) instead of hanging; pre-ping replaces
     # dead pooled connections, so service resumes by itself when it is back.
+    # idle_in_transaction_session_timeout is the server's side of it: a process that dies (or
+    # is cut off) in the middle of a transaction without PostgreSQL noticing would otherwise
+    # hold that transaction's row locks, and block every insert of the same event ids (a
+    # loader's redelivered batch), until TCP keepalives end it hours later.
+    timeout_ms = settings.db_statement_timeout_ms
     connect_args: dict[str, Any] = {
         "connect_timeout": max(1, int(settings.db_connect_timeout)),
-        "options": f"-c statement_timeout={settings.db_statement_timeout_ms}",
-        "tcp_user_timeout": settings.db_statement_timeout_ms,
+        "options": (
+            f"-c statement_timeout={timeout_ms} -c idle_in_transaction_session_timeout={timeout_ms}"
+        ),
+        "tcp_user_timeout": timeout_ms,
         "keepalives": 1,
         "keepalives_idle": 5,
         "keepalives_interval": 2,

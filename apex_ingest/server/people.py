@@ -524,21 +524,27 @@ def export_person(
             if len(events) < BATCH:
                 break
             after = events[-1].id
+    # Read before yielding: a slow reader of the export must not hold a transaction open (the
+    # server ends transactions left idle past the statement timeout).
     with factory() as session:
-        for condition in _link_conditions(project_id, person):
+        links = [
+            link
+            for condition in _link_conditions(project_id, person)
             for link in session.scalars(
                 select(IdentityLink).where(condition).order_by(IdentityLink.id)
-            ):
-                counts["identity_links"] += 1
-                yield {
-                    "record": "identity_link",
-                    "visitor_id": link.visitor_id,
-                    "user_id": link.user_id,
-                    "source": link.source,
-                    "first_seen": _iso(link.first_seen),
-                    "last_seen": _iso(link.last_seen),
-                    "conflict": bool(link.conflict),
-                }
+            )
+        ]
+    for link in links:
+        counts["identity_links"] += 1
+        yield {
+            "record": "identity_link",
+            "visitor_id": link.visitor_id,
+            "user_id": link.user_id,
+            "source": link.source,
+            "first_seen": _iso(link.first_seen),
+            "last_seen": _iso(link.last_seen),
+            "conflict": bool(link.conflict),
+        }
     _finish_audit(factory, audit_id, counts)
 
 

@@ -397,12 +397,27 @@ def report(f: Figures) -> bool:
     return not missed
 
 
-def enrichment_compare(seconds: int, rounds: int, loads: list[str]) -> int:
-    """What enrichment costs the whole service: two services side by side on one database,
-    one with APEX_ENRICHMENT=1, one with 0, loaded in turn (the order alternating each round,
-    so that a drift of the machine favours neither), `rounds` runs of `seconds` each per mode
-    and load; prints the medians, their ratio and the cost per event (issue #19: single runs
-    vary by ±40 %, medians of at least 5 each)."""
+#: `--enrichment-compare`: what enrichment costs the whole service (issue #19).
+ENRICHMENT = ("APEX_ENRICHMENT", "1", "0")
+
+
+def parse_compare(spec: str) -> tuple[str, str, str]:
+    """`NAME=A,B` (e.g. `APEX_HTTP_WORKERS=1,2`) -> (NAME, A, B)."""
+    name, _, values = spec.partition("=")
+    first, _, second = values.partition(",")
+    if not name.startswith("APEX_") or not first or not second or "," in second:
+        raise argparse.ArgumentTypeError(f"expected APEX_NAME=A,B, not {spec!r}")
+    return name, first, second
+
+
+def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, str, str]) -> int:
+    """One setting's two values A/B on the whole service: two services side by side on one
+    database, one with NAME=A, one with NAME=B, loaded in turn (the order alternating each
+    round, so that a drift of the machine favours neither), `rounds` runs of `seconds` each
+    per value and load; prints the medians, their ratio (A over B) and the difference in
+    service time per event (issue #19: single runs vary by ±40 %, medians of at least 5
+    each)."""
+    setting, value_a, value_b = variable
     python = sys.executable
     name = f"apex_bench_{uuid.uuid4().hex[:8]}"
     admin = libpq(ADMIN_URL)
@@ -440,13 +455,13 @@ def enrichment_compare(seconds: int, rounds: int, loads: list[str]) -> int:
         manifests["snippet"] = directory / "snippet.tsv"
         manifests["snippet"].write_text(f"{events.USER_AGENTS[0]}\t{snippet_file}\n")
         urls = {}
-        for mode in ("on", "off"):
+        for mode in (value_a, value_b):
             http_port, grpc_port = free_port(), free_port()
             env = {
                 **base_env,
                 "APEX_HTTP_PORT": str(http_port),
                 "APEX_GRPC_PORT": str(grpc_port),
-                "APEX_ENRICHMENT": "1" if mode == "on" else "0",
+                setting: mode,
             }
             services[mode] = subprocess.Popen(
                 [python, "-m", "apex_ingest", "serve"], env=env, start_new_session=True
@@ -456,28 +471,30 @@ def enrichment_compare(seconds: int, rounds: int, loads: list[str]) -> int:
         print(f"services up after {time.monotonic() - started:.1f} s", flush=True)
         connections = {"snippet": 32, "batch": 16}
         per_request = {"snippet": 1, "batch": BATCH}
-        for mode in ("on", "off"):  # warm-up: caches, pools, the parser's rules
+        for mode in (value_a, value_b):  # warm-up: caches, pools, the parser's rules
             for load in loads:
                 wrk(urls[mode], connections[load], 1, manifest=manifests[load])
         rates: dict[tuple[str, str], list[float]] = {}
         print(f"warmed up after {time.monotonic() - started:.1f} s", flush=True)
         for index in range(rounds):
-            order = ("on", "off") if index % 2 == 0 else ("off", "on")
+            order = (value_a, value_b) if index % 2 == 0 else (value_b, value_a)
             for mode in order:
                 for load in loads:
                     result = wrk(urls[mode], connections[load], seconds, manifest=manifests[load])
                     rates.setdefault((mode, load), []).append(result.requests_per_s)
-        print(f"enrichment on vs off: {rounds} interleaved runs of {seconds} s each, medians")
+        print(
+            f"{setting}={value_a} vs {value_b}: {rounds} interleaved runs of {seconds} s each, "
+            "medians"
+        )
         for load in loads:
-            on = statistics.median(rates["on", load])
-            off = statistics.median(rates["off", load])
-            events_per_s_on, events_per_s_off = on * per_request[load], off * per_request[load]
-            cost_us = (1 / events_per_s_on - 1 / events_per_s_off) * 1e6
+            a = statistics.median(rates[value_a, load])
+            b = statistics.median(rates[value_b, load])
+            cost_us = (1 / (a * per_request[load]) - 1 / (b * per_request[load])) * 1e6
             print(
-                f"  {load:8} on {on:9.1f} req/s  off {off:9.1f} req/s  ratio {on / off:.3f}"
-                f"  cost {cost_us:+.2f} µs of service time per event"
-                f"  (runs on: {', '.join(f'{r:.0f}' for r in rates['on', load])};"
-                f" off: {', '.join(f'{r:.0f}' for r in rates['off', load])})"
+                f"  {load:8} {value_a} {a:9.1f} req/s  {value_b} {b:9.1f} req/s"
+                f"  ratio {a / b:.3f}  {value_a} costs {cost_us:+.2f} µs of service time per"
+                f" event  (runs {value_a}: {', '.join(f'{r:.0f}' for r in rates[value_a, load])};"
+                f" {value_b}: {', '.join(f'{r:.0f}' for r in rates[value_b, load])})"
             )
         return 0
     finally:
@@ -500,15 +517,21 @@ def main() -> int:
     parser.add_argument(
         "--enrichment-compare",
         action="store_true",
-        help="only compare the service with enrichment on and off (interleaved runs)",
+        help="only compare the service with enrichment on and off (interleaved runs; "
+        "--compare APEX_ENRICHMENT=1,0)",
     )
     parser.add_argument(
-        "--rounds", type=int, default=5, help="runs per mode (--enrichment-compare)"
+        "--compare",
+        type=parse_compare,
+        metavar="APEX_NAME=A,B",
+        help="only compare two values of one setting (interleaved runs), e.g. "
+        "APEX_HTTP_WORKERS=1,2",
     )
+    parser.add_argument("--rounds", type=int, default=5, help="runs per value (--compare)")
     parser.add_argument(
         "--loads",
         default="snippet,batch",
-        help="comma-separated loads for --enrichment-compare: snippet, batch",
+        help="comma-separated loads for --compare: snippet, batch",
     )
     parser.add_argument(
         "--no-stream", action="store_true", help="Skip stream mode (bench/stream_mode.py)."
@@ -519,8 +542,9 @@ def main() -> int:
         help="Only stream mode, without direct mode's figures to compare with (a smoke run).",
     )
     args = parser.parse_args()
-    if args.enrichment_compare:
-        return enrichment_compare(args.seconds, args.rounds, args.loads.split(","))
+    if args.enrichment_compare or args.compare:
+        variable = args.compare or ENRICHMENT
+        return compare(args.seconds, args.rounds, args.loads.split(","), variable)
     seconds = args.seconds
     python = sys.executable
     name = f"apex_bench_{uuid.uuid4().hex[:8]}"

@@ -16,20 +16,31 @@ from flask import Blueprint, Response, g
 
 from gateway import partial, ratelimit
 from gateway.auth_guard import get_guard
-from gateway.coalescer import get_coalescer
+from gateway.coalescer import Arrival, Coalescer, get_coalescer
 from gateway.errors import ApiError, FieldViolation, handle_http_exception, invalid
 from gateway.grpc_client import get_client
 from gateway.grpc_errors import to_api_error
 from gateway.json_codec import json_response
 from gateway.payload import Payload
-from gateway.request_state import parsed_body, request_context
+from gateway.request_state import ParsedBody, parsed_body, request_context
 
 bp = Blueprint("api", __name__)
 
 
 @bp.post("/api/events")
 def ingest_events() -> Response:
-    parsed = parsed_body()  # read and parse, once; an error is answered after the rate limit
+    coalescer = get_coalescer()
+    # Announced before its body is read: a call about to leave may wait a moment for it
+    # (APEX_COALESCE_LINGER_MS; at most that long, even for a client slow to send its body).
+    arrival = coalescer.announce()
+    try:
+        parsed = parsed_body()  # read and parse, once; an error is answered after the rate limit
+        return _ingest(parsed, coalescer, arrival)
+    finally:
+        arrival.cancel()
+
+
+def _ingest(parsed: ParsedBody, coalescer: Coalescer, arrival: Arrival) -> Response:
     outcome = None
     try:
         outcome = ratelimit.check()  # keyed by the key's project (or key), else the client's IP
@@ -53,7 +64,7 @@ def ingest_events() -> Response:
             raise invalid(_every_violation(parsed.payload))
         request.context.request_id = g.get("apex_request_id", "")
         try:
-            received = get_coalescer().ingest(request)
+            received = coalescer.ingest(request, arrival)
         except grpc.RpcError as exc:
             error = to_api_error(exc, parsed.payload.snippet)
             if error.code == 401:

@@ -7,6 +7,12 @@ its result. A call leaves as soon as a sender is free: there is no fixed wait, s
 gateway a lone request is sent at once, and under load the requests that arrive during one
 call make up the next. `APEX_GRPC_CALLS_IN_FLIGHT` senders (default 1) work from one queue.
 
+- Linger: the view announces each request as it begins (announce()); a call about to leave
+  waits up to APEX_COALESCE_LINGER_MS for the announced requests not yet queued, and only for
+  them. Each IngestMany call costs both processes CPU of its own (gRPC's C core, the server's
+  per-call work), so under load fewer, larger calls leave more CPU for requests; when nothing
+  is on its way nothing waits.
+
 - Deadlines: each request waits at most until its own deadline (APEX_GRPC_TIMEOUT), then
   answers 504; one whose deadline passes while still queued is dropped, never sent.
 - Retries: a whole call that fails with UNAVAILABLE is retried by gRPC (the channel's retry
@@ -127,11 +133,15 @@ class Coalescer:
         max_bytes: int,
         senders: int = 1,
         max_requests: int = MAX_REQUESTS,
+        linger: float = 0.0,
     ) -> None:
         self.client = client
         self.max_bytes = max(1, max_bytes - BYTES_MARGIN)
         self.max_requests = max_requests
         self.senders = senders
+        self.linger = linger
+        #: Requests that announced themselves and have not been queued (or given up) yet.
+        self._arriving = 0
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._queue: deque[_Item] = deque()
@@ -145,15 +155,33 @@ class Coalescer:
 
     # --- the request thread's side
 
-    def ingest(self, request: ingest_pb2.IngestEventsRequest) -> int:
+    def announce(self) -> Arrival:
+        """Say that a request is on its way (its body being read and checked): with a linger,
+        a call about to leave waits a moment for it. Queueing it with ingest(), or
+        Arrival.cancel() when it is answered otherwise, ends the announcement."""
+        arrival = Arrival(self)
+        if self.linger > 0:
+            with self._lock:
+                self._arriving += 1
+            arrival.pending = True
+        return arrival
+
+    def ingest(
+        self, request: ingest_pb2.IngestEventsRequest, arrival: Arrival | None = None
+    ) -> int:
         """Send `request` (with others) and return its `received`; raise grpc.RpcError."""
         now = time.monotonic()
         if now < self._fallback_until:
+            if arrival is not None:
+                arrival.cancel()
             return self.client.ingest(request)
         item = _Item(request, now + self.client.timeout)
         with self._lock:
             self._start_senders()
             self._queue.append(item)
+            if arrival is not None and arrival.pending:
+                arrival.pending = False
+                self._arriving -= 1
             self._ready.notify()
         if not item.done.acquire(timeout=max(0.0, item.deadline - time.monotonic())):
             with self._lock:
@@ -191,6 +219,7 @@ class Coalescer:
         self._queue.clear()
         self._later.clear()
         self._busy = 0
+        self._arriving = 0
         self._pid = pid
         for number in range(self.senders):
             threading.Thread(
@@ -238,9 +267,36 @@ class Coalescer:
                     size += item.size
                 if batch:
                     self._busy += 1
+                    if self.linger > 0 and self._arriving and len(batch) < self.max_requests:
+                        self._gather(batch, size, now + self.linger)
                     return batch
                 wait = self._later[0][0] - now if self._later else None
                 self._ready.wait(wait)
+
+    def _gather(self, batch: list[_Item], size: int, until: float) -> None:
+        """Wait (the lock held by the caller, released while waiting) until `until` at most,
+        for the requests announced and not yet queued, adding them to `batch` as they come:
+        under load a call then carries more requests, and fewer calls cost less CPU; on a
+        quiet gateway nothing is announced and nothing waits."""
+        while self._arriving and len(batch) < self.max_requests:
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            self._ready.wait(left)
+            now = time.monotonic()
+            while self._queue and len(batch) < self.max_requests:
+                item = self._queue[0]
+                if item.state == "dropped" or item.deadline <= now:
+                    self._queue.popleft()
+                    item.state = "dropped"
+                    continue
+                if size + item.size > self.max_bytes:
+                    return
+                self._queue.popleft()
+                item.state = "sent"
+                item.sent_at = now
+                batch.append(item)
+                size += item.size
 
     def _send(self, batch: Sequence[_Item]) -> None:
         if time.monotonic() < self._fallback_until:
@@ -303,13 +359,39 @@ class Coalescer:
         item.done.release()
 
 
+class Arrival:
+    """A request announced to the coalescer (Coalescer.announce)."""
+
+    __slots__ = ("coalescer", "pending")
+
+    def __init__(self, coalescer: Coalescer) -> None:
+        self.coalescer = coalescer
+        self.pending = False
+
+    def cancel(self) -> None:
+        """The request will not be queued (refused, or sent another way)."""
+        if not self.pending:
+            return
+        coalescer = self.coalescer
+        with coalescer._lock:
+            if self.pending:
+                self.pending = False
+                coalescer._arriving -= 1
+                coalescer._ready.notify_all()
+
+
 _EXTENSION_KEY = "apex_gateway.coalescer"
 _coalescers: list[Coalescer] = []
 
 
 def install(app: Flask, client: IngestClient) -> Coalescer:
     settings = get_settings(app)
-    coalescer = Coalescer(client, settings.grpc_max_message_bytes, settings.grpc_calls_in_flight)
+    coalescer = Coalescer(
+        client,
+        settings.grpc_max_message_bytes,
+        settings.grpc_calls_in_flight,
+        linger=settings.coalesce_linger_ms / 1000,
+    )
     app.extensions[_EXTENSION_KEY] = coalescer
     _coalescers.append(coalescer)
     return coalescer

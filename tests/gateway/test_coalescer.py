@@ -228,9 +228,10 @@ def stub() -> Iterator[Callable[..., tuple[Coalescer, StubClient]]]:
 
     def make(
         answer: Callable[[ingest_pb2.IngestEventsRequest], int] = lambda r: code_pb2.OK,
+        linger: float = 0.0,
     ) -> tuple[Coalescer, StubClient]:
         client = StubClient(answer)
-        coalescer = Coalescer(client, 2 * 1024 * 1024)  # type: ignore[arg-type]
+        coalescer = Coalescer(client, 2 * 1024 * 1024, linger=linger)  # type: ignore[arg-type]
         made.append(coalescer)
         return coalescer, client
 
@@ -301,3 +302,40 @@ def test_calls_are_bounded_by_count_and_bytes(stub: Any) -> None:
         assert [f.result(5) for f in futures] == [1] * 8
     sizes = [len(ids) for _, ids in client.calls]
     assert sizes == [1, 4, 2, 1], client.calls
+
+
+def test_a_call_lingers_for_an_announced_request_and_carries_it(stub: Any) -> None:
+    coalescer, client = stub(linger=2.0)
+    coalescer.ingest(one_event("warm"))
+    arrival = coalescer.announce()  # its body being read: the next call waits for it
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(coalescer.ingest, one_event("first"))
+        time.sleep(0.2)
+        assert len(client.calls) == 1  # still waiting for the announced one
+        second = pool.submit(coalescer.ingest, one_event("second"), arrival)
+        assert first.result(5) == 1 and second.result(5) == 1
+    assert [ids for _, ids in client.calls] == [["warm"], ["first", "second"]]
+
+
+def test_a_cancelled_announcement_lets_the_call_leave_at_once(stub: Any) -> None:
+    coalescer, client = stub(linger=5.0)
+    coalescer.ingest(one_event("warm"))
+    arrival = coalescer.announce()
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        sent = pool.submit(coalescer.ingest, one_event("first"))
+        time.sleep(0.1)
+        arrival.cancel()  # refused before it was queued: nothing to wait for
+        assert sent.result(5) == 1
+    assert time.monotonic() - started < 2
+    assert [ids for _, ids in client.calls] == [["warm"], ["first"]]
+
+
+def test_nothing_announced_nothing_waits(stub: Any) -> None:
+    coalescer, client = stub(linger=5.0)
+    coalescer.ingest(one_event("warm"))
+    started = time.monotonic()
+    for number in range(5):
+        assert coalescer.ingest(one_event(f"e{number}"), coalescer.announce()) == 1
+    assert time.monotonic() - started < 1  # each was its own announcement, queued at once
+    assert all(len(ids) == 1 for _, ids in client.calls)

@@ -216,10 +216,10 @@ class Coalescer:
         if self._pid == pid:
             return
         # A queue inherited through fork() has no sender threads: start them in this process.
+        # (_arriving is not reset: a request of this process may have announced itself already.)
         self._queue.clear()
         self._later.clear()
         self._busy = 0
-        self._arriving = 0
         self._pid = pid
         for number in range(self.senders):
             threading.Thread(
@@ -267,7 +267,7 @@ class Coalescer:
                     size += item.size
                 if batch:
                     self._busy += 1
-                    if self.linger > 0 and self._arriving and len(batch) < self.max_requests:
+                    if self.linger > 0 and self._arriving > 0 and len(batch) < self.max_requests:
                         self._gather(batch, size, now + self.linger)
                     return batch
                 wait = self._later[0][0] - now if self._later else None
@@ -278,7 +278,7 @@ class Coalescer:
         for the requests announced and not yet queued, adding them to `batch` as they come:
         under load a call then carries more requests, and fewer calls cost less CPU; on a
         quiet gateway nothing is announced and nothing waits."""
-        while self._arriving and len(batch) < self.max_requests:
+        while self._arriving > 0 and len(batch) < self.max_requests:
             left = until - time.monotonic()
             if left <= 0:
                 return

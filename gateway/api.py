@@ -16,7 +16,7 @@ from flask import Blueprint, Response, g
 
 from gateway import partial, ratelimit
 from gateway.auth_guard import get_guard
-from gateway.coalescer import Arrival, Coalescer, get_coalescer
+from gateway.coalescer import Coalescer, get_coalescer
 from gateway.errors import ApiError, FieldViolation, handle_http_exception, invalid
 from gateway.grpc_client import get_client
 from gateway.grpc_errors import to_api_error
@@ -30,17 +30,17 @@ bp = Blueprint("api", __name__)
 @bp.post("/api/events")
 def ingest_events() -> Response:
     coalescer = get_coalescer()
-    # Announced before its body is read: a call about to leave may wait a moment for it
-    # (APEX_COALESCE_LINGER_MS; at most that long, even for a client slow to send its body).
+    # While it is in the view, a call about to leave may wait a moment for requests like it
+    # (APEX_COALESCE_LINGER_MS at most).
     arrival = coalescer.announce()
     try:
         parsed = parsed_body()  # read and parse, once; an error is answered after the rate limit
-        return _ingest(parsed, coalescer, arrival)
+        return _ingest(parsed, coalescer)
     finally:
-        arrival.cancel()
+        arrival.leave()
 
 
-def _ingest(parsed: ParsedBody, coalescer: Coalescer, arrival: Arrival) -> Response:
+def _ingest(parsed: ParsedBody, coalescer: Coalescer) -> Response:
     outcome = None
     try:
         outcome = ratelimit.check()  # keyed by the key's project (or key), else the client's IP
@@ -64,7 +64,7 @@ def _ingest(parsed: ParsedBody, coalescer: Coalescer, arrival: Arrival) -> Respo
             raise invalid(_every_violation(parsed.payload))
         request.context.request_id = g.get("apex_request_id", "")
         try:
-            received = coalescer.ingest(request, arrival)
+            received = coalescer.ingest(request)
         except grpc.RpcError as exc:
             error = to_api_error(exc, parsed.payload.snippet)
             if error.code == 401:

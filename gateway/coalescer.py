@@ -7,11 +7,12 @@ its result. A call leaves as soon as a sender is free: there is no fixed wait, s
 gateway a lone request is sent at once, and under load the requests that arrive during one
 call make up the next. `APEX_GRPC_CALLS_IN_FLIGHT` senders (default 1) work from one queue.
 
-- Linger: the view announces each request as it begins (announce()); a call about to leave
-  waits up to APEX_COALESCE_LINGER_MS for the announced requests not yet queued, and only for
-  them. Each IngestMany call costs both processes CPU of its own (gRPC's C core, the server's
-  per-call work), so under load fewer, larger calls leave more CPU for requests; when nothing
-  is on its way nothing waits.
+- Linger: the view announces each request as it enters and when it is answered (announce(),
+  Arrival.leave()). A call about to leave while other requests are in the view (being read
+  and checked, or just answered: under load their clients' next requests follow within a
+  round trip) waits up to APEX_COALESCE_LINGER_MS for as many more. Each IngestMany call costs
+  both processes CPU of its own (gRPC's C core, the server's per-call work), so under load
+  fewer, larger calls leave more CPU for requests; a lone request never waits.
 
 - Deadlines: each request waits at most until its own deadline (APEX_GRPC_TIMEOUT), then
   answers 504; one whose deadline passes while still queued is dropped, never sent.
@@ -140,8 +141,8 @@ class Coalescer:
         self.max_requests = max_requests
         self.senders = senders
         self.linger = linger
-        #: Requests that announced themselves and have not been queued (or given up) yet.
-        self._arriving = 0
+        #: Requests inside the view (announced and not yet answered), with a linger.
+        self._present = 0
         self._lock = threading.Lock()
         self._ready = threading.Condition(self._lock)
         self._queue: deque[_Item] = deque()
@@ -156,32 +157,23 @@ class Coalescer:
     # --- the request thread's side
 
     def announce(self) -> Arrival:
-        """Say that a request is on its way (its body being read and checked): with a linger,
-        a call about to leave waits a moment for it. Queueing it with ingest(), or
-        Arrival.cancel() when it is answered otherwise, ends the announcement."""
+        """Say that a request has entered the view; Arrival.leave() when it is answered."""
         arrival = Arrival(self)
         if self.linger > 0:
             with self._lock:
-                self._arriving += 1
-            arrival.pending = True
+                self._present += 1
+            arrival.present = True
         return arrival
 
-    def ingest(
-        self, request: ingest_pb2.IngestEventsRequest, arrival: Arrival | None = None
-    ) -> int:
+    def ingest(self, request: ingest_pb2.IngestEventsRequest) -> int:
         """Send `request` (with others) and return its `received`; raise grpc.RpcError."""
         now = time.monotonic()
         if now < self._fallback_until:
-            if arrival is not None:
-                arrival.cancel()
             return self.client.ingest(request)
         item = _Item(request, now + self.client.timeout)
         with self._lock:
             self._start_senders()
             self._queue.append(item)
-            if arrival is not None and arrival.pending:
-                arrival.pending = False
-                self._arriving -= 1
             self._ready.notify()
         if not item.done.acquire(timeout=max(0.0, item.deadline - time.monotonic())):
             with self._lock:
@@ -216,7 +208,7 @@ class Coalescer:
         if self._pid == pid:
             return
         # A queue inherited through fork() has no sender threads: start them in this process.
-        # (_arriving is not reset: a request of this process may have announced itself already.)
+        # (_present is not reset: a request of this process may have announced itself already.)
         self._queue.clear()
         self._later.clear()
         self._busy = 0
@@ -267,18 +259,22 @@ class Coalescer:
                     size += item.size
                 if batch:
                     self._busy += 1
-                    if self.linger > 0 and self._arriving > 0 and len(batch) < self.max_requests:
-                        self._gather(batch, size, now + self.linger)
+                    others = self._present - len(batch)
+                    if self.linger > 0 and others > 0 and len(batch) < self.max_requests:
+                        self._gather(batch, size, now + self.linger, len(batch) + others)
                     return batch
                 wait = self._later[0][0] - now if self._later else None
                 self._ready.wait(wait)
 
-    def _gather(self, batch: list[_Item], size: int, until: float) -> None:
-        """Wait (the lock held by the caller, released while waiting) until `until` at most,
-        for the requests announced and not yet queued, adding them to `batch` as they come:
-        under load a call then carries more requests, and fewer calls cost less CPU; on a
-        quiet gateway nothing is announced and nothing waits."""
-        while self._arriving > 0 and len(batch) < self.max_requests:
+    def _gather(self, batch: list[_Item], size: int, until: float, wanted: int) -> None:
+        """Wait (the lock held by the caller, released while waiting) until `until` at most
+        for `batch` to reach `wanted` requests, adding queued ones as they come. `wanted`
+        counts the requests present in the view besides the batch's own: each is being read
+        and checked, or has just been answered, and under load its client's next request
+        follows within a round trip. Fewer, larger calls then cost less CPU; on a quiet
+        gateway no other request is present and nothing waits."""
+        wanted = min(wanted, self.max_requests)
+        while len(batch) < wanted:
             left = until - time.monotonic()
             if left <= 0:
                 return
@@ -360,24 +356,21 @@ class Coalescer:
 
 
 class Arrival:
-    """A request announced to the coalescer (Coalescer.announce)."""
+    """A request inside the view, announced to the coalescer (Coalescer.announce)."""
 
-    __slots__ = ("coalescer", "pending")
+    __slots__ = ("coalescer", "present")
 
     def __init__(self, coalescer: Coalescer) -> None:
         self.coalescer = coalescer
-        self.pending = False
+        self.present = False
 
-    def cancel(self) -> None:
-        """The request will not be queued (refused, or sent another way)."""
-        if not self.pending:
+    def leave(self) -> None:
+        """The request has been answered (whichever way)."""
+        if not self.present:
             return
-        coalescer = self.coalescer
-        with coalescer._lock:
-            if self.pending:
-                self.pending = False
-                coalescer._arriving -= 1
-                coalescer._ready.notify_all()
+        self.present = False
+        with self.coalescer._lock:
+            self.coalescer._present -= 1
 
 
 _EXTENSION_KEY = "apex_gateway.coalescer"

@@ -410,8 +410,8 @@ class GatewaySettings(NetworkSettings, LimitSettings):
     grpc_channels: int = setting(4, ge=1)
     #: IngestMany calls a gateway worker keeps in flight at once (gateway/coalescer.py).
     grpc_calls_in_flight: int = setting(1, ge=1, le=16)
-    #: How long an IngestMany call about to leave may wait for requests already being read and
-    #: checked by this worker (never when none is; 0: never).
+    #: How long an IngestMany call about to leave may wait while other requests are in this
+    #: worker's view, for as many more (a lone request never waits; 0: never).
     coalesce_linger_ms: float = setting(2.0, ge=0, le=50)
     #: Per project; a batch counts once (429 with Retry-After).
     rate_limit: str = setting("100/second", parse=_rate_limit)

@@ -304,39 +304,44 @@ def test_calls_are_bounded_by_count_and_bytes(stub: Any) -> None:
     assert sizes == [1, 4, 2, 1], client.calls
 
 
-def test_a_call_lingers_for_an_announced_request_and_carries_it(stub: Any) -> None:
+def test_a_call_lingers_for_the_other_requests_in_the_view_and_carries_them(
+    stub: Any,
+) -> None:
     coalescer, client = stub(linger=2.0)
     coalescer.ingest(one_event("warm"))
-    arrival = coalescer.announce()  # its body being read: the next call waits for it
+    first, second = coalescer.announce(), coalescer.announce()  # two requests in the view
     with ThreadPoolExecutor(2) as pool:
-        first = pool.submit(coalescer.ingest, one_event("first"))
+        sent_first = pool.submit(coalescer.ingest, one_event("first"))
         time.sleep(0.2)
-        assert len(client.calls) == 1  # still waiting for the announced one
-        second = pool.submit(coalescer.ingest, one_event("second"), arrival)
-        assert first.result(5) == 1 and second.result(5) == 1
+        assert len(client.calls) == 1  # still waiting for the other one
+        sent_second = pool.submit(coalescer.ingest, one_event("second"))
+        assert sent_first.result(5) == 1 and sent_second.result(5) == 1
+    first.leave()
+    second.leave()
     assert [ids for _, ids in client.calls] == [["warm"], ["first", "second"]]
+    assert coalescer._present == 0
 
 
-def test_a_cancelled_announcement_lets_the_call_leave_at_once(stub: Any) -> None:
-    coalescer, client = stub(linger=5.0)
+def test_a_call_waits_the_linger_at_most(stub: Any) -> None:
+    coalescer, client = stub(linger=0.3)
     coalescer.ingest(one_event("warm"))
-    arrival = coalescer.announce()
-    with ThreadPoolExecutor(1) as pool:
-        started = time.monotonic()
-        sent = pool.submit(coalescer.ingest, one_event("first"))
-        time.sleep(0.1)
-        arrival.cancel()  # refused before it was queued: nothing to wait for
-        assert sent.result(5) == 1
-    assert time.monotonic() - started < 2
+    arrivals = [coalescer.announce() for _ in range(3)]  # two of them never queue anything
+    started = time.monotonic()
+    assert coalescer.ingest(one_event("first")) == 1
+    assert 0.25 < time.monotonic() - started < 2
+    for arrival in arrivals:
+        arrival.leave()
     assert [ids for _, ids in client.calls] == [["warm"], ["first"]]
 
 
-def test_nothing_announced_nothing_waits(stub: Any) -> None:
+def test_a_lone_request_never_waits(stub: Any) -> None:
     coalescer, client = stub(linger=5.0)
     started = time.monotonic()
-    # The very first request of the process announces itself before the sender exists.
+    # The very first request of the process enters the view before the sender exists.
     for number in range(5):
-        assert coalescer.ingest(one_event(f"e{number}"), coalescer.announce()) == 1
-    assert time.monotonic() - started < 1  # each was its own announcement, queued at once
-    assert coalescer._arriving == 0
+        arrival = coalescer.announce()
+        assert coalescer.ingest(one_event(f"e{number}")) == 1
+        arrival.leave()
+    assert time.monotonic() - started < 1
+    assert coalescer._present == 0
     assert all(len(ids) == 1 for _, ids in client.calls)

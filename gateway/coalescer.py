@@ -240,27 +240,11 @@ class Coalescer:
                 while self._later and self._later[0][0] <= now:
                     self._queue.append(heapq.heappop(self._later)[2])
                 batch: list[_Item] = []
-                size = 0
-                while self._queue and len(batch) < self.max_requests:
-                    item = self._queue[0]
-                    if item.state == "dropped":
-                        self._queue.popleft()
-                        continue
-                    if item.deadline <= now:  # its waiter is about to give up: never send it
-                        self._queue.popleft()
-                        item.state = "dropped"
-                        continue
-                    if batch and size + item.size > self.max_bytes:
-                        break
-                    self._queue.popleft()
-                    item.state = "sent"
-                    item.sent_at = now
-                    batch.append(item)
-                    size += item.size
+                size, full = self._fill(batch, 0, now)
                 if batch:
                     self._busy += 1
                     others = self._present - len(batch)
-                    if self.linger > 0 and others > 0 and len(batch) < self.max_requests:
+                    if self.linger > 0 and others > 0 and not full:
                         self._gather(batch, size, now + self.linger, len(batch) + others)
                     return batch
                 wait = self._later[0][0] - now if self._later else None
@@ -273,26 +257,36 @@ class Coalescer:
         and checked, or has just been answered, and under load its client's next request
         follows within a round trip. Fewer, larger calls then cost less CPU; on a quiet
         gateway no other request is present and nothing waits."""
-        wanted = min(wanted, self.max_requests)
         while len(batch) < wanted:
             left = until - time.monotonic()
             if left <= 0:
                 return
             self._ready.wait(left)
-            now = time.monotonic()
-            while self._queue and len(batch) < self.max_requests:
-                item = self._queue[0]
-                if item.state == "dropped" or item.deadline <= now:
-                    self._queue.popleft()
-                    item.state = "dropped"
-                    continue
-                if size + item.size > self.max_bytes:
-                    return
+            size, full = self._fill(batch, size, time.monotonic())
+            if full:
+                return
+
+    def _fill(self, batch: list[_Item], size: int, now: float) -> tuple[int, bool]:
+        """Move queued requests into `batch` (`size` bytes so far) while one call may carry
+        them, skipping those whose waiter gave up or is about to (never sent); the batch's
+        size, and whether it is full (by count, or the next request would pass the byte bound;
+        a single bigger request goes alone)."""
+        while self._queue:
+            if len(batch) >= self.max_requests:
+                return size, True
+            item = self._queue[0]
+            if item.state == "dropped" or item.deadline <= now:
                 self._queue.popleft()
-                item.state = "sent"
-                item.sent_at = now
-                batch.append(item)
-                size += item.size
+                item.state = "dropped"
+                continue
+            if batch and size + item.size > self.max_bytes:
+                return size, True
+            self._queue.popleft()
+            item.state = "sent"
+            item.sent_at = now
+            batch.append(item)
+            size += item.size
+        return size, len(batch) >= self.max_requests
 
     def _send(self, batch: Sequence[_Item]) -> None:
         if time.monotonic() < self._fallback_until:

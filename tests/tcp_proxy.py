@@ -23,9 +23,7 @@ class TcpProxy:
         with self._lock:
             self._up = False
             for connection in self._connections:
-                with contextlib.suppress(OSError):
-                    connection.shutdown(socket.SHUT_RDWR)
-                    connection.close()
+                _hang_up(connection)
             self._connections.clear()
 
     def restore(self) -> None:
@@ -67,12 +65,16 @@ class TcpProxy:
         except OSError:
             pass
         finally:
-            # shutdown before close: the other direction's thread is blocked in recv on one of
-            # these sockets, and close() alone does not end a connection another thread is
-            # reading, so the far end (PostgreSQL) would never learn that its client died and
-            # would keep its transaction, and its locks, open for ever.
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    end.close()
+            _hang_up(source)
+            _hang_up(sink)
+
+
+def _hang_up(connection: socket.socket) -> None:
+    """End the connection for its peer too. shutdown before close: the other direction's thread
+    may be blocked in recv on this socket, and close() alone does not end a connection another
+    thread is reading, so the far end (PostgreSQL) would never learn that its client died and
+    would keep its transaction, and its locks, open for ever."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        connection.close()

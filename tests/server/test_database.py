@@ -20,18 +20,19 @@ def test_a_transaction_left_idle_past_the_statement_timeout_is_ended_with_its_lo
     settings = ServerSettings(database_url=postgres_url, db_statement_timeout_ms=500)
     engine = create_db_engine(postgres_url, settings)
     other = create_engine(postgres_url)
+
+    def lock_free() -> bool:
+        with other.connect() as connection:
+            free = connection.execute(text("SELECT pg_try_advisory_xact_lock(4242)")).scalar()
+            connection.rollback()
+        return bool(free)
+
     try:
         with engine.connect() as abandoned:
             abandoned.execute(text("SELECT pg_advisory_xact_lock(4242)"))
-            with other.connect() as connection:
-                held = connection.execute(text("SELECT pg_try_advisory_xact_lock(4242)")).scalar()
-                connection.rollback()
-            assert held is False
+            assert not lock_free()
             time.sleep(1.5)
-            with other.connect() as connection:
-                free = connection.execute(text("SELECT pg_try_advisory_xact_lock(4242)")).scalar()
-                connection.rollback()
-            assert free is True
+            assert lock_free()
             with pytest.raises(exc.DBAPIError, match="idle-in-transaction timeout"):
                 abandoned.execute(text("SELECT 1"))
     finally:

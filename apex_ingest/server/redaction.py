@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 from urllib.parse import unquote
 
 from apex_ingest.common.limits import MAX_URL_CHARS
@@ -72,13 +73,29 @@ def is_secret_name(name: str, extra: frozenset[str] = frozenset()) -> bool:
 def redact_url(url: str, extra: frozenset[str] = frozenset()) -> str:
     """`url` with the values of its secret-named parameters replaced by `[redacted]`, cut to
     MAX_URL_CHARS (a short secret replaced by the longer marker must still fit the column)."""
-    start = min((i for i in (url.find("?"), url.find("#")) if i >= 0), default=-1)
-    if start < 0:
+    question, hash_mark = url.find("?"), url.find("#")
+    if question < 0 and hash_mark < 0:
         return url
+    start = question if hash_mark < 0 or 0 <= question < hash_mark else hash_mark
+    query = url[start:]
+    # Most URLs hold no secret: look before rebuilding the string.
+    if not any(piece[3] and _is_secret(piece[2], extra) for piece in _PIECE.finditer(query)):
+        return url[:MAX_URL_CHARS]
 
     def replace(match: re.Match[str]) -> str:
-        if match[3] and is_secret_name(match[2], extra):
+        if match[3] and _is_secret(match[2], extra):
             return f"{match[1]}{match[2]}={REDACTED}"
         return match[0]
 
-    return (url[:start] + _PIECE.sub(replace, url[start:]))[:MAX_URL_CHARS]
+    return (url[:start] + _PIECE.sub(replace, query))[:MAX_URL_CHARS]
+
+
+def _is_secret(name: str, extra: frozenset[str]) -> bool:
+    # Parameter names repeat from one event to the next (utm_source, q, ref, ...): each is
+    # judged once. Names come from clients: only short ones are kept, and only so many.
+    return _is_secret_cached(name, extra) if len(name) <= 64 else is_secret_name(name, extra)
+
+
+@lru_cache(maxsize=4096)
+def _is_secret_cached(name: str, extra: frozenset[str]) -> bool:
+    return is_secret_name(name, extra)

@@ -10,6 +10,7 @@ import ipaddress
 import json
 import re
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,13 +34,25 @@ from apex_ingest.server.redaction import redact_url
 from apex_ingest.v1 import ingest_pb2
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def has_control(value: str) -> bool:
+    """Whether `value` holds a C0 or C1 control character (or DEL)."""
+    # Printable ASCII (most ids, types and URLs) cannot: two C calls instead of a regex scan.
+    if value.isascii() and value.isprintable():
+        return False
+    return _CONTROL.search(value) is not None
+
+
 #: PostgreSQL stores JSON numbers as `numeric`: at most 16383 digits after the decimal point
 #: once the exponent is applied, and an exponent below 2**30 in size.
 MAX_NUMBER_SCALE = 16383
 _MAX_EXPONENT = 2**30 - 1  # INT_MAX / 2 in numeric.c
-#: Only a long exponent or a very long run of digits can break those limits (the data limit
-#: caps a literal at 32 KiB); anything else skips the exact check.
-_NUMBER_AT_RISK = re.compile(r"[eE][+-]?[0-9]{4}|[0-9]{15000}")
+#: Only a long exponent (always after a digit, in JSON) or a very long run of digits can break
+#: those limits (the data limit caps a literal at 32 KiB); anything else skips the exact check.
+_LONG_EXPONENT = re.compile(r"[0-9][eE][+-]?[0-9]{4}")
+_LONG_DIGITS = 15000
+_DIGIT_RUN = re.compile(f"[0-9]{{{_LONG_DIGITS}}}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: Seconds since the epoch of the last second datetime can hold (9999-12-31T23:59:59Z).
 _MAX_SECONDS = 253_402_300_799
@@ -84,7 +97,7 @@ def project_key_problem(key: str) -> str | None:
     """Why `key` can never be a project key, or None."""
     if not 1 <= len(key) <= MAX_ID_CHARS:
         return f"must be 1-{MAX_ID_CHARS} characters"
-    if _CONTROL.search(key) or key != key.strip():
+    if has_control(key) or key != key.strip():
         return "must not contain control characters nor start or end with spaces"
     return None
 
@@ -137,8 +150,10 @@ def build_rows(
     for index, event in enumerate(request.events[:MAX_EVENTS]):
         prefix = f"events[{index}]."
         before = len(violations)
+        # Each field read once: a read of a protobuf string field builds a new str.
+        event_id, event_type, visitor_id = event.id, event.type, event.visitor_id
+        url, referrer = event.url, event.referrer
 
-        event_id = event.id
         if event_id:
             problem = _id_problem(event_id, MAX_EVENT_ID_CHARS)
             if problem:
@@ -146,35 +161,38 @@ def build_rows(
         else:
             event_id = new_event_ids(1)[0]
 
-        problem = _type_problem(event.type)
+        problem = _type_problem(event_type)
         if problem:
             violations.append(FieldViolation(prefix + "type", problem))
-        if event.visitor_id:
-            problem = _id_problem(event.visitor_id, MAX_ID_CHARS)
+        if visitor_id:
+            problem = _id_problem(visitor_id, MAX_ID_CHARS)
             if problem:
                 violations.append(FieldViolation(prefix + "visitor_id", problem))
         elif visitor_required:
             violations.append(FieldViolation(prefix + "visitor_id", "is required"))
         event_user_id = user_id
-        if event.user_id:
-            problem = _id_problem(event.user_id, MAX_ID_CHARS)
+        own_user_id = event.user_id
+        if own_user_id:
+            problem = _id_problem(own_user_id, MAX_ID_CHARS)
             if problem:
                 violations.append(FieldViolation(prefix + "user_id", problem))
-            event_user_id = event.user_id
-        _check_identity(event, event_user_id, prefix, violations)
+            event_user_id = own_user_id
+        previous_id = event.previous_id
+        if previous_id or event_type in IDENTITY_TYPES:
+            _check_identity(event, event_user_id, prefix, violations)
         # identify and alias say who someone is, not where: their url is optional.
-        if event.url or event.type not in IDENTITY_TYPES:
-            problem = _url_problem(event.url)
+        if url or event_type not in IDENTITY_TYPES:
+            problem = _url_problem(url)
             if problem:
                 violations.append(FieldViolation(prefix + "url", problem))
-        if event.referrer:
-            if len(event.referrer) > MAX_URL_CHARS:
+        if referrer:
+            if len(referrer) > MAX_URL_CHARS:
                 violations.append(
                     FieldViolation(
                         prefix + "referrer", f"must be at most {MAX_URL_CHARS} characters"
                     )
                 )
-            elif _CONTROL.search(event.referrer):
+            elif has_control(referrer):
                 violations.append(
                     FieldViolation(prefix + "referrer", "must not contain control characters")
                 )
@@ -227,24 +245,24 @@ def build_rows(
                 violations.append(FieldViolation(prefix + "timestamp", problem))
 
         if len(violations) == before:
-            url = redact_url(event.url, redact_params)
-            referrer = redact_url(event.referrer, redact_params) or None
+            url = redact_url(url, redact_params)
+            stored_referrer = redact_url(referrer, redact_params) or None
             row = {
                 "event_id": event_id,
-                "type": event.type,
-                "visitor_id": event.visitor_id or None,
+                "type": event_type,
+                "visitor_id": visitor_id or None,
                 "url": url,
-                "referrer": referrer,
+                "referrer": stored_referrer,
                 "data": data,
                 "occurred_at": occurred_at,
                 "client_occurred_at": client_occurred_at,
                 **shared,
                 "user_id": event_user_id,
-                **enrichment.event_columns(url, referrer, enrich),
+                **enrichment.event_columns(url, stored_referrer, enrich),
             }
-            if event.previous_id:
+            if previous_id:
                 # Not a column of `events`: storage.py turns it into an identity link.
-                row[PREVIOUS_ID] = event.previous_id
+                row[PREVIOUS_ID] = previous_id
             rows.append(row)
     return rows
 
@@ -318,7 +336,7 @@ def normalized_ip(text: str) -> str | None:
 def _id_problem(value: str, max_chars: int) -> str | None:
     if len(value) > max_chars:
         return f"must be 1-{max_chars} characters"
-    if _CONTROL.search(value):
+    if has_control(value):
         return "must not contain control characters"
     return None
 
@@ -328,7 +346,7 @@ def _type_problem(value: str) -> str | None:
         return "is required"
     if len(value) > MAX_TYPE_CHARS:
         return f"must be 1-{MAX_TYPE_CHARS} characters"
-    if _CONTROL.search(value):
+    if has_control(value):
         return "must not contain control characters"
     return None
 
@@ -338,7 +356,16 @@ def _url_problem(url: str) -> str | None:
         return "is required"
     if len(url) > MAX_URL_CHARS:
         return f"must be at most {MAX_URL_CHARS} characters"
-    if _CONTROL.search(url):
+    return _url_form_problem(url) if len(url) <= _CACHED_URL_CHARS else _url_form(url)
+
+
+#: A site's pages repeat from one event to the next: each URL's form is judged once (URLs come
+#: from clients, so only so many, and only short ones, are kept).
+_CACHED_URL_CHARS = 512
+
+
+def _url_form(url: str) -> str | None:
+    if has_control(url):
         return "must not contain control characters"
     if url.startswith("/"):
         # "//host/..." is a scheme-relative URL, not a path, and browsers read "/\host" so too.
@@ -355,6 +382,9 @@ def _url_problem(url: str) -> str | None:
         except ValueError:
             pass
     return "must be an absolute http(s) URL or a path starting with /"
+
+
+_url_form_problem = lru_cache(maxsize=2048)(_url_form)
 
 
 def data_problem(data: str) -> str | None:
@@ -379,7 +409,8 @@ def data_problem(data: str) -> str | None:
         return f"must not nest deeper than {MAX_DATA_DEPTH} levels"
     if "\\u0000" in data and _contains_nul(value):
         return "must not contain NUL (\\u0000) characters"
-    if _NUMBER_AT_RISK.search(data) and not _numbers_storable(data):
+    at_risk = _LONG_EXPONENT.search(data) or (len(data) >= _LONG_DIGITS and _DIGIT_RUN.search(data))
+    if at_risk and not _numbers_storable(data):
         return (
             "holds a number that cannot be stored (at most "
             f"{MAX_NUMBER_SCALE} digits after the decimal point, exponent included)"

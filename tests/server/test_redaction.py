@@ -46,6 +46,18 @@ def test_a_projects_own_names_match_whole_and_in_any_case() -> None:
     )
 
 
+def test_one_projects_names_never_apply_to_another() -> None:
+    """Names are judged once per (name, project's names): the cache keeps projects apart."""
+    assert redact_url("/?promo=c", frozenset({"promo"})) == "/?promo=[redacted]"
+    assert redact_url("/?promo=c") == "/?promo=c"
+    assert redact_url("/?promo=c", frozenset({"promo"})) == "/?promo=[redacted]"
+
+
+def test_a_long_name_is_judged_without_the_cache() -> None:
+    name = "x" * 100 + "_password"
+    assert redact_url(f"/?{name}=1&q=2") == f"/?{name}=[redacted]&q=2"
+
+
 def test_the_stored_url_still_fits_its_column() -> None:
     url = "/?" + "a" * 4080 + "&pwd=1"  # 4088 characters; redacted it would be 4097
     assert len(url) <= 4096 and len(redact_url(url)) == 4096

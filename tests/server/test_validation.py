@@ -68,6 +68,9 @@ def test_empty_data_and_referrer_mean_none() -> None:
         ({"type": "x" * 101}, "events[0].type"),
         ({"type": "page\nview"}, "events[0].type"),
         ({"type": "a\x00b"}, "events[0].type"),
+        ({"type": "a\x7fb"}, "events[0].type"),  # DEL: ASCII, not printable
+        ({"type": "terminé\x85"}, "events[0].type"),  # a C1 control beside other non-ASCII
+        ({"visitor_id": "v\x9f"}, "events[0].visitor_id"),
         ({"visitor_id": "v" * 129}, "events[0].visitor_id"),
         ({"url": ""}, "events[0].url"),
         ({"url": "ftp://a.example/"}, "events[0].url"),
@@ -82,6 +85,7 @@ def test_empty_data_and_referrer_mean_none() -> None:
         ({"url": "/\\evil.example"}, "events[0].url"),
         ({"url": "/" + "a" * 4096}, "events[0].url"),
         ({"url": "/a\x00"}, "events[0].url"),
+        ({"url": "https://a.example/é\x85"}, "events[0].url"),
         ({"referrer": "r" * 4097}, "events[0].referrer"),
         ({"referrer": "https://x/\x00"}, "events[0].referrer"),
         ({"id": "i" * 65}, "events[0].id"),
@@ -115,6 +119,16 @@ def test_urls_that_are_allowed() -> None:
         "/search?q=two words",
     ):
         assert violations_of(request(event(url=url))) == {}, url
+
+
+def test_a_url_is_judged_the_same_every_time() -> None:
+    """URL forms are cached (validation._url_form_problem): the second answer is the first's."""
+    for _ in range(2):
+        assert violations_of(request(event(url="https://a.example/x?q=1"))) == {}
+        assert "events[0].url" in violations_of(request(event(url="ftp://a.example/")))
+        long_path = "/" + "p" * 600  # beyond the cached length: judged each time
+        assert violations_of(request(event(url=long_path))) == {}
+        assert "events[0].url" in violations_of(request(event(url=long_path + "\x00")))
 
 
 def test_unicode_type_names_are_fine() -> None:

@@ -144,11 +144,11 @@ def test_the_same_ids_in_another_order_wait_instead_of_deadlocking(postgres_url:
     engine = create_db_engine(postgres_url)
     project_id = new_project(create_session_factory(engine))
 
-    def columns(*ids: str) -> list[list[object]]:
+    def parameters(*ids: str) -> list[object]:
         rows = rows_for("x", len(ids), project_id)
         for row, event_id in zip(rows, ids, strict=True):
             row["event_id"] = event_id
-        return [[row.get(name) for row in rows] for name, _ in storage._COLUMNS]
+        return storage._parameters(rows)
 
     first, second = (engine.raw_connection() for _ in range(2))
     for proxy in (first, second):
@@ -157,18 +157,18 @@ def test_the_same_ids_in_another_order_wait_instead_of_deadlocking(postgres_url:
 
     def insert_then_commit() -> None:
         try:
-            second.driver_connection.execute(storage._PG_INSERT_DRIVER, columns("b", "a"))
+            second.driver_connection.execute(storage._PG_INSERT_DRIVER, parameters("b", "a"))
             second.driver_connection.commit()
         except BaseException as error:
             failures.append(error)
             second.driver_connection.rollback()
 
     try:
-        first.driver_connection.execute(storage._PG_INSERT_DRIVER, columns("a"))
+        first.driver_connection.execute(storage._PG_INSERT_DRIVER, parameters("a"))
         waiting = threading.Thread(target=insert_then_commit)
         waiting.start()
         time.sleep(0.5)  # `second` is now waiting for "a"
-        first.driver_connection.execute(storage._PG_INSERT_DRIVER, columns("b"))
+        first.driver_connection.execute(storage._PG_INSERT_DRIVER, parameters("b"))
         first.driver_connection.commit()
         waiting.join(timeout=15)
         assert failures == []

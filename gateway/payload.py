@@ -238,11 +238,15 @@ def parse_timestamp(text: str) -> Timestamp | None:
             moment = moment.replace(tzinfo=UTC)
         if leap is not None:
             moment += timedelta(seconds=1)
-        timestamp = Timestamp()
-        timestamp.FromDatetime(moment)
     except (ValueError, OverflowError):
         return None
-    return timestamp
+    # What Timestamp.FromDatetime computes, without its Python-level checks (a datetime is
+    # always within a Timestamp's range): a third of the cost of a batch's parse.
+    since = moment - _EPOCH
+    return Timestamp(seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 # "events[12].visitor_id.more" -> ("events[12]", "visitor_id", ".more")

@@ -25,12 +25,14 @@ from gateway import (
     shutdown,
 )
 from gateway.json_codec import OrjsonProvider
+from gateway.sessions import NoSessions
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     """Build the gateway app; configuration comes from the environment, then ``test_config``."""
     app = Flask(__name__)
     app.json = OrjsonProvider(app)
+    app.session_interface = NoSessions()
     if test_config is not None:
         app.config.from_mapping(test_config)
     # The environment, overridden by test_config's APEX_* keys; ConfigError names a bad one.

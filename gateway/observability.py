@@ -172,10 +172,17 @@ def _count_events(status: int) -> tuple[str, int]:
                 _verified_projects.add(key)
     project = key if key in _verified_projects else UNVERIFIED_PROJECT
     if status == 200:
-        EVENTS_ACCEPTED.labels(project).inc(events)
+        accepted = _accepted.get(project)
+        if accepted is None:
+            accepted = _accepted[project] = EVENTS_ACCEPTED.labels(project)
+        accepted.inc(events)
     else:
         EVENTS_REJECTED.labels(project, error_code(status)).inc(events)
     return project, events
+
+
+#: EVENTS_ACCEPTED's children, as _counters keeps REQUESTS's (at most MAX_PROJECT_LABELS + 1).
+_accepted: dict[str, Any] = {}
 
 
 def _teardown(_error: BaseException | None) -> None:

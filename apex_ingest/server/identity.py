@@ -101,7 +101,7 @@ def _pg_links_sql(arrays: Sequence[str]) -> str:
     )
 
 
-#: For the group-commit writer's own psycopg connection (arrays in binary, as storage.py).
+#: For the group-commit writer's own psycopg connection (arrays in binary: links are few per group).
 PG_LINKS_DRIVER = _pg_links_sql([f"%b::{pg_type}[]" for _, pg_type in LINK_COLUMNS])
 _PG_LINKS = text(_pg_links_sql([f"CAST(:{name} AS {pg_type}[])" for name, pg_type in LINK_COLUMNS]))
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import threading
 import tracemalloc
 import zlib
 from collections.abc import Callable
@@ -13,6 +15,7 @@ import pytest
 from flask import Flask, Request
 from werkzeug.test import EnvironBuilder, TestResponse, run_wsgi_app
 
+from gateway.errors import ApiError
 from tests.gateway.conftest import Api, assert_documented
 
 Rows = Callable[[], list[dict[str, Any]]]
@@ -164,3 +167,53 @@ def test_gzip_bomb_is_413_in_bounded_memory(api: Api, rows: Rows) -> None:
     # The body as sent plus at most the limit inflated, with slack: nowhere near 200 MiB.
     assert peak < 8 * 1024 * 1024, f"peak {peak} bytes"
     assert rows() == []
+
+
+def _request(data: bytes = b"") -> Request:
+    """A POST request whose body is `data`."""
+    environ = EnvironBuilder(
+        method="POST", data=data, content_type="application/json"
+    ).get_environ()
+    return Request(environ)
+
+
+def test_reader_threads_are_reused_between_reads() -> None:
+    from gateway.body import _readers
+
+    def readers() -> int:
+        return sum(1 for thread in threading.enumerate() if thread.name == "body-reader")
+
+    assert _readers.read(_request(b"{}"), 100, 5) == b"{}"
+    before = readers()
+    for number in range(20):
+        body = json.dumps({"n": number}).encode()
+        assert _readers.read(_request(body), 100, 5) == body
+    # A reader goes back to the pool just after it answers: a read may start before that.
+    assert readers() <= before + 2
+
+
+def test_a_reader_raises_the_reads_own_error() -> None:
+    from gateway.body import _readers
+
+    with pytest.raises(ApiError) as refused:
+        _readers.read(_request(b"x" * 101), 100, 5)
+    assert refused.value.code == 413
+
+
+def test_a_stalled_read_times_out_and_its_reader_is_waited_for() -> None:
+    from gateway.body import BodyTimeout, _readers
+
+    read_end, write_end = os.pipe()
+    request = _request()
+    request.environ["wsgi.input"] = os.fdopen(read_end, "rb")
+    request.environ["CONTENT_LENGTH"] = "10"
+    with pytest.raises(BodyTimeout) as timed_out:
+        _readers.read(request, 100, 0.1)
+    waiter = threading.Thread(target=timed_out.value.wait_for_reader)
+    waiter.start()
+    waiter.join(0.3)
+    assert waiter.is_alive()  # the read is still pending: the answer must not close yet
+    os.write(write_end, b"0123456789")
+    os.close(write_end)
+    waiter.join(5)
+    assert not waiter.is_alive()

@@ -454,6 +454,7 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
         snippet_file.write_bytes(snippet_body(key))
         manifests["snippet"] = directory / "snippet.tsv"
         manifests["snippet"].write_text(f"{events.USER_AGENTS[0]}\t{snippet_file}\n")
+        manifests["snippet4"] = manifests["snippet"]
         urls = {}
         for mode in (value_a, value_b):
             http_port, grpc_port = free_port(), free_port()
@@ -469,12 +470,13 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
             urls[mode] = f"http://127.0.0.1:{http_port}/api/events"
             wait_http(f"http://127.0.0.1:{http_port}/healthz")
         print(f"services up after {time.monotonic() - started:.1f} s", flush=True)
-        connections = {"snippet": 32, "batch": 16}
-        per_request = {"snippet": 1, "batch": BATCH}
+        connections = {"snippet": 32, "snippet4": 4, "batch": 16}
+        per_request = {"snippet": 1, "snippet4": 1, "batch": BATCH}
         for mode in (value_a, value_b):  # warm-up: caches, pools, the parser's rules
             for load in loads:
                 wrk(urls[mode], connections[load], 1, manifest=manifests[load])
         rates: dict[tuple[str, str], list[float]] = {}
+        p99s: dict[tuple[str, str], list[float]] = {}
         print(f"warmed up after {time.monotonic() - started:.1f} s", flush=True)
         for index in range(rounds):
             order = (value_a, value_b) if index % 2 == 0 else (value_b, value_a)
@@ -482,6 +484,7 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
                 for load in loads:
                     result = wrk(urls[mode], connections[load], seconds, manifest=manifests[load])
                     rates.setdefault((mode, load), []).append(result.requests_per_s)
+                    p99s.setdefault((mode, load), []).append(result.p99_ms)
         print(
             f"{setting}={value_a} vs {value_b}: {rounds} interleaved runs of {seconds} s each, "
             "medians"
@@ -495,6 +498,10 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
                 f"  ratio {a / b:.3f}  {value_a} costs {cost_us:+.2f} µs of service time per"
                 f" event  (runs {value_a}: {', '.join(f'{r:.0f}' for r in rates[value_a, load])};"
                 f" {value_b}: {', '.join(f'{r:.0f}' for r in rates[value_b, load])})"
+            )
+            print(
+                f"  {'':8} p99 {value_a} {statistics.median(p99s[value_a, load]):.1f} ms"
+                f"  {value_b} {statistics.median(p99s[value_b, load]):.1f} ms (medians)"
             )
         return 0
     finally:
@@ -531,7 +538,7 @@ def main() -> int:
     parser.add_argument(
         "--loads",
         default="snippet,batch",
-        help="comma-separated loads for --compare: snippet, batch",
+        help="comma-separated loads for --compare: snippet (32 connections), snippet4 (4), batch",
     )
     parser.add_argument(
         "--no-stream", action="store_true", help="Skip stream mode (bench/stream_mode.py)."

@@ -67,8 +67,8 @@ class _Read:
         self.body = b""
         self.error: BaseException | None = None
         # A bare lock is the cheapest thing to wait on with a timeout (a Future is a
-        # Condition around one, with a lock made per wait): a quarter of a gateway worker's
-        # time went to the Future-based hand-off (bench/README.md, 2026-12-03).
+        # Condition around one, with a lock made per wait): the read and its Future-based
+        # hand-off took a fifth of a gateway worker's GIL time (bench/README.md, 2026-12-03).
         self.done = threading.Lock()
         self.done.acquire()
 

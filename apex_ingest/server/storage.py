@@ -86,8 +86,8 @@ def _pg_insert_sql(rows_json: str) -> str:
 
     JSON rather than one array parameter per column: orjson writes the whole group in C, where
     psycopg's array dumpers visit every element in Python (8 µs a row, held under the gRPC
-    process's GIL, against 3; PostgreSQL spends ~2 µs a row more reading it: bench/README.md,
-    "Write path, second round"). Each row's `data` travels as a JSON string of its original
+    process's GIL, against 3; PostgreSQL spends 2-6 µs a row more reading it: bench/README.md,
+    "Session 2026-12-03"). Each row's `data` travels as a JSON string of its original
     text and becomes jsonb only here, so its numbers are never rewritten.
 
     `events` is partitioned by occurred_at (migration 0002), so (project_id, event_id) cannot

@@ -1,10 +1,11 @@
 -- wrk script: POST bodies, count answers by status class.
 --
--- $BENCH_BODY_FILE: one body, sent as is (the snippet and the baselines).
+-- $BENCH_BODY_FILE: one body, sent as is.
 -- $BENCH_MANIFEST: lines "<User-Agent>\t<body file>"; the bodies are cycled, each with its
 -- User-Agent header, and every "@@@@@@@@@@@@@@@@@@@@@@@@" (24 characters, the first part of each
 -- event id, see bench/events.py) becomes a prefix unique to the request:
--- $BENCH_ID_TAG (8 hex, one per wrk run) .. thread (4 hex) .. request counter (12 hex).
+-- $BENCH_ID_TAG (8 hex, one per wrk run) .. thread (4 hex) .. request counter (12 hex);
+-- "%SENT_AT%" becomes the time of sending (UTC, RFC 3339, whole seconds), as apex.js's sentAt.
 local MARKER = string.rep("@", 24)
 
 local function read(path)
@@ -14,17 +15,26 @@ local function read(path)
   return text
 end
 
+local SENT_AT = "%SENT_AT%"
+
+-- The body as pieces: text, ID (the request's prefix goes there) and SENT (the time now).
+local ID, SENT = {}, {}
 local function split(text)
   local parts, start = {}, 1
   while true do
-    local at = string.find(text, MARKER, start, true)
+    local id_at = string.find(text, MARKER, start, true)
+    local sent_at = string.find(text, SENT_AT, start, true)
+    local at, token, width = id_at, ID, #MARKER
+    if sent_at and (not id_at or sent_at < id_at) then
+      at, token, width = sent_at, SENT, #SENT_AT
+    end
     if not at then
       table.insert(parts, string.sub(text, start))
       return parts
     end
     table.insert(parts, string.sub(text, start, at - 1))
-    table.insert(parts, false) -- the request's prefix goes here
-    start = at + #MARKER
+    table.insert(parts, token)
+    start = at + width
   end
 end
 
@@ -60,7 +70,14 @@ if manifest then
     local prefix = string.format("%s%04x%012x", tag, tid, sent)
     local parts, out = body.parts, {}
     for i = 1, #parts do
-      out[i] = parts[i] or prefix
+      local part = parts[i]
+      if part == ID then
+        out[i] = prefix
+      elseif part == SENT then
+        out[i] = os.date("!%Y-%m-%dT%H:%M:%SZ")
+      else
+        out[i] = part
+      end
     end
     wrk.headers["User-Agent"] = body.agent
     return wrk.format(nil, nil, nil, table.concat(out))

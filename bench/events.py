@@ -1,5 +1,7 @@
 """Realistic events for the batch loads and the COPY denominator (one generator for all three).
 
+The snippet loads send such events one at a time, in apex.js's shape (`snippet_body`).
+
 Each event has an RFC 3339 timestamp near now, a `data` object with strings, an integer, a
 decimal price written as a shop writes it (49.90, 1299.99: the exact-number path), a small array
 and a nested object; visitor ids, URLs with paths and query strings, referrers. Each batch goes
@@ -42,6 +44,8 @@ USER_AGENTS = (
 #: Where a request's unique prefix goes in an event id (the event's index follows, 8 hex).
 ID_PREFIX_CHARS = 24
 ID_MARKER = "@" * ID_PREFIX_CHARS
+#: Where bench/counts.lua writes the time of sending (apex.js's `sentAt`), per request.
+SENT_AT_MARKER = "%SENT_AT%"
 
 _PRODUCTS = (
     ("SKU-48213", "Trail Running Shoe", "footwear/running", "129.99"),
@@ -171,6 +175,25 @@ def http_body(batch: Batch, project_key: str) -> bytes:
     )
     json.loads(body)  # well-formed
     return body.encode()
+
+
+def snippet_body(event: Event, project_key: str) -> bytes:
+    """One event as apex.js sends it: its fields at the top, an id, its timestamp and the time
+    of sending (bench/counts.lua writes that one when it sends the request)."""
+    body = (
+        _event_json(event)[:-1]
+        + f',"projectKey":{json.dumps(project_key)},"sentAt":"{SENT_AT_MARKER}"}}'
+    )
+    json.loads(body)  # well-formed
+    return body.encode()
+
+
+def snippet_pool(count: int = 64, seed: int = 7) -> list[tuple[str, Event]]:
+    """`count` browser events (pages, campaigns, referrers, data with decimals), each with the
+    User-Agent of the browser sending it."""
+    rng = random.Random(seed)
+    batch = make_batch(rng, count)
+    return [(USER_AGENTS[event.index % len(USER_AGENTS)], event) for event in batch.events]
 
 
 def batches(count: int, size: int = 100, seed: int = 21) -> list[Batch]:

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import secrets
@@ -167,17 +166,17 @@ class RssSampler(threading.Thread):
         return total / 1024
 
 
-def snippet_body(key: str) -> bytes:
-    return json.dumps(
-        {
-            "type": "pageview",
-            "visitorId": "v_bench",
-            "projectKey": key,
-            "url": "https://example.com/pricing",
-            "referrer": "https://google.com/",
-            "data": {"plan": "pro", "seats": 3},
-        }
-    ).encode()
+def write_snippet_manifest(directory: Path, key: str) -> Path:
+    """1-event bodies as apex.js sends them (bench/events.py: varied pages, campaigns,
+    referrers, decimals, an id, a timestamp, sentAt) and their User-Agents, for counts.lua."""
+    lines = []
+    for number, (agent, event) in enumerate(events.snippet_pool()):
+        path = directory / f"snippet_{number}.json"
+        path.write_bytes(events.snippet_body(event, key))
+        lines.append(f"{agent}\t{path}\n")
+    manifest = directory / "snippets.tsv"
+    manifest.write_text("".join(lines))
+    return manifest
 
 
 def write_manifest(directory: Path, pool: list[events.Batch], key: str) -> Path:
@@ -201,7 +200,7 @@ def stored_events(database_url: str) -> tuple[int, int]:
 
 
 def granian_load(
-    python: str, app: str, key: str, seconds: int, env: dict[str, str] | None = None
+    python: str, app: str, snippets: Path, seconds: int, env: dict[str, str] | None = None
 ) -> Load:
     """Serve `app` with granian, 2 workers (as the baseline is defined), and load it."""
     port = free_port()
@@ -217,8 +216,8 @@ def granian_load(
     try:
         time.sleep(3)
         url = f"http://127.0.0.1:{port}/api/events"
-        wrk(url, 32, 3, snippet_body(key))
-        return wrk(url, 32, seconds, snippet_body(key))
+        wrk(url, 32, 3, manifest=snippets)
+        return wrk(url, 32, seconds, manifest=snippets)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(30)
@@ -459,11 +458,7 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
         ).stdout.strip()
         directory = Path(bodies.name)
         manifests = {"batch": write_manifest(directory, events.batches(8), key)}
-        # The snippet: one browser event with a User-Agent, a campaign URL and a referrer.
-        snippet_file = directory / "snippet.json"
-        snippet_file.write_bytes(snippet_body(key))
-        manifests["snippet"] = directory / "snippet.tsv"
-        manifests["snippet"].write_text(f"{events.USER_AGENTS[0]}\t{snippet_file}\n")
+        manifests["snippet"] = write_snippet_manifest(directory, key)
         manifests["snippet4"] = manifests["snippet"]
         urls = {}
         for mode in (value_a, value_b):
@@ -597,9 +592,10 @@ def main() -> int:
         # clients build theirs the same way (other seeds), COPY takes these 8 batches' events.
         pool = events.batches(8)
         manifest = write_manifest(Path(bodies.name), pool, key)
+        snippets = write_snippet_manifest(Path(bodies.name), key)
 
         if args.stream_only:
-            stream = _stream_mode(python, env, key, manifest, seconds, database_url)
+            stream = _stream_mode(python, env, key, manifest, snippets, seconds, database_url)
             stream_mode.report(stream, None, None, None)
             return 0 if stream.acked_events <= stream.stored_events else 1
 
@@ -614,7 +610,7 @@ def main() -> int:
         url = f"http://127.0.0.1:{http_port}/api/events"
         metrics_url = f"http://127.0.0.1:{http_port}/metrics"
         sampler.phase = "warm-up"
-        wrk(url, 32, 3, snippet_body(key))  # warm-up: caches, pools, page cache
+        wrk(url, 32, 3, manifest=snippets)  # warm-up: caches, pools, page cache
         wrk(url, 16, 2, manifest=manifest)
         time.sleep(1)  # the warm-up's last requests (cut off by wrk) finish storing first
         warm_stored = stored_events(database_url)[0]
@@ -628,17 +624,17 @@ def main() -> int:
 
         # The snippet's denominator, measured right before and right after its load (the
         # service idle meanwhile), then the floor, as the batches' COPY is.
-        flask_before = granian_load(python, "bench.baseline_app:app", key, seconds)
+        flask_before = granian_load(python, "bench.baseline_app:app", snippets, seconds)
         sampler.phase = "snippet"
-        snippet = wrk(url, 32, seconds, snippet_body(key))
+        snippet = wrk(url, 32, seconds, manifest=snippets)
         snippet_hist = histograms(*scraped())
-        flask_after = granian_load(python, "bench.baseline_app:app", key, seconds)
-        floor = _floor(python, key, seconds)
+        flask_after = granian_load(python, "bench.baseline_app:app", snippets, seconds)
+        floor = _floor(python, snippets, seconds)
         scraped()
-        snippet4 = wrk(url, 4, seconds, snippet_body(key))
+        snippet4 = wrk(url, 4, seconds, manifest=snippets)
         snippet4_hist = histograms(*scraped())
         time.sleep(1)
-        idle = wrk(url, 1, seconds, snippet_body(key), threads=1)
+        idle = wrk(url, 1, seconds, manifest=snippets, threads=1)
         scraped()
         # The denominator is measured right before and right after the batch loads (the
         # service idle meanwhile), so that it sees the machine as the loads did.
@@ -669,7 +665,7 @@ def main() -> int:
         stream = (
             None
             if args.no_stream
-            else _stream_mode(python, env, key, manifest, seconds, database_url)
+            else _stream_mode(python, env, key, manifest, snippets, seconds, database_url)
         )
 
         # wrk stops with requests in flight: those may be stored without being counted as
@@ -725,7 +721,7 @@ def main() -> int:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _floor(python: str, key: str, seconds: int) -> Load:
+def _floor(python: str, snippets: Path, seconds: int) -> Load:
     """The same Flask-on-granian gateway shape making one gRPC call per request to a server
     that does nothing (bench/floor_app.py): the best that shape allows."""
     echo_address = f"127.0.0.1:{free_port()}"
@@ -736,7 +732,7 @@ def _floor(python: str, key: str, seconds: int) -> Load:
     )
     try:
         return granian_load(
-            python, "bench.floor_app:app", key, seconds, {"APEX_GRPC_TARGET": echo_address}
+            python, "bench.floor_app:app", snippets, seconds, {"APEX_GRPC_TARGET": echo_address}
         )
     finally:
         os.killpg(echo.pid, signal.SIGTERM)
@@ -744,7 +740,13 @@ def _floor(python: str, key: str, seconds: int) -> Load:
 
 
 def _stream_mode(
-    python: str, env: dict[str, str], key: str, manifest: Path, seconds: int, database_url: str
+    python: str,
+    env: dict[str, str],
+    key: str,
+    manifest: Path,
+    snippets: Path,
+    seconds: int,
+    database_url: str,
 ) -> stream_mode.StreamFigures:
     return stream_mode.run_stream_mode(
         python=python,
@@ -754,7 +756,7 @@ def _stream_mode(
         seconds=seconds,
         stored_events=lambda: stored_events(database_url)[0],
         wrk=wrk,
-        snippet_body=snippet_body(key),
+        snippets=snippets,
         free_port=free_port,
         wait_http=wait_http,
         batch_size=BATCH,

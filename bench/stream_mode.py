@@ -97,7 +97,7 @@ def run_stream_mode(
     seconds: int,
     stored_events: Callable[[], int],
     wrk: Callable[..., Any],
-    snippet_body: bytes,
+    snippets: Path,
     free_port: Callable[[], int],
     wait_http: Callable[[str], None],
     batch_size: int,
@@ -155,7 +155,7 @@ def run_stream_mode(
                 seconds=seconds,
                 stored_events=stored_events,
                 wrk=wrk,
-                snippet_body=snippet_body,
+                snippets=snippets,
                 batch_size=batch_size,
             )
         finally:
@@ -179,13 +179,13 @@ def _measure(
     seconds: int,
     stored_events: Callable[[], int],
     wrk: Callable[..., Any],
-    snippet_body: bytes,
+    snippets: Path,
     batch_size: int,
 ) -> StreamFigures:
     url = f"http://127.0.0.1:{http_port}/api/events"
     health_url = f"http://127.0.0.1:{loader_ports[0]}/healthz"
     metrics_urls = [f"http://127.0.0.1:{port}/metrics" for port in loader_ports]
-    wrk(url, 32, 3, snippet_body)  # warm-up
+    wrk(url, 32, 3, manifest=snippets)  # warm-up
     wrk(url, 16, 2, manifest=manifest)
     _drain(health_url, 120)
     before_rows = stored_events()
@@ -193,7 +193,7 @@ def _measure(
     sampler = LagSampler(health_url)
     sampler.start()
     started = time.monotonic()
-    snippet = wrk(url, 32, seconds, snippet_body)
+    snippet = wrk(url, 32, seconds, manifest=snippets)
     batch = wrk(url, 16, seconds, manifest=manifest)
     direct = grpc_load.run_load(f"127.0.0.1:{grpc_port}", key, seconds)
     loads_ended = time.monotonic()

@@ -114,7 +114,8 @@ def calls_us(runs: int) -> tuple[float, float]:
         for url, referrer in pairs:
             event_columns(url, referrer)
 
-    per_request(), per_event()  # warm the caches
+    per_request()  # warm the caches
+    per_event()
     request_us = min(timeit.repeat(per_request, number=1, repeat=runs)) / len(contexts) * 1e6
     event_us = min(timeit.repeat(per_event, number=1, repeat=runs)) / len(pairs) * 1e6
     return request_us, event_us

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import grpc
-from flask import Flask, jsonify, request
+from flask import Flask, Response, jsonify, request
 
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
@@ -28,7 +28,7 @@ def _stub() -> ingest_pb2_grpc.IngestServiceStub:
 
 
 @app.post("/api/events")
-def events() -> object:
+def events() -> Response:
     body = request.get_json(force=True)
     event = ingest_pb2.Event(type=body["type"], visitor_id=body["visitorId"], url=body["url"])
     answer = _stub().IngestEvents(

@@ -35,7 +35,7 @@ class SyncEcho(ingest_pb2_grpc.IngestServiceServicer):
 
 
 class AsyncEcho(ingest_pb2_grpc.IngestServiceServicer):
-    async def IngestEvents(  # type: ignore[override]
+    async def IngestEvents(
         self, request: ingest_pb2.IngestEventsRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.IngestEventsResponse:
         return ingest_pb2.IngestEventsResponse(received=len(request.events))

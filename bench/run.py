@@ -595,9 +595,9 @@ def main() -> int:
         snippets = write_snippet_manifest(Path(bodies.name), key)
 
         if args.stream_only:
-            stream = _stream_mode(python, env, key, manifest, snippets, seconds, database_url)
-            stream_mode.report(stream, None, None, None)
-            return 0 if stream.acked_events <= stream.stored_events else 1
+            alone = _stream_mode(python, env, key, manifest, snippets, seconds, database_url)
+            stream_mode.report(alone, None, None, None)
+            return 0 if alone.acked_events <= alone.stored_events else 1
 
         service = subprocess.Popen(
             [python, "-m", "apex_ingest", "serve"], env=env, start_new_session=True

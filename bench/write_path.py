@@ -67,7 +67,7 @@ def make_groups(seed: int, rows: int, group: int) -> list[list[Row]]:
     groups = []
     for g in range(max(1, rows // group)):
         received = now + timedelta(milliseconds=g)
-        batch = []
+        batch: list[Row] = []
         for _ in range(group):
             server_batch = rnd.random() < 0.3  # server batches: a user_id, often no visitor_id
             slug = rnd.choice(["running-shoes", "rain-jacket", "espresso-machine", "yoga-mat"])

@@ -53,6 +53,10 @@ class TcpProxy:
                 continue
             upstream.settimeout(None)
             with self._lock:
+                if not self._up:  # cut while this connection was being made: it is cut too
+                    _hang_up(client)
+                    _hang_up(upstream)
+                    continue
                 self._connections += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
             threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()

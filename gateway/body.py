@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import threading
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import IO
 
 from flask import Request
@@ -48,102 +48,28 @@ class BodyTimeout(ApiError):
     closed (`wait_for_reader`, registered by the error handler): the client gets its 408 at
     once, and the worker's thread is free when the client closes or finishes."""
 
-    def __init__(self, seconds: float, read: _Read) -> None:
+    def __init__(self, seconds: float, reader: Future[bytes]) -> None:
         super().__init__(408, f"The request body was not received within {seconds:g} seconds.")
-        self.read = read
+        self.reader = reader
 
     def wait_for_reader(self) -> None:
-        self.read.wait()
+        wait([self.reader])
 
 
-class _Read:
-    """One body read handed to a reader thread; `done` is held until it has finished."""
-
-    __slots__ = ("body", "done", "error", "limit", "request")
-
-    def __init__(self, request: Request, limit: int) -> None:
-        self.request = request
-        self.limit = limit
-        self.body = b""
-        self.error: BaseException | None = None
-        # A bare lock is the cheapest thing to wait on with a timeout (a Future is a
-        # Condition around one, with a lock made per wait): the read and its Future-based
-        # hand-off took a fifth of a gateway worker's GIL time (bench/README.md, 2026-12-03).
-        self.done = threading.Lock()
-        self.done.acquire()
-
-    def wait(self) -> None:
-        with self.done:
-            pass
-
-
-class _Reader:
-    """A thread that reads one body after another, idle in its pool between them."""
-
-    def __init__(self, pool: _ReaderPool) -> None:
-        self._pool = pool
-        self._job: _Read | None = None
-        self._go = threading.Lock()
-        self._go.acquire()
-        threading.Thread(target=self._run, name="body-reader", daemon=True).start()
-
-    def start(self, read: _Read) -> None:
-        self._job = read
-        self._go.release()
-
-    def _run(self) -> None:
-        while True:
-            self._go.acquire()
-            read, self._job = self._job, None
-            assert read is not None
-            try:
-                read.body = _read_at_most(read.request, read.limit)
-            except BaseException as error:  # ApiError (413, 400), or the server's own
-                read.error = error
-            read.request = None  # type: ignore[assignment]  # nothing kept between reads
-            read.done.release()
-            self._pool.idle(self)
-
-
-class _ReaderPool:
-    """Reads bodies for the requests that wait on them with a deadline. Idle readers are
-    reused, and there are never more than requests in flight (granian's threads), so a stalled
-    client holds one reader as it holds one request thread, and never delays anybody else's
-    read."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._idle: list[_Reader] = []
-        self._pid = os.getpid()
-
-    def read(self, request: Request, limit: int, timeout: float) -> bytes:
-        read = _Read(request, limit)
-        with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's readers are not in this process
-                self._idle, self._pid = [], os.getpid()
-            reader = self._idle.pop() if self._idle else None
-        if reader is None:
-            reader = _Reader(self)
-        reader.start(read)
-        if not read.done.acquire(timeout=timeout):
-            raise BodyTimeout(timeout, read)
-        read.done.release()
-        if read.error is not None:
-            raise read.error
-        return read.body
-
-    def idle(self, reader: _Reader) -> None:
-        with self._lock:
-            self._idle.append(reader)
-
-
-_readers = _ReaderPool()
+#: Reads bodies for the requests that wait on them with a deadline. Idle threads are reused, and
+#: there are never more than requests in flight (granian's threads), so a stalled client holds
+#: one reader as it holds one request thread, and never delays anybody else's read.
+_readers = ThreadPoolExecutor(max_workers=4096, thread_name_prefix="body-reader")
 
 
 def _read_within(request: Request, limit: int, timeout: float) -> bytes:
     # The Request itself, not Flask's context-bound proxy: the reader thread has no context.
     actual = request._get_current_object() if hasattr(request, "_get_current_object") else request
-    return _readers.read(actual, limit, timeout)
+    reader = _readers.submit(_read_at_most, actual, limit)
+    try:
+        return reader.result(timeout)
+    except FutureTimeout:
+        raise BodyTimeout(timeout, reader) from None
 
 
 def _shown(header: str) -> str:

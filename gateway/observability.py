@@ -112,8 +112,8 @@ def _finish(response: Response) -> Response:
     endpoint = request.url_rule.rule if request.url_rule is not None else "unmatched"
     method = request.method if request.method in _METHODS else "OTHER"
     status = response.status_code
-    _counter(endpoint, method, status).inc()
-    _histogram(endpoint, method).observe(elapsed)
+    _child(REQUESTS, endpoint, method, str(status)).inc()
+    _child(DURATION, endpoint, method).observe(elapsed)
 
     project, events = "", 0
     if request.endpoint == "api.ingest_events" and method == "POST":
@@ -141,24 +141,16 @@ def _finish(response: Response) -> Response:
 
 
 # prometheus_client's labels() takes a lock and builds the label tuple on every call; the
-# children are kept here instead (their number is bounded: URL rules x methods x statuses).
-_counters: dict[tuple[str, str, int], Any] = {}
-_histograms: dict[tuple[str, str], Any] = {}
+# children are kept here instead (their number is bounded: URL rules x methods x statuses, and
+# projects up to MAX_PROJECT_LABELS x error codes).
+_children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
 
-def _counter(endpoint: str, method: str, status: int) -> Any:
-    key = (endpoint, method, status)
-    child = _counters.get(key)
+def _child(metric: Any, *labels: str) -> Any:
+    key = (metric, labels)
+    child = _children.get(key)
     if child is None:
-        child = _counters[key] = REQUESTS.labels(endpoint, method, str(status))
-    return child
-
-
-def _histogram(endpoint: str, method: str) -> Any:
-    key = (endpoint, method)
-    child = _histograms.get(key)
-    if child is None:
-        child = _histograms[key] = DURATION.labels(endpoint, method)
+        child = _children[key] = metric.labels(*labels)
     return child
 
 
@@ -172,17 +164,10 @@ def _count_events(status: int) -> tuple[str, int]:
                 _verified_projects.add(key)
     project = key if key in _verified_projects else UNVERIFIED_PROJECT
     if status == 200:
-        accepted = _accepted.get(project)
-        if accepted is None:
-            accepted = _accepted[project] = EVENTS_ACCEPTED.labels(project)
-        accepted.inc(events)
+        _child(EVENTS_ACCEPTED, project).inc(events)
     else:
-        EVENTS_REJECTED.labels(project, error_code(status)).inc(events)
+        _child(EVENTS_REJECTED, project, error_code(status)).inc(events)
     return project, events
-
-
-#: EVENTS_ACCEPTED's children, as _counters keeps REQUESTS's (at most MAX_PROJECT_LABELS + 1).
-_accepted: dict[str, Any] = {}
 
 
 def _teardown(_error: BaseException | None) -> None:

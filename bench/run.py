@@ -169,24 +169,24 @@ class RssSampler(threading.Thread):
 def write_snippet_manifest(directory: Path, key: str) -> Path:
     """1-event bodies as apex.js sends them (bench/events.py: varied pages, campaigns,
     referrers, decimals, an id, a timestamp, sentAt) and their User-Agents, for counts.lua."""
-    lines = []
-    for number, (agent, event) in enumerate(events.snippet_pool()):
-        path = directory / f"snippet_{number}.json"
-        path.write_bytes(events.snippet_body(event, key))
-        lines.append(f"{agent}\t{path}\n")
-    manifest = directory / "snippets.tsv"
-    manifest.write_text("".join(lines))
-    return manifest
+    bodies = [(agent, events.snippet_body(event, key)) for agent, event in events.snippet_pool()]
+    return _write_manifest(directory, "snippet", bodies)
 
 
 def write_manifest(directory: Path, pool: list[events.Batch], key: str) -> Path:
     """The pre-generated batch bodies and their User-Agents, for bench/counts.lua."""
+    bodies = [(batch.user_agent, events.http_body(batch, key)) for batch in pool]
+    return _write_manifest(directory, "batch", bodies)
+
+
+def _write_manifest(directory: Path, name: str, bodies: list[tuple[str, bytes]]) -> Path:
+    """Each (User-Agent, body) as a file, listed in `<name>.tsv` as counts.lua reads it."""
     lines = []
-    for number, batch in enumerate(pool):
-        path = directory / f"batch_{number}.json"
-        path.write_bytes(events.http_body(batch, key))
-        lines.append(f"{batch.user_agent}\t{path}\n")
-    manifest = directory / "manifest.tsv"
+    for number, (agent, body) in enumerate(bodies):
+        path = directory / f"{name}_{number}.json"
+        path.write_bytes(body)
+        lines.append(f"{agent}\t{path}\n")
+    manifest = directory / f"{name}.tsv"
     manifest.write_text("".join(lines))
     return manifest
 

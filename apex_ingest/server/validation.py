@@ -179,7 +179,7 @@ def build_rows(
             event_user_id = own_user_id
         previous_id = event.previous_id
         if previous_id or event_type in IDENTITY_TYPES:
-            _check_identity(event, event_user_id, prefix, violations)
+            _check_identity(event_type, previous_id, event_user_id, prefix, violations)
         # identify and alias say who someone is, not where: their url is optional.
         if url or event_type not in IDENTITY_TYPES:
             problem = _url_problem(url)
@@ -275,24 +275,28 @@ PREVIOUS_ID = "previous_id"
 
 
 def _check_identity(
-    event: ingest_pb2.Event, user_id: str | None, prefix: str, violations: list[FieldViolation]
+    event_type: str,
+    previous_id: str,
+    user_id: str | None,
+    prefix: str,
+    violations: list[FieldViolation],
 ) -> None:
     """identify needs a user id; alias a user id and a previous id; no other type takes one."""
-    if event.previous_id:
-        problem = _id_problem(event.previous_id, MAX_ID_CHARS)
+    if previous_id:
+        problem = _id_problem(previous_id, MAX_ID_CHARS)
         if problem:
             violations.append(FieldViolation(prefix + "previous_id", problem))
-        elif event.type != ALIAS:
+        elif event_type != ALIAS:
             violations.append(
                 FieldViolation(prefix + "previous_id", 'is only for events of type "alias"')
             )
-    elif event.type == ALIAS:
+    elif event_type == ALIAS:
         violations.append(FieldViolation(prefix + "previous_id", "is required for an alias"))
-    if event.type in IDENTITY_TYPES and not user_id:
+    if event_type in IDENTITY_TYPES and not user_id:
         violations.append(
             FieldViolation(
                 prefix + "user_id",
-                f"is required for an {event.type} (the event's or the request's)",
+                f"is required for an {event_type} (the event's or the request's)",
             )
         )
 

@@ -1,8 +1,8 @@
-/*! apex.js, the Apex Ingest browser snippet. ES2015 syntax, no dependencies. How it works: docs/snippet.md */
+/*! apex.js, Apex Ingest's browser snippet (ES2015): docs/snippet.md */
 ((w, d) => {
 'use strict';
 const nav = navigator, loc = location, old = w.apex, NUL = /\u0000/g, FIELD = /^(INPUT|SELECT|TEXTAREA)$/;
-const QK = 'apex_q', UK = 'apex_uid';
+const QK = 'apex_q' + Math.random(), UK = 'apex_uid';
 let s, api, key, vid, uid, last, lastRef, timer, busy, cl, out, tries = 0, off = 1, q = [], extra = [];
 
 const dict = () => Object.create(null);
@@ -12,7 +12,7 @@ const on = (t, ev, fn, capture) => t.addEventListener(ev, (e) => { try { fn(e); 
 const hex = (n) => [].map.call(w.crypto.getRandomValues(new Uint8Array(n)),
   (b) => (256 + b).toString(16).slice(1)).join('');
 const href = () => /^https?:/.test(loc.href) ? loc.href : loc.pathname;
-// a query or fragment parameter named like a secret keeps its name, its value becomes [redacted]
+// a query or fragment parameter named like a secret: its value becomes [redacted]
 const red = (u) => (u = u || '').replace(/([?#].*)/, (q) => q.replace(/([?&#])([^=&#?]*)=([^&#]+)/g, (m, a, n) => {
   const k = n.trim().toLowerCase();
   return extra.includes(k) || /passw|pwd|secret|token|apikey|privatekey|sessionid|creditcard|cardnum|ccnum|cvv|cvc/
@@ -43,10 +43,9 @@ const fit = (data) => {
   return { truncated: true };
 };
 
-// localStorage, unused in cookieless mode
-const get = (k) => { try { return cl ? null : w.localStorage.getItem(k); } catch (e) {} };
-const put = (k, v) => { try { if (!cl) w.localStorage.setItem(k, v); } catch (e) {} };
-// the send queue: docs/snippet.md; sentAt: when this attempt leaves
+const get = (k) => { try { return cl ? null : localStorage.getItem(k); } catch (e) {} };
+const put = (k, v) => { try { if (!cl) localStorage.setItem(k, v); } catch (e) {} };
+// the send queue (docs/snippet.md); sentAt: when this attempt leaves
 const save = () => put(QK, JSON.stringify(q));
 const at = (b) => b.slice(0, -1) + ',"sentAt":"' + new Date().toISOString() + '"}';
 const go = () => {
@@ -85,7 +84,7 @@ const pv = (force) => {
 const visitor = (fresh) => {
   const k = 'apex_vid';
   let v, ls;
-  try { ls = w.localStorage; v = ls.getItem(k); } catch (e) {}
+  try { ls = localStorage; v = ls.getItem(k); } catch (e) {}
   try { v = v || (/(?:^|; *)apex_vid=([\w-]+)/.exec(d.cookie) || [])[1]; } catch (e) {}
   if (fresh || !/^[\w-]{1,128}$/.test(v || '')) v = hex(16);
   try { ls.setItem(k, v); } catch (e) {
@@ -140,7 +139,7 @@ const submit = (e) => {
   });
 };
 
-// opted out (apex('opt_out'), or Global Privacy Control without apex('opt_in')): nothing is sent
+// opted out (opt_out, or Global Privacy Control without opt_in): nothing is sent
 const consent = (yes, k) => {
   if (k) put('apex_consent', yes);
   out = !yes;
@@ -170,10 +169,14 @@ try {
   extra = (attr('redact') || '').toLowerCase().split(',').map((x) => x.trim()).filter(String);
   api = new URL(attr('api') || '/api/events', (s && s.src) || loc.href).href;
   if (!key || (flag('respect-dnt') && (nav.doNotTrack == '1' || nav.globalPrivacyControl === true))) return;
-  cl = flag('cookieless'); // nothing stored in the browser, the server derives the visitor
+  cl = flag('cookieless'); // nothing stored in the browser: the server derives the visitor
   const c = get('apex_consent');
   uid = get(UK) || '';
-  try { q = [].concat(JSON.parse(get(QK)) || []).slice(-100); } catch (e) {}
+  // a queue per page: tabs never overwrite each other's (an adopted one goes before parsing)
+  try {
+    for (const k of cl ? [] : Object.keys(localStorage)) if (/^apex_q/.test(k)) q = q.concat(JSON.parse(get(k), localStorage.removeItem(k)) || []);
+  } catch (e) {}
+  q.length && save(q = [...new Set(q)].slice(-100));
   consent(c ? +c : +(nav.globalPrivacyControl !== true));
   last = href();
   lastRef = d.referrer;
@@ -200,6 +203,6 @@ try {
     on(d, 'submit', submit, true);
   }
   for (const a of early.filter((a) => !opt(a))) apex(...a);
-  go(); // what an earlier page could not deliver
+  go();
 } catch (e) {}
 })(window, document);

@@ -19,6 +19,12 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.browser
 
+#: Every event body held in the page's origin's send queues (one `apex_q...` key per page).
+QUEUED = (
+    "Object.keys(localStorage).filter(k => k.startsWith('apex_q'))"
+    ".flatMap(k => JSON.parse(localStorage.getItem(k)))"
+)
+
 
 class Outage:
     """An HTTP front for the gateway's /api/events that answers 503 (Retry-After: 1) while
@@ -108,7 +114,7 @@ def test_every_event_arrives_once_after_a_503_outage(
     tab.wait_for_url("**/two")
     tab.wait_for_function("window.apex && window.apex.loaded === true")
     tab.evaluate("apex.track('after_navigation')")
-    queued = tab.evaluate("JSON.parse(localStorage.getItem('apex_q') || '[]').length")
+    queued = len(tab.evaluate(QUEUED))
     assert queued >= 6  # 2 pageviews, 3 events, the click on the link, the one just tracked
     time.sleep(1)
     outage.down = False
@@ -144,4 +150,41 @@ def test_every_event_arrives_once_after_a_503_outage(
             last_503[body] = at
         else:
             last_503.pop(body, None)
-    assert tab.evaluate("localStorage.getItem('apex_q')") == "[]"
+    assert tab.evaluate(QUEUED) == []
+
+
+def test_tabs_queueing_at_once_lose_nothing(
+    tab: Page, outage_site: Site, outage: Outage, events: EventsTable
+) -> None:
+    # Two tabs of one site during an outage, each adding to its queue after the other did, both
+    # closed before it ends: one shared queue would keep only the last tab's writes.
+    other = tab.context.new_page()
+    for page_, path in ((tab, "/one"), (other, "/two")):
+        page_.goto(outage_site.url(path))
+        page_.wait_for_function("window.apex && window.apex.loaded === true")
+    tab.evaluate("apex.track('first_tab')")
+    other.evaluate("apex.track('second_tab')")
+    tab.evaluate("apex.track('first_tab_again')")
+    time.sleep(0.5)
+    assert any(status == 503 for _, status, _ in outage.posts)
+    tab.close()
+    other.close()
+    time.sleep(1)  # their last beacons meet the outage too
+
+    outage.down = False
+    later = tab.context.new_page()
+    later.goto(outage_site.url("/two"))  # adopts what both tabs left
+    wanted = {"first_tab", "second_tab", "first_tab_again"}
+    events.wait_for(
+        lambda rows: (
+            wanted <= {e.type for e in rows} and sum(e.type == "pageview" for e in rows) >= 3
+        ),
+        "the events of both closed tabs",
+        timeout=30,
+    )
+    time.sleep(1.5)  # anything sent twice would have arrived by now
+    stored = events.all()
+    assert sorted(e.type for e in stored if e.type in wanted) == sorted(wanted)
+    assert sum(e.type == "pageview" for e in stored) == 3
+    assert len({e.event_id for e in stored}) == len(stored)
+    later.wait_for_function(f"({QUEUED}).length === 0")

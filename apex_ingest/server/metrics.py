@@ -41,13 +41,15 @@ EVENTS_REJECTED = Counter(
 EVENTS_SUPPRESSED = Counter(
     "apex_grpc_events_suppressed",
     "Events of suppressed user or visitor ids (apex-ingest people delete --suppress) dropped "
-    "at ingest; answered as accepted and counted in apex_grpc_events_accepted too.",
+    "at ingest; answered as accepted and counted in apex_grpc_events_accepted too. The same "
+    'count as apex_grpc_events_dropped{reason="suppressed"} (kept for existing dashboards).',
     ["project"],
 )
 EVENTS_DROPPED = Counter(
     "apex_grpc_events_dropped",
     "Events answered as accepted but not stored on purpose, by reason (bot: the project "
-    "drops events flagged as bots). Also counted in apex_grpc_events_accepted.",
+    "drops events flagged as bots; suppressed: a suppressed person's). Also counted in "
+    "apex_grpc_events_accepted.",
     ["project", "reason"],
 )
 DEAD_LETTERS_RECORDED = Counter(

@@ -266,6 +266,7 @@ def _count_accepted(project: str, outcome: Outcome) -> None:
     metrics.EVENTS_ACCEPTED.labels(project).inc(outcome.received)
     if outcome.suppressed:
         metrics.EVENTS_SUPPRESSED.labels(project).inc(outcome.suppressed)
+        metrics.EVENTS_DROPPED.labels(project, "suppressed").inc(outcome.suppressed)
 
 
 def _projects_of(outcomes: Sequence[Outcome | IngestError]) -> str:

@@ -130,7 +130,11 @@ def test_suppression_drops_later_events_with_ok_until_lifted(
     def suppressed() -> float:
         return REGISTRY.get_sample_value("apex_grpc_events_suppressed_total", {"project": key}) or 0
 
-    before = suppressed()
+    def dropped() -> float:
+        labels = {"project": key, "reason": "suppressed"}
+        return REGISTRY.get_sample_value("apex_grpc_events_dropped_total", labels) or 0
+
+    before, dropped_before = suppressed(), dropped()
     # Suppressed by user id, by visitor id; a mixed request keeps its other events.
     assert send(stub, key, [Event(id="s1", type="click", url="/")], user_id="alice") == 1
     assert send(stub, key, [Event(id="s2", type="pageview", visitor_id="v-alice", url="/")]) == 1
@@ -140,6 +144,7 @@ def test_suppression_drops_later_events_with_ok_until_lifted(
     ]
     assert send(stub, key, mixed) == 2
     assert suppressed() - before == 3
+    assert dropped() - dropped_before == 3
     stored = event_ids(server.database_url)
     assert "kept" in stored and not stored & {"s1", "s2", "s3"}
     # A suppressed person's refused events are not kept as dead letters either.

@@ -5,6 +5,7 @@ sees nothing."""
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import pytest
@@ -24,7 +25,7 @@ def connect(tab: Page, gateway_url: str, secret: str) -> None:
     tab.click("#start")
 
 
-def send(gateway_url: str, body: dict[str, object]) -> int:
+def send(gateway_url: str, body: Mapping[str, object]) -> int:
     return requests.post(f"{gateway_url}/api/events", json=body, timeout=10).status_code
 
 

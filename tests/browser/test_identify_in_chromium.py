@@ -60,7 +60,7 @@ def test_identify_reload_and_reset(tab: Page, site: Site, events: EventsTable) -
     assert len(events.of_type("identify")) == 1
 
     with events.engine.connect() as connection:
-        resolved = dict(
+        resolved: dict[str, str | None] = dict(
             connection.execute(
                 text("SELECT event_id, resolved_user_id FROM events_with_user")
             ).all()

@@ -234,7 +234,7 @@ def test_invalid_argument_is_not_retried_and_carries_field_violations(
     assert (copy.code, copy.field_violations) == (error.code, error.field_violations)
 
 
-class _FakeRpcError(grpc.RpcError):
+class _FakeRpcError(grpc.RpcError):  # type: ignore[misc]
     def __init__(self, code: grpc.StatusCode, message: str, details: bytes) -> None:
         self._code, self._message, self._details = code, message, details
 

@@ -51,7 +51,7 @@ def test_identify_and_alias_from_both_clients(service: Any, postgres_url: str) -
             )
             == 1
         )
-        events = [
+        events: list[dict[str, Any]] = [
             {
                 "id": "identify-grpc",
                 "type": "identify",

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
 import pytest
 from apex_ingest_sdk import limits as sdk_limits
 
-from gateway import config as gateway_config
+from apex_ingest.common import limits as server_limits
 
 NAMES = (
     "MAX_EVENTS",
@@ -22,25 +19,9 @@ NAMES = (
 )
 
 
-def server_limits() -> ModuleType:
-    """``apex_ingest.common.limits``; until it exists, the validation module's constants."""
-    for name in ("apex_ingest.common.limits", "apex_ingest.server.validation"):
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name is None or not name.startswith(error.name):
-                raise
-    return importlib.import_module("apex_ingest.validation")
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_sdk_limit_equals_the_servers(name: str) -> None:
-    server = server_limits()
-    if name == "MAX_BODY_BYTES" and not hasattr(server, name):
-        # Before apex_ingest.common.limits, the default body limit is the gateway's setting.
-        assert sdk_limits.MAX_BODY_BYTES == gateway_config.DEFAULT_MAX_BODY_BYTES
-        return
-    assert getattr(sdk_limits, name) == getattr(server, name)
+    assert getattr(sdk_limits, name) == getattr(server_limits, name)
 
 
 def test_sdk_copies_every_shared_limit() -> None:

@@ -169,7 +169,7 @@ def fake_server() -> Iterator[Callable[[Handler], FakeServer]]:
     def start(handler: Handler) -> FakeServer:
         servicer = FakeIngest(handler)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)
+        ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)

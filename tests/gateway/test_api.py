@@ -367,13 +367,13 @@ def test_a_server_older_than_validate_only_stores_nothing_either(
     api: Api, project_key: str, rows: Rows, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """During a rolling deploy a new gateway may call an old server, which ignores the field."""
-    from apex_ingest.server import servicer
+    from apex_ingest.server import ingest, servicer
 
-    def old_server(request: Any, *args: Any) -> int:
+    def old_server(request: Any, *args: Any) -> ingest.Outcome:
         request.validate_only = False  # what a server without the field sees
         return real_ingest(request, *args)
 
-    real_ingest = servicer.ingest_events
+    real_ingest = ingest.ingest_events  # the function servicer imported
     monkeypatch.setattr(servicer, "ingest_events", old_server)
     response = api.post(snippet(project_key, referrer={"not": "a string"}))
     assert response.status_code == 400

@@ -6,7 +6,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -33,7 +33,7 @@ class Recorder:
     can be held until released, so that the requests arriving meanwhile queue up."""
 
     def __init__(self, app: Flask, hold_first: bool = False) -> None:
-        self.client: IngestClient = app.extensions["apex_gateway.grpc"]
+        self.client = cast(IngestClient, app.extensions["apex_gateway.grpc"])
         self.calls: list[list[ingest_pb2.IngestEventsRequest]] = []
         self.started = threading.Event()
         self.release = threading.Event()
@@ -261,8 +261,8 @@ def test_per_request_unavailable_is_sent_again_with_the_same_ids(stub: Any) -> N
         event_id = request.events[0].id
         seen[event_id] = seen.get(event_id, 0) + 1
         if event_id == "blip" and seen[event_id] < 3:
-            return code_pb2.UNAVAILABLE
-        return code_pb2.OK
+            return int(code_pb2.UNAVAILABLE)
+        return int(code_pb2.OK)
 
     coalescer, _client = stub(flaky)
     assert coalescer.ingest(one_event("blip")) == 1
@@ -288,7 +288,7 @@ def test_calls_are_bounded_by_count_and_bytes(stub: Any) -> None:
         release.wait(5)
         return real(requests, timeout)
 
-    client.ingest_many = slow  # type: ignore[method-assign]
+    client.ingest_many = slow
     big = one_event("big")
     big.events[0].data = '{"x":"' + "y" * 1000 + '"}'  # alone over the byte bound
     with ThreadPoolExecutor(12) as pool:

@@ -6,7 +6,8 @@ import contextlib
 import json
 import threading
 import time
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, cast
 
 import grpc
 from flask.testing import FlaskClient
@@ -61,7 +62,7 @@ def test_the_feed_streams_new_events_and_rejections(
     response = client.get("/debugger/feed", headers={"X-Apex-Secret-Key": secret}, buffered=False)
     assert response.status_code == 200
     assert response.mimetype == "text/event-stream"
-    chunks = iter(response.response)  # type: ignore[arg-type]
+    chunks = iter(cast(Iterator[bytes], response.response))  # the test client yields bytes
     assert next(chunks) == b": connected\n\n"
     got: list[dict[str, Any]] = []
 
@@ -105,7 +106,7 @@ def test_a_draining_worker_ends_its_feeds_and_refuses_new_ones(
     secret = secret_for(grpc_server.database_url, project_key)
     headers = {"X-Apex-Secret-Key": secret}
     response = client.get("/debugger/feed", headers=headers, buffered=False)
-    chunks = iter(response.response)  # type: ignore[arg-type]
+    chunks = iter(cast(Iterator[bytes], response.response))  # the test client yields bytes
     assert next(chunks) == b": connected\n\n"
     assert debugger._open_feeds  # this one (an earlier test's may still be being forgotten)
     try:

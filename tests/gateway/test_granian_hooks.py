@@ -44,7 +44,7 @@ def test_the_app_is_imported_before_the_worker_serves() -> None:
 def test_set_sync_signals_returns_the_workers_stop_event() -> None:
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        stop = granian_signals.set_sync_signals()
+        stop = granian_signals.set_sync_signals()  # type: ignore[no-untyped-call]
     finally:
         for sig, handler in saved.items():
             signal.signal(sig, handler)

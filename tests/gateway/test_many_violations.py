@@ -47,7 +47,7 @@ def test_the_servers_detail_stays_under_the_metadata_limit(
     grpc_server: RunningServer, project_key: str
 ) -> None:
     with grpc.insecure_channel(grpc_server.target) as channel:
-        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
         events = [ingest_pb2.Event(type="t", url="nope", visitor_id="v" * 300)] * 500
         with pytest.raises(grpc.RpcError) as raised:
             stub.IngestEvents(

@@ -28,6 +28,7 @@ def send(server: RunningServer, document: Any) -> tuple[int, dict[str, Any]]:
     try:
         prepared = partial.prepare(payload)
     except ApiError as error:
+        assert error.code is not None
         return error.code, {"details": [d.field for d in error.details]}
     assert prepared is not None
     with grpc.insecure_channel(server.target) as channel:
@@ -35,7 +36,9 @@ def send(server: RunningServer, document: Any) -> tuple[int, dict[str, Any]]:
         try:
             response = stub.IngestEvents(prepared.request, timeout=5)
         except grpc.RpcError as exc:
-            return to_api_error(exc, payload.snippet).code, {}
+            api_error = to_api_error(exc, payload.snippet)
+            assert api_error.code is not None
+            return api_error.code, {}
     body = prepared.answer(response.received, response.rejected)
     RECEIVED.validate(body)
     return 200, body

@@ -35,7 +35,8 @@ def test_a_signal_during_the_masters_interrupt_handler_is_ignored() -> None:
 
     master = SimpleNamespace(interrupt_signal=False, main_loop_interrupt=SignalledDuringSet())
     master.signal_handler_interrupt = functools.partial(
-        AbstractServer.signal_handler_interrupt, master
+        AbstractServer.signal_handler_interrupt,
+        master,  # type: ignore[arg-type]  # a stand-in for granian's master
     )
     ignore_repeated_interrupts(master)
     master.signal_handler_interrupt(signal.SIGINT, None)

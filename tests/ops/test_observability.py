@@ -137,6 +137,7 @@ def test_json_logs_carry_the_request_id_and_stay_one_line(sqlite_url: str) -> No
 
         # CR/LF reach the log through the (percent-decoded) path, a tab through the User-Agent.
         parts = urlsplit(service.base_url)
+        assert parts.hostname is not None
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
         connection.putrequest(
             "GET", "/nowhere%0d%0a%7b%22forged%22%3a1%7d", skip_accept_encoding=True

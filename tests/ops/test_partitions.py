@@ -91,7 +91,7 @@ def test_events_are_partitioned_by_month_and_stored_once(postgres_url: str) -> N
         store.store(project_id, [_row(project_id, "a", now - timedelta(days=40))])
         store.store(project_id, [_row(project_id, "b", now), _row(project_id, "b", now)])
         with engine.begin() as connection:
-            counts = dict(
+            counts: dict[str, int] = dict(
                 connection.execute(
                     text("SELECT event_id, count(*) FROM events GROUP BY event_id")
                 ).all()

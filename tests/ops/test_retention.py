@@ -65,7 +65,7 @@ def server_without_horizon(database_url: str) -> Iterator[RunningServer]:
 
 def send(server: RunningServer, key: str, *events: ingest_pb2.Event) -> int:
     with grpc.insecure_channel(server.target) as channel:
-        stub: Any = ingest_pb2_grpc.IngestServiceStub(channel)
+        stub: Any = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
         request = ingest_pb2.IngestEventsRequest(project_key=key, events=list(events))
         return int(stub.IngestEvents(request, timeout=10).received)
 

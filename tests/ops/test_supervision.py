@@ -19,7 +19,7 @@ pytestmark = pytest.mark.postgres
 
 
 def _children(pid: int) -> list[int]:
-    found = []
+    found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         children = (task / "children").read_text().split()
         found.extend(int(child) for child in children)

@@ -19,7 +19,8 @@ from tests.reliability import support
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if config.option.markexpr or os.environ.get("APEX_RELIABILITY") == "full":
         return
-    keep, slow = [], []
+    keep: list[pytest.Item] = []
+    slow: list[pytest.Item] = []
     for item in items:
         marker = item.get_closest_marker("reliability")
         (slow if marker is not None and marker.kwargs.get("slow") else keep).append(item)

@@ -268,7 +268,7 @@ def judge(database_url: str, load: Load) -> Verdict:
     engine = create_engine(database_url)
     try:
         with engine.connect() as connection:
-            per_batch = dict(
+            per_batch: dict[str, int] = dict(
                 connection.execute(
                     text(
                         "SELECT data->>'batch' AS batch, count(*) FROM events "

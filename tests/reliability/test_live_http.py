@@ -8,7 +8,7 @@ import json
 import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import pytest
@@ -174,7 +174,10 @@ def test_logs_stay_one_line_per_record_with_hostile_input(live: Live) -> None:
     ]
     statuses = []
     for agent in agents:
-        body = {"projectKey": live.key, "events": [{"type": "ua-test", "url": "/"}]}
+        body: Mapping[str, object] = {
+            "projectKey": live.key,
+            "events": [{"type": "ua-test", "url": "/"}],
+        }
         answer = requests.post(
             live.events_url,
             data=json.dumps(body).encode(),

@@ -138,7 +138,7 @@ def test_grpc_timestamp_beyond_datetime_is_invalid_argument(sqlite_url: str) -> 
     key = make_project(sqlite_url)
     try:
         with grpc.insecure_channel(running.target) as channel:
-            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
             for seconds in (2**62, 2**63 - 1, -(2**63)):
                 event = ingest_pb2.Event(type="x", url="/", timestamp={"seconds": seconds})
                 request = ingest_pb2.IngestEventsRequest(project_key=key, events=[event])

@@ -148,7 +148,7 @@ class GrpcLoad:
             stub.IngestEvents(request, timeout=10)
             attempt = Attempt(number, batch, target, start, time.monotonic(), "OK")
         except grpc.RpcError as error:
-            status = rpc_status.from_call(error)  # type: ignore[arg-type]
+            status = rpc_status.from_call(error)
             retry = error_details_pb2.RetryInfo()
             has_retry = status is not None and any(d.Unpack(retry) for d in status.details)
             attempt = Attempt(
@@ -157,9 +157,9 @@ class GrpcLoad:
                 target,
                 start,
                 time.monotonic(),
-                error.code().name,  # type: ignore[attr-defined]
+                error.code().name,
                 has_retry,
-                (error.details() or "")[:120],  # type: ignore[attr-defined]
+                (error.details() or "")[:120],
             )
         with self._lock:
             self.attempts.append(attempt)
@@ -422,7 +422,7 @@ def test_no_quorum_is_unavailable_with_retry_info_then_recovers(
                     call("during")
                 assert time.monotonic() - started < 5
                 assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-                details = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+                details = rpc_status.from_call(caught.value)
                 retry = error_details_pb2.RetryInfo()
                 assert details is not None and any(d.Unpack(retry) for d in details.details)
                 assert wait_for(

@@ -285,7 +285,7 @@ def test_migration_0009_adds_and_drops_rate_limit(database_url: str) -> None:
                 row[0]
                 for row in connection.exec_driver_sql(
                     "SELECT * FROM projects WHERE 1 = 0"
-                ).cursor.description  # type: ignore[union-attr]
+                ).cursor.description
             }
         assert "rate_limit" not in columns
         upgrade(database_url)  # back to the head: the project is there, with the default limit

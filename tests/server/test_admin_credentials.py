@@ -34,7 +34,7 @@ OPEN_SERVICES = frozenset({SERVICE_NAME})
 def v1_services() -> list[ServiceDescriptor]:
     """Every service of every apex_ingest/v1/*.proto, through the default descriptor pool."""
     pool = descriptor_pool.Default()
-    services = []
+    services: list[ServiceDescriptor] = []
     for module in pkgutil.iter_modules(apex_ingest.v1.__path__):
         if not module.name.endswith("_pb2"):
             continue

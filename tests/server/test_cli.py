@@ -201,7 +201,7 @@ def test_sigterm_drains_in_flight_calls(sqlite_url: str, tmp_path: Path) -> None
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         grpc.channel_ready_future(channel).result(timeout=30)
-        stub = ingest_pb2_grpc.IngestServiceStub(channel)
+        stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
         request = ingest_pb2.IngestEventsRequest(
             project_key=key, events=[ingest_pb2.Event(type="a", url="/", id="in-flight")]
         )

@@ -7,11 +7,13 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
+import psycopg
 import pytest
+from psycopg.types.json import Json
 from sqlalchemy import create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
-from apex_ingest.server import storage
+from apex_ingest.server import metrics, storage
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.errors import IngestError, StorageUnavailable
 from apex_ingest.server.projects import create_project
@@ -69,7 +71,7 @@ def test_concurrent_requests_share_commits(
     def worker(n: int) -> None:
         try:
             for i in range(20):
-                store.store(project_id, rows_for(f"{n}-{i}", 3, project_id))  # type: ignore[arg-type]
+                store.store(project_id, rows_for(f"{n}-{i}", 3, project_id))
         except BaseException as error:  # pragma: no cover - reported below
             errors.append(error)
 
@@ -89,11 +91,11 @@ def test_a_failing_request_does_not_fail_its_group(
 ) -> None:
     project_id = new_project(sessions)
     store = EventStore(sessions, 1)
-    good = _Pending(rows_for("good", 2, project_id))  # type: ignore[arg-type]
+    good = _Pending(rows_for("good", 2, project_id))
     bad_rows = rows_for("bad", 2, project_id)
     bad_rows[1]["type"] = None  # NOT NULL on both databases (PostgreSQL has no FK to break)
-    bad = _Pending(bad_rows)  # type: ignore[arg-type]
-    also_good = _Pending(rows_for("also", 1, project_id))  # type: ignore[arg-type]
+    bad = _Pending(bad_rows)
+    also_good = _Pending(rows_for("also", 1, project_id))
     store._write_group([good, bad, also_good])
     assert all(p.done.is_set() for p in (good, bad, also_good))
     assert good.error is None and also_good.error is None
@@ -114,7 +116,7 @@ def test_an_id_repeated_within_a_group_is_stored_once_the_first_wins(
     for row in (first[2], *second):
         row["type"] = "repeat"
         row["occurred_at"] = datetime(2026, 1, 1, tzinfo=UTC)
-    errors = store.store_many([(project_id, first), (project_id, second)])  # type: ignore[list-item]
+    errors = store.store_many([(project_id, first), (project_id, second)])
     assert errors == [None, None]
     assert store.group_sizes[-1] == 2, "both requests were meant to share one statement"
     engine = create_engine(database_url)
@@ -144,32 +146,34 @@ def test_the_same_ids_in_another_order_wait_instead_of_deadlocking(postgres_url:
     engine = create_db_engine(postgres_url)
     project_id = new_project(create_session_factory(engine))
 
-    def parameters(*ids: str) -> list[object]:
+    def parameters(*ids: str) -> list[Json]:
         rows = rows_for("x", len(ids), project_id)
         for row, event_id in zip(rows, ids, strict=True):
             row["event_id"] = event_id
         return storage._parameters(rows)
 
     first, second = (engine.raw_connection() for _ in range(2))
-    for proxy in (first, second):
-        proxy.driver_connection.execute("SET lock_timeout = '10s'")
+    first_driver, second_driver = first.driver_connection, second.driver_connection
+    assert first_driver is not None and second_driver is not None
+    for driver in (first_driver, second_driver):
+        driver.execute("SET lock_timeout = '10s'")
     failures: list[BaseException] = []
 
     def insert_then_commit() -> None:
         try:
-            second.driver_connection.execute(storage._PG_INSERT_DRIVER, parameters("b", "a"))
-            second.driver_connection.commit()
+            second_driver.execute(storage._PG_INSERT_DRIVER, parameters("b", "a"))
+            second_driver.commit()
         except BaseException as error:
             failures.append(error)
-            second.driver_connection.rollback()
+            second_driver.rollback()
 
     try:
-        first.driver_connection.execute(storage._PG_INSERT_DRIVER, parameters("a"))
+        first_driver.execute(storage._PG_INSERT_DRIVER, parameters("a"))
         waiting = threading.Thread(target=insert_then_commit)
         waiting.start()
         time.sleep(0.5)  # `second` is now waiting for "a"
-        first.driver_connection.execute(storage._PG_INSERT_DRIVER, parameters("b"))
-        first.driver_connection.commit()
+        first_driver.execute(storage._PG_INSERT_DRIVER, parameters("b"))
+        first_driver.commit()
         waiting.join(timeout=15)
         assert failures == []
         assert sorted(stored_ids(postgres_url)) == ["a", "b"]
@@ -186,7 +190,7 @@ def test_a_writer_whose_connection_was_killed_stores_on_a_new_one(postgres_url: 
     project_id = new_project(sessions)
     store = EventStore(sessions, 1, writers=1)
     try:
-        store.store(project_id, rows_for("before", 1, project_id))  # type: ignore[arg-type]
+        store.store(project_id, rows_for("before", 1, project_id))
         with engine.connect() as connection:
             killed = connection.execute(
                 text(
@@ -195,7 +199,7 @@ def test_a_writer_whose_connection_was_killed_stores_on_a_new_one(postgres_url: 
                 )
             ).scalar_one()
         assert killed >= 1
-        store.store(project_id, rows_for("after", 2, project_id))  # type: ignore[arg-type]
+        store.store(project_id, rows_for("after", 2, project_id))
         assert sorted(stored_ids(postgres_url)) == ["after-0", "after-1", "before-0"]
     finally:
         engine.dispose()
@@ -219,10 +223,10 @@ def test_a_bug_while_writing_answers_the_callers_and_the_writer_lives_on(
         for error in broken:
             raise error
 
-    monkeypatch.setattr(storage.metrics.GROUP_REQUESTS, "observe", observe_once)
+    monkeypatch.setattr(metrics.GROUP_REQUESTS, "observe", observe_once)
     with pytest.raises(IngestError):
-        store.store(project_id, rows_for("first", 1, project_id))  # type: ignore[arg-type]
-    store.store(project_id, rows_for("second", 1, project_id))  # type: ignore[arg-type]
+        store.store(project_id, rows_for("first", 1, project_id))
+    store.store(project_id, rows_for("second", 1, project_id))
     assert stored_ids(sqlite_url) == ["second-0"]
 
 
@@ -235,7 +239,7 @@ def test_a_database_that_stops_answering_is_unavailable_within_the_commit_timeou
     monkeypatch.setattr(store, "_commit", lambda rows: answer.wait(10))
     started = time.monotonic()
     with pytest.raises(StorageUnavailable) as refused:
-        store.store(project_id, rows_for("stuck", 1, project_id))  # type: ignore[arg-type]
+        store.store(project_id, rows_for("stuck", 1, project_id))
     answer.set()
     assert time.monotonic() - started < 5
     assert refused.value.maybe_stored and "same event ids" in str(refused.value)
@@ -252,27 +256,25 @@ def test_a_connection_lost_during_the_commit_with_no_new_one_is_maybe_stored(
     sessions = create_session_factory(engine)
     project_id = new_project(sessions)
     store = EventStore(sessions, 1, writers=1)
-    store.store(project_id, rows_for("warm", 1, project_id))  # type: ignore[arg-type]
+    store.store(project_id, rows_for("warm", 1, project_id))
     real_execute = store._pg_execute
     calls = []
 
-    def commit_then_lose_the_connection(
-        columns: list[list[object]], links: list[list[object]]
-    ) -> None:
+    def commit_then_lose_the_connection(columns: list[Json], links: list[list[object]]) -> None:
         calls.append(columns)
         if len(calls) == 1:
             real_execute(columns, links)  # committed ...
             store._local.connection.driver_connection.close()  # ... but the answer is lost
-            raise storage.psycopg.OperationalError("server closed the connection unexpectedly")
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
         raise exc.OperationalError("connect", {}, Exception("connection refused"))
 
     monkeypatch.setattr(store, "_pg_execute", commit_then_lose_the_connection)
     with pytest.raises(StorageUnavailable) as refused:
-        store.store(project_id, rows_for("lost", 2, project_id))  # type: ignore[arg-type]
+        store.store(project_id, rows_for("lost", 2, project_id))
     assert refused.value.maybe_stored
     assert len(calls) == 2  # tried again on a new connection before answering
     monkeypatch.undo()
-    store.store(project_id, rows_for("lost", 2, project_id))  # type: ignore[arg-type]  # a retry
+    store.store(project_id, rows_for("lost", 2, project_id))  # a retry
     assert sorted(stored_ids(postgres_url)) == ["lost-0", "lost-1", "warm-0"]
     engine.dispose()
 
@@ -289,14 +291,14 @@ def test_a_request_still_queued_at_the_commit_timeout_is_withdrawn(
     def hang_once(rows: list[dict[str, object]]) -> None:
         if rows[0]["event_id"] == "stuck-0":
             answer.wait(10)
-        real_commit(rows)  # type: ignore[arg-type]
+        real_commit(rows)
 
     monkeypatch.setattr(store, "_commit", hang_once)
-    outcomes: dict[str, BaseException] = {}
+    outcomes: dict[str, StorageUnavailable] = {}
 
     def send(prefix: str) -> None:
         try:
-            store.store(project_id, rows_for(prefix, 1, project_id))  # type: ignore[arg-type]
+            store.store(project_id, rows_for(prefix, 1, project_id))
         except StorageUnavailable as error:
             outcomes[prefix] = error
 
@@ -307,6 +309,6 @@ def test_a_request_still_queued_at_the_commit_timeout_is_withdrawn(
     first.join()
     answer.set()
     time.sleep(0.3)
-    assert outcomes["stuck"].maybe_stored  # type: ignore[attr-defined]
-    assert not outcomes["queued"].maybe_stored  # type: ignore[attr-defined]
+    assert outcomes["stuck"].maybe_stored
+    assert not outcomes["queued"].maybe_stored
     assert stored_ids(sqlite_url) == ["stuck-0"]  # written once the hang ended; "queued" never

@@ -60,7 +60,7 @@ def rejection(call: Any) -> tuple[grpc.StatusCode, dict[str, str], grpc.RpcError
     with pytest.raises(grpc.RpcError) as info:
         call()
     error = info.value
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    status = rpc_status.from_call(error)
     fields: dict[str, str] = {}
     if status is not None:
         for detail in status.details:
@@ -128,7 +128,7 @@ def test_data_round_trips_exactly(stub: Any, key: str, server: RunningServer) ->
     ingest(stub, key, Event(type="t", url="/", data=EXACT))
     stored = rows(server.database_url)[0]["data"]
     exact = {"parse_float": Decimal, "parse_int": int}
-    assert json.loads(stored, **exact) == json.loads(EXACT, **exact)  # type: ignore[arg-type]
+    assert json.loads(stored, **exact) == json.loads(EXACT, **exact)
     for literal in (
         "9007199254740993",
         "123456789012345678901234567890",
@@ -298,7 +298,7 @@ def test_storage_down_then_back(postgres_url: str) -> None:
     running = start_server(proxied)
     try:
         with grpc.insecure_channel(running.target) as channel:
-            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
             health = health_pb2_grpc.HealthStub(channel)
             assert ingest(stub, key, Event(type="a", url="/")) == 1
 
@@ -307,7 +307,7 @@ def test_storage_down_then_back(postgres_url: str) -> None:
             code, _, error = rejection(lambda: ingest(stub, key, Event(type="b", url="/")))
             assert code is grpc.StatusCode.UNAVAILABLE
             assert time.monotonic() - started < 5
-            status = rpc_status.from_call(error)  # type: ignore[arg-type]
+            status = rpc_status.from_call(error)
             retry = error_details_pb2.RetryInfo()
             assert status is not None and status.details[0].Unpack(retry)
             assert retry.retry_delay.seconds >= 1
@@ -338,7 +338,7 @@ def test_revocation_applies_within_cache_ttl(database_url: str) -> None:
     key = make_project(database_url)
     try:
         with grpc.insecure_channel(running.target) as channel:
-            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
             assert ingest(stub, key, Event(type="a", url="/")) == 1
             engine = create_db_engine(database_url)
             with create_session_factory(engine).begin() as session:
@@ -363,7 +363,7 @@ def test_calls_past_the_concurrency_limit_are_refused_with_retry_info(sqlite_url
     holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
     try:
         with grpc.insecure_channel(running.target) as channel:
-            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
             ingest(stub, key, Event(type="warm", url="/"))  # the key is cached from here on
             holder.execute("BEGIN EXCLUSIVE")  # the next commits wait for the lock
             request = ingest_pb2.IngestEventsRequest(
@@ -404,7 +404,7 @@ def test_a_call_whose_deadline_passed_while_it_waited_is_not_stored(sqlite_url: 
     holder = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
     try:
         with grpc.insecure_channel(running.target) as channel:
-            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
             ingest(stub, key, Event(type="warm", url="/"))
             holder.execute("BEGIN EXCLUSIVE")
 

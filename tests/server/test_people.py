@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -211,7 +212,7 @@ def test_people_service_needs_the_projects_secret_key(
     key, secret = new_project(server.database_url)
     send(stub, key, [Event(id="keep", type="click", url="/")], user_id="alice")
     service = people(channel)
-    calls = {
+    calls: dict[str, Callable[[Sequence[tuple[str, str]]], object]] = {
         "delete": lambda md: service.DeletePerson(
             people_pb2.DeletePersonRequest(user_ids=["alice"]), metadata=md, timeout=5
         ),

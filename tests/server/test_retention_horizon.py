@@ -36,7 +36,7 @@ def server(database_url: str) -> Iterator[RunningServer]:
 @pytest.fixture
 def stub(server: RunningServer) -> Iterator[Any]:
     with grpc.insecure_channel(server.target) as channel:
-        yield ingest_pb2_grpc.IngestServiceStub(channel)
+        yield ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
 
 
 def test_events_older_than_the_retention_period_are_refused(
@@ -59,7 +59,7 @@ def test_without_a_retention_period_old_events_are_kept(database_url: str) -> No
     try:
         key = make_project(database_url)
         with grpc.insecure_channel(running.target) as channel:
-            stub = ingest_pb2_grpc.IngestServiceStub(channel)
+            stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
             old = Event(type="a", url="/", timestamp=stamp(datetime(1999, 1, 1, tzinfo=UTC)))
             assert ingest(stub, key, old) == 1
     finally:

@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.servicer import IngestServicer
-from apex_ingest.server.storage import EventStore
+from apex_ingest.server.storage import EventStore, Row
 from apex_ingest.v1 import ingest_pb2
 from tests.conftest import make_project
 
@@ -91,7 +91,7 @@ def test_storage_down_is_unavailable_with_retry_info(tmp_path: object) -> None:
 
 def test_unexpected_failure_is_internal_not_unknown(sqlite_url: str) -> None:
     class BrokenStore(EventStore):
-        def store(self, project_id: int, rows: list[dict[str, object]]) -> None:
+        def store(self, project_id: int, rows: list[Row], deadline: float | None = None) -> None:
             raise RuntimeError("bug")
 
     engine = create_db_engine(sqlite_url)

@@ -10,7 +10,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -322,7 +322,7 @@ def test_refused_requests_are_never_published(settings: ServerSettings) -> None:
     try:
         with grpc.insecure_channel(running.target) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)  # type: ignore[no-untyped-call]
-            refusals = {
+            refusals: dict[str, Callable[[], int]] = {
                 "invalid": lambda: ingest(stub, key, Event(type="t", url="not a url")),
                 "unknown key": lambda: ingest(stub, "pk_nope", Event(type="t", url="/")),
                 "origin": lambda: ingest(
@@ -372,8 +372,8 @@ def test_a_loader_killed_before_its_ack_loses_and_duplicates_nothing(
     assert len(stored(settings.database_url)) == 15
     time.sleep(settings.stream_ack_wait + 1.0)
     assert load_all(settings, wait=1.0) == 4  # the 3 redelivered and the one never fetched
-    events = stored(settings.database_url)
-    assert len(events) == 20 and len(set(events)) == 20
+    rows = stored(settings.database_url)
+    assert len(rows) == 20 and len(set(rows)) == 20
     assert stream_state(settings) == (0, 0)
 
 
@@ -520,7 +520,7 @@ def test_no_stream_means_unavailable_with_retry_info(sqlite_url: str) -> None:
             with pytest.raises(grpc.RpcError) as caught:
                 ingest(stub, key, Event(type="t", url="/"))
             assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-            status = rpc_status.from_call(caught.value)  # type: ignore[arg-type]
+            status = rpc_status.from_call(caught.value)
             retry = error_details_pb2.RetryInfo()
             assert status is not None and status.details[0].Unpack(retry)
             assert retry.retry_delay.seconds >= 1

@@ -116,6 +116,7 @@ def handle_http_exception(exc: HTTPException) -> Response:
     response = json_response(error_body(status, message, details), status)
     wait_for_reader = getattr(exc, "wait_for_reader", None)
     if wait_for_reader is not None:  # a body read still pending (gateway.body.BodyTimeout)
+        response.direct_passthrough = False  # so that the server calls close()
         response.call_on_close(wait_for_reader)
         response.headers["Connection"] = "close"
     # Keep what werkzeug puts in headers (Allow on 405, Retry-After on 429/503).

@@ -106,7 +106,17 @@ def dumps(value: Any) -> bytes:
 
 
 def json_response(body: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(body), status=status, mimetype="application/json")
+    """`body` as a JSON answer whose WSGI body is the list of its one bytes object.
+
+    direct_passthrough hands that list to the server as it is, instead of werkzeug's
+    ClosingIterator: granian sends a list in one call, an iterator chunk by chunk through a
+    channel (~17 µs more per request under load: 1.03x snippet requests/s, bench/README.md).
+    The price: the server never calls the response's close(), so a response that registers
+    call_on_close must turn it off again (gateway.errors does).
+    """
+    return Response(
+        orjson.dumps(body), status=status, mimetype="application/json", direct_passthrough=True
+    )
 
 
 class OrjsonProvider(JSONProvider):

@@ -300,7 +300,7 @@ def report(
         "no observations"
         if delay is None or not delay.count
         else f"p50 <= {delay.p50:g} s, p99 <= {delay.p99:g} s (bucket bounds),"
-        f" mean {delay.mean:.2f} s, {delay.count:.0f} requests"
+        f" mean {delay.mean:.2f} s, {delay.count:.0f} messages"
     )
     print(f"ack -> row delay: {shown}")
     print(

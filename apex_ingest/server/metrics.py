@@ -159,7 +159,7 @@ LOADER_ROWS_DROPPED = Counter(
 )
 LOADER_DELAY = Histogram(
     "apex_loader_delay_seconds",
-    "From a request's acknowledgement by the stream (its publication) to the commit of its "
-    "rows by a loader.",
+    "From a message's acknowledgement by the stream (its publication) to the commit of its "
+    "rows by a loader (one observation per message, which holds one or more requests).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
 )

@@ -1,7 +1,6 @@
 """Stream mode: accepted requests go to a NATS JetStream stream; loaders write the database.
 
-The message format (`FORMAT`, version 1), one message per accepted request so that a request
-stays all-or-nothing, is a msgpack array (msgspec):
+The message format (`FORMAT`, version 1) is a msgpack array (msgspec):
 
     [1, project_id, published_at, [column, ...], [[value, ...], ...]]
 
@@ -13,11 +12,19 @@ acknowledgement to row with it. Times are msgpack timestamps (UTC), `data` the e
 text as validated. A reader meeting a version it does not know leaves the message in the
 stream (see `decode`); a new version is added beside this one, never in its place.
 
+A message holds whole requests of one project: the accepted requests of one project that one
+call carries (an IngestMany call of the gateway holds the concurrent HTTP requests of a worker)
+travel as one message, split only to stay under the NATS server's max_payload (a request bigger
+than that alone fails, as it always did). A message is stored and loaded all or nothing, so
+each request stays all-or-nothing; NATS's and the loaders' work per message (replication,
+acknowledgements, fetches) is shared by the requests in it (bench/README.md, stream mode).
+
 Subjects: `<APEX_STREAM_SUBJECT>.<shard>`, shard = project id % SHARDS, so one project's
 requests stay on one subject (in order) and a later split of the stream by subject is possible.
-JetStream's message id (`Nats-Msg-Id`) is a hash of the project and the request's sorted event
-ids: a retried request inside the stream's duplicate window is stored in the stream once. The
-real dedup is the loaders' insert, which skips ids already stored.
+JetStream's message id (`Nats-Msg-Id`) is a hash of the project and the message's sorted event
+ids: a retried call inside the stream's duplicate window is stored in the stream once. The real
+dedup is the loaders' insert, which skips ids already stored (a request retried alone travels
+in another message, and its rows are loaded once).
 
 nats-py is asyncio and the gRPC server is threaded: each server process runs one event loop in a
 thread of its own (`StreamSink`), and the request threads hand their publishes to it. Concurrent
@@ -33,7 +40,7 @@ import logging
 import threading
 import time
 from collections.abc import Coroutine, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import msgspec
 import nats
@@ -54,6 +61,8 @@ VERSION = 1
 SHARDS = 16
 #: Header naming the payload's format and version, for readers that are not loaders.
 FORMAT_HEADER = "Apex-Format"
+#: Bytes of a message's max_payload left for its headers and framing.
+HEADROOM = 4096
 
 
 class StreamedRequest(msgspec.Struct, array_like=True, frozen=True):
@@ -117,12 +126,43 @@ def rows_of(request: StreamedRequest) -> list[Row]:
     return rows
 
 
+class Message(NamedTuple):
+    project_id: int
+    #: Indexes of the requests it holds, in the call's order.
+    requests: list[int]
+    payload: bytes
+    id: str
+
+
+def pack(
+    requests: Sequence[tuple[int, list[Row]]], published_at: float, max_bytes: int
+) -> list[Message]:
+    """The messages carrying `requests` (project_id, rows): one per project, halved until each
+    is at most `max_bytes` or holds one request (which is then sent as it is, and refused by
+    the server if too big: see StreamSink._outcome)."""
+    by_project: dict[int, list[int]] = {}
+    for index, (project_id, _) in enumerate(requests):
+        by_project.setdefault(project_id, []).append(index)
+    messages: list[Message] = []
+    pending = list(by_project.items())
+    while pending:
+        project_id, indexes = pending.pop(0)
+        rows = [row for index in indexes for row in requests[index][1]]
+        payload = encode(project_id, rows, published_at)
+        if len(payload) > max_bytes and len(indexes) > 1:
+            half = len(indexes) // 2
+            pending[:0] = [(project_id, indexes[:half]), (project_id, indexes[half:])]
+            continue
+        messages.append(Message(project_id, indexes, payload, message_id(project_id, rows)))
+    return messages
+
+
 def subject(prefix: str, project_id: int) -> str:
     return f"{prefix}.{project_id % SHARDS}"
 
 
 def message_id(project_id: int, rows: Sequence[Row]) -> str:
-    """JetStream's Nats-Msg-Id: the same request sent again has the same one."""
+    """JetStream's Nats-Msg-Id: the same rows sent again have the same one."""
     digest = hashlib.sha256(str(project_id).encode())
     for event_id in sorted(row["event_id"] for row in rows):
         digest.update(b"\0" + event_id.encode("utf-8", "surrogatepass"))
@@ -249,22 +289,25 @@ class StreamSink:
         self, requests: Sequence[tuple[int, list[Row]]], timeout: float
     ) -> list[BaseException | None]:
         js = await self._jetstream()
+        assert self._client is not None
         published_at = time.time()
+        messages = pack(requests, published_at, self._client.max_payload - HEADROOM)
         publishes = [
             js.publish(
-                subject(self._prefix, project_id),
-                encode(project_id, rows, published_at),
+                subject(self._prefix, message.project_id),
+                message.payload,
                 timeout=timeout,
                 stream=self._stream,
-                headers={
-                    "Nats-Msg-Id": message_id(project_id, rows),
-                    FORMAT_HEADER: f"{FORMAT}/{VERSION}",
-                },
+                headers={"Nats-Msg-Id": message.id, FORMAT_HEADER: f"{FORMAT}/{VERSION}"},
             )
-            for project_id, rows in requests
+            for message in messages
         ]
         outcomes = await asyncio.gather(*publishes, return_exceptions=True)
-        return [outcome if isinstance(outcome, BaseException) else None for outcome in outcomes]
+        results: list[BaseException | None] = [None] * len(requests)
+        for message, outcome in zip(messages, outcomes, strict=True):
+            for index in message.requests:
+                results[index] = outcome if isinstance(outcome, BaseException) else None
+        return results
 
     def _outcome(self, result: BaseException | None) -> IngestError | None:
         if result is None:

@@ -166,6 +166,31 @@ def ingest(stub: Any, key: str, *events: Any, **fields: Any) -> int:
     return int(stub.IngestEvents(request, timeout=10).received)
 
 
+def test_a_calls_requests_travel_as_one_message_per_project_under_the_size_limit() -> None:
+    def request(project_id: int, name: str, events: int = 1) -> tuple[int, list[Row]]:
+        rows: list[Row] = [
+            {"event_id": f"{name}{i}", "type": "t", "url": "/", "data": "x" * 100}
+            for i in range(events)
+        ]
+        return project_id, rows
+
+    requests = [request(1, "a"), request(2, "b"), request(1, "c", 3), request(2, "d")]
+    messages = stream.pack(requests, 1.0, 1_000_000)
+    assert [(m.project_id, m.requests) for m in messages] == [(1, [0, 2]), (2, [1, 3])]
+    first = stream.rows_of(stream.decode(messages[0].payload))
+    assert [row["event_id"] for row in first] == ["a0", "c0", "c1", "c2"]
+    assert messages[0].id == stream.message_id(1, requests[0][1] + requests[2][1])
+    # Over the limit: halved until each message fits or holds one request (a request is never
+    # split: it stays all-or-nothing).
+    one = len(stream.pack([request(1, "a")], 1.0, 1_000_000)[0].payload)
+    many = [request(1, f"r{n}-") for n in range(8)]
+    split = stream.pack(many, 1.0, 3 * one)
+    assert [m.requests for m in split] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert all(len(m.payload) <= 3 * one for m in split)
+    alone = stream.pack([request(1, "big", 50), request(1, "small")], 1.0, one)
+    assert [m.requests for m in alone] == [[0], [1]]
+
+
 def test_codec_round_trip_and_message_id() -> None:
     now = datetime(2026, 12, 2, 12, 0, 0, 123456, tzinfo=UTC)
     rows: list[Row] = [
@@ -295,10 +320,11 @@ def test_accepted_requests_are_published_then_loaded_once(settings: ServerSettin
             assert [r.received for r in answer.results] == [3, 1]
             # A retry of the first request: the same message id, stored in the stream once.
             assert ingest(stub, key, Event(id="a1", type="t", url="/a?token=s3cret")) == 1
-        # Acknowledged, not yet in the database: the loaders write it.
+        # Acknowledged, not yet in the database: the loaders write it. The IngestMany call's
+        # two requests (one project) travel as one message.
         assert stored(settings.database_url) == []
-        assert stream_state(settings) == (3, 3)
-        assert load_all(settings) == 3
+        assert stream_state(settings) == (2, 2)
+        assert load_all(settings) == 2
         assert [event_id for event_id, _ in stored(settings.database_url)] == [
             "a1",
             "b0",

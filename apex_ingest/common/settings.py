@@ -286,7 +286,7 @@ class StreamSettings(_Section):
     #: project's suppression list's) last known value while the database is unreachable (0: not
     #: at all; then every key is refused).
     stream_key_grace: float = setting(3600.0, ge=0)
-    #: Messages (requests) a loader fetches and commits in one transaction.
+    #: Messages a loader fetches at once (committed in transactions of at most 25,000 rows).
     loader_batch: int = setting(256, ge=1, le=10_000)
     #: Port of a loader's /healthz (lag, stream and database) and /metrics (unset: none).
     loader_port: int | None = setting(None, ge=1, le=65535)

@@ -80,6 +80,9 @@ RETRY_DELAY = 1.0
 UNREADABLE_DELAY = 60.0
 #: A loader's statement timeout: a batch is large, but a blocked database must still fail.
 LOADER_STATEMENT_TIMEOUT_MS = 60_000
+#: Rows in one loader transaction at most (whole messages; a bigger message alone): about what
+#: APEX_LOADER_BATCH (256) messages of one 100-event request each used to make.
+MAX_COMMIT_ROWS = 25_000
 
 
 # --- stream setup --------------------------------------------------------------------------
@@ -274,19 +277,36 @@ class Loader:
             readable.append((message, request.published_at, rows_of(request)))
         if not readable:
             return 0
-        return await self._commit_and_ack(readable)
+        # A message may hold many requests (stream.pack): the fetched batch is committed in
+        # transactions of at most MAX_COMMIT_ROWS rows (whole messages), not all at once.
+        chunks = _chunks(readable, MAX_COMMIT_ROWS)
+        loaded, pinged = 0, time.monotonic()
+        for index, chunk in enumerate(chunks):
+            waiting = [item for later in chunks[index + 1 :] for item in later]
+            if index and time.monotonic() - pinged > self.settings.stream_ack_wait / 3:
+                await self._in_progress(chunk + waiting)
+                pinged = time.monotonic()
+            done = await self._commit_and_ack(chunk, waiting)
+            if done is None:  # the database is unavailable: what was left waits, together
+                break
+            loaded += done
+        return loaded
 
-    async def _commit_and_ack(self, batch: list[tuple[Msg, float, list[Row]]]) -> int:
+    async def _commit_and_ack(
+        self, batch: list[tuple[Msg, float, list[Row]]], waiting: list[tuple[Msg, float, list[Row]]]
+    ) -> int | None:
         """Commit the batch's rows in one transaction and acknowledge its messages; the number
-        loaded. When the database is unavailable every message waits RETRY_DELAY; when the
+        loaded, or None if the database is unavailable: then every message of `batch` and
+        `waiting` (the fetched messages still to commit) waits RETRY_DELAY, together. When the
         batch fails otherwise (something in one message), each is tried on its own, and one
-        that still fails waits UNREADABLE_DELAY (left in the stream, never lost)."""
-        outcome = await self._commit_in_time(batch, batch)
+        that still fails waits UNREADABLE_DELAY (left in the stream, never lost). `waiting` is
+        kept in progress meanwhile."""
+        outcome = await self._commit_in_time(batch, batch + waiting)
         if outcome is _Outcome.COMMITTED:
             return await self._ack(batch)
         if outcome is _Outcome.UNAVAILABLE:
-            await self._defer(batch)
-            return 0
+            await self._defer(batch + waiting)
+            return None
         if len(batch) == 1:
             await self._set_aside(batch[0][0])
             return 0
@@ -296,15 +316,15 @@ class Loader:
             if time.monotonic() - pinged > self.settings.stream_ack_wait / 3:
                 # The messages not yet tried stay in progress while the earlier ones are loaded
                 # (a long commit pings them itself, in _commit_in_time).
-                await self._in_progress(batch[index:])
+                await self._in_progress(batch[index:] + waiting)
                 pinged = time.monotonic()
-            outcome = await self._commit_in_time([one], batch[index:])
+            outcome = await self._commit_in_time([one], batch[index:] + waiting)
             if outcome is _Outcome.COMMITTED:
                 loaded += await self._ack([one])
             elif outcome is _Outcome.UNAVAILABLE:
                 # The database went away meanwhile: the rest waits for it, together.
-                await self._defer(batch[index:])
-                break
+                await self._defer(batch[index:] + waiting)
+                return None
             else:
                 await self._set_aside(one[0])
         return loaded
@@ -402,6 +422,22 @@ class Loader:
                 )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
+
+
+def _chunks(
+    batch: list[tuple[Msg, float, list[Row]]], max_rows: int
+) -> list[list[tuple[Msg, float, list[Row]]]]:
+    """`batch` in consecutive runs of whole messages of at most `max_rows` rows each (a message
+    with more is a run of its own)."""
+    chunks: list[list[tuple[Msg, float, list[Row]]]] = []
+    rows = 0
+    for item in batch:
+        if not chunks or rows + len(item[2]) > max_rows:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(item)
+        rows += len(item[2])
+    return chunks
 
 
 def loader_engine(settings: ServerSettings) -> Engine:

@@ -14,10 +14,12 @@ stream (see `decode`); a new version is added beside this one, never in its plac
 
 A message holds whole requests of one project: the accepted requests of one project that one
 call carries (an IngestMany call of the gateway holds the concurrent HTTP requests of a worker)
-travel as one message, split only to stay under the NATS server's max_payload (a request bigger
-than that alone fails, as it always did). A message is stored and loaded all or nothing, so
-each request stays all-or-nothing; NATS's and the loaders' work per message (replication,
-acknowledgements, fetches) is shared by the requests in it (bench/README.md, stream mode).
+travel as one message, split to stay under GROUP_BYTES and the NATS server's max_payload (a
+request bigger than GROUP_BYTES travels alone; one bigger than max_payload fails, as it always
+did). A message is stored and loaded all or nothing, so each request stays all-or-nothing;
+NATS's and the loaders' work per message (replication, acknowledgements, fetches) is shared by
+the requests in it (bench/README.md, stream mode). Loaders commit whole messages in
+transactions of bounded rows (apex_ingest/ops/loader.py).
 
 Subjects: `<APEX_STREAM_SUBJECT>.<shard>`, shard = project id % SHARDS, so one project's
 requests stay on one subject (in order) and a later split of the stream by subject is possible.
@@ -63,6 +65,10 @@ SHARDS = 16
 FORMAT_HEADER = "Apex-Format"
 #: Bytes of a message's max_payload left for its headers and framing.
 HEADROOM = 4096
+#: Bytes of a message of several requests at most: a loader holds APEX_LOADER_BATCH messages at
+#: once, so one of several requests is kept about as big as one big request (a request
+#: bigger than this travels alone, up to the NATS server's max_payload).
+GROUP_BYTES = 1024 * 1024
 
 
 class StreamedRequest(msgspec.Struct, array_like=True, frozen=True):
@@ -291,7 +297,8 @@ class StreamSink:
         js = await self._jetstream()
         assert self._client is not None
         published_at = time.time()
-        messages = pack(requests, published_at, self._client.max_payload - HEADROOM)
+        limit = min(self._client.max_payload - HEADROOM, GROUP_BYTES)
+        messages = pack(requests, published_at, limit)
         publishes = [
             js.publish(
                 subject(self._prefix, message.project_id),

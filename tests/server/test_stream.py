@@ -523,6 +523,72 @@ def test_a_batch_tried_message_by_message_waits_together_when_the_database_goes(
     assert len(stored(settings.database_url)) == 3
 
 
+@pytest.mark.timeout(60)
+def test_a_fetched_batch_commits_in_transactions_of_bounded_rows(
+    settings: ServerSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Messages may hold many requests: a fetched batch is committed in runs of whole messages
+    of at most MAX_COMMIT_ROWS rows; when the database goes during the second run, it and the
+    third wait together."""
+    _publish_three(settings, "cr")
+    monkeypatch.setattr(loader_module, "MAX_COMMIT_ROWS", 2)
+    seen: list[list[str]] = []
+
+    def record(connection: Connection, rows: list[Row]) -> list[Row]:
+        seen.append(sorted(row["event_id"] for row in rows))
+        return rows
+
+    assert load_all(settings, [record]) == 3
+    assert seen == [["cr0", "cr1"], ["cr2"]]  # a third row would make 3 > 2
+    assert len(stored(settings.database_url)) == 3
+
+    _publish_three(settings, "cu")
+    monkeypatch.setattr(loader_module, "MAX_COMMIT_ROWS", 1)
+    calls: list[int] = []
+
+    def database_goes_after_the_first(connection: Connection, rows: list[Row]) -> list[Row]:
+        calls.append(len(rows))
+        if len(calls) > 1:
+            raise exc.OperationalError("SELECT 1", {}, Exception("connection refused"))
+        return rows
+
+    async def one_batch() -> int:
+        client = await nats.connect(settings.stream_servers)
+        engine = loader_engine(settings)
+        try:
+            subscription = await client.jetstream().pull_subscribe_bind(
+                durable=settings.stream_consumer, stream=settings.stream_name
+            )
+            messages = await subscription.fetch(3, timeout=5)
+            assert len(messages) == 3
+            loader = Loader(settings, engine, [database_goes_after_the_first])
+            loaded = await loader.load(messages)
+            await client.flush()
+            return loaded
+        finally:
+            await client.close()
+            engine.dispose()
+
+    started = time.monotonic()
+    assert asyncio.run(one_batch()) == 1
+    assert calls == [1, 1]  # the third run was not tried: it waits with the second
+    assert time.monotonic() - started < 2 * loader_module.RETRY_DELAY + 1.5  # one wait, not 2
+    time.sleep(loader_module.RETRY_DELAY + 0.5)
+    assert load_all(settings, wait=1.0) == 2
+    assert len(stored(settings.database_url)) == 6
+    assert stream_state(settings) == (0, 0)
+
+
+def test_loader_chunks_are_whole_messages_of_bounded_rows() -> None:
+    def item(rows: int) -> Any:
+        return (object(), 0.0, [{}] * rows)
+
+    batch = [item(3), item(1), item(1), item(5), item(2)]
+    sizes = [[len(rows) for _, _, rows in chunk] for chunk in loader_module._chunks(batch, 4)]
+    assert sizes == [[3, 1], [1], [5], [2]]
+    assert loader_module._chunks([], 4) == []
+
+
 def test_unreadable_messages_stay_in_the_stream(settings: ServerSettings) -> None:
     async def publish_junk() -> None:
         client = await nats.connect(settings.stream_servers)

@@ -123,9 +123,10 @@ def capped_json(record: dict[str, Any]) -> str:
 
 
 def event_from_record(text: str) -> ingest_pb2.Event | None:
-    """The event a dead letter holds, or None if it was too big to keep whole."""
+    """The event a dead letter holds, or None if it was not kept whole (too big, or refused by
+    the gateway with fields it could not read: `incomplete`)."""
     record = json.loads(text)
-    if record.get("truncated"):
+    if record.get("truncated") or record.get("incomplete"):
         return None
     event = ingest_pb2.Event(
         id=record.get("id", ""),
@@ -175,9 +176,12 @@ def rows_for(
     only: Iterable[int] | None = None,
     redact_params: frozenset[str] = frozenset(),
     ip_mode: str = "full",
+    incomplete: bool = False,
 ) -> list[dict[str, Any]]:
     """The dead-letter rows of a refused request (of its events `only`, if given); the IP is
-    kept as the project's `ip_mode` says, as in its events."""
+    kept as the project's `ip_mode` says, as in its events. `incomplete`: the gateway refused
+    it for fields it could not read, which arrived empty (RecordRefused): such an event is
+    marked, and never replayed."""
     events = request.events[:MAX_EVENTS]
     if isinstance(error, OriginNotAllowed):
         reason = PERMISSION_DENIED
@@ -202,6 +206,9 @@ def rows_for(
     rows = []
     for index in indexes:
         own = by_event.get(index, []) + whole
+        received = scrub_event(event_as_received(events[index]), redact_params)
+        if incomplete:
+            received["incomplete"] = True
         rows.append(
             {
                 **shared,
@@ -210,7 +217,7 @@ def rows_for(
                     [{"field": v.field, "description": v.description} for v in own],
                     ensure_ascii=False,
                 ),
-                "event": capped_json(scrub_event(event_as_received(events[index]), redact_params)),
+                "event": capped_json(received),
             }
         )
     return rows
@@ -226,6 +233,7 @@ class _Refused:
     only: tuple[int, ...] | None
     redact_params: frozenset[str] = frozenset()
     ip_mode: str = "full"
+    incomplete: bool = False
 
 
 class DeadLetterRecorder:
@@ -269,10 +277,12 @@ class DeadLetterRecorder:
         only: Sequence[int] | None = None,
         redact_params: frozenset[str] = frozenset(),
         ip_mode: str = "full",
+        incomplete: bool = False,
     ) -> bool:
         """Queue the request's events (those at `only`, if given); False if dropped. Never
         blocks, never raises. `ip_mode`: the project's; the IP is scrubbed when the row is
-        built, off the request's path (the full IP only waits in memory meanwhile)."""
+        built, off the request's path (the full IP only waits in memory meanwhile).
+        `incomplete`: see `rows_for`."""
         try:
             events = min(len(request.events), MAX_EVENTS) if only is None else len(only)
             if self._max_rows == 0 or self._max_total == 0 or events == 0:
@@ -286,6 +296,7 @@ class DeadLetterRecorder:
                 None if only is None else tuple(only),
                 redact_params,
                 ip_mode,
+                incomplete,
             )
             with self._lock:
                 if self._queued[project_id] >= self._per_project:
@@ -381,6 +392,7 @@ class DeadLetterRecorder:
                 item.only,
                 item.redact_params,
                 item.ip_mode,
+                item.incomplete,
             )
             counts.append((item.project_label, len(written)))
             rows.extend(written)
@@ -522,6 +534,10 @@ def _replay_violations(
     """Why `letter` is refused again (empty: its row was appended to `rows`)."""
     event = event_from_record(letter.event)
     if event is None:
+        if json.loads(letter.event).get("incomplete"):
+            # Refused by the gateway for fields it could not read: they were never kept, so
+            # the event stays refused for what it was.
+            return dead_letter_violations(letter)
         return [FieldViolation("event", f"was over {MAX_EVENT_BYTES} bytes: not kept whole")]
     if letter.origin and not project.allows_origin(letter.origin):
         return [FieldViolation("context.origin", "is not allowed for this project")]

@@ -17,15 +17,21 @@ from apex_ingest.common.logs import (
     request_id_var,
 )
 from apex_ingest.server import metrics
-from apex_ingest.server.deadletters import DeadLetterRecorder
+from apex_ingest.server.deadletters import DeadLetterRecorder, event_index
 from apex_ingest.server.errors import (
+    FieldViolation,
     IngestError,
     InvalidRequest,
     OriginNotAllowed,
     StorageUnavailable,
     UnknownProject,
 )
-from apex_ingest.server.ingest import Outcome, ingest_events, ingest_many
+from apex_ingest.server.ingest import (
+    MAX_VIOLATIONS_PER_EVENT,
+    Outcome,
+    ingest_events,
+    ingest_many,
+)
 from apex_ingest.server.people import SuppressionDirectory
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.status import error_status, rich_status
@@ -160,6 +166,92 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 },
             )
             request_id_var.reset(token)
+
+    def RecordRefused(
+        self, request: ingest_pb2.RecordRefusedRequest, context: grpc.ServicerContext
+    ) -> ingest_pb2.RecordRefusedResponse:
+        """Keep the events of a request the gateway refused (JSON type errors) as dead letters;
+        answer the server's own violations, as validate_only would (see the proto)."""
+        token = request_id_var.set(_request_id(context))
+        started = time.perf_counter()
+        metrics.RPC_IN_FLIGHT.labels("RecordRefused").inc()
+        code = grpc.StatusCode.OK
+        checked = ingest_pb2.IngestEventsRequest()
+        checked.CopyFrom(request.request)
+        checked.validate_only = True  # whatever the caller set: nothing is ever stored
+        try:
+            error = self._check_refused(checked, _bounded(request.violations))
+            if error is None:
+                return ingest_pb2.RecordRefusedResponse()
+            status = error_status(error)
+            code = status.code
+            _refuse(context, status)
+            return ingest_pb2.RecordRefusedResponse()
+        finally:
+            _finished(
+                "RecordRefused",
+                code,
+                started,
+                lambda: {"events": len(checked.events), "violations": len(request.violations)},
+            )
+            request_id_var.reset(token)
+
+    def _check_refused(
+        self, checked: ingest_pb2.IngestEventsRequest, edge: list[FieldViolation]
+    ) -> IngestError | None:
+        """RecordRefused's work: check `checked` (validate_only), keep its events as dead letters
+        with `edge` and the server's own violations; the error to answer (None: OK)."""
+        found: IngestError | None = None
+        project_id: int | None = None
+        try:
+            project_id = ingest_events(
+                checked,
+                self._projects,
+                self._store,
+                self._retry_after,
+                None,
+                self._retention,
+                self._suppressions,
+            ).project_id
+        except IngestError as error:
+            found, project_id = error, error.project_id
+        except Exception:
+            log.exception("RecordRefused failed")
+            return IngestError()
+        # A field the edge reported arrived empty: the server's "is required" for it is no news.
+        own = (
+            [v for v in found.violations if not any(_within(v.field, e.field) for e in edge)]
+            if isinstance(found, InvalidRequest)
+            else []
+        )
+        if isinstance(found, UnknownProject) or (
+            isinstance(found, InvalidRequest) and project_id is None
+        ):
+            metrics.DEAD_LETTERS_DROPPED.labels("unknown_key").inc(max(1, len(checked.events)))
+        elif (
+            project_id is not None
+            and self._dead_letters is not None
+            and (found is None or isinstance(found, InvalidRequest | OriginNotAllowed))
+        ):
+            origin = (
+                [FieldViolation("context.origin", "is not allowed for this project")]
+                if isinstance(found, OriginNotAllowed)
+                else []
+            )
+            redact_params, ip_mode = self._scrubbing(checked.project_key)
+            self._dead_letters.record(
+                project_id,
+                checked.project_key,
+                checked,
+                InvalidRequest(edge + origin + own),
+                redact_params=redact_params,
+                only=self._unsuppressed(project_id, checked, None),
+                ip_mode=ip_mode,
+                incomplete=True,
+            )
+        if isinstance(found, InvalidRequest):
+            return InvalidRequest(own) if own else None
+        return found
 
     def _result(
         self, request: ingest_pb2.IngestEventsRequest, outcome: Outcome | IngestError
@@ -314,6 +406,34 @@ def _finished(
                 "duration_ms": round(elapsed * 1000, 3),
             },
         )
+
+
+#: Characters of a caller's violation field or description kept in a dead letter.
+MAX_EDGE_VIOLATION_CHARS = 512
+
+
+def _bounded(violations: Sequence[ingest_pb2.FieldViolation]) -> list[FieldViolation]:
+    """A caller's violations as dead letters keep them: at most MAX_VIOLATIONS_PER_EVENT per
+    event (and for the request itself), each cut to MAX_EDGE_VIOLATION_CHARS."""
+    kept: list[FieldViolation] = []
+    per_target: dict[int | None, int] = {}
+    for violation in violations:
+        target = event_index(violation.field)
+        if per_target.get(target, 0) >= MAX_VIOLATIONS_PER_EVENT:
+            continue
+        per_target[target] = per_target.get(target, 0) + 1
+        kept.append(
+            FieldViolation(
+                violation.field[:MAX_EDGE_VIOLATION_CHARS],
+                violation.description[:MAX_EDGE_VIOLATION_CHARS],
+            )
+        )
+    return kept
+
+
+def _within(field: str, reported: str) -> bool:
+    """Whether `field` is `reported` or inside it (`events[0].data` is inside `events[0]`)."""
+    return field == reported or field.startswith((reported + ".", reported + "["))
 
 
 def _request_id(context: grpc.ServicerContext) -> str:

@@ -45,6 +45,11 @@ class IngestServiceStub:
                 request_serializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestManyRequest.SerializeToString,
                 response_deserializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestManyResponse.FromString,
                 _registered_method=True)
+        self.RecordRefused = channel.unary_unary(
+                '/apex_ingest.v1.IngestService/RecordRefused',
+                request_serializer=apex__ingest_dot_v1_dot_ingest__pb2.RecordRefusedRequest.SerializeToString,
+                response_deserializer=apex__ingest_dot_v1_dot_ingest__pb2.RecordRefusedResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -98,6 +103,22 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordRefused(self, request, context):
+        """RecordRefused checks a request that an edge (the HTTP gateway) refuses
+        for violations of its own, JSON type errors, whose fields arrive empty,
+        and keeps its events as dead letters with those violations and the
+        server's own, as for a request the server refused itself. It stores no
+        event. The answer is what IngestEvents with validate_only gives: OK if the
+        server finds nothing more, INVALID_ARGUMENT with its own violations (none
+        about a field the edge reported), UNAUTHENTICATED for an unknown key
+        (nothing kept), PERMISSION_DENIED for a refused origin. Such dead letters
+        cannot be replayed: their events are incomplete. A server older than this
+        RPC answers UNIMPLEMENTED (nothing kept): use validate_only instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +131,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.IngestMany,
                     request_deserializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestManyRequest.FromString,
                     response_serializer=apex__ingest_dot_v1_dot_ingest__pb2.IngestManyResponse.SerializeToString,
+            ),
+            'RecordRefused': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordRefused,
+                    request_deserializer=apex__ingest_dot_v1_dot_ingest__pb2.RecordRefusedRequest.FromString,
+                    response_serializer=apex__ingest_dot_v1_dot_ingest__pb2.RecordRefusedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -167,6 +193,33 @@ class IngestService:
             '/apex_ingest.v1.IngestService/IngestMany',
             apex__ingest_dot_v1_dot_ingest__pb2.IngestManyRequest.SerializeToString,
             apex__ingest_dot_v1_dot_ingest__pb2.IngestManyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordRefused(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apex_ingest.v1.IngestService/RecordRefused',
+            apex__ingest_dot_v1_dot_ingest__pb2.RecordRefusedRequest.SerializeToString,
+            apex__ingest_dot_v1_dot_ingest__pb2.RecordRefusedResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,6 +19,7 @@ from apex_ingest.server.deadletters import (
     DeadLetterRecorder,
     event_from_record,
     prune,
+    replay,
 )
 from apex_ingest.server.errors import FieldViolation, InvalidRequest
 from apex_ingest.server.models import DeadLetter
@@ -267,3 +268,83 @@ def test_dead_letters_are_scrubbed_as_events_are() -> None:
         "https://shop.example/login?user=a&password=[redacted]&plan=[redacted]"
     )
     assert scrubbed["referrer"] == "https://x.example/?token=[redacted]&ref=1"
+
+
+def test_record_refused_keeps_every_violation_stores_nothing_and_never_replays(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    """RecordRefused: a request the gateway refused for JSON type errors (their fields empty)."""
+    key = make_project(server.database_url)
+    request = ingest_pb2.IngestEventsRequest(
+        project_key=key,
+        events=[
+            Event(id="t1", type="click", url="ftp://nope", visitor_id="v1"),
+            Event(id="t2", type="", url="/ok"),  # its type was a number: it arrives empty
+        ],
+        context=ingest_pb2.RequestContext(client_ip="192.0.2.7", request_id="req-7"),
+    )
+    edge = [
+        ingest_pb2.FieldViolation(field="events[0].referrer", description="must be a string"),
+        ingest_pb2.FieldViolation(field="events[1].type", description="must be a string"),
+    ]
+    refused = ingest_pb2.RecordRefusedRequest(request=request, violations=edge)
+    with pytest.raises(grpc.RpcError) as answer:
+        stub.RecordRefused(refused, timeout=5)
+    # The server's own violations only, none about a field the gateway reported.
+    assert answer.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert answer.value.details() is not None and "events[0].url" in answer.value.details()
+    assert "events[1].type" not in answer.value.details()
+    kept = dead_letters(server.database_url, wait_for=2)
+    assert [[v["field"] for v in json.loads(row["violations"])] for row in kept] == [
+        ["events[0].referrer", "events[0].url"],
+        ["events[1].type"],
+    ]
+    assert {row["reason"] for row in kept} == {"invalid_argument"}
+    assert kept[0]["ip"] == "192.0.2.7" and kept[0]["request_id"] == "req-7"
+    assert json.loads(kept[0]["event"])["incomplete"] is True
+    assert event_from_record(kept[0]["event"]) is None  # never replayed: fields are missing
+    assert count_events(server.database_url) == 0
+
+    # Nothing more to say (only type errors), even if the caller asked to store: OK, kept, and
+    # still nothing stored. A replay leaves it refused for what it was.
+    request.events[0].url = "/fine"
+    request.validate_only = False
+    stub.RecordRefused(ingest_pb2.RecordRefusedRequest(request=request, violations=edge))
+    kept = dead_letters(server.database_url, wait_for=4)
+    assert len(kept) == 4 and count_events(server.database_url) == 0
+    project_id = kept[-1]["project_id"]
+    engine = create_db_engine(server.database_url)
+    try:
+        result = replay(create_session_factory(engine), project_id, frozenset())
+    finally:
+        engine.dispose()
+    assert result.replayed == 0 and count_events(server.database_url) == 0
+    again = {row["id"]: json.loads(row["violations"]) for row in dead_letters(server.database_url)}
+    assert again[kept[-2]["id"]] == [
+        {"field": "events[0].referrer", "description": "must be a string"}
+    ]
+
+    # An unknown key: nothing kept, the gateway answers its own 401.
+    request.project_key = "pk_unknown"
+    with pytest.raises(grpc.RpcError) as unknown:
+        stub.RecordRefused(ingest_pb2.RecordRefusedRequest(request=request, violations=edge))
+    assert unknown.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    time.sleep(0.3)
+    assert len(dead_letters(server.database_url)) == 4
+
+
+def test_record_refused_keeps_a_bounded_number_of_the_callers_violations(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    key = make_project(server.database_url)
+    request = ingest_pb2.IngestEventsRequest(
+        project_key=key, events=[Event(id="b1", type="t", url="/")]
+    )
+    flood = [
+        ingest_pb2.FieldViolation(field=f"events[0].data.k{n}", description="x" * 5000)
+        for n in range(100)
+    ]
+    stub.RecordRefused(ingest_pb2.RecordRefusedRequest(request=request, violations=flood))
+    kept = json.loads(dead_letters(server.database_url, wait_for=1)[0]["violations"])
+    assert len(kept) == 20
+    assert all(len(v["description"]) == 512 for v in kept)

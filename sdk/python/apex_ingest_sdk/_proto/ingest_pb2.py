@@ -26,33 +26,37 @@ from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61pex_ingest/v1/ingest.proto\x12\x0e\x61pex_ingest.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"J\n\x11IngestManyRequest\x12\x35\n\x08requests\x18\x01 \x03(\x0b\x32#.apex_ingest.v1.IngestEventsRequest\"C\n\x12IngestManyResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.apex_ingest.v1.IngestResult\"\x80\x01\n\x0cIngestResult\x12-\n\x06status\x18\x01 \x01(\x0b\x32\x1d.apex_ingest.v1.RequestStatus\x12\x10\n\x08received\x18\x02 \x01(\x05\x12/\n\x08rejected\x18\x03 \x03(\x0b\x32\x1d.apex_ingest.v1.RejectedEvent\"U\n\rRequestStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"\x83\x02\n\x13IngestEventsRequest\x12\x13\n\x0bproject_key\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12%\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x15.apex_ingest.v1.Event\x12/\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x1e.apex_ingest.v1.RequestContext\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\x12\x0f\n\x07partial\x18\x06 \x01(\x08\x12+\n\x07sent_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x64\x65rive_visitor_id\x18\x08 \x01(\x08\"[\n\x0eRequestContext\x12\x11\n\tclient_ip\x18\x01 \x01(\t\x12\x12\n\nuser_agent\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xb7\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\nvisitor_id\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x10\n\x08referrer\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\t\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07user_id\x18\x08 \x01(\t\x12\x13\n\x0bprevious_id\x18\t \x01(\t\"Y\n\x14IngestEventsResponse\x12\x10\n\x08received\x18\x01 \x01(\x05\x12/\n\x08rejected\x18\x02 \x03(\x0b\x32\x1d.apex_ingest.v1.RejectedEvent\"R\n\rRejectedEvent\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x32\n\nviolations\x18\x02 \x03(\x0b\x32\x1e.apex_ingest.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t2\xbf\x01\n\rIngestService\x12Y\n\x0cIngestEvents\x12#.apex_ingest.v1.IngestEventsRequest\x1a$.apex_ingest.v1.IngestEventsResponse\x12S\n\nIngestMany\x12!.apex_ingest.v1.IngestManyRequest\x1a\".apex_ingest.v1.IngestManyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x61pex_ingest/v1/ingest.proto\x12\x0e\x61pex_ingest.v1\x1a\x19google/protobuf/any.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x01\n\x14RecordRefusedRequest\x12\x34\n\x07request\x18\x01 \x01(\x0b\x32#.apex_ingest.v1.IngestEventsRequest\x12\x32\n\nviolations\x18\x02 \x03(\x0b\x32\x1e.apex_ingest.v1.FieldViolation\"\x17\n\x15RecordRefusedResponse\"J\n\x11IngestManyRequest\x12\x35\n\x08requests\x18\x01 \x03(\x0b\x32#.apex_ingest.v1.IngestEventsRequest\"C\n\x12IngestManyResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.apex_ingest.v1.IngestResult\"\x80\x01\n\x0cIngestResult\x12-\n\x06status\x18\x01 \x01(\x0b\x32\x1d.apex_ingest.v1.RequestStatus\x12\x10\n\x08received\x18\x02 \x01(\x05\x12/\n\x08rejected\x18\x03 \x03(\x0b\x32\x1d.apex_ingest.v1.RejectedEvent\"U\n\rRequestStatus\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12%\n\x07\x64\x65tails\x18\x03 \x03(\x0b\x32\x14.google.protobuf.Any\"\x83\x02\n\x13IngestEventsRequest\x12\x13\n\x0bproject_key\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12%\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x15.apex_ingest.v1.Event\x12/\n\x07\x63ontext\x18\x04 \x01(\x0b\x32\x1e.apex_ingest.v1.RequestContext\x12\x15\n\rvalidate_only\x18\x05 \x01(\x08\x12\x0f\n\x07partial\x18\x06 \x01(\x08\x12+\n\x07sent_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x19\n\x11\x64\x65rive_visitor_id\x18\x08 \x01(\x08\"[\n\x0eRequestContext\x12\x11\n\tclient_ip\x18\x01 \x01(\t\x12\x12\n\nuser_agent\x18\x02 \x01(\t\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xb7\x01\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x12\n\nvisitor_id\x18\x03 \x01(\t\x12\x0b\n\x03url\x18\x04 \x01(\t\x12\x10\n\x08referrer\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\t\x12-\n\ttimestamp\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07user_id\x18\x08 \x01(\t\x12\x13\n\x0bprevious_id\x18\t \x01(\t\"Y\n\x14IngestEventsResponse\x12\x10\n\x08received\x18\x01 \x01(\x05\x12/\n\x08rejected\x18\x02 \x03(\x0b\x32\x1d.apex_ingest.v1.RejectedEvent\"R\n\rRejectedEvent\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x32\n\nviolations\x18\x02 \x03(\x0b\x32\x1e.apex_ingest.v1.FieldViolation\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t2\x9d\x02\n\rIngestService\x12Y\n\x0cIngestEvents\x12#.apex_ingest.v1.IngestEventsRequest\x1a$.apex_ingest.v1.IngestEventsResponse\x12S\n\nIngestMany\x12!.apex_ingest.v1.IngestManyRequest\x1a\".apex_ingest.v1.IngestManyResponse\x12\\\n\rRecordRefused\x12$.apex_ingest.v1.RecordRefusedRequest\x1a%.apex_ingest.v1.RecordRefusedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'apex_ingest_sdk._proto.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INGESTMANYREQUEST']._serialized_start=107
-  _globals['_INGESTMANYREQUEST']._serialized_end=181
-  _globals['_INGESTMANYRESPONSE']._serialized_start=183
-  _globals['_INGESTMANYRESPONSE']._serialized_end=250
-  _globals['_INGESTRESULT']._serialized_start=253
-  _globals['_INGESTRESULT']._serialized_end=381
-  _globals['_REQUESTSTATUS']._serialized_start=383
-  _globals['_REQUESTSTATUS']._serialized_end=468
-  _globals['_INGESTEVENTSREQUEST']._serialized_start=471
-  _globals['_INGESTEVENTSREQUEST']._serialized_end=730
-  _globals['_REQUESTCONTEXT']._serialized_start=732
-  _globals['_REQUESTCONTEXT']._serialized_end=823
-  _globals['_EVENT']._serialized_start=826
-  _globals['_EVENT']._serialized_end=1009
-  _globals['_INGESTEVENTSRESPONSE']._serialized_start=1011
-  _globals['_INGESTEVENTSRESPONSE']._serialized_end=1100
-  _globals['_REJECTEDEVENT']._serialized_start=1102
-  _globals['_REJECTEDEVENT']._serialized_end=1184
-  _globals['_FIELDVIOLATION']._serialized_start=1186
-  _globals['_FIELDVIOLATION']._serialized_end=1238
-  _globals['_INGESTSERVICE']._serialized_start=1241
-  _globals['_INGESTSERVICE']._serialized_end=1432
+  _globals['_RECORDREFUSEDREQUEST']._serialized_start=108
+  _globals['_RECORDREFUSEDREQUEST']._serialized_end=236
+  _globals['_RECORDREFUSEDRESPONSE']._serialized_start=238
+  _globals['_RECORDREFUSEDRESPONSE']._serialized_end=261
+  _globals['_INGESTMANYREQUEST']._serialized_start=263
+  _globals['_INGESTMANYREQUEST']._serialized_end=337
+  _globals['_INGESTMANYRESPONSE']._serialized_start=339
+  _globals['_INGESTMANYRESPONSE']._serialized_end=406
+  _globals['_INGESTRESULT']._serialized_start=409
+  _globals['_INGESTRESULT']._serialized_end=537
+  _globals['_REQUESTSTATUS']._serialized_start=539
+  _globals['_REQUESTSTATUS']._serialized_end=624
+  _globals['_INGESTEVENTSREQUEST']._serialized_start=627
+  _globals['_INGESTEVENTSREQUEST']._serialized_end=886
+  _globals['_REQUESTCONTEXT']._serialized_start=888
+  _globals['_REQUESTCONTEXT']._serialized_end=979
+  _globals['_EVENT']._serialized_start=982
+  _globals['_EVENT']._serialized_end=1165
+  _globals['_INGESTEVENTSRESPONSE']._serialized_start=1167
+  _globals['_INGESTEVENTSRESPONSE']._serialized_end=1256
+  _globals['_REJECTEDEVENT']._serialized_start=1258
+  _globals['_REJECTEDEVENT']._serialized_end=1340
+  _globals['_FIELDVIOLATION']._serialized_start=1342
+  _globals['_FIELDVIOLATION']._serialized_end=1394
+  _globals['_INGESTSERVICE']._serialized_start=1397
+  _globals['_INGESTSERVICE']._serialized_end=1682
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RecordRefusedRequest(_message.Message):
+    __slots__ = ("request", "violations")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    VIOLATIONS_FIELD_NUMBER: _ClassVar[int]
+    request: IngestEventsRequest
+    violations: _containers.RepeatedCompositeFieldContainer[FieldViolation]
+    def __init__(self, request: _Optional[_Union[IngestEventsRequest, _Mapping]] = ..., violations: _Optional[_Iterable[_Union[FieldViolation, _Mapping]]] = ...) -> None: ...
+
+class RecordRefusedResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class IngestManyRequest(_message.Message):
     __slots__ = ("requests",)
     REQUESTS_FIELD_NUMBER: _ClassVar[int]

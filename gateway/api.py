@@ -14,6 +14,7 @@ from importlib import resources
 import grpc
 from flask import Blueprint, Response, g
 
+from apex_ingest.v1 import ingest_pb2
 from gateway import partial, ratelimit
 from gateway.auth_guard import get_guard
 from gateway.coalescer import Coalescer, get_coalescer
@@ -21,7 +22,7 @@ from gateway.errors import ApiError, FieldViolation, handle_http_exception, inva
 from gateway.grpc_client import get_client
 from gateway.grpc_errors import to_api_error
 from gateway.json_codec import json_response
-from gateway.payload import Payload
+from gateway.payload import Payload, proto_field
 from gateway.request_state import ParsedBody, parsed_body, request_context
 
 bp = Blueprint("api", __name__)
@@ -100,24 +101,50 @@ def _partial(prepared: partial.PartialRequest) -> Response:
 def _every_violation(payload: Payload) -> list[FieldViolation]:
     """The body's type errors, and the value errors the server finds in its other fields.
 
-    If the server cannot say (unknown key, server down), the type errors alone are the answer.
+    The server keeps the events as dead letters, with every violation (RecordRefused); one
+    older than that RPC is asked with validate_only instead (nothing kept). If the server
+    cannot say (unknown key, server down), the type errors alone are the answer.
     """
-    payload.request.validate_only = True
-    # A server older than validate_only ignores it (an unknown field) and would store the
-    # well-typed events; an address that is not one makes every server refuse the request.
-    payload.request.context.client_ip = _NOT_AN_ADDRESS
+    request = payload.request
+    request.context.request_id = g.get("apex_request_id", "")
+    refused = ingest_pb2.RecordRefusedRequest(
+        request=request,
+        violations=[
+            ingest_pb2.FieldViolation(
+                field=proto_field(v.field, payload.snippet), description=v.description
+            )
+            for v in payload.violations
+        ],
+    )
+    found: tuple[FieldViolation, ...] = ()
     try:
-        get_client().ingest(payload.request)
-        found: tuple[FieldViolation, ...] = ()
+        get_client().record_refused(refused)
     except grpc.RpcError as exc:
-        error = to_api_error(exc, payload.snippet)
-        found = error.details if error.code == 400 else ()
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            found = _validate_only(payload)
+        else:
+            error = to_api_error(exc, payload.snippet)
+            found = error.details if error.code == 400 else ()
     reported = [v.field for v in payload.violations] + ["context.client_ip"]
     # A field with a type error went to the server empty: its "is required" is no news.
     return [
         *payload.violations,
         *(v for v in found if not any(_within(v.field, field) for field in reported)),
     ]
+
+
+def _validate_only(payload: Payload) -> tuple[FieldViolation, ...]:
+    """The value errors a server older than RecordRefused finds (validate_only)."""
+    payload.request.validate_only = True
+    # A server older than validate_only ignores it (an unknown field) and would store the
+    # well-typed events; an address that is not one makes every server refuse the request.
+    payload.request.context.client_ip = _NOT_AN_ADDRESS
+    try:
+        get_client().ingest(payload.request)
+    except grpc.RpcError as exc:
+        error = to_api_error(exc, payload.snippet)
+        return error.details if error.code == 400 else ()
+    return ()
 
 
 _NOT_AN_ADDRESS = "validate-only"

@@ -115,6 +115,18 @@ class IngestClient:
         self.known_keys.learn([request.project_key], key_projects.decode(call.trailing_metadata()))
         return response
 
+    def record_refused(self, request: ingest_pb2.RecordRefusedRequest) -> None:
+        """Call RecordRefused (OK: the server found nothing more). Raises grpc.RpcError:
+        INVALID_ARGUMENT with the server's own violations, UNIMPLEMENTED from an older server."""
+        self._connect()
+        stub = self._stubs[next(self._next) % len(self._stubs)]
+        request_id = request.request.context.request_id
+        stub.RecordRefused(
+            request,
+            timeout=self.timeout,
+            metadata=((REQUEST_ID_METADATA, request_id),) if request_id else None,
+        )
+
     def ingest_many(
         self, requests: Sequence[ingest_pb2.IngestEventsRequest], timeout: float
     ) -> Sequence[ingest_pb2.IngestResult]:

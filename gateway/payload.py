@@ -275,6 +275,36 @@ def public_field(path: str, snippet: bool) -> str:
     return path
 
 
+#: The fields of an event (proto names), which the snippet format has at its top level.
+_EVENT_FIELDS = frozenset(
+    ("id", "type", "visitor_id", "user_id", "previous_id", "url", "referrer", "data", "timestamp")
+)
+_PUBLIC_PATH = re.compile(r"^(events\[\d+\]\.)?([A-Za-z]+)(.*)$", re.DOTALL)
+
+
+def proto_field(path: str, snippet: bool) -> str:
+    """`public_field`'s inverse: a path as the client wrote it, as the server names it.
+
+    ``events[2].visitorId`` becomes ``events[2].visitor_id``; in the snippet format an event's
+    fields are top-level, so ``url`` becomes ``events[0].url`` (``projectKey``, ``sentAt``
+    stay the request's).
+    """
+    match = _PUBLIC_PATH.match(path)
+    if match is None:
+        return path
+    head, name, rest = match.groups()
+    proto = _snake(name)
+    if head:
+        return f"{head}{proto}{rest}"
+    if snippet and proto in _EVENT_FIELDS:
+        return f"events[0].{proto}{rest}"
+    return proto + rest
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name)
+
+
 def _camel(name: str) -> str:
     first, *others = name.split("_")
     return first + "".join(part[:1].upper() + part[1:] for part in others)

@@ -8,10 +8,12 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import grpc
 import pytest
 
 from tests.conftest import RunningServer, make_project
 from tests.gateway.conftest import Api, assert_documented
+from tests.server.test_dead_letters import dead_letters
 
 Rows = Callable[[], list[dict[str, Any]]]
 
@@ -366,16 +368,48 @@ def test_a_bug_is_a_json_500_without_internals(
 def test_a_server_older_than_validate_only_stores_nothing_either(
     api: Api, project_key: str, rows: Rows, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """During a rolling deploy a new gateway may call an old server, which ignores the field."""
+    """During a rolling deploy a new gateway may call an old server, which ignores the field
+    (and has no RecordRefused)."""
     from apex_ingest.server import ingest, servicer
+    from gateway.coalescer import ResultError
 
     def old_server(request: Any, *args: Any) -> ingest.Outcome:
         request.validate_only = False  # what a server without the field sees
         return real_ingest(request, *args)
 
+    def unimplemented(self: Any, request: Any) -> None:
+        raise ResultError(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
     real_ingest = ingest.ingest_events  # the function servicer imported
     monkeypatch.setattr(servicer, "ingest_events", old_server)
+    monkeypatch.setattr("gateway.grpc_client.IngestClient.record_refused", unimplemented)
     response = api.post(snippet(project_key, referrer={"not": "a string"}))
     assert response.status_code == 400
     assert set(details(response)) == {"referrer"}
+    assert rows() == []
+
+
+def test_a_body_with_type_errors_is_kept_as_dead_letters(
+    api: Api, project_key: str, rows: Rows, grpc_server: RunningServer
+) -> None:
+    """The gateway refuses it itself; the server keeps its events with every violation
+    (RecordRefused), as it keeps the events of requests it refuses."""
+    batch = {
+        "projectKey": project_key,
+        "events": [
+            {"type": "click", "url": "ftp://nope", "visitorId": 7},
+            {"type": "pageview", "url": "/fine", "timestamp": 1700000000},
+        ],
+    }
+    response = api.post(batch)
+    assert response.status_code == 400
+    assert set(details(response)) == {"events[0].visitorId", "events[0].url", "events[1].timestamp"}
+    kept = dead_letters(grpc_server.database_url, wait_for=2)
+    assert [[v["field"] for v in json.loads(row["violations"])] for row in kept] == [
+        ["events[0].visitor_id", "events[0].url"],
+        ["events[1].timestamp"],
+    ]
+    assert all(json.loads(row["event"])["incomplete"] for row in kept)
+    assert kept[0]["request_id"]  # the answer's X-Request-ID, to find it from the client's side
+    assert kept[0]["request_id"] == response.headers["X-Request-ID"]
     assert rows() == []

@@ -11,7 +11,7 @@ from apex_ingest.common.settings import GatewaySettings, load
 from gateway import json_codec
 from gateway.client_ip import client_ip
 from gateway.errors import ApiError, retry_after_seconds
-from gateway.payload import parse_timestamp, public_field, to_request
+from gateway.payload import parse_timestamp, proto_field, public_field, to_request
 
 
 @pytest.mark.parametrize(
@@ -236,3 +236,23 @@ def test_stamped_event_ids_are_distinct_version_4_uuids_in_hex() -> None:
         assert parsed.version == 4 and parsed.variant == uuid.RFC_4122
     payload = to_request({"projectKey": "k", "events": [{"type": "t", "url": "/"}] * 3})
     assert len({event.id for event in payload.request.events}) == 3
+
+
+@pytest.mark.parametrize(
+    ("public", "snippet", "proto"),
+    [
+        ("events[2].visitorId", False, "events[2].visitor_id"),
+        ("events[0].data", False, "events[0].data"),
+        ("userId", False, "user_id"),
+        ("userId", True, "events[0].user_id"),
+        ("timestamp", True, "events[0].timestamp"),
+        ("previousId", True, "events[0].previous_id"),
+        ("projectKey", True, "project_key"),
+        ("sentAt", True, "sent_at"),
+        ("events", False, "events"),
+        ("partial", False, "partial"),
+    ],
+)
+def test_proto_field_inverts_public_field(public: str, snippet: bool, proto: str) -> None:
+    assert proto_field(public, snippet) == proto
+    assert public_field(proto, snippet) == public

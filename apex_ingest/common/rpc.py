@@ -26,6 +26,7 @@ from apex_ingest.v1 import ingest_pb2
 SERVICE_NAME: str = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 INGEST_METHOD = f"/{SERVICE_NAME}/IngestEvents"
 INGEST_MANY_METHOD = f"/{SERVICE_NAME}/IngestMany"
+RECORD_REFUSED_METHOD = f"/{SERVICE_NAME}/RecordRefused"
 
 M = TypeVar("M", bound=Message)
 
@@ -163,3 +164,9 @@ def new_event_ids(count: int) -> list[str]:
         raw[start + 8] = (raw[start + 8] & 0x3F) | 0x80  # RFC 4122 variant
     text = raw.hex()
     return [text[start : start + 32] for start in range(0, 32 * count, 32)]
+
+
+def within(field: str, reported: str) -> bool:
+    """Whether the violation path `field` is `reported` or inside it (`events[0].data.x` is inside
+    `events[0].data`): a field reported empty makes the violations inside it no news."""
+    return field == reported or field.startswith((reported + ".", reported + "["))

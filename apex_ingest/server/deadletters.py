@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -113,6 +113,7 @@ def capped_json(record: dict[str, Any]) -> str:
         return text
     small = {
         "truncated": True,
+        **({"incomplete": True} if record.get("incomplete") else {}),
         "bytes": size,
         **{
             name: str(record.get(name, ""))[:limit]
@@ -126,7 +127,7 @@ def event_from_record(text: str) -> ingest_pb2.Event | None:
     """The event a dead letter holds, or None if it was not kept whole (too big, or refused by
     the gateway with fields it could not read: `incomplete`)."""
     record = json.loads(text)
-    if record.get("truncated") or record.get("incomplete"):
+    if record.get("truncated"):  # also set on incomplete ones
         return None
     event = ingest_pb2.Event(
         id=record.get("id", ""),
@@ -176,20 +177,20 @@ def rows_for(
     only: Iterable[int] | None = None,
     redact_params: frozenset[str] = frozenset(),
     ip_mode: str = "full",
-    incomplete: bool = False,
+    incomplete: Collection[int] = (),
 ) -> list[dict[str, Any]]:
     """The dead-letter rows of a refused request (of its events `only`, if given); the IP is
-    kept as the project's `ip_mode` says, as in its events. `incomplete`: the gateway refused
-    it for fields it could not read, which arrived empty (RecordRefused): such an event is
-    marked, and never replayed."""
+    kept as the project's `ip_mode` says, as in its events. `incomplete`: the indexes of events
+    with fields the gateway could not read, which arrived empty (RecordRefused): such an event
+    is marked, and never replayed (also "truncated", which servers older than the mark refuse
+    to replay too)."""
     events = request.events[:MAX_EVENTS]
+    whole, by_event = per_event_violations(error.violations, len(events))
     if isinstance(error, OriginNotAllowed):
         reason = PERMISSION_DENIED
-        whole = [FieldViolation("context.origin", "is not allowed for this project")]
-        by_event: dict[int, list[FieldViolation]] = {}
+        whole = [FieldViolation("context.origin", "is not allowed for this project"), *whole]
     else:
         reason = INVALID_ARGUMENT
-        whole, by_event = per_event_violations(error.violations, len(events))
     context = request.context
     shared = {
         "project_id": project_id,
@@ -207,8 +208,8 @@ def rows_for(
     for index in indexes:
         own = by_event.get(index, []) + whole
         received = scrub_event(event_as_received(events[index]), redact_params)
-        if incomplete:
-            received["incomplete"] = True
+        if index in incomplete:
+            received["incomplete"] = received["truncated"] = True
         rows.append(
             {
                 **shared,
@@ -233,7 +234,7 @@ class _Refused:
     only: tuple[int, ...] | None
     redact_params: frozenset[str] = frozenset()
     ip_mode: str = "full"
-    incomplete: bool = False
+    incomplete: tuple[int, ...] = ()
 
 
 class DeadLetterRecorder:
@@ -277,7 +278,7 @@ class DeadLetterRecorder:
         only: Sequence[int] | None = None,
         redact_params: frozenset[str] = frozenset(),
         ip_mode: str = "full",
-        incomplete: bool = False,
+        incomplete: Collection[int] = (),
     ) -> bool:
         """Queue the request's events (those at `only`, if given); False if dropped. Never
         blocks, never raises. `ip_mode`: the project's; the IP is scrubbed when the row is
@@ -296,7 +297,7 @@ class DeadLetterRecorder:
                 None if only is None else tuple(only),
                 redact_params,
                 ip_mode,
-                incomplete,
+                tuple(incomplete),
             )
             with self._lock:
                 if self._queued[project_id] >= self._per_project:

@@ -33,8 +33,10 @@ class UnknownProject(IngestError):
 
 
 class OriginNotAllowed(IngestError):
-    def __init__(self, origin: str) -> None:
+    def __init__(self, origin: str, violations: list[FieldViolation] | None = None) -> None:
         self.origin = origin
+        #: Other violations kept beside the origin's in dead letters (RecordRefused: an edge's).
+        self.violations = violations or []
         super().__init__("origin not allowed for this project")
 
 

@@ -11,7 +11,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from sqlalchemy import Engine
 
-from apex_ingest.common.rpc import INGEST_MANY_METHOD, INGEST_METHOD, SERVICE_NAME
+from apex_ingest.common.rpc import (
+    INGEST_MANY_METHOD,
+    INGEST_METHOD,
+    RECORD_REFUSED_METHOD,
+    SERVICE_NAME,
+)
 from apex_ingest.common.settings import ServerSettings, load
 from apex_ingest.server import enrichment, metrics, reflection
 from apex_ingest.server.admission import AdmissionInterceptor, CountingExecutor
@@ -94,7 +99,8 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
                 pool,
                 settings.grpc_max_concurrent_rpcs,
                 settings.retry_after_seconds,
-                frozenset({INGEST_METHOD, INGEST_MANY_METHOD}),
+                # RecordRefused too: any client can cause one (a body with a type error).
+                frozenset({INGEST_METHOD, INGEST_MANY_METHOD, RECORD_REFUSED_METHOD}),
             )
         ],
         options=[

@@ -16,6 +16,7 @@ from apex_ingest.common.logs import (
     clean_request_id,
     request_id_var,
 )
+from apex_ingest.common.rpc import within
 from apex_ingest.server import metrics
 from apex_ingest.server.deadletters import DeadLetterRecorder, event_index
 from apex_ingest.server.errors import (
@@ -179,8 +180,16 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         checked = ingest_pb2.IngestEventsRequest()
         checked.CopyFrom(request.request)
         checked.validate_only = True  # whatever the caller set: nothing is ever stored
+        checked.partial = False  # every violation is answered, every event kept
         try:
-            error = self._check_refused(checked, _bounded(request.violations))
+            if not request.violations:  # nothing refused it: keeping its events would be wrong
+                error: IngestError | None = InvalidRequest(
+                    [FieldViolation("violations", "must name at least one violation")]
+                )
+            else:
+                error = self._check_refused(
+                    checked, _bounded(request.violations, len(checked.events))
+                )
             if error is None:
                 return ingest_pb2.RecordRefusedResponse()
             status = error_status(error)
@@ -213,6 +222,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 self._retention,
                 self._suppressions,
             ).project_id
+        except StorageUnavailable as error:
+            self._on_storage_unavailable()
+            return error
         except IngestError as error:
             found, project_id = error, error.project_id
         except Exception:
@@ -220,7 +232,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             return IngestError()
         # A field the edge reported arrived empty: the server's "is required" for it is no news.
         own = (
-            [v for v in found.violations if not any(_within(v.field, e.field) for e in edge)]
+            [v for v in found.violations if not any(within(v.field, e.field) for e in edge)]
             if isinstance(found, InvalidRequest)
             else []
         )
@@ -233,21 +245,27 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             and self._dead_letters is not None
             and (found is None or isinstance(found, InvalidRequest | OriginNotAllowed))
         ):
-            origin = (
-                [FieldViolation("context.origin", "is not allowed for this project")]
+            kept: InvalidRequest | OriginNotAllowed = (
+                OriginNotAllowed(found.origin, edge)
                 if isinstance(found, OriginNotAllowed)
-                else []
+                else InvalidRequest(edge + own)
             )
+            # The events whose fields the edge emptied; all of them if one was the request's.
+            emptied = {event_index(v.field) for v in edge}
             redact_params, ip_mode = self._scrubbing(checked.project_key)
             self._dead_letters.record(
                 project_id,
                 checked.project_key,
                 checked,
-                InvalidRequest(edge + origin + own),
+                kept,
                 redact_params=redact_params,
                 only=self._unsuppressed(project_id, checked, None),
                 ip_mode=ip_mode,
-                incomplete=True,
+                incomplete=(
+                    range(len(checked.events))
+                    if None in emptied
+                    else {index for index in emptied if index is not None}
+                ),
             )
         if isinstance(found, InvalidRequest):
             return InvalidRequest(own) if own else None
@@ -412,13 +430,17 @@ def _finished(
 MAX_EDGE_VIOLATION_CHARS = 512
 
 
-def _bounded(violations: Sequence[ingest_pb2.FieldViolation]) -> list[FieldViolation]:
+def _bounded(violations: Sequence[ingest_pb2.FieldViolation], events: int) -> list[FieldViolation]:
     """A caller's violations as dead letters keep them: at most MAX_VIOLATIONS_PER_EVENT per
-    event (and for the request itself), each cut to MAX_EDGE_VIOLATION_CHARS."""
+    event of the request and as many for the request itself (where a field naming no event of
+    it goes, as deadletters.per_event_violations puts it), each cut to
+    MAX_EDGE_VIOLATION_CHARS."""
     kept: list[FieldViolation] = []
     per_target: dict[int | None, int] = {}
     for violation in violations:
         target = event_index(violation.field)
+        if target is not None and target >= events:
+            target = None
         if per_target.get(target, 0) >= MAX_VIOLATIONS_PER_EVENT:
             continue
         per_target[target] = per_target.get(target, 0) + 1
@@ -429,11 +451,6 @@ def _bounded(violations: Sequence[ingest_pb2.FieldViolation]) -> list[FieldViola
             )
         )
     return kept
-
-
-def _within(field: str, reported: str) -> bool:
-    """Whether `field` is `reported` or inside it (`events[0].data` is inside `events[0]`)."""
-    return field == reported or field.startswith((reported + ".", reported + "["))
 
 
 def _request_id(context: grpc.ServicerContext) -> str:

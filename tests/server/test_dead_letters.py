@@ -348,3 +348,64 @@ def test_record_refused_keeps_a_bounded_number_of_the_callers_violations(
     kept = json.loads(dead_letters(server.database_url, wait_for=1)[0]["violations"])
     assert len(kept) == 20
     assert all(len(v["description"]) == 512 for v in kept)
+
+
+def test_record_refused_marks_only_the_emptied_events_and_keeps_origin_refusals_as_such(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    key = make_project(server.database_url, allowed_origins=("https://shop.example",))
+    request = ingest_pb2.IngestEventsRequest(
+        project_key=key,
+        partial=True,  # ignored: every violation is answered, every event kept
+        events=[Event(id="i0", type="t", url="/"), Event(id="i1", type="t", url="ftp://x")],
+        context=ingest_pb2.RequestContext(origin="https://shop.example"),
+    )
+    edge = [ingest_pb2.FieldViolation(field="events[0].data", description="must be a JSON object")]
+    with pytest.raises(grpc.RpcError) as answer:
+        stub.RecordRefused(ingest_pb2.RecordRefusedRequest(request=request, violations=edge))
+    assert answer.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # events[1].url
+    kept = dead_letters(server.database_url, wait_for=2)
+    # Only the event the edge emptied is incomplete; its intact sibling can be replayed.
+    assert event_from_record(kept[0]["event"]) is None
+    assert event_from_record(kept[1]["event"]) is not None
+    assert json.loads(kept[1]["violations"]) == [
+        {
+            "field": "events[1].url",
+            "description": json.loads(kept[1]["violations"])[0]["description"],
+        }
+    ]
+
+    # A refused origin stays a permission_denied dead letter, with the edge's violations too.
+    request.context.origin = "https://evil.example"
+    with pytest.raises(grpc.RpcError) as denied:
+        stub.RecordRefused(ingest_pb2.RecordRefusedRequest(request=request, violations=edge))
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    kept = dead_letters(server.database_url, wait_for=4)[2:]
+    assert {row["reason"] for row in kept} == {"permission_denied"}
+    assert [v["field"] for v in json.loads(kept[0]["violations"])] == [
+        "events[0].data",
+        "context.origin",
+    ]
+
+    # No violation at all: nothing refused the request, nothing is kept.
+    with pytest.raises(grpc.RpcError) as empty:
+        stub.RecordRefused(ingest_pb2.RecordRefusedRequest(request=request))
+    assert empty.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    time.sleep(0.3)
+    assert len(dead_letters(server.database_url)) == 4 and count_events(server.database_url) == 0
+
+
+def test_record_refused_bounds_violations_naming_no_event_of_the_request(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    key = make_project(server.database_url)
+    request = ingest_pb2.IngestEventsRequest(
+        project_key=key, events=[Event(id="o1", type="t", url="/")]
+    )
+    beyond = [
+        ingest_pb2.FieldViolation(field=f"events[{1000 + n}].url", description="x")
+        for n in range(500)
+    ]
+    stub.RecordRefused(ingest_pb2.RecordRefusedRequest(request=request, violations=beyond))
+    kept = json.loads(dead_letters(server.database_url, wait_for=1)[0]["violations"])
+    assert len(kept) == 20  # counted as the request's own, and bounded as such

@@ -379,6 +379,13 @@ def test_calls_past_the_concurrency_limit_are_refused_with_retry_info(sqlite_url
             assert status is not None
             retry = error_details_pb2.RetryInfo()
             assert status.details[0].Unpack(retry) and retry.retry_delay.seconds == 1
+            # RecordRefused too: any client causes one with a type error in its body.
+            refused = ingest_pb2.RecordRefusedRequest(
+                request=request,
+                violations=[ingest_pb2.FieldViolation(field="events[0].data", description="x")],
+            )
+            code, _, _ = rejection(lambda: stub.RecordRefused(refused, timeout=5))
+            assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
             # An overloaded server is still alive to its load balancer.
             health = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=5

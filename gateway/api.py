@@ -14,6 +14,7 @@ from importlib import resources
 import grpc
 from flask import Blueprint, Response, g
 
+from apex_ingest.common.rpc import within
 from apex_ingest.v1 import ingest_pb2
 from gateway import partial, ratelimit
 from gateway.auth_guard import get_guard
@@ -51,6 +52,7 @@ def _ingest(parsed: ParsedBody, coalescer: Coalescer) -> Response:
         request = parsed.payload.request
         context = request_context()
         request.context.CopyFrom(context)
+        request.context.request_id = g.get("apex_request_id", "")
         guard = get_guard()
         refusal = guard.check(request.project_key, context.client_ip)
         if refusal is not None:
@@ -63,7 +65,6 @@ def _ingest(parsed: ParsedBody, coalescer: Coalescer) -> Response:
             return response
         if parsed.payload.violations:
             raise invalid(_every_violation(parsed.payload))
-        request.context.request_id = g.get("apex_request_id", "")
         try:
             received = coalescer.ingest(request)
         except grpc.RpcError as exc:
@@ -105,10 +106,8 @@ def _every_violation(payload: Payload) -> list[FieldViolation]:
     older than that RPC is asked with validate_only instead (nothing kept). If the server
     cannot say (unknown key, server down), the type errors alone are the answer.
     """
-    request = payload.request
-    request.context.request_id = g.get("apex_request_id", "")
     refused = ingest_pb2.RecordRefusedRequest(
-        request=request,
+        request=payload.request,
         violations=[
             ingest_pb2.FieldViolation(
                 field=proto_field(v.field, payload.snippet), description=v.description
@@ -129,7 +128,7 @@ def _every_violation(payload: Payload) -> list[FieldViolation]:
     # A field with a type error went to the server empty: its "is required" is no news.
     return [
         *payload.violations,
-        *(v for v in found if not any(_within(v.field, field) for field in reported)),
+        *(v for v in found if not any(within(v.field, field) for field in reported)),
     ]
 
 
@@ -148,10 +147,6 @@ def _validate_only(payload: Payload) -> tuple[FieldViolation, ...]:
 
 
 _NOT_AN_ADDRESS = "validate-only"
-
-
-def _within(field: str, reported: str) -> bool:
-    return field == reported or field.startswith((reported + ".", reported + "["))
 
 
 @bp.get("/api/openapi.json")

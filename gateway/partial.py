@@ -9,7 +9,8 @@ request-wide rule (400: `userId`, `events` not an array, more than 500 events...
 An event with a JSON type error (`"type": 5`, `"data": "text"`) is not sent to the server at
 all (it would arrive with that field empty, and `data` would read as `{}`): it is rejected here
 with its type errors, and the server's answer about the others is mapped back to the indexes of
-the body. Those events are therefore not kept as dead letters (the server never sees them).
+the body. Those events are therefore not kept as dead letters (the server never sees them;
+RecordRefused, which keeps those of an all-or-nothing body, is not called for them).
 
 The view (gateway.api) calls, once the body is parsed into a `Payload`:
 

@@ -383,9 +383,10 @@ def test_a_server_older_than_validate_only_stores_nothing_either(
     real_ingest = ingest.ingest_events  # the function servicer imported
     monkeypatch.setattr(servicer, "ingest_events", old_server)
     monkeypatch.setattr("gateway.grpc_client.IngestClient.record_refused", unimplemented)
-    response = api.post(snippet(project_key, referrer={"not": "a string"}))
+    response = api.post(snippet(project_key, referrer={"not": "a string"}, url="ftp://x"))
     assert response.status_code == 400
-    assert set(details(response)) == {"referrer"}
+    # The url's value error comes from the validate_only call the gateway fell back to.
+    assert set(details(response)) == {"referrer", "url"}
     assert rows() == []
 
 

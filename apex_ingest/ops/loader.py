@@ -4,8 +4,9 @@ A loader drains the stream into the database through the loaders' durable pull c
 (`APEX_STREAM_CONSUMER`): every loader pulls from the same consumer, so JetStream hands each
 message to one of them (a work queue; run more loaders to load faster). Per batch:
 
-    fetch up to APEX_LOADER_BATCH messages -> decode -> row filters -> insert (one transaction,
-    the store's insert-or-ignore on (project_id, event_id)) -> commit -> ack each message
+    fetch up to APEX_LOADER_BATCH messages -> decode -> in runs of whole messages of at most
+    MAX_COMMIT_ROWS rows: row filters -> insert (one transaction per run, the store's
+    insert-or-ignore on (project_id, event_id)) -> commit -> ack each message of the run
 
 A message is acknowledged only after its rows are committed. A loader killed anywhere in
 between leaves its messages unacknowledged: JetStream redelivers them after
@@ -211,6 +212,9 @@ class Loader:
     engine: Engine
     filters: Sequence[RowFilter] = field(default_factory=lambda: list(ROW_FILTERS))
     state: LoaderState = field(default_factory=LoaderState)
+    #: time.monotonic() of the fetch or the last in-progress mark of the messages being loaded:
+    #: the next mark is due a third of the ack wait later.
+    _marked: float = field(default=0.0, init=False)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Load until `stop` is set (a batch in progress is finished and acknowledged)."""
@@ -280,12 +284,11 @@ class Loader:
         # A message may hold many requests (stream.pack): the fetched batch is committed in
         # transactions of at most MAX_COMMIT_ROWS rows (whole messages), not all at once.
         chunks = _chunks(readable, MAX_COMMIT_ROWS)
-        loaded, pinged = 0, time.monotonic()
+        loaded, self._marked = 0, time.monotonic()
         for index, chunk in enumerate(chunks):
             waiting = [item for later in chunks[index + 1 :] for item in later]
-            if index and time.monotonic() - pinged > self.settings.stream_ack_wait / 3:
+            if self._mark_due():
                 await self._in_progress(chunk + waiting)
-                pinged = time.monotonic()
             done = await self._commit_and_ack(chunk, waiting)
             if done is None:  # the database is unavailable: what was left waits, together
                 break
@@ -311,13 +314,11 @@ class Loader:
             await self._set_aside(batch[0][0])
             return 0
         loaded = 0
-        pinged = time.monotonic()
         for index, one in enumerate(batch):
-            if time.monotonic() - pinged > self.settings.stream_ack_wait / 3:
+            if self._mark_due():
                 # The messages not yet tried stay in progress while the earlier ones are loaded
-                # (a long commit pings them itself, in _commit_in_time).
+                # (a long commit marks them itself, in _commit_in_time).
                 await self._in_progress(batch[index:] + waiting)
-                pinged = time.monotonic()
             outcome = await self._commit_in_time([one], batch[index:] + waiting)
             if outcome is _Outcome.COMMITTED:
                 loaded += await self._ack([one])
@@ -343,7 +344,11 @@ class Loader:
         metrics.LOADER_ROWS.inc(sum(len(rows) for _, _, rows in batch))
         return len(batch)
 
+    def _mark_due(self) -> bool:
+        return time.monotonic() - self._marked > self.settings.stream_ack_wait / 3
+
     async def _in_progress(self, batch: list[tuple[Msg, float, list[Row]]]) -> None:
+        self._marked = time.monotonic()
         for message, _, _ in batch:
             try:
                 await message.in_progress()

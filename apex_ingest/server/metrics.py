@@ -134,7 +134,8 @@ STREAM_PUBLISH_SECONDS = Histogram(
 )
 LOADER_LAG = Gauge(
     "apex_loader_lag_messages",
-    "Messages (requests) in the stream not yet loaded: the consumer's pending plus "
+    "Messages in the stream not yet loaded (each holds one or more requests of a project): "
+    "the consumer's pending plus "
     "delivered-but-unacknowledged messages, as last read by this loader.",
     multiprocess_mode="max",
 )

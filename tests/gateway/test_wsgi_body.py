@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from werkzeug.test import EnvironBuilder
 
 from gateway.errors import ApiError, handle_http_exception
 from gateway.json_codec import json_response
+from gateway.request_state import ParsedBody
 from tests.gateway.conftest import closed_port_target, fake_app
 
 
@@ -58,5 +60,27 @@ def test_an_answer_waiting_for_its_reader_is_closed_by_the_server() -> None:
     assert not isinstance(body, list)  # an iterator with close(), which the server calls
     assert b"".join(body) and error.waited == 0
     body.close()
+    assert error.waited == 1
+    assert response.headers["Connection"] == "close"
+
+
+def test_another_answer_for_a_body_whose_read_is_pending_waits_for_it_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The rate limit is counted before a body's own error is answered: a 429 for a body still
+    being read must wait for its reader as the 408 would."""
+    from gateway import api, ratelimit
+
+    error = _PendingRead()
+    monkeypatch.setattr(api, "parsed_body", lambda: ParsedBody("pk", None, error))
+
+    def limited() -> None:
+        raise ApiError(429, retry_after=1)
+
+    monkeypatch.setattr(ratelimit, "check", limited)
+    app = fake_app(closed_port_target())
+    response = app.test_client().post("/api/events", data=b"{}", content_type="text/plain")
+    assert response.status_code == 429 and error.waited == 0
+    response.close()  # as the server does once it has sent it
     assert error.waited == 1
     assert response.headers["Connection"] == "close"

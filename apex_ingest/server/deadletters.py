@@ -153,20 +153,24 @@ def per_event_violations(
     whole: list[FieldViolation] = []
     by_event: dict[int, list[FieldViolation]] = {}
     for violation in violations:
-        index = event_index(violation.field)
-        if index is None or index >= events:
+        index = event_index(violation.field, events)
+        if index is None:
             whole.append(violation)
         else:
             by_event.setdefault(index, []).append(violation)
     return whole, by_event
 
 
-def event_index(field: str) -> int | None:
-    """2 for "events[2].url"; None for a field of the request itself."""
+def event_index(field: str, events: int | None = None) -> int | None:
+    """2 for "events[2].url"; None for a field of the request itself, and (given the request's
+    number of `events`) for one naming no event of it, which counts as the request's."""
     if not field.startswith("events["):
         return None
     digits, bracket, _ = field[len("events[") :].partition("]")
-    return int(digits) if bracket and digits.isdigit() else None
+    if not (bracket and digits.isdigit()):
+        return None
+    index = int(digits)
+    return None if events is not None and index >= events else index
 
 
 def rows_for(

@@ -251,7 +251,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 else InvalidRequest(edge + own)
             )
             # The events whose fields the edge emptied; all of them if one was the request's.
-            emptied = {event_index(v.field) for v in edge}
+            emptied = {event_index(v.field, len(checked.events)) for v in edge}
             redact_params, ip_mode = self._scrubbing(checked.project_key)
             self._dead_letters.record(
                 project_id,
@@ -432,15 +432,12 @@ MAX_EDGE_VIOLATION_CHARS = 512
 
 def _bounded(violations: Sequence[ingest_pb2.FieldViolation], events: int) -> list[FieldViolation]:
     """A caller's violations as dead letters keep them: at most MAX_VIOLATIONS_PER_EVENT per
-    event of the request and as many for the request itself (where a field naming no event of
-    it goes, as deadletters.per_event_violations puts it), each cut to
-    MAX_EDGE_VIOLATION_CHARS."""
+    event of the request and as many for the request itself (a field naming no event of it
+    included, as dead letters file it), each cut to MAX_EDGE_VIOLATION_CHARS."""
     kept: list[FieldViolation] = []
     per_target: dict[int | None, int] = {}
     for violation in violations:
-        target = event_index(violation.field)
-        if target is not None and target >= events:
-            target = None
+        target = event_index(violation.field, events)
         if per_target.get(target, 0) >= MAX_VIOLATIONS_PER_EVENT:
             continue
         per_target[target] = per_target.get(target, 0) + 1

@@ -333,23 +333,6 @@ def test_record_refused_keeps_every_violation_stores_nothing_and_never_replays(
     assert len(dead_letters(server.database_url)) == 4
 
 
-def test_record_refused_keeps_a_bounded_number_of_the_callers_violations(
-    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
-) -> None:
-    key = make_project(server.database_url)
-    request = ingest_pb2.IngestEventsRequest(
-        project_key=key, events=[Event(id="b1", type="t", url="/")]
-    )
-    flood = [
-        ingest_pb2.FieldViolation(field=f"events[0].data.k{n}", description="x" * 5000)
-        for n in range(100)
-    ]
-    stub.RecordRefused(ingest_pb2.RecordRefusedRequest(request=request, violations=flood))
-    kept = json.loads(dead_letters(server.database_url, wait_for=1)[0]["violations"])
-    assert len(kept) == 20
-    assert all(len(v["description"]) == 512 for v in kept)
-
-
 def test_record_refused_marks_only_the_emptied_events_and_keeps_origin_refusals_as_such(
     server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
 ) -> None:
@@ -395,17 +378,31 @@ def test_record_refused_marks_only_the_emptied_events_and_keeps_origin_refusals_
     assert len(dead_letters(server.database_url)) == 4 and count_events(server.database_url) == 0
 
 
-def test_record_refused_bounds_violations_naming_no_event_of_the_request(
-    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+@pytest.mark.parametrize(
+    "field",
+    [
+        "events[0].data.k{n}",
+        # Naming no event of the request: counted as the request's own, bounded as such, and
+        # filed on every event, all of them then incomplete.
+        "events[{n_beyond}].url",
+    ],
+)
+def test_record_refused_keeps_a_bounded_number_of_the_callers_violations(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub, field: str
 ) -> None:
     key = make_project(server.database_url)
     request = ingest_pb2.IngestEventsRequest(
-        project_key=key, events=[Event(id="o1", type="t", url="/")]
+        project_key=key, events=[Event(id="b1", type="t", url="/")]
     )
-    beyond = [
-        ingest_pb2.FieldViolation(field=f"events[{1000 + n}].url", description="x")
-        for n in range(500)
+    flood = [
+        ingest_pb2.FieldViolation(
+            field=field.format(n=n, n_beyond=1000 + n), description="x" * 5000
+        )
+        for n in range(100)
     ]
-    stub.RecordRefused(ingest_pb2.RecordRefusedRequest(request=request, violations=beyond))
-    kept = json.loads(dead_letters(server.database_url, wait_for=1)[0]["violations"])
-    assert len(kept) == 20  # counted as the request's own, and bounded as such
+    stub.RecordRefused(ingest_pb2.RecordRefusedRequest(request=request, violations=flood))
+    row = dead_letters(server.database_url, wait_for=1)[0]
+    kept = json.loads(row["violations"])
+    assert len(kept) == 20
+    assert all(len(v["description"]) == 512 for v in kept)
+    assert event_from_record(row["event"]) is None  # incomplete either way

@@ -110,9 +110,10 @@ def _partial(prepared: partial.PartialRequest) -> Response:
 def _every_violation(payload: Payload) -> list[FieldViolation]:
     """The body's type errors, and the value errors the server finds in its other fields.
 
-    The server keeps the events as dead letters, with every violation (RecordRefused); one
-    older than that RPC is asked with validate_only instead (nothing kept). If the server
-    cannot say (unknown key, server down), the type errors alone are the answer.
+    The server keeps the events as dead letters, with every violation (RecordRefused), and
+    answers only its violations outside the fields reported here; one older than that RPC is
+    asked with validate_only instead (nothing kept). If the server cannot say (unknown key,
+    server down), the type errors alone are the answer.
     """
     refused = ingest_pb2.RecordRefusedRequest(
         request=payload.request,
@@ -132,16 +133,13 @@ def _every_violation(payload: Payload) -> list[FieldViolation]:
         else:
             error = to_api_error(exc, payload.snippet)
             found = error.details if error.code == 400 else ()
-    reported = [v.field for v in payload.violations] + ["context.client_ip"]
-    # A field with a type error went to the server empty: its "is required" is no news.
-    return [
-        *payload.violations,
-        *(v for v in found if not any(within(v.field, field) for field in reported)),
-    ]
+    return [*payload.violations, *found]
 
 
 def _validate_only(payload: Payload) -> tuple[FieldViolation, ...]:
-    """The value errors a server older than RecordRefused finds (validate_only)."""
+    """The value errors a server older than RecordRefused finds (validate_only), outside the
+    fields with type errors (which went to it empty: their "is required" is no news) and the
+    address that made it refuse."""
     payload.request.validate_only = True
     # A server older than validate_only ignores it (an unknown field) and would store the
     # well-typed events; an address that is not one makes every server refuse the request.
@@ -150,7 +148,12 @@ def _validate_only(payload: Payload) -> tuple[FieldViolation, ...]:
         get_client().ingest(payload.request)
     except grpc.RpcError as exc:
         error = to_api_error(exc, payload.snippet)
-        return error.details if error.code == 400 else ()
+        if error.code != 400:
+            return ()
+        reported = [v.field for v in payload.violations] + ["context.client_ip"]
+        return tuple(
+            v for v in error.details if not any(within(v.field, field) for field in reported)
+        )
     return ()
 
 

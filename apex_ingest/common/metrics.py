@@ -14,6 +14,7 @@ labels never carry unchecked client input, so no caller can mint new time series
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from prometheus_client import (
     REGISTRY,
@@ -22,9 +23,13 @@ from prometheus_client import (
 )
 from prometheus_client import multiprocess as _multiprocess
 
+from apex_ingest.common import metric_values
 from apex_ingest.common.settings import Internal
 
 log = logging.getLogger(__name__)
+
+
+metric_values.install()  # before any process defines its metrics (they all import this module)
 
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -39,8 +44,17 @@ def registry() -> CollectorRegistry:
     if not multiprocess_enabled():
         return REGISTRY
     collected = CollectorRegistry()
-    _multiprocess.MultiProcessCollector(collected)  # type: ignore[no-untyped-call]
+    _FlushingCollector(collected)  # type: ignore[no-untyped-call]
     return collected
+
+
+class _FlushingCollector(_multiprocess.MultiProcessCollector):
+    """Every process's samples, this one's as of the scrape (the others' are written by their
+    flushers: apex_ingest.common.metric_values)."""
+
+    def collect(self) -> Any:
+        metric_values.flush()
+        return super().collect()  # type: ignore[no-untyped-call]
 
 
 def mark_process_dead(pid: int) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -21,6 +23,23 @@ def scrape(url: str) -> list[tuple[str, Labels, float]]:
         for family in text_string_to_metric_families(response.text)
         for sample in family.samples
     ]
+
+
+Samples = list[tuple[str, Labels, float]]
+
+
+def scrape_until(url: str, done: Callable[[Samples], bool], timeout: float = 10) -> Samples:
+    """Scrape until done(samples) holds, or timeout; the last scrape either way.
+
+    The process serving a scrape writes its own samples first; the others' reach the shared
+    files within apex_ingest.common.metric_values.FLUSH_SECONDS.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(url)
+        if done(samples) or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.05)
 
 
 def value(samples: list[tuple[str, Labels, float]], name: str, **labels: str) -> float:

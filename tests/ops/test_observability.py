@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import requests
 
 from tests.conftest import make_project
-from tests.ops.support import has_metric, json_lines, scrape, value
+from tests.ops.support import Samples, has_metric, json_lines, scrape, scrape_until, value
 from tests.service import free_port, logged_process, running_service, wait_for
 
 
@@ -23,6 +23,10 @@ def _post(base_url: str, key: str, count: int, **headers: str) -> requests.Respo
         headers=headers,
         timeout=10,
     )
+
+
+def moved(samples_before: Samples, samples_after: Samples, name: str, **labels: str) -> float:
+    return value(samples_after, name, **labels) - value(samples_before, name, **labels)
 
 
 def test_gateway_and_grpc_metrics_move(sqlite_url: str) -> None:
@@ -45,11 +49,27 @@ def test_gateway_and_grpc_metrics_move(sqlite_url: str) -> None:
         )
         assert bad.status_code == 400
 
-        after = scrape(gateway_url)
-        grpc_after = scrape(grpc_url)
-
-    def moved(samples_before: object, samples_after: object, name: str, **labels: str) -> float:
-        return value(samples_after, name, **labels) - value(samples_before, name, **labels)  # type: ignore[arg-type]
+        # Other processes' last samples may take a moment to reach the shared files.
+        after = scrape_until(
+            gateway_url,
+            lambda s: (
+                moved(before, s, "apex_gateway_events_accepted_total", project=key) == 18
+                and moved(before, s, "apex_gateway_http_request_duration_seconds_count") == 8
+                and moved(before, s, "apex_gateway_coalesced_requests_count") == 8
+                and moved(before, s, "apex_gateway_events_rejected_total", project="unverified")
+                == 2
+                and moved(before, s, "apex_gateway_events_rejected_total", reason="invalid_request")
+                == 1
+                and moved(before, s, "apex_grpc_events_accepted_total", project=key) == 18
+            ),
+        )
+        grpc_after = scrape_until(
+            grpc_url,
+            lambda s: (
+                moved(grpc_before, s, "apex_grpc_request_duration_seconds_count") == 8
+                and moved(grpc_before, s, "apex_group_commit_rows_sum") == 18
+            ),
+        )
 
     # Gateway: events by project and reason, requests by endpoint and status, latency, in-flight.
     assert moved(before, after, "apex_gateway_events_accepted_total", project=key) == 18
@@ -188,7 +208,10 @@ def test_a_gateway_run_alone_serves_its_workers_metrics(sqlite_url: str) -> None
         wait_for(lambda: requests.get(f"{base_url}/healthz", timeout=2).ok, timeout=60)
         for _ in range(4):
             assert _post(base_url, key, 2).status_code == 200
-        samples = scrape(f"{base_url}/metrics")
+        samples = scrape_until(
+            f"{base_url}/metrics",
+            lambda s: value(s, "apex_gateway_events_accepted_total", project=key) == 8,
+        )
     assert value(samples, "apex_gateway_events_accepted_total", project=key) == 8
     # Only the gateway's own metrics: the gRPC server's (apex_ingest/server/metrics.py) are
     # defined in processes the gateway never imports.

@@ -282,14 +282,22 @@ class StreamSink:
             if timeout <= 0:
                 return [DeadlinePassed() for _ in requests]
         started = time.perf_counter()
+        # The requests of one message share its failure: it is logged once, not once per request.
+        logged: set[int] = set()
         try:
             results = self._run(self._publish_all(requests, timeout), timeout + 0.5)
         except _UNAVAILABLE as error:
             # Connecting failed, or the loop did not answer in time: nothing is known.
             log.warning("stream unavailable: %r", error)
+            logged.add(id(error))
             results = [error for _ in requests]
         metrics.STREAM_PUBLISH_SECONDS.observe(time.perf_counter() - started)
-        return [self._outcome(result) for result in results]
+        outcomes = []
+        for result in results:
+            first = id(result) not in logged
+            logged.add(id(result))
+            outcomes.append(self._outcome(result, log_it=first))
+        return outcomes
 
     async def _publish_all(
         self, requests: Sequence[tuple[int, list[Row]]], timeout: float
@@ -316,7 +324,7 @@ class StreamSink:
                 results[index] = outcome if isinstance(outcome, BaseException) else None
         return results
 
-    def _outcome(self, result: BaseException | None) -> IngestError | None:
+    def _outcome(self, result: BaseException | None, log_it: bool = True) -> IngestError | None:
         if result is None:
             metrics.STREAM_PUBLISHED.labels("ok").inc()
             return None
@@ -324,19 +332,22 @@ class StreamSink:
             # Retrying cannot help: the server's max_payload is below what one request may
             # hold (docs/deploy.md: set max_payload to 8MB).
             metrics.STREAM_PUBLISHED.labels("failed").inc()
-            log.error("a request is over the NATS server's max_payload: raise it (8MB)")
+            if log_it:
+                log.error("a message is over the NATS server's max_payload: raise it (8MB)")
             return IngestError("could not store the events")
         if isinstance(result, _UNAVAILABLE):
             # A timeout may hide a message JetStream stored: the caller retries with the same
             # event ids, and the message id and the loaders' insert keep it once.
             maybe = isinstance(result, TimeoutError)
             metrics.STREAM_PUBLISHED.labels("unavailable").inc()
-            log.warning("stream did not acknowledge: %r", result)
+            if log_it:
+                log.warning("stream did not acknowledge: %r", result)
             error = StorageUnavailable(self._retry_after, maybe_stored=maybe)
             error.__cause__ = result
             return error
         metrics.STREAM_PUBLISHED.labels("failed").inc()
-        log.error("could not publish a request", exc_info=result)
+        if log_it:
+            log.error("could not publish a message", exc_info=result)
         return IngestError("could not store the events")
 
     # --- health -----------------------------------------------------------------------------

@@ -707,3 +707,33 @@ def _stream_fields(settings: ServerSettings) -> dict[str, Any]:
             "stream_ack_timeout",
         )
     }
+
+
+def test_a_failed_message_is_logged_once_for_all_its_requests(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coalesced call's requests of one project travel as one message: when it fails, each
+    request gets its own error, and the log one line (it had one per request)."""
+    sink = stream.StreamSink([NATS_URL], "apex_none", "apex.none", retry_after_seconds=1)
+    shared = TimeoutError("no ack")
+    other = RuntimeError("broken")
+
+    def run(coroutine: Any, timeout: float) -> list[BaseException | None]:
+        coroutine.close()
+        return [shared, shared, None, shared, other]
+
+    monkeypatch.setattr(sink, "_run", run)
+    rows: list[Row] = []
+    with caplog.at_level("WARNING", logger=stream.__name__):
+        errors = sink.store_many([(1, rows)] * 5)
+    assert [type(error).__name__ for error in errors] == [
+        "StorageUnavailable",
+        "StorageUnavailable",
+        "NoneType",
+        "StorageUnavailable",
+        "IngestError",
+    ]
+    assert errors[0] is not errors[1]
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 2, messages
+    assert "no ack" in messages[0] and "could not publish" in messages[1]

@@ -104,7 +104,26 @@ def _partial(prepared: partial.PartialRequest) -> Response:
         if error.code == 401:  # revoked: its requests no longer count under the project
             get_client().known_keys.forget(request.project_key)
         raise error from None
+    refused = prepared.refused()
+    if refused is not None:  # its events with type errors: kept too, as dead letters
+        prepared.found(_record_refused(refused, prepared.snippet) or ())
     return json_response(prepared.answer(answer.received, answer.rejected))
+
+
+def _record_refused(
+    refused: ingest_pb2.RecordRefusedRequest, snippet: bool
+) -> tuple[FieldViolation, ...] | None:
+    """Have the server keep the events of a request refused for type errors as dead letters.
+    Its own violations (none if it cannot say: unknown key, server down); None from a server
+    older than RecordRefused, which keeps nothing."""
+    try:
+        get_client().record_refused(refused)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+            return None
+        error = to_api_error(exc, snippet)
+        return error.details if error.code == 400 else ()
+    return ()
 
 
 def _every_violation(payload: Payload) -> list[FieldViolation]:
@@ -124,15 +143,9 @@ def _every_violation(payload: Payload) -> list[FieldViolation]:
             for v in payload.violations
         ],
     )
-    found: tuple[FieldViolation, ...] = ()
-    try:
-        get_client().record_refused(refused)
-    except grpc.RpcError as exc:
-        if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
-            found = _validate_only(payload)
-        else:
-            error = to_api_error(exc, payload.snippet)
-            found = error.details if error.code == 400 else ()
+    found = _record_refused(refused, payload.snippet)
+    if found is None:
+        found = _validate_only(payload)
     return [*payload.violations, *found]
 
 

@@ -6,17 +6,22 @@ letters by the server): `200 {"received": N, "rejected": [{"index": i, "details"
 the whole request is still refused as a whole: an unknown key (401), a refused origin (403), a
 request-wide rule (400: `userId`, `events` not an array, more than 500 events...).
 
-An event with a JSON type error (`"type": 5`, `"data": "text"`) is not sent to the server at
-all (it would arrive with that field empty, and `data` would read as `{}`): it is rejected here
-with its type errors, and the server's answer about the others is mapped back to the indexes of
-the body. Those events are therefore not kept as dead letters (the server never sees them;
-RecordRefused, which keeps those of an all-or-nothing body, is not called for them).
+An event with a JSON type error (`"type": 5`, `"data": "text"`) is not sent to the server to
+be stored (it would arrive with that field empty, and `data` would read as `{}`): it is rejected
+here with its type errors, and the server's answer about the others is mapped back to the
+indexes of the body. Once the batch is answered, those events go to RecordRefused, as those of
+an all-or-nothing body do: the server keeps them as dead letters (numbered as in that call, as
+the server numbers the events of the batch it was sent), and its own violations of them join
+their type errors in `rejected`.
 
 The view (gateway.api) calls, once the body is parsed into a `Payload`:
 
     prepared = partial.prepare(payload)   # None: not a partial request
     if prepared is not None:
         response = <IngestEvents(prepared.request)>   # one call of its own, not coalesced
+        refused = prepared.refused()   # None: no type errors
+        if refused is not None:
+            <RecordRefused(refused)>; prepared.found(<its INVALID_ARGUMENT's violations>)
         return json_response(prepared.answer(response.received, response.rejected))
 
 `prepare` raises ApiError 400 for a `partial` that is not a boolean and for type errors of the
@@ -29,9 +34,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from apex_ingest.common.limits import MAX_VIOLATIONS_PER_EVENT
 from apex_ingest.v1 import ingest_pb2
 from gateway.errors import FieldViolation, invalid
-from gateway.payload import Payload, public_field
+from gateway.payload import Payload, proto_field, public_field
 
 FLAG = "partial"
 
@@ -59,6 +65,38 @@ class PartialRequest:
     local: dict[int, list[FieldViolation]] = field(default_factory=dict)
     #: Events in the body (the length of `rejected` when nothing is valid).
     total: int = 0
+    #: The request with only the events rejected here (in `local`'s order), for RecordRefused.
+    held: ingest_pb2.IngestEventsRequest | None = None
+
+    def refused(self) -> ingest_pb2.RecordRefusedRequest | None:
+        """The events with type errors, with them, to be kept as dead letters (None: none)."""
+        if self.held is None:
+            return None
+        held = sorted(self.local)
+        return ingest_pb2.RecordRefusedRequest(
+            request=self.held,
+            violations=[
+                ingest_pb2.FieldViolation(
+                    field=proto_field(_renumber(v.field, index, position), self.snippet),
+                    description=v.description,
+                )
+                for position, index in enumerate(held)
+                for v in self.local[index]
+            ],
+        )
+
+    def found(self, violations: Iterable[FieldViolation]) -> None:
+        """The server's own violations of the events in `refused()` (numbered as there), added
+        to their type errors: an event lists at most MAX_VIOLATIONS_PER_EVENT."""
+        held = sorted(self.local)
+        for violation in violations:
+            position = _event_of(violation.field, self.snippet)
+            if position is None or not 0 <= position < len(held):
+                continue  # about the request, which the server accepted
+            index = held[position]
+            if len(self.local[index]) < MAX_VIOLATIONS_PER_EVENT:
+                field = _renumber(violation.field, position, index)
+                self.local[index].append(FieldViolation(field, violation.description))
 
     def answer(self, received: int, rejected: Iterable[ingest_pb2.RejectedEvent]) -> dict[str, Any]:
         """The JSON answer from the server's `received` and `rejected`."""
@@ -107,18 +145,29 @@ def prepare(payload: Payload) -> PartialRequest | None:
             local.setdefault(index, []).append(violation)
     if whole:
         raise invalid(whole)
-    request = ingest_pb2.IngestEventsRequest()
-    request.CopyFrom(source)
-    request.partial = True
     indexes = [index for index in range(len(source.events)) if index not in local]
-    if not indexes:
+    if indexes:
+        request = _with_events(source, indexes)
+    else:
         # Every event has a type error: nothing to store. The server is still asked (to check
         # only) so that an unknown key or a refused origin is refused as a whole.
+        request = _with_events(source, list(range(len(source.events))))
         request.validate_only = True
-    else:
+    request.partial = True
+    held = _with_events(source, sorted(local)) if local else None
+    return PartialRequest(request, payload.snippet, indexes, local, len(source.events), held)
+
+
+def _with_events(
+    source: ingest_pb2.IngestEventsRequest, indexes: list[int]
+) -> ingest_pb2.IngestEventsRequest:
+    """A copy of `source` with only the events at `indexes` (all of them: a plain copy)."""
+    request = ingest_pb2.IngestEventsRequest()
+    request.CopyFrom(source)
+    if len(indexes) < len(source.events):
         del request.events[:]
         request.events.extend(source.events[index] for index in indexes)
-    return PartialRequest(request, payload.snippet, indexes, local, len(source.events))
+    return request
 
 
 def _event_of(public: str, snippet: bool) -> int | None:

@@ -11,6 +11,8 @@ from datetime import timedelta
 
 #: Events in one request (a batch); the snippet format is one event.
 MAX_EVENTS = 500
+#: A rejected event of a partial request lists at most this many of its violations.
+MAX_VIOLATIONS_PER_EVENT = 20
 #: Default HTTP body limit after decompression (APEX_MAX_BODY_BYTES changes it).
 MAX_BODY_BYTES = 1024 * 1024
 #: `type`: 1-100 characters.

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from apex_ingest.common.limits import MAX_VIOLATIONS_PER_EVENT
 from apex_ingest.server import metrics
 from apex_ingest.server.cookieless import assign_cookieless_visitors
 from apex_ingest.server.deadletters import event_index
@@ -22,9 +23,6 @@ from apex_ingest.server.projects import ProjectDirectory, ProjectInfo
 from apex_ingest.server.storage import UNAVAILABLE_ERRORS, EventSink
 from apex_ingest.server.validation import Row, build_rows, check_request_shape
 from apex_ingest.v1 import ingest_pb2
-
-#: A rejected event of a partial request lists at most this many of its violations.
-MAX_VIOLATIONS_PER_EVENT = 20
 
 
 @dataclass(frozen=True, slots=True)

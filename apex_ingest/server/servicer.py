@@ -10,6 +10,7 @@ from datetime import timedelta
 import grpc
 
 from apex_ingest.common import key_projects
+from apex_ingest.common.limits import MAX_VIOLATIONS_PER_EVENT
 from apex_ingest.common.logs import (
     REQUEST_ID_METADATA,
     access_log_enabled,
@@ -27,12 +28,7 @@ from apex_ingest.server.errors import (
     StorageUnavailable,
     UnknownProject,
 )
-from apex_ingest.server.ingest import (
-    MAX_VIOLATIONS_PER_EVENT,
-    Outcome,
-    ingest_events,
-    ingest_many,
-)
+from apex_ingest.server.ingest import Outcome, ingest_events, ingest_many
 from apex_ingest.server.people import SuppressionDirectory
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.status import error_status, rich_status

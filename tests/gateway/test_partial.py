@@ -6,6 +6,7 @@ the OpenAPI document; the last one goes through the view itself.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import grpc
@@ -18,6 +19,7 @@ from gateway.grpc_errors import to_api_error
 from gateway.payload import to_request
 from tests.conftest import RunningServer
 from tests.gateway.conftest import OPENAPI, schema_validator
+from tests.server.test_dead_letters import dead_letters
 
 RECEIVED = schema_validator(OPENAPI["components"]["schemas"]["Received"])
 
@@ -169,3 +171,73 @@ def test_through_the_view(api: Any, project_key: str, rows: Any) -> None:
     # Without the flag the same batch is refused whole, as the contract says.
     del body["partial"]
     assert api.post(body).status_code == 400
+
+
+def test_events_with_type_errors_are_kept_as_dead_letters_too(
+    api: Any, project_key: str, rows: Any, grpc_server: RunningServer
+) -> None:
+    """They are never sent to be stored; once the batch is answered, RecordRefused keeps them
+    (numbered as in that call), and the server's own violations of them join the answer."""
+    body = {
+        "projectKey": project_key,
+        "partial": True,
+        "events": [
+            {"type": "pageview", "url": "/ok", "id": "q1"},
+            {"type": 5, "url": "ftp://nope", "id": "q2"},  # a type error and a value error
+            {"type": "pageview", "url": "not a url", "id": "q3"},  # a value error only
+            {"type": "pageview", "url": "/fine", "timestamp": 1700000000, "id": "q4"},
+        ],
+    }
+    response = api.post(body)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    answer = response.get_json()
+    RECEIVED.validate(answer)
+    assert answer["received"] == 1
+    fields = {r["index"]: [d["field"] for d in r["details"]] for r in answer["rejected"]}
+    assert fields == {
+        1: ["events[1].type", "events[1].url"],
+        2: ["events[2].url"],
+        3: ["events[3].timestamp"],
+    }
+    assert [row["event_id"] for row in rows()] == ["q1"]
+
+    kept = dead_letters(grpc_server.database_url, wait_for=3)
+    by_id = {json.loads(row["event"]).get("id"): row for row in kept}
+    assert set(by_id) == {"q2", "q3", "q4"}
+    # The server's partial call numbers q3 as the 2nd event it was sent; RecordRefused's call
+    # held q2 and q4 only.
+    assert [v["field"] for v in json.loads(by_id["q2"]["violations"])] == [
+        "events[0].type",
+        "events[0].url",
+    ]
+    assert [v["field"] for v in json.loads(by_id["q4"]["violations"])] == ["events[1].timestamp"]
+    assert json.loads(by_id["q2"]["event"])["incomplete"]
+    assert not json.loads(by_id["q3"]["event"]).get("incomplete")
+    assert by_id["q2"]["request_id"] == response.headers["X-Request-ID"]
+
+
+def test_a_server_without_record_refused_answers_partial_batches_as_before(
+    api: Any,
+    project_key: str,
+    rows: Any,
+    grpc_server: RunningServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from gateway.coalescer import ResultError
+
+    def unimplemented(self: Any, request: Any) -> None:
+        raise ResultError(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+    monkeypatch.setattr("gateway.grpc_client.IngestClient.record_refused", unimplemented)
+    body = {
+        "projectKey": project_key,
+        "partial": True,
+        "events": [{"type": "pageview", "url": "/ok", "id": "r1"}, {"type": 5, "url": "/b"}],
+    }
+    response = api.post(body)
+    assert response.status_code == 200
+    assert response.get_json()["rejected"] == [
+        {"index": 1, "details": [{"field": "events[1].type", "description": "must be a string"}]}
+    ]
+    assert [row["event_id"] for row in rows()] == ["r1"]
+    assert dead_letters(grpc_server.database_url) == []

@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 BUF := node_modules/.bin/buf
 SDK := sdk/python
 SDK_VENV := .venv-sdk
-PYSRC := apex_ingest gateway tests bench $(SDK)
+PYSRC := apex_ingest gateway tests bench snippet $(SDK)
 
-.PHONY: run test test-sdk lint proto proto-check breaking install install-dev services bench bench-enrichment test-reliability clean
+.PHONY: run test test-sdk lint proto proto-check snippet breaking install install-dev services bench bench-enrichment test-reliability clean
 
 $(VENV)/.run-installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -76,7 +76,12 @@ proto-check: proto
 		{ echo "stubs out of date: run 'make proto' and commit"; \
 		  git status --porcelain -- apex_ingest/v1 $(SDK)/apex_ingest_sdk/_proto; exit 1; }
 
+## snippet: build gateway/static/apex.js (what /apex.js serves) from snippet/apex.js
+snippet: install-dev
+	$(PY) snippet/build.py
+
 lint: install-dev $(BUF)
+	$(PY) snippet/build.py --check
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 	$(VENV)/bin/ruff check $(PYSRC)

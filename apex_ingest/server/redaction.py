@@ -1,7 +1,7 @@
 """Secrets in query strings: the value of every parameter named like a secret becomes
 `[redacted]` in the stored `url` and `referrer`; the name stays, so analytics still see it.
 
-apex.js applies the same rule in the browser (gateway/static/apex.js, `red`); the server applies
+apex.js applies the same rule in the browser (snippet/apex.js, `red`); the server applies
 it again to every event, from any client, after validation (limits are judged on what the client
 sent). docs/snippet.md ("Secrets in URLs") states the rule; keep the three in step.
 

@@ -1,9 +1,16 @@
-"""apex.js as a file and as the gateway serves it: size budget, syntax level, caching headers."""
+"""apex.js as a file and as the gateway serves it: size budget, syntax level, caching headers.
+
+The gateway serves gateway/static/apex.js, built from snippet/apex.js by `make snippet`; the
+browser tests run the built file.
+"""
 
 from __future__ import annotations
 
 import gzip
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import requests
@@ -12,6 +19,8 @@ from flask.testing import FlaskClient
 from gateway import create_app
 from gateway.snippet import SNIPPET
 from tests.browser.support import APEX_JS
+
+SOURCE = APEX_JS.parents[2] / "snippet" / "apex.js"
 
 #: The budget stated in the README and docs/snippet.md.
 #: 4 KiB: the outage-proof send queue (issue #17) cost about 240 bytes; identify/reset (#18),
@@ -29,10 +38,21 @@ def test_gzip_size_is_within_budget() -> None:
     assert size < GZIP_BUDGET, f"apex.js is {size} bytes gzipped, over the {GZIP_BUDGET} budget"
 
 
-def test_no_syntax_newer_than_es2017() -> None:
+def test_the_served_file_is_what_the_source_builds_to() -> None:
+    """An edit to one without the other (`make snippet` rebuilds) fails here."""
+    build = Path(__file__).resolve().parents[2] / "snippet" / "build.py"
+    result = subprocess.run(
+        [sys.executable, str(build), "--check"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert APEX_JS.stat().st_size < 0.85 * SOURCE.stat().st_size, "built without comments"
+
+
+@pytest.mark.parametrize("path", [SOURCE, APEX_JS], ids=["source", "built"])
+def test_no_syntax_newer_than_es2017(path: Path) -> None:
     """A cheap guard against the common post-ES2017 syntax (the file is small and regex-free
     where these could appear legitimately)."""
-    source = APEX_JS.read_text(encoding="utf-8")
+    source = path.read_text(encoding="utf-8")
     assert not re.search(r"\?\.(?!\d)", source), "optional chaining is ES2020"
     assert "??" not in source, "nullish coalescing is ES2020"
     assert not re.search(r"catch\s*\{", source), "optional catch binding is ES2019"

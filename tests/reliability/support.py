@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import requests
 from sqlalchemy import create_engine, text
@@ -125,30 +125,20 @@ class Attempt:
     retry_after: str | None = None
 
 
-@dataclass
-class Load:
-    """Client threads posting BATCH_SIZE-event batches with ids, retrying like the SDK.
+@dataclass(kw_only=True)
+class ClientThreads:
+    """`threads` client threads, each running `_run(number)` from start() until stop(); after
+    stop() a client still retrying gives up `give_up` seconds later (`giving_up()`)."""
 
-    retry=True: a batch is resent (same ids) after a 5xx, a 429 or a network error until it is
-    acked or `give_up` seconds after stop(). retry=False: every attempt is a new batch.
-    """
-
-    base_url: str
-    project_key: str
     threads: int = 4
-    retry: bool = True
     give_up: float = 20.0
-    fresh_connections: bool = False
-    pause: float = 0.0
-    attempts: list[Attempt] = field(default_factory=list)
     acked: list[str] = field(default_factory=list)
-    sent: set[str] = field(default_factory=set)
     _stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _workers: list[threading.Thread] = field(default_factory=list)
     _stopped_at: float = 0.0
 
-    def __enter__(self) -> Load:
+    def __enter__(self) -> Self:
         self.start()
         return self
 
@@ -167,6 +157,29 @@ class Load:
         for worker in self._workers:
             worker.join(self.give_up + 15)
         assert not any(w.is_alive() for w in self._workers), "a client thread hung"
+
+    def giving_up(self) -> bool:
+        return self._stop.is_set() and time.monotonic() - self._stopped_at > self.give_up
+
+    def _run(self, number: int) -> None:
+        raise NotImplementedError
+
+
+@dataclass
+class Load(ClientThreads):
+    """Client threads posting BATCH_SIZE-event batches with ids, retrying like the SDK.
+
+    retry=True: a batch is resent (same ids) after a 5xx, a 429 or a network error until it is
+    acked or `give_up` seconds after stop(). retry=False: every attempt is a new batch.
+    """
+
+    base_url: str
+    project_key: str
+    retry: bool = True
+    fresh_connections: bool = False
+    pause: float = 0.0
+    attempts: list[Attempt] = field(default_factory=list)
+    sent: set[str] = field(default_factory=set)
 
     def _run(self, number: int) -> None:
         session = requests.Session()
@@ -200,7 +213,7 @@ class Load:
                 retryable = attempt.status in (0, 429) or attempt.status >= 500
                 if not self.retry or not retryable:
                     break
-                if self._stop.is_set() and time.monotonic() - self._stopped_at > self.give_up:
+                if self.giving_up():
                     break
                 time.sleep(0.05 if attempt.status == 0 else 0.2)
             if self.pause:

@@ -17,7 +17,6 @@ import collections
 import json
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from tests.conftest import make_project, start_server
 from tests.nats_cluster import Cluster, nats_cluster
 from tests.reliability.support import (
     BATCH_SIZE,
+    ClientThreads,
     Proc,
     assert_clean,
     judge,
@@ -71,32 +71,13 @@ class Attempt:
 
 
 @dataclass
-class GrpcLoad:
+class GrpcLoad(ClientThreads):
     """Client threads sending 20-event batches over gRPC, retrying refused ones (same ids)."""
 
     targets: list[str]
     project_key: str
-    threads: int = 4
-    give_up: float = 30.0
+    give_up: float = field(default=30.0, kw_only=True)
     attempts: list[Attempt] = field(default_factory=list)
-    acked: list[str] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _workers: list[threading.Thread] = field(default_factory=list)
-    _stopped_at: float = 0.0
-
-    def start(self) -> None:
-        for number in range(self.threads):
-            worker = threading.Thread(target=self._run, args=(number,), daemon=True)
-            worker.start()
-            self._workers.append(worker)
-
-    def stop(self) -> None:
-        self._stopped_at = time.monotonic()
-        self._stop.set()
-        for worker in self._workers:
-            worker.join(self.give_up + 15)
-        assert not any(w.is_alive() for w in self._workers), "a client thread hung"
 
     def _run(self, number: int) -> None:
         channels = [grpc.insecure_channel(target) for target in self.targets]
@@ -128,7 +109,7 @@ class GrpcLoad:
                         with self._lock:
                             self.acked.append(batch)
                         break
-                    if self._stop.is_set() and time.monotonic() - self._stopped_at > self.give_up:
+                    if self.giving_up():
                         break
                     time.sleep(0.05 if not attempt.retry_info else 0.2)
         finally:

@@ -25,19 +25,23 @@ It relies on `prometheus_client.values.ValueClass`, the class every metric child
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import signal
 import threading
+import weakref
 from typing import Any
 
 from prometheus_client import values
+
+log = logging.getLogger(__name__)
 
 #: How often changed values reach the multiprocess files (and so other processes' scrapes).
 FLUSH_SECONDS = 0.1
 
 _file_value_class: Any = None
 _changed: collections.deque[DeferredValue] = collections.deque()
-_all: list[DeferredValue] = []
+_all: weakref.WeakSet[DeferredValue] = weakref.WeakSet()
 _all_lock = threading.Lock()
 _flush_lock = threading.Lock()
 _flusher: threading.Thread | None = None
@@ -65,7 +69,7 @@ class DeferredValue:
         self._timestamp: float = 0.0
         self._changed = False
         with _all_lock:
-            _all.append(self)
+            _all.add(self)
 
     def inc(self, amount: float) -> None:
         with self._lock:
@@ -146,9 +150,16 @@ def _flush_until_exit() -> None:
     # its handler, and a granian worker's main thread never does (gateway/shutdown.py).
     signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
     main = threading.main_thread()
+    failing = False
     while main.is_alive():
         main.join(FLUSH_SECONDS)
-        flush()
+        try:
+            flush()
+            failing = False
+        except Exception:  # e.g. a full disk: metrics must never take the process down
+            if not failing:
+                log.exception("could not write metrics; trying again every %s s", FLUSH_SECONDS)
+            failing = True
 
 
 def _after_fork_in_child() -> None:

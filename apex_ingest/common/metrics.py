@@ -53,7 +53,10 @@ class _FlushingCollector(_multiprocess.MultiProcessCollector):
     flushers: apex_ingest.common.metric_values)."""
 
     def collect(self) -> Any:
-        metric_values.flush()
+        try:
+            metric_values.flush()
+        except Exception:  # this process's latest updates wait; the scrape still answers
+            log.exception("could not write this process's metrics before a scrape")
         return super().collect()  # type: ignore[no-untyped-call]
 
 

@@ -144,3 +144,95 @@ def test_a_scrape_in_the_process_sees_its_latest_updates(tmp_path: Path) -> None
         """,
     )
     assert out.strip() == "['c_total 1000.0']"
+
+
+def test_a_first_update_from_a_daemon_thread_still_reaches_the_file_at_exit(
+    tmp_path: Path,
+) -> None:
+    """The flusher copied the daemon flag of the thread that started it; in a granian worker
+    that is a request thread, a daemon: the worker's last updates were lost at exit."""
+    _run(
+        tmp_path,
+        """
+        counter = Counter("c", "c")
+        first = threading.Thread(target=counter.inc, daemon=True)
+        first.start()
+        first.join()
+        assert metric_values._flusher is not None and not metric_values._flusher.daemon
+        for _ in range(999):
+            counter.inc()
+        """,
+    )
+    assert _value(_files(tmp_path), "c_total") == 1000
+
+
+def test_updates_whose_write_failed_are_written_by_a_later_flush(tmp_path: Path) -> None:
+    _run(
+        tmp_path,
+        """
+        import contextlib
+
+        gauge = Gauge("g", "g", multiprocess_mode="max")
+        counter = Counter("c", "c")
+        with metric_values._flush_lock:  # no flush between the updates and the failure
+            gauge.set(10)
+            counter.inc(2)
+            real_set = gauge._value._file.set
+
+            def full_disk(*args):
+                raise OSError(28, "No space left on device")
+
+            gauge._value._file.set = full_disk
+        with contextlib.suppress(OSError):
+            metric_values.flush()
+        gauge._value._file.set = real_set
+        counter.inc(3)
+        metric_values.flush()
+        """,
+    )
+    samples = _files(tmp_path)
+    assert _value(samples, "g") == 10
+    assert _value(samples, "c_total") == 5
+
+
+def test_a_fork_during_a_flush_leaves_the_child_free_to_update(tmp_path: Path) -> None:
+    """prometheus-client's lock is held while a value is written: a fork at that moment gave
+    a child whose first new metric child, or first flush, waited on it forever."""
+    out = _run(
+        tmp_path,
+        """
+        from prometheus_client import mmap_dict
+
+        counter = Counter("c", "c", ["n"])
+        counter.labels("0").inc()
+        real_write = mmap_dict.MmapedDict.write_value
+        writing = threading.Event()
+
+        def slow_write(self, *args):
+            writing.set()
+            time.sleep(0.5)
+            return real_write(self, *args)
+
+        mmap_dict.MmapedDict.write_value = slow_write
+        threading.Thread(target=metric_values.flush).start()
+        writing.wait(5)
+        pid = os.fork()
+        if pid == 0:
+            mmap_dict.MmapedDict.write_value = real_write
+            counter.labels("child").inc()
+            metric_values.flush()
+            os._exit(0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                print("child exited", status)
+                break
+            time.sleep(0.05)
+        else:
+            os.kill(pid, 9)
+            print("child hung")
+        """,
+    )
+    assert out.strip() == "child exited 0"
+    assert _value(_files(tmp_path), "c_total") == 2

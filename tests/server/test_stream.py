@@ -7,10 +7,11 @@ Every test makes a stream of its own (unique name and subjects) and deletes it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,6 +22,7 @@ from click.testing import CliRunner
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from nats.aio.client import Client
 from sqlalchemy import Connection, Engine, create_engine, exc, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
@@ -91,6 +93,19 @@ def stream_state(settings: ServerSettings) -> tuple[int, int]:
     return asyncio.run(_stream_state(settings))
 
 
+@contextlib.asynccontextmanager
+async def consumer(settings: ServerSettings) -> AsyncIterator[tuple[Client, Any]]:
+    """A connection to the stream, and a pull subscription on the loaders' durable consumer."""
+    client = await nats.connect(settings.stream_servers)
+    try:
+        subscription = await client.jetstream().pull_subscribe_bind(
+            durable=settings.stream_consumer, stream=settings.stream_name
+        )
+        yield client, subscription
+    finally:
+        await client.close()
+
+
 def load_all(
     settings: ServerSettings,
     filters: Sequence[RowFilter] = (),
@@ -100,20 +115,16 @@ def load_all(
     """Run one loader until the stream has nothing for it within `wait`; messages loaded."""
 
     async def go() -> int:
-        client = await nats.connect(settings.stream_servers)
         own = engine or loader_engine(settings)
         try:
-            subscription = await client.jetstream().pull_subscribe_bind(
-                durable=settings.stream_consumer, stream=settings.stream_name
-            )
-            loader = Loader(settings, own, list(filters))
-            total = 0
-            while loaded := await loader.load_batch(subscription, wait):
-                total += loaded
-            await client.flush()  # the acks
-            return total
+            async with consumer(settings) as (client, subscription):
+                loader = Loader(settings, own, list(filters))
+                total = 0
+                while loaded := await loader.load_batch(subscription, wait):
+                    total += loaded
+                await client.flush()  # the acks
+                return total
         finally:
-            await client.close()
             if engine is None:
                 own.dispose()
 
@@ -127,21 +138,19 @@ def commit_without_ack(
     then stop as a loader killed before its acks would: messages committed."""
 
     async def go() -> int:
-        client = await nats.connect(settings.stream_servers)
         engine = loader_engine(settings)
         try:
-            subscription = await client.jetstream().pull_subscribe_bind(
-                durable=settings.stream_consumer, stream=settings.stream_name
-            )
-            messages = await subscription.fetch(count, timeout=timeout)
-            loader = Loader(settings, engine, list(filters))
-            rows = [
-                row for message in messages for row in stream.rows_of(stream.decode(message.data))
-            ]
-            await asyncio.to_thread(loader._commit, rows)
-            return len(messages)  # ... and the loader dies here: no ack
+            async with consumer(settings) as (_, subscription):
+                messages = await subscription.fetch(count, timeout=timeout)
+                loader = Loader(settings, engine, list(filters))
+                rows = [
+                    row
+                    for message in messages
+                    for row in stream.rows_of(stream.decode(message.data))
+                ]
+                await asyncio.to_thread(loader._commit, rows)
+                return len(messages)  # ... and the loader dies here: no ack
         finally:
-            await client.close()
             engine.dispose()
 
     return asyncio.run(go())
@@ -441,17 +450,11 @@ def test_a_commit_longer_than_the_ack_wait_is_not_redelivered(settings: ServerSe
     other_loader_got: list[int] = []
 
     async def fetch_as_another_loader() -> int:
-        client = await nats.connect(settings.stream_servers)
-        try:
-            subscription = await client.jetstream().pull_subscribe_bind(
-                durable=settings.stream_consumer, stream=settings.stream_name
-            )
+        async with consumer(settings) as (_, subscription):
             try:
                 return len(await subscription.fetch(10, timeout=settings.stream_ack_wait))
             except TimeoutError:
                 return 0
-        finally:
-            await client.close()
 
     def slow(connection: Connection, rows: list[Row]) -> list[Row]:
         calls.append([row["event_id"] for row in rows])
@@ -553,20 +556,16 @@ def test_a_fetched_batch_commits_in_transactions_of_bounded_rows(
         return rows
 
     async def one_batch() -> int:
-        client = await nats.connect(settings.stream_servers)
         engine = loader_engine(settings)
         try:
-            subscription = await client.jetstream().pull_subscribe_bind(
-                durable=settings.stream_consumer, stream=settings.stream_name
-            )
-            messages = await subscription.fetch(3, timeout=5)
-            assert len(messages) == 3
-            loader = Loader(settings, engine, [database_goes_after_the_first])
-            loaded = await loader.load(messages)
-            await client.flush()
-            return loaded
+            async with consumer(settings) as (client, subscription):
+                messages = await subscription.fetch(3, timeout=5)
+                assert len(messages) == 3
+                loader = Loader(settings, engine, [database_goes_after_the_first])
+                loaded = await loader.load(messages)
+                await client.flush()
+                return loaded
         finally:
-            await client.close()
             engine.dispose()
 
     started = time.monotonic()

@@ -29,7 +29,7 @@ from gateway.errors import (
 from gateway.grpc_client import get_client
 from gateway.grpc_errors import to_api_error
 from gateway.json_codec import json_response
-from gateway.payload import Payload, proto_field
+from gateway.payload import Payload, refused_request
 from gateway.request_state import ParsedBody, parsed_body, request_context
 
 bp = Blueprint("api", __name__)
@@ -134,15 +134,7 @@ def _every_violation(payload: Payload) -> list[FieldViolation]:
     asked with validate_only instead (nothing kept). If the server cannot say (unknown key,
     server down), the type errors alone are the answer.
     """
-    refused = ingest_pb2.RecordRefusedRequest(
-        request=payload.request,
-        violations=[
-            ingest_pb2.FieldViolation(
-                field=proto_field(v.field, payload.snippet), description=v.description
-            )
-            for v in payload.violations
-        ],
-    )
+    refused = refused_request(payload.request, payload.violations, payload.snippet)
     found = _record_refused(refused, payload.snippet)
     if found is None:
         found = _validate_only(payload)

@@ -37,7 +37,7 @@ from typing import Any
 from apex_ingest.common.limits import MAX_VIOLATIONS_PER_EVENT
 from apex_ingest.v1 import ingest_pb2
 from gateway.errors import FieldViolation, invalid
-from gateway.payload import Payload, proto_field, public_field
+from gateway.payload import Payload, public_field, refused_request
 
 FLAG = "partial"
 
@@ -72,17 +72,14 @@ class PartialRequest:
         """The events with type errors, with them, to be kept as dead letters (None: none)."""
         if self.held is None:
             return None
-        held = sorted(self.local)
-        return ingest_pb2.RecordRefusedRequest(
-            request=self.held,
-            violations=[
-                ingest_pb2.FieldViolation(
-                    field=proto_field(_renumber(v.field, index, position), self.snippet),
-                    description=v.description,
-                )
-                for position, index in enumerate(held)
+        return refused_request(
+            self.held,
+            (
+                FieldViolation(_renumber(v.field, index, position), v.description)
+                for position, index in enumerate(sorted(self.local))
                 for v in self.local[index]
-            ],
+            ),
+            self.snippet,
         )
 
     def found(self, violations: Iterable[FieldViolation]) -> None:

@@ -10,7 +10,7 @@ value errors too (gateway.api asks it with validate_only) and the answer lists e
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -299,6 +299,22 @@ def proto_field(path: str, snippet: bool) -> str:
     if snippet and proto in _EVENT_FIELDS:
         return f"events[0].{proto}{rest}"
     return proto + rest
+
+
+def refused_request(
+    request: ingest_pb2.IngestEventsRequest, violations: Iterable[FieldViolation], snippet: bool
+) -> ingest_pb2.RecordRefusedRequest:
+    """RecordRefused's request: `request` with the type errors the gateway refused it for,
+    named as the server names fields (`proto_field`)."""
+    return ingest_pb2.RecordRefusedRequest(
+        request=request,
+        violations=[
+            ingest_pb2.FieldViolation(
+                field=proto_field(v.field, snippet), description=v.description
+            )
+            for v in violations
+        ],
+    )
 
 
 def _snake(name: str) -> str:

@@ -30,7 +30,7 @@ request itself; a gRPC error of the call is translated as for any request (`to_a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,20 +143,17 @@ def prepare(payload: Payload) -> PartialRequest | None:
     if whole:
         raise invalid(whole)
     indexes = [index for index in range(len(source.events)) if index not in local]
-    if indexes:
-        request = _with_events(source, indexes)
-    else:
-        # Every event has a type error: nothing to store. The server is still asked (to check
-        # only) so that an unknown key or a refused origin is refused as a whole.
-        request = _with_events(source, list(range(len(source.events))))
-        request.validate_only = True
+    # Every event has a type error: nothing to store. The server is still asked (to check only,
+    # with every event) so that an unknown key or a refused origin is refused as a whole.
+    request = _with_events(source, indexes or range(len(source.events)))
+    request.validate_only = not indexes
     request.partial = True
     held = _with_events(source, sorted(local)) if local else None
     return PartialRequest(request, payload.snippet, indexes, local, len(source.events), held)
 
 
 def _with_events(
-    source: ingest_pb2.IngestEventsRequest, indexes: list[int]
+    source: ingest_pb2.IngestEventsRequest, indexes: Sequence[int]
 ) -> ingest_pb2.IngestEventsRequest:
     """A copy of `source` with only the events at `indexes` (all of them: a plain copy)."""
     request = ingest_pb2.IngestEventsRequest()

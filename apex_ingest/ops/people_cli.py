@@ -8,7 +8,6 @@ as their SHA-256, and how many rows of each table.
 from __future__ import annotations
 
 import getpass
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -211,7 +210,7 @@ def people_export(
             for record in store.export_person(
                 factory, project_id, person, actor=_actor(actor), via="cli"
             ):
-                line = json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+                line = store.export_line(record)
                 if sink is not None:
                     sink.write(line + "\n")
                 else:

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    cast,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -30,16 +31,21 @@ BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
 
 
 class JSONBText(UserDefinedType[str]):
-    """A JSONB column that binds the client's JSON text unchanged.
+    """A JSONB column that binds the client's JSON text unchanged, and reads back text.
 
     SQLAlchemy's JSONB would re-serialize a Python object; we already hold the
-    exact text the client sent (numbers and all), and PostgreSQL parses it.
+    exact text the client sent (numbers and all), and PostgreSQL parses it. Read back as
+    jsonb, psycopg would parse it into Python floats (49.90 -> 49.9, a 20-digit number
+    rounded): as text, every number is the one stored.
     """
 
     cache_ok = True
 
     def get_col_spec(self, **kw: Any) -> str:
         return "JSONB"
+
+    def column_expression(self, colexpr: Any) -> Any:
+        return cast(colexpr, Text)
 
 
 class Base(DeclarativeBase):

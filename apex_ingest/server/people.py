@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -548,24 +549,25 @@ def export_person(
     _finish_audit(factory, audit_id, counts)
 
 
+#: What an export holds of an event: every column but the surrogate id (README, "Export").
+_EXPORTED_COLUMNS = tuple(column.key for column in Event.__table__.columns if column.key != "id")
+
+
 def _event_record(event: Event) -> dict[str, Any]:
-    data: Any = event.data
-    if isinstance(data, str):
-        data = json.loads(data)
-    return {
-        "record": "event",
-        "event_id": event.event_id,
-        "type": event.type,
-        "visitor_id": event.visitor_id,
-        "user_id": event.user_id,
-        "url": event.url,
-        "referrer": event.referrer,
-        "data": data,
-        "occurred_at": _iso(event.occurred_at),
-        "received_at": _iso(event.received_at),
-        "ip": event.ip,
-        "user_agent": event.user_agent,
-    }
+    record: dict[str, Any] = {"record": "event"}
+    for name in _EXPORTED_COLUMNS:
+        value = getattr(event, name)
+        if isinstance(value, datetime):
+            value = _iso(value)
+        elif name == "data":
+            value = orjson.Fragment(value)  # the stored text: its numbers exactly as stored
+        record[name] = value
+    return record
+
+
+def export_line(record: Mapping[str, Any]) -> str:
+    """One record of export_person as the JSON line written (CLI and PeopleService alike)."""
+    return orjson.dumps(record).decode()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ project in the call's metadata; a public key is PERMISSION_DENIED). The work its
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -115,6 +114,4 @@ class PeopleServicer(people_pb2_grpc.PeopleServiceServicer):
         for record in people.export_person(
             self._factory, project.id, person, actor=request.actor or DEFAULT_ACTOR, via="grpc"
         ):
-            yield people_pb2.ExportPersonResponse(
-                json=json.dumps(record, ensure_ascii=False, separators=(",", ":"))
-            )
+            yield people_pb2.ExportPersonResponse(json=people.export_line(record))

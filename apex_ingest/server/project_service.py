@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import threading
 import time
@@ -171,9 +170,6 @@ def key_message(row: ProjectKey) -> project_pb2.ProjectKey:
 
 
 def event_message(event: Event) -> project_pb2.StoredEvent:
-    data = event.data
-    if not isinstance(data, str):  # PostgreSQL's jsonb comes back parsed
-        data = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return project_pb2.StoredEvent(
         id=event.id,
         event_id=event.event_id,
@@ -182,7 +178,7 @@ def event_message(event: Event) -> project_pb2.StoredEvent:
         user_id=event.user_id or "",
         url=event.url,
         referrer=event.referrer or "",
-        data=data,
+        data=event.data,  # text as stored (models.JSONBText): numbers exact
         occurred_at=_timestamp(event.occurred_at),
         received_at=_timestamp(event.received_at),
         **_enrichment_fields(event),

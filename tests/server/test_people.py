@@ -206,6 +206,42 @@ def test_export_a_person(
     assert len(event_ids(server.database_url)) == 11
 
 
+#: Numbers a float would change: trailing zeros, more digits than a double holds.
+EXACT_DATA = '{"amount": 49.90, "big": 12345678901234567890.123456789, "n": 1e2}'
+
+
+def test_export_keeps_every_column_and_the_numbers_as_stored(
+    server: RunningServer, channel: grpc.Channel, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    key, secret = new_project(server.database_url)
+    stub.IngestEvents(
+        ingest_pb2.IngestEventsRequest(
+            project_key=key,
+            user_id="carol",
+            events=[Event(id="buy", type="purchase", url="/buy?utm_source=news", data=EXACT_DATA)],
+            context=ingest_pb2.RequestContext(
+                client_ip="203.0.113.9",
+                user_agent="Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like "
+                "Gecko) Chrome/124.0.0.0 Safari/537.36",
+            ),
+        ),
+        timeout=5,
+    )
+    [line] = [
+        item.json
+        for item in people(channel).ExportPerson(
+            people_pb2.ExportPersonRequest(user_ids=["carol"]), metadata=bearer(secret), timeout=30
+        )
+    ]
+    for number in ("49.90", "12345678901234567890.123456789"):
+        assert number in line  # not 49.9 nor 1.2345678901234567e+19
+    record = json.loads(line)
+    columns = query(server.database_url, "SELECT * FROM events WHERE event_id = 'buy'")[0]
+    assert set(record) == {"record", *columns._fields} - {"id"}
+    assert record["utm_source"] == "news" and record["ip"] == "203.0.113.9"
+    assert record["browser"] is not None and record["client_occurred_at"] is None
+
+
 def test_people_service_needs_the_projects_secret_key(
     server: RunningServer, channel: grpc.Channel, stub: ingest_pb2_grpc.IngestServiceStub
 ) -> None:

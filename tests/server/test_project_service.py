@@ -221,15 +221,19 @@ def test_the_live_feed_shows_what_every_server_commits(database_url: str) -> Non
 
 def test_the_backlog_sends_the_latest_first(server: RunningServer, channel: grpc.Channel) -> None:
     public, secret = new_project(server.database_url)
+    data = '{"price": 49.90, "big": 12345678901234567890.123456789}'
     ingest(channel).IngestEvents(
         ingest_pb2.IngestEventsRequest(
-            project_key=public, events=[Event(id=f"e{n}", type="t", url="/") for n in range(5)]
+            project_key=public,
+            events=[Event(id=f"e{n}", type="t", url="/", data=data) for n in range(5)],
         ),
         timeout=5,
     )
     stream = admin(channel).TailEvents(
         project_pb2.TailEventsRequest(backlog=2), metadata=bearer(secret), timeout=5
     )
-    first_two = [next(stream).event.event_id for _ in range(2)]
+    first_two = [next(stream).event for _ in range(2)]
     stream.cancel()
-    assert first_two == ["e3", "e4"]
+    assert [event.event_id for event in first_two] == ["e3", "e4"]
+    # The numbers as stored, not as a float would write them (49.9, 1.2345678901234567e+19).
+    assert "49.90" in first_two[0].data and "12345678901234567890.123456789" in first_two[0].data

@@ -34,6 +34,8 @@ $(BUF): package.json package-lock.json
 run: install
 	$(VENV)/bin/apex-ingest db upgrade
 	$(VENV)/bin/apex-ingest demo
+	@echo "The apex-ingest commands of README.md, from another shell here: . $(VENV)/bin/activate first (or $(VENV)/bin/apex-ingest ...)."
+	@echo
 	APEX_LOG_FORMAT=$${APEX_LOG_FORMAT:-text} exec $(VENV)/bin/apex-ingest serve
 
 ## test: install what the tests need, make sure PostgreSQL and Redis are up, run pytest (and

@@ -995,7 +995,8 @@ def events_tail(
 @main.command()
 def demo() -> None:
     """Migrate the database (as `db upgrade`), make sure a project named "demo" exists, print
-    its key, the snippet tag for this gateway and curl examples."""
+    its key (and, when it creates the project, a secret key), the snippet tag for this gateway
+    and curl examples."""
     from sqlalchemy import select
 
     from apex_ingest.ops.migrate import upgrade as run_upgrade
@@ -1018,8 +1019,12 @@ def demo() -> None:
             .order_by(ProjectKey.id)
             .limit(1)
         ).first()
+        secret = None
         if key is None:
-            key = project_store.create_project(session, "demo").key
+            project = project_store.create_project(session, "demo")
+            key = project.key
+            # What the debugger and `events list`/`tail` ask for; only its digest is kept.
+            secret = project_store.add_key(session, project.id, project_store.SECRET)
     base = f"http://{address_host(reachable_host(settings.host))}:{settings.http_port}"
     url = f"{base}/api/events"
     snippet = (
@@ -1033,7 +1038,18 @@ def demo() -> None:
         '{"type":"purchase","url":"/checkout","data":{"amount":49.90,"currency":"EUR"}}]}'
     )
     click.echo(f"\nDatabase: {_describe_database(settings.database_url)}")
-    click.echo(f"Demo project key: {key}\n")
+    click.echo(f"Demo project key: {key}")
+    if secret is not None:
+        click.echo(f"Demo secret key (shown this once; only its SHA-256 is kept): {secret}")
+    else:
+        click.echo(
+            "Demo secret key: printed when the project was created; another one: "
+            "apex-ingest projects keys add --project demo --kind secret"
+        )
+    click.echo(
+        f"It reads the project's events: {base}/debugger, "
+        "apex-ingest events tail --secret-key sk_live_...\n"
+    )
     click.echo("The snippet tag for a page (served from any origin) to send events here:")
     click.echo(f"  {snippet_tag(base, key)}\n")
     for title, body in (("A browser event", snippet), ("A server-side batch", batch)):

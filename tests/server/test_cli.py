@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from apex_ingest.ops.migrate import current_revision
+from apex_ingest.server.projects import secret_digest
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 
 COMMAND = [sys.executable, "-m", "apex_ingest"]
@@ -118,6 +119,19 @@ def test_demo_prints_a_stable_key_and_curl(sqlite_url: str) -> None:
     assert "curl" in first and "/api/events" in first
     key = next(word for word in first.split() if word.startswith("pk_live_"))
     assert key in second
+    # A secret key once, for the debugger and `events list`: it works, and is never shown again.
+    secret = next(word for word in first.split() if word.startswith("sk_live_"))
+    assert "sk_live_" not in second.replace("sk_live_...", "")
+    assert "projects keys add --project demo --kind secret" in second
+    database = sqlite3.connect(sqlite_url.removeprefix("sqlite:///"))
+    try:
+        stored = database.execute(
+            "SELECT k.key FROM project_keys k JOIN projects p ON p.id = k.project_id"
+            " WHERE p.name = 'demo' AND k.kind = 'secret' AND k.revoked_at IS NULL"
+        ).fetchall()
+    finally:
+        database.close()
+    assert stored == [(secret_digest(secret),)]  # the demo project's one secret key
 
 
 def test_demo_prints_the_exact_snippet_tag_for_its_own_address(sqlite_url: str) -> None:

@@ -871,6 +871,17 @@ def _project_stub(
         yield stub, metadata
 
 
+def _check_rejected(rejected: bool, *filters: str | None) -> None:
+    """Refuse --rejected asked for with a filter: the feed cannot filter refused requests'
+    events by type or person, so it would show none without a word."""
+    source = click.get_current_context().get_parameter_source("rejected")
+    if rejected and any(filters) and source == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError(
+            "--rejected shows refused requests' events only without --type, --visitor and "
+            "--user (`apex-ingest dead-letters list` shows them all)"
+        )
+
+
 def _feed_request(
     event_type: str | None, visitor: str | None, user: str | None, since: str | None, **more: Any
 ) -> Any:
@@ -922,6 +933,7 @@ def events_list(
     """
     import grpc as grpc_lib
 
+    _check_rejected(rejected, event_type, visitor, user)
     request = _feed_request(
         event_type, visitor, user, since, backlog=limit, backlog_only=True, events_only=not rejected
     )
@@ -964,6 +976,7 @@ def events_tail(
 
     import grpc as grpc_lib
 
+    _check_rejected(rejected, event_type, visitor, user)
     after_event = after_letter = 0
     with _project_stub(secret_key, target, project) as (stub, metadata):
         while True:

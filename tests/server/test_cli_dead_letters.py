@@ -103,6 +103,23 @@ def test_events_tail_refuses_a_public_key(sqlite_url: str) -> None:
     assert refused.returncode == 1 and "public key" in refused.stderr
 
 
+@pytest.mark.parametrize("command", ["list", "tail"])
+def test_rejected_with_a_filter_is_refused_not_ignored(sqlite_url: str, command: str) -> None:
+    """The feed cannot filter dead letters by type or person: asking for both is an error."""
+    refused = run(
+        sqlite_url,
+        "events",
+        command,
+        "--secret-key",
+        "sk_live_x",
+        "--visitor",
+        "v_123",
+        "--rejected",
+        check=False,
+    )
+    assert refused.returncode == 2 and "--rejected shows" in refused.stderr
+
+
 @pytest.fixture(autouse=True)
 def _no_stray_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("APEX_GRPC_TARGET", raising=False)

@@ -129,6 +129,19 @@ def test_wrong_path_fails_at_once(service: Any, postgres_url: str) -> None:
     assert [e["id"] for e in events] == [event_id]
 
 
+def test_the_grpc_port_fails_at_once_saying_so(service: Any, postgres_url: str) -> None:
+    """A user mixing up the two ports the README lists: reported at once, never retried."""
+    key = make_project(postgres_url)
+    errors = Errors()
+    started = time.monotonic()
+    with Apex(key, f"http://{service.grpc_target}", on_error=errors) as apex:
+        apex.track("e", "/")
+    assert time.monotonic() - started < 10  # not the retries' 20-90 s
+    [(error, _)] = errors.calls
+    assert (error.status, error.code) == (None, "not_a_gateway")
+    assert "gRPC port" in error.message and "not an Apex Ingest gateway" in error.message
+
+
 def test_close_at_exit_loses_nothing(service: Any, postgres_url: str, tmp_path: Path) -> None:
     key = make_project(postgres_url)
     script = tmp_path / "track_and_exit.py"

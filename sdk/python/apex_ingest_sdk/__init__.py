@@ -45,7 +45,8 @@ def __getattr__(name: str) -> Any:
                 raise
             raise ImportError(
                 f"apex_ingest_sdk.{name} needs the grpc extra: "
-                f"pip install 'apex-ingest-sdk[grpc]' ({exc})"
+                "pip install 'apex-ingest-sdk[grpc]' (from a checkout of Apex Ingest: "
+                f"pip install './sdk/python[grpc]') ({exc})"
             ) from exc
         return getattr(grpc_client, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

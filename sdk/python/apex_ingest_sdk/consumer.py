@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from apex_ingest_sdk.errors import ApexError, ErrorCallback, error_from_response
-from apex_ingest_sdk.transport import Transport
+from apex_ingest_sdk.transport import NotAGateway, Transport
 
 __all__ = ["Consumer"]
 
@@ -75,6 +75,11 @@ def with_sent_at(body: bytes) -> bytes:
     """``body`` (a JSON object) with ``"sentAt"``: now, by this machine's clock, in RFC 3339."""
     stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return b'{"sentAt":"' + stamp.encode() + b'",' + body[1:]
+
+
+_NOT_A_GATEWAY = (
+    "this is not an Apex Ingest gateway; host must be the gateway's base URL, scheme://host[:port]"
+)
 
 
 def _is_retryable(status: int) -> bool:
@@ -331,7 +336,9 @@ class Consumer:
             error = self._post(payload)
             if error is None:
                 return None
-            if error.status is not None and not _is_retryable(error.status):
+            if error.code == "not_a_gateway" or (
+                error.status is not None and not _is_retryable(error.status)
+            ):
                 return error
             if attempt >= self.max_retries:
                 return error
@@ -352,6 +359,8 @@ class Consumer:
             headers["Content-Encoding"] = "gzip"
         try:
             response = self.transport.send(self.url, payload, headers, timeout=self.timeout)
+        except NotAGateway as exc:
+            return ApexError(f"{self.url}: {exc}: {_NOT_A_GATEWAY}", code="not_a_gateway")
         except (OSError, http.client.HTTPException) as exc:
             return ApexError(f"{self.url}: {exc}", code="network_error")
         if 200 <= response.status < 300:
@@ -360,8 +369,7 @@ class Consumer:
         if response.status in _WRONG_ENDPOINT:
             # Not the ingest endpoint (a wrong host, port or path prefix): fail at once and say so.
             error.message = (
-                f"POST {self.url} answered {response.status} ({error.message}): this is not an "
-                "Apex Ingest gateway; host must be the gateway's base URL, scheme://host[:port]"
+                f"POST {self.url} answered {response.status} ({error.message}): {_NOT_A_GATEWAY}"
             )
             error.args = (error.message,)
         return error

@@ -42,7 +42,8 @@ class ApexError(Exception):
     ``"forbidden"``, ``"payload_too_large"``, ``"unsupported_media_type"``, ``"rate_limited"``,
     ``"unavailable"``, ``"timeout"``, ...: see ``SERVER_CODES``) or, for failures that never got
     an answer (``status`` None), one of the client's own: ``"queue_full"``, ``"closed"``
-    (tracked after ``close()``), ``"network_error"``, ``"shutdown"`` (``close()`` gave up
+    (tracked after ``close()``), ``"network_error"``, ``"not_a_gateway"`` (the host answered in
+    another protocol, e.g. a gRPC port: never retried), ``"shutdown"`` (``close()`` gave up
     waiting) and ``"internal_error"`` (a bug in the client). With ``Apex(partial=True)``,
     ``"rejected"`` (status 200): the server stored the batch's other events, not these.
     """

@@ -1,7 +1,8 @@
 """Typed gRPC client for internal services: ``IngestClient(target).ingest(key, events)``.
 
-Needs the ``grpc`` extra (``pip install 'apex-ingest-sdk[grpc]'``). Named ``grpc_client`` so
-that ``import grpc`` inside this package still means grpcio. It uses the SDK's own copy of the
+Needs the ``grpc`` extra (``pip install 'apex-ingest-sdk[grpc]'``; from a checkout of Apex
+Ingest, ``pip install './sdk/python[grpc]'``). Named ``grpc_client`` so that ``import grpc``
+inside this package still means grpcio. It uses the SDK's own copy of the
 generated messages (``apex_ingest_sdk._proto``) and calls the method by name, so neither the
 server package nor generated ``_pb2_grpc`` code is needed.
 """

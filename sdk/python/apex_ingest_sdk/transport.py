@@ -7,13 +7,14 @@ reuse an application's HTTP connection pool or to record requests in tests.
 from __future__ import annotations
 
 import http.client
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Response", "Transport", "UrllibTransport"]
+__all__ = ["NotAGateway", "Response", "Transport", "UrllibTransport"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +41,22 @@ class Transport(Protocol):
     Any HTTP status is an answer (``Response``), redirects included: they must not be followed
     (a redirected POST is replayed as a body-less GET). A failure that got no answer (refused,
     reset, timed out, TLS) raises ``OSError``, which the sender reports as ``network_error`` and
-    retries. Called from the sender thread only, one request at a time.
+    retries; ``NotAGateway`` (an ``OSError``) for an answer in another protocol, which no retry
+    changes. Called from the sender thread only, one request at a time.
     """
 
     def send(
         self, url: str, body: bytes, headers: Mapping[str, str], *, timeout: float
     ) -> Response: ...
+
+
+class NotAGateway(OSError):
+    """The host answered, but not in HTTP/1.1: e.g. HTTP/2 frames from a gRPC port."""
+
+
+#: How an HTTP/2 server's first frame (SETTINGS: a 3-byte length, type 4, flags, stream 0) reads
+#: when parsed as an HTTP/1.1 status line: what a gRPC port answers to a plain POST.
+_HTTP2_SETTINGS = re.compile("^[\x00-\xff]{3}\x04\x00\x00\x00\x00\x00", re.DOTALL)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -81,6 +92,13 @@ class UrllibTransport:
         except urllib.error.URLError as exc:
             # URLError is an OSError already; keep the reason (refused, DNS, TLS) readable.
             raise OSError(f"{exc.reason}") from exc
+        except http.client.BadStatusLine as exc:
+            if exc.args and _HTTP2_SETTINGS.match(str(exc.args[0])):
+                raise NotAGateway(
+                    "the host answered in HTTP/2 only: a gRPC port (the gateway's is its HTTP "
+                    "port, 8080 by default)?"
+                ) from exc
+            raise OSError(f"{type(exc).__name__}: {exc!r}") from exc
         except http.client.HTTPException as exc:
             # A broken answer (e.g. the connection closed mid-headers): no answer at all.
             raise OSError(f"{type(exc).__name__}: {exc}") from exc

@@ -137,6 +137,44 @@ class BrokenAnswerTests(unittest.TestCase):
         self.assertEqual((error.code, error.status), ("network_error", None))
 
 
+class Http2Only(unittest.TestCase):
+    def test_an_http2_answer_is_not_a_gateway_and_not_retried(self) -> None:
+        """What a gRPC port sends a plain POST: its SETTINGS frame, then it closes."""
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        self.addCleanup(listener.close)
+        connections: list[int] = []
+
+        def answer() -> None:
+            listener.settimeout(5)
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except OSError:
+                    return
+                connections.append(1)
+                with sock:
+                    sock.recv(65536)
+                    sock.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x04\x00\x40\x00\x00")
+
+        threading.Thread(target=answer, daemon=True).start()
+        errors = Errors()
+        apex = Apex(
+            "pk",
+            f"http://127.0.0.1:{listener.getsockname()[1]}",
+            max_retries=3,
+            backoff_base=0.01,
+            on_error=errors,
+        )
+        apex.track("e", "/")
+        self.assertTrue(apex.close(10))
+        [(error, _)] = errors.calls
+        self.assertEqual((error.code, error.status), ("not_a_gateway", None))
+        self.assertIn("gRPC port", error.message)
+        self.assertEqual(len(connections), 1)
+
+
 class OverHttp(unittest.TestCase):
     """``Apex`` with its default transport against the fake served over HTTP."""
 

@@ -48,10 +48,20 @@ def ingest_events() -> Response:
         arrival.leave()
 
 
+#: A body refused for these (timeout, size, type or encoding) is refused for them even past a
+#: rate limit: "a transport or size limit never reads as a rate limit" (CONTRACT.md), or a
+#: client would retry, after Retry-After, a body that can never be accepted. It still counts.
+_NEVER_RATE_LIMITED = frozenset({408, 413, 415})
+
+
 def _ingest(parsed: ParsedBody, coalescer: Coalescer) -> Response:
     outcome = None
     try:
-        outcome = ratelimit.check()  # keyed by the key's project (or key), else the client's IP
+        try:
+            outcome = ratelimit.check()  # keyed by the key's project (or key), else the client's IP
+        except ratelimit.RateLimited:
+            if parsed.error is None or parsed.error.code not in _NEVER_RATE_LIMITED:
+                raise
         if parsed.error is not None:
             raise parsed.error
         assert parsed.payload is not None

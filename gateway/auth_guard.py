@@ -25,7 +25,7 @@ from flask import Flask, current_app
 
 from apex_ingest.common.settings import GatewaySettings, Internal
 from gateway.errors import ApiError
-from gateway.ratelimit import RateLimiter
+from gateway.ratelimit import RateLimited, RateLimiter
 
 #: Keys remembered per worker (verified or unknown); beyond this, the oldest half is forgotten.
 MAX_REMEMBERED = 50_000
@@ -50,11 +50,11 @@ class AuthGuard:
         if outcome.allowed:
             return None
         retry_after = max(1, math.ceil(outcome.reset_at - time.time()))
-        return ApiError(
-            429,
+        return RateLimited(  # its headers: this limit's, not the project's or the address's
+            outcome,
+            retry_after,
             "Too many requests with keys not known here from this address; "
             "retry after the number of seconds in Retry-After.",
-            retry_after=retry_after,
         )
 
     def accepted(self, key: str) -> None:

@@ -204,8 +204,10 @@ def check() -> _Outcome:
 
 
 class RateLimited(ApiError):
-    def __init__(self, outcome: _Outcome, retry_after: int) -> None:
-        super().__init__(429, retry_after=retry_after)
+    """429 past a limit; its X-RateLimit-* headers describe that limit (`outcome`)."""
+
+    def __init__(self, outcome: _Outcome, retry_after: int, message: str | None = None) -> None:
+        super().__init__(429, message, retry_after=retry_after)
         self.outcome = outcome
 
 

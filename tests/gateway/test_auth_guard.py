@@ -78,6 +78,9 @@ def test_random_keys_mostly_never_reach_the_server(fake_server: Any) -> None:
         statuses.append(response.status_code)
     assert len(calls) == 20
     assert statuses.count(401) == 20 and statuses.count(429) == 180
+    # The refusal's headers are those of the limit that refused (not the address's 100/second).
+    assert response.headers["X-RateLimit-Limit"] == "20"
+    assert response.headers["X-RateLimit-Remaining"] == "0"
     # The same unknown key again: answered from memory, no call.
     again = client.post(
         "/api/events", json={"type": "pageview", "visitorId": "v", "projectKey": "pk_0", "url": "/"}

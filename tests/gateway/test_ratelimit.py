@@ -74,6 +74,19 @@ def test_bodies_without_a_key_are_limited_by_ip(api: Api) -> None:
 
 
 @pytest.mark.parametrize("app_config", [LIMITED])
+def test_a_size_or_type_limit_never_reads_as_a_rate_limit(api: Api) -> None:
+    """Past the address's budget, junk is refused 429; a body too large or of the wrong type
+    is still told why (it could never be accepted: a 429 would have it retried)."""
+    for _ in range(2):
+        assert api.post(raw=b"not json").status_code == 400
+    assert api.post(raw=b"not json").status_code == 429
+    too_large = api.post(raw=b" " * (1024 * 1024 + 1))
+    assert too_large.status_code == 413 and "Retry-After" not in too_large.headers
+    assert api.post(raw=b"{}", content_type="application/xml").status_code == 415
+    assert api.post(raw=b"not json").status_code == 429  # those counted, and refused nothing
+
+
+@pytest.mark.parametrize("app_config", [LIMITED])
 def test_preflight_and_other_routes_are_not_limited(api: Api, project_key: str) -> None:
     for _ in range(5):
         preflight = api.client.options(

@@ -14,7 +14,7 @@ from typing import Any
 
 from fake_ingest import Answer, Errors, Received, fake_ingest, foreign, ok, refuse
 
-from apex_ingest_sdk import Apex, Response, Transport, UrllibTransport
+from apex_ingest_sdk import Apex, ApexError, Response, Transport, UrllibTransport
 
 
 def free_port() -> int:
@@ -104,6 +104,16 @@ class UrllibTransportTests(unittest.TestCase):
             self.assertLess(time.monotonic() - started, 5)
 
 
+def one_failure(url: str, max_retries: int) -> ApexError:
+    """Track one event to `url`, close, and return the one error on_error was handed."""
+    errors = Errors()
+    apex = Apex("pk", url, max_retries=max_retries, backoff_base=0.01, on_error=errors)
+    apex.track("e", "/")
+    assert apex.close(10)
+    [(error, _)] = errors.calls
+    return error
+
+
 class BrokenAnswer(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -123,17 +133,7 @@ class BrokenAnswerTests(unittest.TestCase):
         thread.start()
         self.addCleanup(server.server_close)
         self.addCleanup(server.shutdown)
-        errors = Errors()
-        apex = Apex(
-            "pk",
-            f"http://127.0.0.1:{server.server_address[1]}",
-            max_retries=1,
-            backoff_base=0.01,
-            on_error=errors,
-        )
-        apex.track("e", "/")
-        self.assertTrue(apex.close(10))
-        [(error, _)] = errors.calls
+        error = one_failure(f"http://127.0.0.1:{server.server_address[1]}", max_retries=1)
         self.assertEqual((error.code, error.status), ("network_error", None))
 
 
@@ -159,17 +159,7 @@ class Http2Only(unittest.TestCase):
                     sock.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x04\x00\x40\x00\x00")
 
         threading.Thread(target=answer, daemon=True).start()
-        errors = Errors()
-        apex = Apex(
-            "pk",
-            f"http://127.0.0.1:{listener.getsockname()[1]}",
-            max_retries=3,
-            backoff_base=0.01,
-            on_error=errors,
-        )
-        apex.track("e", "/")
-        self.assertTrue(apex.close(10))
-        [(error, _)] = errors.calls
+        error = one_failure(f"http://127.0.0.1:{listener.getsockname()[1]}", max_retries=3)
         self.assertEqual((error.code, error.status), ("not_a_gateway", None))
         self.assertIn("gRPC port", error.message)
         self.assertEqual(len(connections), 1)

@@ -36,6 +36,44 @@ class JSONSyntaxError(ValueError):
     """The body is not JSON we can accept: a syntax error, NaN, invalid UTF-8, too deep."""
 
 
+#: The fewest levels a parser or writer here refuses (orjson writes 254; it reads 1024): a body
+#: refused as too deep has a value nested deeper than this.
+MAX_READ_DEPTH = 254
+_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\],]', re.DOTALL)
+
+
+def nesting_path(body: bytes, limit: int = MAX_READ_DEPTH) -> list[str | int] | None:
+    """The keys and indexes leading to the first value nested deeper than `limit` levels, or
+    None. Reads tokens only (strings skipped whole), so it finds the place even in a body that
+    no parser here reads, to name the offending field."""
+    # Per open container: [is an object, the key or index of the value being read in it].
+    stack: list[list[Any]] = []
+    key_next = False
+    for match in _TOKEN.finditer(body):
+        token = match.group()
+        if token[:1] == b'"':
+            if key_next and stack:
+                try:
+                    stack[-1][1] = json.loads(token)
+                except ValueError:
+                    stack[-1][1] = token[1:-1].decode("utf-8", "replace")
+                key_next = False
+        elif token in (b"{", b"["):
+            if len(stack) >= limit:
+                return [entry[1] for entry in stack]
+            stack.append([token == b"{", None if token == b"{" else 0])
+            key_next = token == b"{"
+        elif token in (b"}", b"]"):
+            if stack:
+                stack.pop()
+        elif stack:  # a comma
+            if stack[-1][0]:
+                key_next = True
+            else:
+                stack[-1][1] += 1
+    return None
+
+
 def _reject_constant(name: str) -> NoReturn:
     raise JSONSyntaxError(f"{name} is not valid JSON")
 

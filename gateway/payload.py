@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from apex_ingest.common.limits import MAX_EVENTS
+from apex_ingest.common.limits import MAX_DATA_DEPTH, MAX_EVENTS
 from apex_ingest.common.rpc import new_event_ids
 from apex_ingest.v1 import ingest_pb2
 from gateway import json_codec
@@ -408,3 +408,18 @@ def parse_request(body: bytes) -> Payload:
 
 
 _BOM = b"\xef\xbb\xbf"
+
+
+def too_deep(body: bytes) -> FieldViolation | None:
+    """The member of the body, or of one of its events, that nests deeper than any parser here
+    reads, as the violation to answer (a JSON syntax error would name no field)."""
+    path = json_codec.nesting_path(body)
+    if not path or not isinstance(path[0], str):
+        return None
+    if path[0] == "events" and len(path) > 2 and isinstance(path[1], int):
+        key, field = path[2], f"events[{path[1]}].{path[2]}"
+    else:
+        key, field = path[0], path[0]
+    if key == "data":
+        return FieldViolation(str(field), f"must not nest deeper than {MAX_DATA_DEPTH} levels")
+    return FieldViolation(str(field), f"nests deeper than {json_codec.MAX_READ_DEPTH} levels")

@@ -16,7 +16,7 @@ from gateway.body import read_body
 from gateway.client_ip import client_ip as resolve_client_ip
 from gateway.config import get_settings
 from gateway.errors import ApiError, invalid
-from gateway.payload import Payload, parse_request
+from gateway.payload import Payload, parse_request, too_deep
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +45,9 @@ def _parse_body() -> ParsedBody:
     except ApiError as exc:
         return ParsedBody("", None, exc)
     except json_codec.JSONSyntaxError as exc:
+        deep = too_deep(raw) if "deep" in str(exc) or "depth" in str(exc) else None
+        if deep is not None:  # valid JSON, too deep to read: name where (CONTRACT: each field)
+            return ParsedBody("", None, invalid([deep]))
         return ParsedBody("", None, invalid([], f"The body is not valid JSON: {exc}"))
     return ParsedBody(payload.request.project_key, payload, None)
 

@@ -129,3 +129,40 @@ def test_an_over_long_event_list_is_refused_before_anything_is_built(
     ]
     assert spent < 1.0, f"{spent:.2f} s of CPU"
     assert rows() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "description"),
+    [
+        # Legal JSON past what the parsers read (orjson: 1024 levels; 254 on the exact path).
+        (
+            '{"projectKey":"KEY","events":[{"type":"t","url":"/"},'
+            '{"type":"t","url":"/","data":{"x":' + "[" * 2000 + "]" * 2000 + "}}]}",
+            "events[1].data",
+            "must not nest deeper than 16 levels",
+        ),
+        (
+            '{"projectKey":"KEY","type":"t","url":"/","visitorId":"v","data":{"price":1.50,'
+            '"x":' + "[" * 300 + "]" * 300 + "}}",
+            "data",
+            "must not nest deeper than 16 levels",
+        ),
+        (
+            '{"projectKey":"KEY","type":"t","url":"/","visitorId":"v","extra":'
+            + '{"a":' * 1100
+            + "1"
+            + "}" * 1100
+            + "}",
+            "extra",
+            "nests deeper than 254 levels",
+        ),
+    ],
+)
+def test_a_body_too_deep_to_read_names_the_field(
+    api: Api, project_key: str, rows: Rows, body: str, field: str, description: str
+) -> None:
+    answer = api.post(raw=body.replace("KEY", project_key).encode())
+    assert answer.status_code == 400
+    details = answer.get_json()["error"]["details"]
+    assert details == [{"field": field, "description": description}]
+    assert rows() == []

@@ -24,7 +24,7 @@ from typing import Any
 from flask import Flask, current_app
 
 from apex_ingest.common.settings import GatewaySettings, Internal
-from gateway.errors import ApiError
+from gateway.errors import ApiError, unauthorized
 from gateway.ratelimit import RateLimited, RateLimiter
 
 #: Keys remembered per worker (verified or unknown); beyond this, the oldest half is forgotten.
@@ -45,7 +45,7 @@ class AuthGuard:
             return None
         until = self._unknown.get(key)
         if until is not None and until > time.monotonic():
-            return ApiError(401, "Unknown or revoked project key.")
+            return unauthorized("Unknown or revoked project key.")
         outcome = self._limiter.hit(f"unverified:{client_ip}")
         if outcome.allowed:
             return None

@@ -83,6 +83,11 @@ def invalid(details: Sequence[FieldViolation], message: str | None = None) -> Ap
     return ApiError(400, message, details)
 
 
+def unauthorized(message: str | None = None) -> ApiError:
+    """401: the body's projectKey is unknown or revoked, named as the offending field."""
+    return ApiError(401, message, [FieldViolation("projectKey", "is unknown or revoked")])
+
+
 def error_body(status: int, message: str, details: Iterable[FieldViolation] = ()) -> object:
     return {
         "error": {

@@ -9,7 +9,7 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from apex_ingest.common.rpc import field_violations, retry_delay, violation_count
-from gateway.errors import ApiError, FieldViolation, invalid
+from gateway.errors import ApiError, FieldViolation, invalid, unauthorized
 from gateway.payload import public_field
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,8 @@ def to_api_error(error: grpc.RpcError, snippet: bool) -> ApiError:
     message = None
     if code in _FORWARD_MESSAGE:
         message = (error.details() or "")[:_MAX_MESSAGE] or None
+    if status == 401:
+        return unauthorized(message)
     retry_after = retry_delay(rich) if status in (429, 503) else None
     return ApiError(status, message, retry_after=retry_after)
 

@@ -288,8 +288,13 @@ def test_top_level_must_be_an_object(api: Api, body: bytes) -> None:
 def test_unknown_key_is_401(api: Api, rows: Rows) -> None:
     response = api.post(snippet("pk_live_doesnotexist000000000000"))
     assert response.status_code == 401
-    assert response.get_json()["error"]["code"] == "unauthorized"
+    error = response.get_json()["error"]
+    assert error["code"] == "unauthorized"
+    # The contract's body names the offending field, here as for a 400.
+    assert error["details"] == [{"field": "projectKey", "description": "is unknown or revoked"}]
     assert rows() == []
+    again = api.post(snippet("pk_live_doesnotexist000000000000"))  # answered from memory
+    assert again.status_code == 401 and again.get_json()["error"]["details"] == error["details"]
 
 
 def test_origin_allowlist_is_403(api: Api, grpc_server: RunningServer, rows: Rows) -> None:

@@ -137,6 +137,21 @@ class BrokenAnswerTests(unittest.TestCase):
         self.assertEqual((error.code, error.status), ("network_error", None))
 
 
+def read_request(sock: socket.socket) -> None:
+    """Read one HTTP/1.1 request with a Content-Length, headers and body."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+
+
 class Http2Only(unittest.TestCase):
     def test_an_http2_answer_is_not_a_gateway_and_not_retried(self) -> None:
         """What a gRPC port sends a plain POST: its SETTINGS frame, then it closes."""
@@ -155,7 +170,7 @@ class Http2Only(unittest.TestCase):
                     return
                 connections.append(1)
                 with sock:
-                    sock.recv(65536)
+                    read_request(sock)  # whole, or closing early resets the client's send
                     sock.sendall(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x04\x00\x40\x00\x00")
 
         threading.Thread(target=answer, daemon=True).start()

@@ -36,6 +36,13 @@ class JSONSyntaxError(ValueError):
     """The body is not JSON we can accept: a syntax error, NaN, invalid UTF-8, too deep."""
 
 
+class JSONTooDeep(JSONSyntaxError):
+    """Nested deeper than a parser or writer here goes (MAX_READ_DEPTH): maybe valid JSON."""
+
+
+_TOO_DEEP = "the JSON is nested too deeply"
+
+
 #: The fewest levels a parser or writer here refuses (orjson writes 254; it reads 1024): a body
 #: refused as too deep has a value nested deeper than this.
 MAX_READ_DEPTH = 254
@@ -94,6 +101,8 @@ def parse(body: bytes) -> Any:
         try:
             return orjson.loads(body)
         except orjson.JSONDecodeError as exc:
+            if exc.msg.startswith("depth limit exceeded"):
+                raise JSONTooDeep(str(exc)) from None
             raise JSONSyntaxError(str(exc)) from None
     return _parse_exact(body)
 
@@ -115,21 +124,21 @@ def _parse_exact(body: bytes) -> Any:
     except UnicodeDecodeError:
         raise JSONSyntaxError("the body is not valid UTF-8") from None
     except RecursionError:
-        raise JSONSyntaxError("the JSON is nested too deeply") from None
+        raise JSONTooDeep(_TOO_DEEP) from None
     except orjson.JSONEncodeError as exc:
-        raise JSONSyntaxError(_encode_error_message(exc)) from None
+        raise _encode_error(exc) from None
     except ValueError as exc:
         raise JSONSyntaxError(str(exc)) from None
     return value
 
 
-def _encode_error_message(exc: orjson.JSONEncodeError) -> str:
+def _encode_error(exc: orjson.JSONEncodeError) -> JSONSyntaxError:
     text = str(exc)
     if "surrogates" in text:
-        return "a string holds an unpaired UTF-16 surrogate"
+        return JSONSyntaxError("a string holds an unpaired UTF-16 surrogate")
     if "Recursion" in text:
-        return "the JSON is nested too deeply"
-    return text
+        return JSONTooDeep(_TOO_DEEP)
+    return JSONSyntaxError(text)
 
 
 def dumps(value: Any) -> bytes:
@@ -140,7 +149,7 @@ def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError as exc:
-        raise JSONSyntaxError(_encode_error_message(exc)) from None
+        raise _encode_error(exc) from None
 
 
 def json_response(body: Any, status: int = 200) -> Response:

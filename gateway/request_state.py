@@ -45,7 +45,7 @@ def _parse_body() -> ParsedBody:
     except ApiError as exc:
         return ParsedBody("", None, exc)
     except json_codec.JSONSyntaxError as exc:
-        deep = too_deep(raw) if "deep" in str(exc) or "depth" in str(exc) else None
+        deep = too_deep(raw) if isinstance(exc, json_codec.JSONTooDeep) else None
         if deep is not None:  # valid JSON, too deep to read: name where (CONTRACT: each field)
             return ParsedBody("", None, invalid([deep]))
         return ParsedBody("", None, invalid([], f"The body is not valid JSON: {exc}"))

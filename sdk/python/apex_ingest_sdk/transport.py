@@ -92,13 +92,13 @@ class UrllibTransport:
         except urllib.error.URLError as exc:
             # URLError is an OSError already; keep the reason (refused, DNS, TLS) readable.
             raise OSError(f"{exc.reason}") from exc
-        except http.client.BadStatusLine as exc:
-            if exc.args and _HTTP2_SETTINGS.match(str(exc.args[0])):
+        except http.client.HTTPException as exc:
+            if isinstance(exc, http.client.BadStatusLine) and _HTTP2_SETTINGS.match(
+                str(exc.args[0]) if exc.args else ""
+            ):
                 raise NotAGateway(
                     "the host answered in HTTP/2 only: a gRPC port (the gateway's is its HTTP "
                     "port, 8080 by default)?"
                 ) from exc
-            raise OSError(f"{type(exc).__name__}: {exc!r}") from exc
-        except http.client.HTTPException as exc:
             # A broken answer (e.g. the connection closed mid-headers): no answer at all.
             raise OSError(f"{type(exc).__name__}: {exc}") from exc

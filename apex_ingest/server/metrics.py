@@ -73,6 +73,12 @@ GROUP_ROWS = Histogram(
     "Rows written in one group-commit transaction.",
     buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000),
 )
+GROUPS_WITH_STORED_IDS = Counter(
+    "apex_group_commit_stored_id_groups",
+    "Group-commit transactions (or loader commits) that held an event id already stored (a "
+    "client's retry, a redelivered stream message): written by the statement that skips "
+    "stored ids instead of COPY. Usually near 0; a steady rate means clients resend.",
+)
 DB_POOL_IN_USE = Gauge(
     "apex_db_pool_connections_in_use",
     "Database connections checked out of the pool for a call (key lookups, health probes, "

@@ -5,12 +5,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 from psycopg.types.json import Json
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.server import metrics, storage
@@ -260,10 +263,10 @@ def test_a_connection_lost_during_the_commit_with_no_new_one_is_maybe_stored(
     real_execute = store._pg_execute
     calls = []
 
-    def commit_then_lose_the_connection(columns: list[Json], links: list[list[object]]) -> None:
-        calls.append(columns)
+    def commit_then_lose_the_connection(rows: list[dict[str, object]]) -> None:
+        calls.append(rows)
         if len(calls) == 1:
-            real_execute(columns, links)  # committed ...
+            real_execute(rows)  # committed ...
             store._local.connection.driver_connection.close()  # ... but the answer is lost
             raise psycopg.OperationalError("server closed the connection unexpectedly")
         raise exc.OperationalError("connect", {}, Exception("connection refused"))
@@ -312,3 +315,143 @@ def test_a_request_still_queued_at_the_commit_timeout_is_withdrawn(
     assert outcomes["stuck"].maybe_stored
     assert not outcomes["queued"].maybe_stored
     assert stored_ids(sqlite_url) == ["stuck-0"]  # written once the hang ended; "queued" never
+
+
+@contextmanager
+def _driver(engine: Engine, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
+    """A psycopg connection of `engine`'s pool, as the group-commit writers use theirs."""
+    proxy = engine.raw_connection()
+    try:
+        driver: Any = proxy.driver_connection
+        driver.autocommit = autocommit
+        yield driver
+    finally:
+        proxy.invalidate()
+
+
+def _stored_groups_with_stored_ids() -> float:
+    return REGISTRY.get_sample_value("apex_group_commit_stored_id_groups_total") or 0
+
+
+def _full_rows(prefix: str, project_id: int) -> list[dict[str, object]]:
+    """Rows with every column set, the hard values included: exact decimals and big numbers,
+    nesting, non-ASCII, a naive datetime (UTC), a negative skew, a boolean, NULLs."""
+    rows = rows_for(prefix, 3, project_id)
+    received = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+    rows[0].update(
+        data='{"price": 49.90, "n": 123456789012345678901234567890, "e": 1.5e-7, '
+        '"nested": {"a": [1, 2.50, {"b": null}]}, "name": "Zoë ✓ \\"q\\" \\\\ \\n"}',
+        occurred_at=datetime(2026, 3, 1, 11, 59, 0),  # naive: UTC
+        client_occurred_at=datetime(2026, 3, 1, 11, 59, 2, tzinfo=UTC),
+        clock_skew_ms=-2000,
+        received_at=received,
+        visitor_id="v1",
+        user_id="u1",
+        url="https://shop.example/p?x=1\t2",
+        referrer="https://www.google.com/",
+        ip="2001:db8::1",
+        user_agent="Mozilla/5.0 (X11; Linux x86_64)",
+        browser="Chrome",
+        browser_version="131.0.0",
+        os="Linux",
+        device_class="desktop",
+        is_bot=False,
+        utm_source="news",
+        referrer_host="www.google.com",
+        referrer_class="search",
+        country="DE",
+    )
+    rows[1].update(is_bot=True, data='{"tags": ["a", "b"], "ok": true}')
+    return rows
+
+
+@pytest.mark.postgres
+def test_copied_rows_are_stored_exactly_as_the_statement_stores_them(postgres_url: str) -> None:
+    """The COPY path and the statement that skips stored ids store the same values."""
+    engine = create_db_engine(postgres_url)
+    sessions = create_session_factory(engine)
+    copied_project, statement_project = new_project(sessions), new_project(sessions)
+    before = _stored_groups_with_stored_ids()
+    rows = _full_rows("x", copied_project)
+    same_rows = [{**row, "project_id": statement_project} for row in rows]
+    with _driver(engine) as connection:
+        storage.write_rows(connection, rows)
+        connection.execute(storage._PG_INSERT_DRIVER, storage._parameters(same_rows))
+        columns = ", ".join(
+            f"{name}::text" for name in storage.COLUMN_NAMES if name != "project_id"
+        )
+        stored = {
+            project: connection.execute(
+                f"SELECT {columns} FROM events WHERE project_id = %s ORDER BY event_id",
+                [project],
+            ).fetchall()
+            for project in (copied_project, statement_project)
+        }
+        links = connection.execute("SELECT project_id FROM identity_links").fetchall()
+    assert _stored_groups_with_stored_ids() == before  # the COPY path was taken
+    assert len(stored[copied_project]) == 3
+    assert stored[copied_project] == stored[statement_project]
+    first = stored[copied_project][0]
+    data = first[storage.COLUMN_NAMES.index("data") - 1]
+    assert "49.90" in data and "123456789012345678901234567890" in data
+    assert first[storage.COLUMN_NAMES.index("occurred_at") - 1].startswith("2026-03-01 11:59:00")
+    assert (copied_project,) in links  # the identity link committed with the rows
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_group_holding_a_stored_id_skips_it_and_stores_the_rest(postgres_url: str) -> None:
+    engine = create_db_engine(postgres_url)
+    project_id = new_project(create_session_factory(engine))
+    with _driver(engine) as connection:
+        storage.write_rows(connection, rows_for("a", 1, project_id))
+        before = _stored_groups_with_stored_ids()
+        retry = rows_for("a", 3, project_id)  # a-0 is stored already
+        retry[0]["type"] = "resent"
+        storage.write_rows(connection, retry)
+        stored = connection.execute(
+            "SELECT event_id, type FROM events ORDER BY event_id"
+        ).fetchall()
+    assert stored == [("a-0", "t"), ("a-1", "t"), ("a-2", "t")]
+    assert _stored_groups_with_stored_ids() == before + 1
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_copies_sharing_ids_wait_for_each_other_and_store_each_once(postgres_url: str) -> None:
+    """A COPY meeting an id another transaction holds waits for it; once that one commits, the
+    waiting group is written by the statement, which skips the id: nobody deadlocks or fails."""
+    engine = create_db_engine(postgres_url)
+    project_id = new_project(create_session_factory(engine))
+
+    def rows(*ids: str) -> list[dict[str, object]]:
+        made = rows_for("x", len(ids), project_id)
+        for row, event_id in zip(made, ids, strict=True):
+            row["event_id"] = event_id
+        return made
+
+    failures: list[BaseException] = []
+    with (
+        _driver(engine, autocommit=False) as first,
+        _driver(engine) as second,
+    ):
+        for connection in (first, second):
+            connection.execute("SET lock_timeout = '10s'")
+        first.commit()
+
+        def write_second() -> None:
+            try:
+                storage.write_rows(second, rows("b", "a"))
+            except BaseException as error:
+                failures.append(error)
+
+        storage.write_rows(first, rows("a"))  # in `first`'s open transaction
+        waiting = threading.Thread(target=write_second)
+        waiting.start()
+        time.sleep(0.5)  # `second` now waits for "a", before it takes "b" (key order)
+        storage.write_rows(first, rows("b"))
+        first.commit()
+        waiting.join(timeout=15)
+    assert failures == []
+    assert sorted(stored_ids(postgres_url)) == ["a", "b"]
+    engine.dispose()

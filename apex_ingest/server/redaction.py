@@ -29,6 +29,10 @@ from urllib.parse import unquote
 from apex_ingest.common.limits import MAX_URL_CHARS
 
 REDACTED = "[redacted]"
+#: A site's pages (and referrers) repeat from one event to the next, so each URL is judged once
+#: (here, and in validation.py): URLs come from clients, so only short ones are kept, and only
+#: so many.
+CACHED_URL_CHARS = 512
 
 #: Substrings of a name (lower case, without `_ - .` and spaces) that make it a secret.
 SECRET_PARTS = (
@@ -73,9 +77,13 @@ def is_secret_name(name: str, extra: frozenset[str] = frozenset()) -> bool:
 def redact_url(url: str, extra: frozenset[str] = frozenset()) -> str:
     """`url` with the values of its secret-named parameters replaced by `[redacted]`, cut to
     MAX_URL_CHARS (a short secret replaced by the longer marker must still fit the column)."""
-    question, hash_mark = url.find("?"), url.find("#")
-    if question < 0 and hash_mark < 0:
+    if "?" not in url and "#" not in url:
         return url
+    return _redact_cached(url, extra) if len(url) <= CACHED_URL_CHARS else _redact(url, extra)
+
+
+def _redact(url: str, extra: frozenset[str]) -> str:
+    question, hash_mark = url.find("?"), url.find("#")
     start = question if hash_mark < 0 or 0 <= question < hash_mark else hash_mark
     query = url[start:]
     # Most URLs hold no secret: look before rebuilding the string.
@@ -88,6 +96,9 @@ def redact_url(url: str, extra: frozenset[str] = frozenset()) -> str:
         return match[0]
 
     return (url[:start] + _PIECE.sub(replace, query))[:MAX_URL_CHARS]
+
+
+_redact_cached = lru_cache(maxsize=4096)(_redact)
 
 
 def _is_secret(name: str, extra: frozenset[str]) -> bool:

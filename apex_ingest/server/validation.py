@@ -30,7 +30,7 @@ from apex_ingest.common.limits import (
 from apex_ingest.common.rpc import new_event_ids
 from apex_ingest.server import enrichment
 from apex_ingest.server.errors import FieldViolation
-from apex_ingest.server.redaction import redact_url
+from apex_ingest.server.redaction import CACHED_URL_CHARS, redact_url
 from apex_ingest.v1 import ingest_pb2
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -50,7 +50,10 @@ MAX_NUMBER_SCALE = 16383
 _MAX_EXPONENT = 2**30 - 1  # INT_MAX / 2 in numeric.c
 #: Only a long exponent (always after a digit, in JSON) or a very long run of digits can break
 #: those limits (the data limit caps a literal at 32 KiB); anything else skips the exact check.
-_LONG_EXPONENT = re.compile(r"[0-9][eE][+-]?[0-9]{4}")
+# An exponent of 4 digits or more after a digit ([0-9][eE][+-]?[0-9]{4}), found by mapping every
+# digit to 0 and E to e in C and searching for three fixed strings (`_has_long_exponent`): a
+# third less time than the regular expression took, on every event's data.
+_EXPONENT_FORM = bytes.maketrans(b"123456789E", b"000000000e")
 _LONG_DIGITS = 15000
 _DIGIT_RUN = re.compile(f"[0-9]{{{_LONG_DIGITS}}}")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -362,12 +365,11 @@ def _url_problem(url: str) -> str | None:
         return "is required"
     if len(url) > MAX_URL_CHARS:
         return f"must be at most {MAX_URL_CHARS} characters"
-    return _url_form_problem(url) if len(url) <= _CACHED_URL_CHARS else _url_form(url)
+    return _url_form_problem(url) if len(url) <= CACHED_URL_CHARS else _url_form(url)
 
 
-#: A site's pages repeat from one event to the next: each URL's form is judged once (URLs come
-#: from clients, so only so many, and only short ones, are kept).
-_CACHED_URL_CHARS = 512
+# A site's pages repeat from one event to the next: each URL's form is judged once (as each is
+# redacted once: redaction.CACHED_URL_CHARS).
 
 
 def _url_form(url: str) -> str | None:
@@ -415,13 +417,18 @@ def data_problem(data: str) -> str | None:
         return f"must not nest deeper than {MAX_DATA_DEPTH} levels"
     if "\\u0000" in data and _contains_nul(value):
         return "must not contain NUL (\\u0000) characters"
-    at_risk = _LONG_EXPONENT.search(data) or (len(data) >= _LONG_DIGITS and _DIGIT_RUN.search(data))
+    at_risk = _has_long_exponent(data) or (len(data) >= _LONG_DIGITS and _DIGIT_RUN.search(data))
     if at_risk and not _numbers_storable(data):
         return (
             "holds a number that cannot be stored (at most "
             f"{MAX_NUMBER_SCALE} digits after the decimal point, exponent included)"
         )
     return None
+
+
+def _has_long_exponent(data: str) -> bool:
+    form = data.encode("utf-8", "surrogatepass").translate(_EXPONENT_FORM)
+    return b"0e0000" in form or b"0e+0000" in form or b"0e-0000" in form
 
 
 class _Unstorable(Exception):

@@ -114,3 +114,14 @@ def test_projects_create_takes_redact_params(sqlite_url: str) -> None:
     )
     bad = run(sqlite_url, "projects", "create", "X", "--redact-param", "a=b", check=False)
     assert bad.returncode == 2 and "--redact-param" in bad.stderr
+
+
+def test_a_url_is_judged_again_for_a_project_with_other_names() -> None:
+    """URLs are redacted once each (a cache): the project's own names are part of the key."""
+    url = "https://shop.example/p?ref=mail&code=1234"
+    for _ in range(2):
+        assert redact_url(url) == url
+        assert (
+            redact_url(url, frozenset({"code"}))
+            == "https://shop.example/p?ref=mail&code=[redacted]"
+        )

@@ -70,9 +70,10 @@ def links_of(rows: Sequence[Row]) -> list[Row]:
                 "last_seen": at,
                 "conflict": first != user,
             }
-        else:
-            link["first_seen"] = min(link["first_seen"], at)
-            link["last_seen"] = max(link["last_seen"], at)
+        elif at < link["first_seen"]:
+            link["first_seen"] = at
+        elif at > link["last_seen"]:
+            link["last_seen"] = at
     # Key order: two transactions upserting some of the same links wait for each other in one
     # direction only, never deadlock.
     return [found[key] for key in sorted(found)]

@@ -130,6 +130,7 @@ def build_rows(
     browser event of a project that is not cookieless: IngestEventsRequest.derive_visitor_id).
     """
     latest = received_at + MAX_FUTURE
+    latest_seconds = (latest - _EPOCH).total_seconds()
     earliest = received_at - retention if retention is not None else None
     context = request.context
     skew = _clock_skew(request, received_at, violations)
@@ -205,24 +206,23 @@ def build_rows(
         client_occurred_at = None
         if event.HasField("timestamp"):
             ts = event.timestamp
+            seconds, nanos = ts.seconds, ts.nanos
             too_late = "must not be more than one day after the time of receipt"
             if skew:
                 too_late += " (once corrected by the client's clock skew, measured with sent_at)"
-            if not 0 <= ts.nanos <= 999_999_999:
+            if not 0 <= nanos <= 999_999_999:
                 problem = "has invalid nanos"
-            elif ts.seconds < 0:
+            elif seconds < 0:
                 problem = "must not be before 1970-01-01T00:00:00Z"
-            elif ts.seconds - skew_seconds > (latest - _EPOCH).total_seconds():
+            elif seconds - skew_seconds > latest_seconds:
                 # Checked before building a datetime: seconds near 2**63 overflow it.
                 problem = too_late
-            elif ts.seconds > _MAX_SECONDS:
+            elif seconds > _MAX_SECONDS:
                 problem = "must be before year 10000"
-            elif ts.seconds - skew_seconds < 0:
+            elif seconds - skew_seconds < 0:
                 problem = _BEFORE_EPOCH_CORRECTED
             else:
-                client_occurred_at = _EPOCH + timedelta(
-                    seconds=ts.seconds, microseconds=ts.nanos // 1000
-                )
+                client_occurred_at = _EPOCH + timedelta(0, seconds, nanos // 1000)
                 occurred_at = client_occurred_at if not skew else client_occurred_at - skew
                 if skew is not None and received_at < occurred_at <= latest:
                     # Still after the receipt once corrected: clamped (PostHog does the same),

@@ -1,13 +1,18 @@
 """The write path alone (issue #21 item 5): the once-only insert against COPY, interleaved.
 
-Three ways of writing the same kind of rows (realistic events: a `data` object with strings,
-numbers and an array, a user agent, ~1 % repeats of earlier ids), each by 2 connections at once
-in groups of 800 rows (what the group-commit writers send under load), round after round:
+Four ways of writing the same kind of rows (realistic events: a `data` object with strings,
+numbers and an array, a user agent, `--repeats` of them (1 % by default) repeating earlier ids),
+each by 2 connections at once in groups of 800 rows (what the group-commit writers send under
+load), round after round:
 
 - copy: COPY straight into `events` of the schema as of migration 0004 (no dedup): the
   denominator, frozen as issue #21 asks, so that a lighter schema counts as a gain;
-- before: the statement storage.py had before (DISTINCT ON) on the schema of 0004;
-- after: storage.py's statement (ids deduplicated in Python first) on the schema of 0005.
+- before: the statement storage.py had before issue #21 (DISTINCT ON) on the schema of 0004;
+- statement: storage.py's statement that skips stored ids (the rows as one JSON parameter) on
+  today's schema, for every group;
+- write_rows: what the writers do today (storage.write_rows): COPY, and that statement only for
+  a group holding a stored id. With 1 % of rows repeating, nearly every 800-row group holds one
+  (its worst case); `--repeats 0` measures the common case.
 
 Each round's rates are divided by that round's COPY rate. Backend CPU per row is read from
 /proc (PostgreSQL on this machine). Run: `.venv/bin/python -m bench.write_path [--rounds 5]`.
@@ -36,9 +41,12 @@ from apex_ingest.server import storage
 ADMIN_URL = os.environ.get(
     "APEX_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
-NAMES = [name for name, _ in storage._COLUMNS]
+#: The columns `events` had as of migration 0004 (enrichment's came with 0008): what copy and
+#: before write; statement and write_rows write today's columns, enrichment's included.
+OLD_COLUMNS = storage._COLUMNS[: storage.COLUMN_NAMES.index("user_agent") + 1]
+NAMES = [name for name, _ in OLD_COLUMNS]
 COLUMNS = ", ".join(NAMES)
-ARRAYS = [f"%b::{pg_type}[]" for _, pg_type in storage._COLUMNS]
+ARRAYS = [f"%b::{pg_type}[]" for _, pg_type in OLD_COLUMNS]
 #: storage.py's statement before issue #21 item 5, verbatim.
 BEFORE_SQL = (
     f"WITH input AS (SELECT * FROM unnest({', '.join(ARRAYS)}) WITH ORDINALITY "
@@ -57,10 +65,30 @@ UA = (
     "Chrome/131.0.0.0 Safari/537.36"
 )
 PROJECTS = 10
+#: What enrichment derives for a desktop Chrome pageview (docs/enrichment.md).
+ENRICHMENT: dict[str, Any] = {
+    "client_occurred_at": None,
+    "clock_skew_ms": None,
+    "browser": "Chrome",
+    "browser_version": "131.0.0",
+    "os": "Windows",
+    "device_class": "desktop",
+    "is_bot": False,
+    "utm_source": "news",
+    "utm_medium": None,
+    "utm_campaign": None,
+    "utm_term": None,
+    "utm_content": None,
+    "gclid": None,
+    "fbclid": None,
+    "referrer_host": None,
+    "referrer_class": "direct",
+    "country": None,
+}
 Row = dict[str, Any]
 
 
-def make_groups(seed: int, rows: int, group: int) -> list[list[Row]]:
+def make_groups(seed: int, rows: int, group: int, repeats: float = 0.01) -> list[list[Row]]:
     rnd = random.Random(seed)
     now = datetime.now(UTC)
     seen: list[tuple[int, str]] = []
@@ -72,7 +100,7 @@ def make_groups(seed: int, rows: int, group: int) -> list[list[Row]]:
             server_batch = rnd.random() < 0.3  # server batches: a user_id, often no visitor_id
             slug = rnd.choice(["running-shoes", "rain-jacket", "espresso-machine", "yoga-mat"])
             project_id, event_id = rnd.randint(1, PROJECTS), uuid.uuid4().hex
-            if seen and rnd.random() < 0.01:
+            if seen and rnd.random() < repeats:
                 project_id, event_id = rnd.choice(seen)
             batch.append(
                 {
@@ -98,6 +126,7 @@ def make_groups(seed: int, rows: int, group: int) -> list[list[Row]]:
                     "received_at": received,
                     "ip": f"203.0.113.{rnd.randint(1, 254)}",
                     "user_agent": UA,
+                    **ENRICHMENT,
                 }
             )
         seen.extend((row["project_id"], row["event_id"]) for row in batch)
@@ -118,24 +147,33 @@ def write_before(connection: psycopg.Connection[Any], rows: list[Row]) -> None:
     connection.execute(BEFORE_SQL, [[row[name] for row in rows] for name in NAMES])
 
 
-def write_after(connection: psycopg.Connection[Any], rows: list[Row]) -> None:
+def write_statement(connection: psycopg.Connection[Any], rows: list[Row]) -> None:
     rows = list(storage._first_of_each_id(rows))
-    connection.execute(storage._PG_INSERT_DRIVER, [[row[name] for row in rows] for name in NAMES])
+    connection.execute(storage._PG_INSERT_DRIVER, storage._parameters(rows))
 
 
-#: method -> (its database, how it writes). Each has a database of its own, so that all three
-#: tables grow alike from round to round.
+#: method -> (its database, how it writes). Each has a database of its own, so that all
+#: tables grow alike from round to round; copy and before write the schema of 0004.
 METHODS: dict[str, tuple[str, Callable[[psycopg.Connection[Any], list[Row]], None]]] = {
     "copy": ("copy", write_copy),
     "before": ("before", write_before),
-    "after": ("after", write_after),
+    "statement": ("statement", write_statement),
+    "write_rows": ("write_rows", storage.write_rows),
 }
+OLD_SCHEMA = ("copy", "before")
 
 
 def _worker(
-    conninfo: str, method: str, seed: int, rows: int, group: int, barrier: Any, out: Any
+    conninfo: str,
+    method: str,
+    seed: int,
+    rows: int,
+    group: int,
+    repeats: float,
+    barrier: Any,
+    out: Any,
 ) -> None:
-    groups = make_groups(seed, rows, group)
+    groups = make_groups(seed, rows, group, repeats)
     write = METHODS[method][1]
     with psycopg.connect(conninfo, autocommit=True) as connection:
         pid = connection.info.backend_pid
@@ -153,14 +191,15 @@ def _worker(
 
 
 def trial(
-    conninfo: str, method: str, seed: int, rows: int, group: int, conc: int
+    conninfo: str, method: str, seed: int, rows: int, group: int, conc: int, repeats: float
 ) -> tuple[float, float]:
     """(rows/s, backend µs per row) of `conc` connections writing `rows` rows each."""
     context = mp.get_context("fork")
     barrier, out = context.Barrier(conc), context.Queue()
     workers = [
         context.Process(
-            target=_worker, args=(conninfo, method, seed * 100 + n, rows, group, barrier, out)
+            target=_worker,
+            args=(conninfo, method, seed * 100 + n, rows, group, repeats, barrier, out),
         )
         for n in range(conc)
     ]
@@ -182,6 +221,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=20_000, help="per connection per trial")
     parser.add_argument("--group", type=int, default=800)
     parser.add_argument("--connections", type=int, default=2)
+    parser.add_argument("--repeats", type=float, default=0.01, help="share of repeated ids")
     args = parser.parse_args()
     admin = make_url(ADMIN_URL)
     suffix = uuid.uuid4().hex[:8]
@@ -195,7 +235,7 @@ def main() -> None:
     try:
         for schema, name in databases.items():
             url = admin.set(database=name).render_as_string(hide_password=False)
-            upgrade(url, "head" if schema == "after" else "0004")
+            upgrade(url, "0004" if schema in OLD_SCHEMA else "head")
             with psycopg.connect(
                 admin_info.replace(f"dbname={admin.database}", f"dbname={name}"), autocommit=True
             ) as connection:
@@ -207,14 +247,15 @@ def main() -> None:
         results: dict[str, list[tuple[float, float, float]]] = {method: [] for method in METHODS}
         for round_number in range(args.rounds):
             order = list(METHODS)
-            order = order[round_number % 3 :] + order[: round_number % 3]
+            shift = round_number % len(order)
+            order = order[shift:] + order[:shift]
             measured = {}
             for method in order:
                 name = databases[METHODS[method][0]]
                 conninfo = admin_info.replace(f"dbname={admin.database}", f"dbname={name}")
                 seed = round_number * 10 + order.index(method)
                 measured[method] = trial(
-                    conninfo, method, seed, args.rows, args.group, args.connections
+                    conninfo, method, seed, args.rows, args.group, args.connections, args.repeats
                 )
             for method, (rate, us_per_row) in measured.items():
                 results[method].append((rate, rate / measured["copy"][0], us_per_row))

@@ -75,9 +75,9 @@ GROUP_ROWS = Histogram(
 )
 GROUPS_WITH_STORED_IDS = Counter(
     "apex_group_commit_stored_id_groups",
-    "Group-commit transactions (or loader commits) that held an event id already stored (a "
-    "client's retry, a redelivered stream message): written by the statement that skips "
-    "stored ids instead of COPY. Usually near 0; a steady rate means clients resend.",
+    "Group-commit transactions (or loader commits) whose COPY met an event id already stored "
+    "(a client's retry, a redelivered stream message): written by the statement that skips "
+    "stored ids instead. Usually near 0; a steady rate means clients resend.",
 )
 DB_POOL_IN_USE = Gauge(
     "apex_db_pool_connections_in_use",

@@ -177,30 +177,73 @@ _EVENT_VALUES = operator.itemgetter(*COLUMN_NAMES)
 _id_key = operator.itemgetter("project_id", "event_id")
 
 
+#: Groups of fewer rows are written by the statement: it is one round trip (and, without identity
+#: links, its own transaction), where the COPYs take six; under load each costs a writer about a
+#: millisecond of waiting, more than a small group saves (bench/README.md, "Session 2026-12-03,
+#: fifth").
+COPY_FROM_ROWS = 64
+
+
+class _CopyChoice:
+    """Whether the next group tries COPY. After a group that held a stored id, the next
+    STATEMENT_GROUPS don't: a client replaying a backlog (or a stream redelivering one) makes
+    most groups hold stored ids, and each such COPY costs its ids' COPY for nothing (with 1 % of
+    ids repeated, nearly every 800-row group: 0.87x the statement's rate without this,
+    bench/README.md, "Session 2026-12-03, fifth"). Shared by a process's writers; a race
+    between them costs one group's choice, never correctness."""
+
+    STATEMENT_GROUPS = 16
+
+    def __init__(self) -> None:
+        self._statement_groups_left = 0
+
+    def copy_next(self) -> bool:
+        if self._statement_groups_left <= 0:
+            return True
+        self._statement_groups_left -= 1
+        return False
+
+    def stored_id_met(self) -> None:
+        self._statement_groups_left = self.STATEMENT_GROUPS
+
+
+_copy_choice = _CopyChoice()
+
+
 def write_rows(connection: psycopg.Connection[Any], rows: Sequence[Row]) -> None:
     """Store the rows whose (project_id, event_id) is new, and the identity links they show, in
-    one transaction (a savepoint if `connection` is in one already).
+    one transaction (within `connection`'s if it is in one).
 
-    Most groups hold only new ids, so they are COPied (`_copy_rows`): PostgreSQL spends about
-    12 µs a row less than on the statement that skips stored ids, which reads the rows from JSON
-    and joins them with the ids it inserted (bench/README.md, "Session 2026-12-03, fifth"). A
-    group holding an id already stored (a client's retry, a redelivered stream message) fails
-    its COPY on `event_ids`' key, is rolled back and is written by that statement instead.
+    Most groups hold only new ids, so a group of COPY_FROM_ROWS rows or more is COPied
+    (`_copy_rows`): PostgreSQL spends about 12 µs a row less than on the statement that skips
+    stored ids, which reads the rows from JSON and joins them with the ids it inserted
+    (bench/README.md, "Session 2026-12-03, fifth"). A group holding an id already stored (a
+    client's retry, a redelivered stream message) fails its COPY on `event_ids`' key, is rolled
+    back (to a savepoint, inside a transaction) and is written by that statement instead, as
+    are the next groups for a while (`_CopyChoice`).
     """
     rows = _first_of_each_id(rows)
     links = identity.link_columns(identity.links_of(rows))
-    try:
+    if len(rows) >= COPY_FROM_ROWS and _copy_choice.copy_next():
+        try:
+            with connection.transaction():
+                _copy_rows(connection, rows)
+                if links[0]:
+                    connection.execute(identity.PG_LINKS_DRIVER, links)
+            return
+        except psycopg.errors.UniqueViolation:
+            metrics.GROUPS_WITH_STORED_IDS.inc()
+            _copy_choice.stored_id_met()
+    if connection.autocommit and links[0]:
+        # Events and the identity links they show commit together: only groups with such
+        # events pay for the BEGIN and COMMIT.
         with connection.transaction():
-            _copy_rows(connection, rows)
-            if links[0]:
-                connection.execute(identity.PG_LINKS_DRIVER, links)
-        return
-    except psycopg.errors.UniqueViolation:
-        metrics.GROUPS_WITH_STORED_IDS.inc()
-    with connection.transaction():
-        connection.execute(_PG_INSERT_DRIVER, _parameters(rows))
-        if links[0]:
+            connection.execute(_PG_INSERT_DRIVER, _parameters(rows))
             connection.execute(identity.PG_LINKS_DRIVER, links)
+        return
+    connection.execute(_PG_INSERT_DRIVER, _parameters(rows))
+    if links[0]:
+        connection.execute(identity.PG_LINKS_DRIVER, links)
 
 
 def _copy_rows(connection: psycopg.Connection[Any], rows: Sequence[Row]) -> None:

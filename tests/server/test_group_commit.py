@@ -317,6 +317,12 @@ def test_a_request_still_queued_at_the_commit_timeout_is_withdrawn(
     assert stored_ids(sqlite_url) == ["stuck-0"]  # written once the hang ended; "queued" never
 
 
+@pytest.fixture(autouse=True)
+def _fresh_copy_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with COPY tried first, whatever groups earlier tests wrote."""
+    monkeypatch.setattr(storage, "_copy_choice", storage._CopyChoice())
+
+
 @contextmanager
 def _driver(engine: Engine, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
     """A psycopg connection of `engine`'s pool, as the group-commit writers use theirs."""
@@ -366,8 +372,11 @@ def _full_rows(prefix: str, project_id: int) -> list[dict[str, object]]:
 
 
 @pytest.mark.postgres
-def test_copied_rows_are_stored_exactly_as_the_statement_stores_them(postgres_url: str) -> None:
+def test_copied_rows_are_stored_exactly_as_the_statement_stores_them(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The COPY path and the statement that skips stored ids store the same values."""
+    monkeypatch.setattr(storage, "COPY_FROM_ROWS", 1)  # these groups are small
     engine = create_db_engine(postgres_url)
     sessions = create_session_factory(engine)
     copied_project, statement_project = new_project(sessions), new_project(sessions)
@@ -400,7 +409,10 @@ def test_copied_rows_are_stored_exactly_as_the_statement_stores_them(postgres_ur
 
 
 @pytest.mark.postgres
-def test_a_group_holding_a_stored_id_skips_it_and_stores_the_rest(postgres_url: str) -> None:
+def test_a_group_holding_a_stored_id_skips_it_and_stores_the_rest(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(storage, "COPY_FROM_ROWS", 1)  # these groups are small
     engine = create_db_engine(postgres_url)
     project_id = new_project(create_session_factory(engine))
     with _driver(engine) as connection:
@@ -418,9 +430,12 @@ def test_a_group_holding_a_stored_id_skips_it_and_stores_the_rest(postgres_url: 
 
 
 @pytest.mark.postgres
-def test_copies_sharing_ids_wait_for_each_other_and_store_each_once(postgres_url: str) -> None:
+def test_copies_sharing_ids_wait_for_each_other_and_store_each_once(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A COPY meeting an id another transaction holds waits for it; once that one commits, the
     waiting group is written by the statement, which skips the id: nobody deadlocks or fails."""
+    monkeypatch.setattr(storage, "COPY_FROM_ROWS", 1)  # these groups are small
     engine = create_db_engine(postgres_url)
     project_id = new_project(create_session_factory(engine))
 
@@ -454,4 +469,44 @@ def test_copies_sharing_ids_wait_for_each_other_and_store_each_once(postgres_url
         waiting.join(timeout=15)
     assert failures == []
     assert sorted(stored_ids(postgres_url)) == ["a", "b"]
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_small_group_is_written_by_the_statement_a_large_one_by_copy(postgres_url: str) -> None:
+    """Below COPY_FROM_ROWS rows a group is one statement (it never tries COPY, so a stored id
+    does not count); from it on, COPY first."""
+    engine = create_db_engine(postgres_url)
+    project_id = new_project(create_session_factory(engine))
+    size = storage.COPY_FROM_ROWS
+    with _driver(engine) as connection:
+        storage.write_rows(connection, rows_for("a", 1, project_id))
+        before = _stored_groups_with_stored_ids()
+        storage.write_rows(connection, rows_for("a", size - 1, project_id))
+        assert _stored_groups_with_stored_ids() == before
+        storage.write_rows(connection, rows_for("a", size, project_id))
+        assert _stored_groups_with_stored_ids() == before + 1
+        count = connection.execute("SELECT count(DISTINCT event_id), count(*) FROM events")
+        assert count.fetchone() == (size, size)
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_after_a_group_with_a_stored_id_the_next_groups_skip_copy_for_a_while(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog being replayed: a COPY that fails on a stored id is not tried again for the
+    next STATEMENT_GROUPS groups, then it is."""
+    monkeypatch.setattr(storage, "COPY_FROM_ROWS", 1)
+    monkeypatch.setattr(storage._CopyChoice, "STATEMENT_GROUPS", 2)
+    engine = create_db_engine(postgres_url)
+    project_id = new_project(create_session_factory(engine))
+    with _driver(engine) as connection:
+        storage.write_rows(connection, rows_for("a", 1, project_id))
+        before = _stored_groups_with_stored_ids()
+        for attempt in range(4):  # a-0 is stored: tried, skipped twice, tried again
+            storage.write_rows(connection, rows_for("a", 2 + attempt, project_id))
+        assert _stored_groups_with_stored_ids() == before + 2
+        stored = connection.execute("SELECT count(DISTINCT event_id), count(*) FROM events")
+        assert stored.fetchone() == (5, 5)
     engine.dispose()

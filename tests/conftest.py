@@ -55,8 +55,9 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @contextmanager
-def fresh_postgres_database(prefix: str = "apex_test") -> Iterator[str]:
-    """A migrated PostgreSQL database of the caller's own, dropped afterwards.
+def fresh_postgres_database(prefix: str = "apex_test", options: str = "") -> Iterator[str]:
+    """A migrated PostgreSQL database of the caller's own, dropped afterwards; `options` are
+    CREATE DATABASE's (a collation, say).
 
     Unreachable PostgreSQL fails the test under CI=true and skips it (loudly) elsewhere.
     """
@@ -68,7 +69,7 @@ def fresh_postgres_database(prefix: str = "apex_test") -> Iterator[str]:
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
+        connection.execute(text(f'CREATE DATABASE "{name}" {options}'))
     url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     try:
         upgrade(url)

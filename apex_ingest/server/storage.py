@@ -17,7 +17,8 @@ import operator
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any, Protocol
@@ -108,7 +109,9 @@ def _pg_insert_sql(rows_json: str) -> str:
 
     The ids are inserted in key order, not request order: two statements holding some of the
     same ids (a client retrying a request still in flight, in another order) then wait for
-    each other in one direction only, instead of deadlocking.
+    each other in one direction only, instead of deadlocking. Byte order (`COLLATE "C"`), the
+    order in which `_copy_rows` sorts them in Python, whatever the database's collation: a
+    COPY and a statement must not take the same ids in different orders either.
     """
     names = [name for name, _ in _COLUMNS]
     columns = ", ".join(names)
@@ -124,7 +127,7 @@ def _pg_insert_sql(rows_json: str) -> str:
         f"AS ({definitions})) WITH ORDINALITY AS i({columns}, ord)), "
         "new_ids AS (INSERT INTO event_ids (project_id, event_id, received_at, occurred_at) "
         "SELECT project_id, event_id, received_at, occurred_at FROM input "
-        "ORDER BY project_id, event_id "
+        'ORDER BY project_id, event_id COLLATE "C" '
         "ON CONFLICT DO NOTHING RETURNING project_id, event_id) "
         f"INSERT INTO events ({columns}) SELECT {values} "
         "FROM input i JOIN new_ids n ON n.project_id = i.project_id AND n.event_id = i.event_id "
@@ -226,7 +229,7 @@ def write_rows(connection: psycopg.Connection[Any], rows: Sequence[Row]) -> None
     links = identity.link_columns(identity.links_of(rows))
     if len(rows) >= COPY_FROM_ROWS and _copy_choice.copy_next():
         try:
-            with connection.transaction():
+            with _atomic(connection):
                 _copy_rows(connection, rows)
                 if links[0]:
                     connection.execute(identity.PG_LINKS_DRIVER, links)
@@ -237,13 +240,33 @@ def write_rows(connection: psycopg.Connection[Any], rows: Sequence[Row]) -> None
     if connection.autocommit and links[0]:
         # Events and the identity links they show commit together: only groups with such
         # events pay for the BEGIN and COMMIT.
-        with connection.transaction():
+        with _atomic(connection):
             connection.execute(_PG_INSERT_DRIVER, _parameters(rows))
             connection.execute(identity.PG_LINKS_DRIVER, links)
         return
     connection.execute(_PG_INSERT_DRIVER, _parameters(rows))
     if links[0]:
         connection.execute(identity.PG_LINKS_DRIVER, links)
+
+
+@contextmanager
+def _atomic(connection: psycopg.Connection[Any]) -> Iterator[None]:
+    """A transaction of its own on an autocommit connection; otherwise a savepoint of the
+    caller's transaction. (psycopg's `transaction()` would BEGIN and COMMIT one of its own on a
+    connection whose caller's transaction has not run a statement yet, as SQLAlchemy's
+    `engine.begin()` leaves it: the SAVEPOINT statement makes psycopg begin the caller's.)"""
+    if connection.autocommit:
+        with connection.transaction():
+            yield
+        return
+    connection.execute("SAVEPOINT apex_write_rows")
+    try:
+        yield
+    except BaseException:
+        if not (connection.closed or connection.broken):  # else the original error is the news
+            connection.execute("ROLLBACK TO SAVEPOINT apex_write_rows")
+        raise
+    connection.execute("RELEASE SAVEPOINT apex_write_rows")
 
 
 def _copy_rows(connection: psycopg.Connection[Any], rows: Sequence[Row]) -> None:

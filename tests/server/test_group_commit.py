@@ -21,6 +21,7 @@ from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.errors import IngestError, StorageUnavailable
 from apex_ingest.server.projects import create_project
 from apex_ingest.server.storage import EventStore, _Pending
+from tests.conftest import fresh_postgres_database
 
 
 @pytest.fixture
@@ -383,8 +384,17 @@ def test_copied_rows_are_stored_exactly_as_the_statement_stores_them(
     before = _stored_groups_with_stored_ids()
     rows = _full_rows("x", copied_project)
     same_rows = [{**row, "project_id": statement_project} for row in rows]
+    copied: list[int] = []
+    real_copy_rows = storage._copy_rows
+
+    def copy_rows(connection: psycopg.Connection[Any], rows: list[dict[str, object]]) -> None:
+        copied.append(len(rows))
+        real_copy_rows(connection, rows)
+
+    monkeypatch.setattr(storage, "_copy_rows", copy_rows)
     with _driver(engine) as connection:
         storage.write_rows(connection, rows)
+        assert copied == [3]
         connection.execute(storage._PG_INSERT_DRIVER, storage._parameters(same_rows))
         columns = ", ".join(
             f"{name}::text" for name in storage.COLUMN_NAMES if name != "project_id"
@@ -397,7 +407,16 @@ def test_copied_rows_are_stored_exactly_as_the_statement_stores_them(
             for project in (copied_project, statement_project)
         }
         links = connection.execute("SELECT project_id FROM identity_links").fetchall()
-    assert _stored_groups_with_stored_ids() == before  # the COPY path was taken
+        ids = {
+            project: connection.execute(
+                "SELECT event_id, received_at, occurred_at FROM event_ids "
+                "WHERE project_id = %s ORDER BY event_id",
+                [project],
+            ).fetchall()
+            for project in (copied_project, statement_project)
+        }
+    assert _stored_groups_with_stored_ids() == before  # no stored id met
+    assert len(ids[copied_project]) == 3 and ids[copied_project] == ids[statement_project]
     assert len(stored[copied_project]) == 3
     assert stored[copied_project] == stored[statement_project]
     first = stored[copied_project][0]
@@ -460,7 +479,7 @@ def test_copies_sharing_ids_wait_for_each_other_and_store_each_once(
             except BaseException as error:
                 failures.append(error)
 
-        storage.write_rows(first, rows("a"))  # in `first`'s open transaction
+        storage.write_rows(first, rows("a"))  # in `first`'s transaction, not committed
         waiting = threading.Thread(target=write_second)
         waiting.start()
         time.sleep(0.5)  # `second` now waits for "a", before it takes "b" (key order)
@@ -509,4 +528,104 @@ def test_after_a_group_with_a_stored_id_the_next_groups_skip_copy_for_a_while(
         assert _stored_groups_with_stored_ids() == before + 2
         stored = connection.execute("SELECT count(DISTINCT event_id), count(*) FROM events")
         assert stored.fetchone() == (5, 5)
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_copy_whose_events_fail_leaves_no_id_behind(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ids' COPY and the events' COPY commit together or not at all: an id left without
+    its event would make every retry skip the event."""
+    monkeypatch.setattr(storage, "COPY_FROM_ROWS", 1)
+    engine = create_db_engine(postgres_url)
+    project_id = new_project(create_session_factory(engine))
+    rows = rows_for("a", 3, project_id)
+    rows[2]["clock_skew_ms"] = 2**63  # beyond bigint: fails in the events' COPY
+    with _driver(engine) as connection:
+        with pytest.raises(OverflowError):
+            storage.write_rows(connection, rows)
+        assert connection.execute("SELECT count(*) FROM event_ids").fetchone() == (0,)
+        rows[2]["clock_skew_ms"] = 0
+        storage.write_rows(connection, rows)
+    assert sorted(stored_ids(postgres_url)) == ["a-0", "a-1", "a-2"]
+    engine.dispose()
+
+
+@pytest.mark.postgres
+def test_a_copy_and_a_statement_take_shared_ids_in_one_order_whatever_the_collation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Python sorts the COPY's ids by code point; the statement sorts in SQL. In a database
+    whose collation puts "a" before "B" (ICU en-US) they must still agree, or a COPY and a
+    statement sharing ids deadlock: here the COPY takes "B" and waits for "M"; a statement
+    sorting "a" first would take "a" and wait for "B"; the COPY would then wait for "a"."""
+    monkeypatch.setattr(storage, "COPY_FROM_ROWS", 1)
+    options = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+    with fresh_postgres_database(options=options) as url:
+        engine = create_db_engine(url)
+        project_id = new_project(create_session_factory(engine))
+
+        def rows(*ids: str) -> list[dict[str, object]]:
+            made = rows_for("x", len(ids), project_id)
+            for row, event_id in zip(made, ids, strict=True):
+                row["event_id"] = event_id
+            return made
+
+        failures: list[BaseException] = []
+
+        def statement(connection: psycopg.Connection[Any]) -> None:
+            try:
+                connection.execute(storage._PG_INSERT_DRIVER, storage._parameters(rows("a", "B")))
+            except BaseException as error:
+                failures.append(error)
+
+        def copy(connection: psycopg.Connection[Any]) -> None:
+            try:
+                storage.write_rows(connection, rows("a", "M", "B"))
+            except BaseException as error:
+                failures.append(error)
+
+        with (
+            _driver(engine, autocommit=False) as holder,
+            _driver(engine) as first,
+            _driver(engine) as second,
+        ):
+            for connection in (holder, first, second):
+                connection.execute("SET lock_timeout = '10s'")
+            holder.commit()
+            holder.execute(storage._PG_INSERT_DRIVER, storage._parameters(rows("M")))
+            threads = [
+                threading.Thread(target=copy, args=(second,)),  # takes "B", waits for "M"
+                threading.Thread(target=statement, args=(first,)),  # waits for "B"
+            ]
+            for thread in threads:
+                thread.start()
+                time.sleep(0.5)
+            holder.rollback()
+            for thread in threads:
+                thread.join(timeout=15)
+        assert failures == []
+        assert sorted(stored_ids(url)) == ["B", "M", "a"]
+        engine.dispose()
+
+
+@pytest.mark.postgres
+def test_the_loaders_insert_stays_in_the_callers_transaction(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`insert_events_fast` as the first statement of a SQLAlchemy transaction that is then
+    rolled back: nothing stays (psycopg's transaction() would have committed a COPY itself)."""
+    monkeypatch.setattr(storage, "COPY_FROM_ROWS", 1)
+    engine = create_db_engine(postgres_url)
+    project_id = new_project(create_session_factory(engine))
+    for size in (1, 3):  # the statement's path, then COPY's
+        with pytest.raises(RuntimeError), engine.begin() as connection:
+            monkeypatch.setattr(storage, "COPY_FROM_ROWS", size)
+            storage.insert_events_fast(connection, rows_for("a", 3, project_id))
+            raise RuntimeError("the caller gives up")
+    assert stored_ids(postgres_url) == []
+    with engine.begin() as connection:
+        storage.insert_events_fast(connection, rows_for("a", 3, project_id))
+    assert sorted(stored_ids(postgres_url)) == ["a-0", "a-1", "a-2"]
     engine.dispose()

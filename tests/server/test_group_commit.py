@@ -57,6 +57,13 @@ def rows_for(prefix: str, count: int, project_id: int) -> list[dict[str, object]
     ]
 
 
+def rows_with_ids(project_id: int, *ids: str) -> list[dict[str, object]]:
+    rows = rows_for("x", len(ids), project_id)
+    for row, event_id in zip(rows, ids, strict=True):
+        row["event_id"] = event_id
+    return rows
+
+
 def stored_ids(database_url: str) -> list[str]:
     engine = create_engine(database_url)
     with engine.connect() as connection:
@@ -151,10 +158,7 @@ def test_the_same_ids_in_another_order_wait_instead_of_deadlocking(postgres_url:
     project_id = new_project(create_session_factory(engine))
 
     def parameters(*ids: str) -> list[Json]:
-        rows = rows_for("x", len(ids), project_id)
-        for row, event_id in zip(rows, ids, strict=True):
-            row["event_id"] = event_id
-        return storage._parameters(rows)
+        return storage._parameters(rows_with_ids(project_id, *ids))
 
     first, second = (engine.raw_connection() for _ in range(2))
     first_driver, second_driver = first.driver_connection, second.driver_connection
@@ -459,10 +463,7 @@ def test_copies_sharing_ids_wait_for_each_other_and_store_each_once(
     project_id = new_project(create_session_factory(engine))
 
     def rows(*ids: str) -> list[dict[str, object]]:
-        made = rows_for("x", len(ids), project_id)
-        for row, event_id in zip(made, ids, strict=True):
-            row["event_id"] = event_id
-        return made
+        return rows_with_ids(project_id, *ids)
 
     failures: list[BaseException] = []
     with (
@@ -567,10 +568,7 @@ def test_a_copy_and_a_statement_take_shared_ids_in_one_order_whatever_the_collat
         project_id = new_project(create_session_factory(engine))
 
         def rows(*ids: str) -> list[dict[str, object]]:
-            made = rows_for("x", len(ids), project_id)
-            for row, event_id in zip(made, ids, strict=True):
-                row["event_id"] = event_id
-            return made
+            return rows_with_ids(project_id, *ids)
 
         failures: list[BaseException] = []
 

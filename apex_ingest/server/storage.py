@@ -17,8 +17,8 @@ import operator
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC
 from typing import Any, Protocol
@@ -160,23 +160,41 @@ _PG_INSERT = text(_pg_insert_sql("CAST(:rows AS json)"))
 _PG_INSERT_DRIVER = _pg_insert_sql("%b::json")
 
 
-_COPY_IDS = (
-    "COPY event_ids (project_id, event_id, received_at, occurred_at) FROM STDIN (FORMAT BINARY)"
-)
-_COPY_EVENTS = f"COPY events ({', '.join(COLUMN_NAMES)}) FROM STDIN (FORMAT BINARY)"
-# Binary COPY sends each value in its column type's wire format. `data` is sent as jsonb's:
-# a version byte, then the text, so its numbers are never rewritten (dumped as bytes).
+# Binary COPY sends each value in its column type's wire format; `data` is sent as jsonb's (a
+# version byte, then the text: `_copy_rows`), so its numbers are never rewritten.
+_BINARY_TYPES = {"bigint": "int8", "boolean": "bool", "jsonb": "bytea"}
+
+
+class _CopyTable:
+    """`COPY table (names) FROM STDIN (FORMAT BINARY)` of some of `_COLUMNS`: the statement, the
+    types psycopg dumps them as, and each row's values in order."""
+
+    def __init__(self, table: str, names: Sequence[str]) -> None:
+        pg_types = dict(_COLUMNS)
+        self.names = tuple(names)
+        self.statement = f"COPY {table} ({', '.join(names)}) FROM STDIN (FORMAT BINARY)"
+        self.types = [_BINARY_TYPES.get(pg_types[name], pg_types[name]) for name in names]
+        self._times = tuple(i for i, name in enumerate(names) if pg_types[name] == "timestamptz")
+        self._get = operator.itemgetter(*names)
+
+    def values(self, row: Row) -> list[Any]:
+        """The row's values; a missing key (rows built by tools) is NULL, a naive datetime UTC
+        (as orjson's OPT_NAIVE_UTC reads it on the statement's path)."""
+        try:
+            values = list(self._get(row))
+        except KeyError:
+            values = [row.get(name) for name in self.names]
+        for index in self._times:
+            value = values[index]
+            if value is not None and value.tzinfo is None:
+                values[index] = value.replace(tzinfo=UTC)
+        return values
+
+
+_COPY_IDS = _CopyTable("event_ids", ("project_id", "event_id", "received_at", "occurred_at"))
+_COPY_EVENTS = _CopyTable("events", COLUMN_NAMES)
 _JSONB_VERSION = b"\x01"
-_COPY_TYPES = [
-    {"bigint": "int8", "boolean": "bool", "jsonb": "bytea"}.get(pg_type, pg_type)
-    for _, pg_type in _COLUMNS
-]
 _DATA = COLUMN_NAMES.index("data")
-_TIMES = tuple(index for index, (_, pg_type) in enumerate(_COLUMNS) if pg_type == "timestamptz")
-_ID_COLUMNS = ("project_id", "event_id", "received_at", "occurred_at")
-_ID_TIMES = (2, 3)
-_ID_VALUES = operator.itemgetter(*_ID_COLUMNS)
-_EVENT_VALUES = operator.itemgetter(*COLUMN_NAMES)
 _id_key = operator.itemgetter("project_id", "event_id")
 
 
@@ -237,16 +255,12 @@ def write_rows(connection: psycopg.Connection[Any], rows: Sequence[Row]) -> None
         except psycopg.errors.UniqueViolation:
             metrics.GROUPS_WITH_STORED_IDS.inc()
             _copy_choice.stored_id_met()
-    if connection.autocommit and links[0]:
-        # Events and the identity links they show commit together: only groups with such
-        # events pay for the BEGIN and COMMIT.
-        with _atomic(connection):
-            connection.execute(_PG_INSERT_DRIVER, _parameters(rows))
+    # On an autocommit connection the statement alone is a transaction: only groups whose events
+    # show identity links pay for a BEGIN and COMMIT, so that both commit together.
+    with _atomic(connection) if connection.autocommit and links[0] else nullcontext():
+        connection.execute(_PG_INSERT_DRIVER, _parameters(rows))
+        if links[0]:
             connection.execute(identity.PG_LINKS_DRIVER, links)
-        return
-    connection.execute(_PG_INSERT_DRIVER, _parameters(rows))
-    if links[0]:
-        connection.execute(identity.PG_LINKS_DRIVER, links)
 
 
 @contextmanager
@@ -274,35 +288,18 @@ def _copy_rows(connection: psycopg.Connection[Any], rows: Sequence[Row]) -> None
     concurrent writers wait for each other instead of deadlocking) and into `events`; raises
     UniqueViolation if an id is stored already (or by a transaction that commits meanwhile)."""
     cursor = connection.cursor()
-    with cursor.copy(_COPY_IDS) as copy:
-        copy.set_types(["int8", "text", "timestamptz", "timestamptz"])
+    with cursor.copy(_COPY_IDS.statement) as copy:
+        copy.set_types(_COPY_IDS.types)
         for row in sorted(rows, key=_id_key):
-            copy.write_row(_copy_values(row, _ID_VALUES, _ID_COLUMNS, _ID_TIMES))
-    with cursor.copy(_COPY_EVENTS) as copy:
-        copy.set_types(_COPY_TYPES)
+            copy.write_row(_COPY_IDS.values(row))
+    with cursor.copy(_COPY_EVENTS.statement) as copy:
+        copy.set_types(_COPY_EVENTS.types)
         for row in rows:
-            values = _copy_values(row, _EVENT_VALUES, COLUMN_NAMES, _TIMES)
+            values = _COPY_EVENTS.values(row)
             data = values[_DATA]
             if data is not None:
                 values[_DATA] = _JSONB_VERSION + data.encode()
             copy.write_row(values)
-
-
-def _copy_values(
-    row: Row, getter: Callable[[Row], tuple[Any, ...]], names: Sequence[str], times: Sequence[int]
-) -> list[Any]:
-    """The row's values of `names` (`getter` reads them all at once); a missing key (rows built
-    by tools) is NULL, a naive datetime UTC (as orjson's OPT_NAIVE_UTC reads it on the
-    statement's path)."""
-    try:
-        values = list(getter(row))
-    except KeyError:
-        values = [row.get(name) for name in names]
-    for index in times:
-        value = values[index]
-        if value is not None and value.tzinfo is None:
-            values[index] = value.replace(tzinfo=UTC)
-    return values
 
 
 def insert_events(connection: Connection | Session, rows: Sequence[Row]) -> None:

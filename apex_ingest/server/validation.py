@@ -368,10 +368,6 @@ def _url_problem(url: str) -> str | None:
     return _url_form_problem(url) if len(url) <= CACHED_URL_CHARS else _url_form(url)
 
 
-# A site's pages repeat from one event to the next: each URL's form is judged once (as each is
-# redacted once: redaction.CACHED_URL_CHARS).
-
-
 def _url_form(url: str) -> str | None:
     if has_control(url):
         return "must not contain control characters"
@@ -392,6 +388,8 @@ def _url_form(url: str) -> str | None:
     return "must be an absolute http(s) URL or a path starting with /"
 
 
+# A site's pages repeat from one event to the next: each URL's form is judged once (as each is
+# redacted once: redaction.CACHED_URL_CHARS).
 _url_form_problem = lru_cache(maxsize=2048)(_url_form)
 
 

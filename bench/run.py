@@ -460,9 +460,10 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
         manifests = {"batch": write_manifest(directory, events.batches(8), key)}
         manifests["snippet"] = write_snippet_manifest(directory, key)
         manifests["snippet4"] = manifests["snippet"]
-        urls = {}
+        urls, grpc_targets = {}, {}
         for mode in (value_a, value_b):
             http_port, grpc_port = free_port(), free_port()
+            grpc_targets[mode] = f"127.0.0.1:{grpc_port}"
             env = {
                 **base_env,
                 "APEX_HTTP_PORT": str(http_port),
@@ -476,10 +477,19 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
             wait_http(f"http://127.0.0.1:{http_port}/healthz")
         print(f"services up after {time.monotonic() - started:.1f} s", flush=True)
         connections = {"snippet": 32, "snippet4": 4, "batch": 16}
-        per_request = {"snippet": 1, "snippet4": 1, "batch": BATCH}
+        # gRPC direct counts events/s (its "request" is one event); the others requests/s.
+        per_request = {"snippet": 1, "snippet4": 1, "batch": BATCH, "grpc": 1}
+
+        def run_one(mode: str, load: str, seconds: int) -> tuple[float, float]:
+            if load == "grpc":
+                direct = grpc_load.run_load(grpc_targets[mode], key, seconds)
+                return direct.events_per_s, direct.p99_ms
+            result = wrk(urls[mode], connections[load], seconds, manifest=manifests[load])
+            return result.requests_per_s, result.p99_ms
+
         for mode in (value_a, value_b):  # warm-up: caches, pools, the parser's rules
             for load in loads:
-                wrk(urls[mode], connections[load], 1, manifest=manifests[load])
+                run_one(mode, load, 1)
         rates: dict[tuple[str, str], list[float]] = {}
         p99s: dict[tuple[str, str], list[float]] = {}
         print(f"warmed up after {time.monotonic() - started:.1f} s", flush=True)
@@ -487,9 +497,9 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
             order = (value_a, value_b) if index % 2 == 0 else (value_b, value_a)
             for mode in order:
                 for load in loads:
-                    result = wrk(urls[mode], connections[load], seconds, manifest=manifests[load])
-                    rates.setdefault((mode, load), []).append(result.requests_per_s)
-                    p99s.setdefault((mode, load), []).append(result.p99_ms)
+                    rate, p99 = run_one(mode, load, seconds)
+                    rates.setdefault((mode, load), []).append(rate)
+                    p99s.setdefault((mode, load), []).append(p99)
         print(
             f"{setting}={value_a} vs {value_b}: {rounds} interleaved runs of {seconds} s each, "
             "medians"
@@ -498,8 +508,9 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
             a = statistics.median(rates[value_a, load])
             b = statistics.median(rates[value_b, load])
             cost_us = (1 / (a * per_request[load]) - 1 / (b * per_request[load])) * 1e6
+            unit = "events/s" if load == "grpc" else "req/s"
             print(
-                f"  {load:8} {value_a} {a:9.1f} req/s  {value_b} {b:9.1f} req/s"
+                f"  {load:8} {value_a} {a:9.1f} {unit}  {value_b} {b:9.1f} {unit}"
                 f"  ratio {a / b:.3f}  {value_a} costs {cost_us:+.2f} µs of service time per"
                 f" event  (runs {value_a}: {', '.join(f'{r:.0f}' for r in rates[value_a, load])};"
                 f" {value_b}: {', '.join(f'{r:.0f}' for r in rates[value_b, load])})"
@@ -543,7 +554,8 @@ def main() -> int:
     parser.add_argument(
         "--loads",
         default="snippet,batch",
-        help="comma-separated loads for --compare: snippet (32 connections), snippet4 (4), batch",
+        help="comma-separated loads for --compare: snippet (32 connections), snippet4 (4), batch,"
+        " grpc (gRPC direct, events/s)",
     )
     parser.add_argument(
         "--no-stream", action="store_true", help="Skip stream mode (bench/stream_mode.py)."

@@ -11,7 +11,7 @@ from flask import Request
 from werkzeug.exceptions import ClientDisconnected
 from werkzeug.wsgi import get_input_stream
 
-from gateway.errors import ApiError
+from gateway.errors import BODY, ApiError, FieldViolation, body_error, header_error
 
 #: text/plain is what navigator.sendBeacon sends for a string body (it needs no CORS preflight).
 ACCEPTED_MIMETYPES = frozenset({"application/json", "text/plain"})
@@ -28,12 +28,13 @@ def read_body(request: Request, limit: int, timeout: float | None = None) -> byt
     gzip stream, 408 (BodyTimeout) when the body has not arrived within ``timeout`` seconds.
     """
     if request.mimetype not in ACCEPTED_MIMETYPES:
-        shown = _shown(request.mimetype) or "none"
-        raise ApiError(415, f"Content-Type must be application/json or text/plain, not {shown}.")
+        rule = f"must be application/json or text/plain, not {_shown(request.mimetype) or 'none'}"
+        raise header_error(415, "Content-Type", f"Content-Type {rule}.", rule)
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     gzipped = encoding in _GZIP
     if not gzipped and encoding not in _IDENTITY:
-        raise ApiError(415, f"Content-Encoding must be gzip or absent, not {_shown(encoding)}.")
+        rule = f"must be gzip or absent, not {_shown(encoding)}"
+        raise header_error(415, "Content-Encoding", f"Content-Encoding {rule}.", rule)
     if timeout is None:
         raw = _read_at_most(request, limit)
     else:
@@ -49,7 +50,11 @@ class BodyTimeout(ApiError):
     once, and the worker's thread is free when the client closes or finishes."""
 
     def __init__(self, seconds: float, reader: Future[bytes]) -> None:
-        super().__init__(408, f"The request body was not received within {seconds:g} seconds.")
+        super().__init__(
+            408,
+            f"The request body was not received within {seconds:g} seconds.",
+            [FieldViolation(BODY, f"was not received within {seconds:g} seconds")],
+        )
         self.reader = reader
 
     def wait_for_reader(self) -> None:
@@ -78,7 +83,11 @@ def _shown(header: str) -> str:
 
 
 def too_large(limit: int) -> ApiError:
-    return ApiError(413, f"The request body exceeds the limit of {limit} bytes.")
+    return body_error(
+        413,
+        f"The request body exceeds the limit of {limit} bytes.",
+        f"exceeds the limit of {limit} bytes",
+    )
 
 
 def _read_at_most(request: Request, limit: int) -> bytes:
@@ -103,7 +112,11 @@ def _read_at_most(request: Request, limit: int) -> bytes:
                 raise too_large(limit)
             chunks.append(chunk)
     except ClientDisconnected:
-        raise ApiError(400, "The client sent less than its Content-Length.") from None
+        raise body_error(
+            400,
+            "The client sent less than its Content-Length.",
+            "is shorter than its Content-Length",
+        ) from None
     return b"".join(chunks)
 
 
@@ -126,9 +139,10 @@ def gunzip(raw: bytes, limit: int) -> bytes:
                 if inflater.eof or not pending:
                     break
         except zlib.error:
-            raise ApiError(400, "The body is not valid gzip data.") from None
+            corrupt = body_error(400, "The body is not valid gzip data.", "is not valid gzip data")
+            raise corrupt from None
         if not inflater.eof:
-            raise ApiError(400, "The gzip body is truncated.")
+            raise body_error(400, "The gzip body is truncated.", "is truncated gzip data")
         pending = inflater.unused_data
         if not pending:
             return bytes(out)

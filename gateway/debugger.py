@@ -27,7 +27,7 @@ from google.protobuf import json_format
 from apex_ingest.v1 import project_pb2, project_pb2_grpc
 from gateway import shutdown
 from gateway.config import get_settings
-from gateway.errors import ApiError
+from gateway.errors import ApiError, FieldViolation, header_error
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,11 @@ def script() -> Response:
 def _int_arg(name: str) -> int:
     value = request.args.get(name, "0")
     if not value.isdigit() or len(value) > 19:
-        raise ApiError(400, f"{name} must be a non-negative integer")
+        raise ApiError(
+            400,
+            f"{name} must be a non-negative integer",
+            [FieldViolation(name, "must be a non-negative integer")],
+        )
     return int(value)
 
 
@@ -114,7 +118,9 @@ def feed() -> Response:
     """
     secret = request.headers.get(SECRET_HEADER, "").strip()
     if not secret:
-        raise ApiError(401, f"The {SECRET_HEADER} header must carry a secret key.")
+        raise header_error(
+            401, SECRET_HEADER, f"The {SECRET_HEADER} header must carry a secret key.", "is missing"
+        )
     if shutdown.draining():
         raise ApiError(503, retry_after=1)  # stopping: the page reconnects to another worker
     metadata = (("x-apex-secret-key", secret),)
@@ -131,9 +137,12 @@ def feed() -> Response:
     except grpc.RpcError as error:
         code = error.code()
         if code == grpc.StatusCode.UNAUTHENTICATED:
-            raise ApiError(401, "Unknown or revoked secret key.") from None
+            message = "Unknown or revoked secret key."
+            raise header_error(401, SECRET_HEADER, message, "is unknown or revoked") from None
         if code == grpc.StatusCode.PERMISSION_DENIED:
-            raise ApiError(403, "A public key cannot read events: use a secret key.") from None
+            public = "is a public key: reading events takes a secret key"
+            message = "A public key cannot read events: use a secret key."
+            raise header_error(403, SECRET_HEADER, message, public) from None
         log.warning("debugger feed: %s", code.name)
         raise ApiError(503, retry_after=1) from None
     call = stub.TailEvents(

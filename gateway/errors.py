@@ -83,6 +83,21 @@ def invalid(details: Sequence[FieldViolation], message: str | None = None) -> Ap
     return ApiError(400, message, details)
 
 
+#: The `field` of a violation of the body as a whole (not JSON, too large, late, corrupt gzip).
+#: A header at fault is named by the header (`Content-Type`, `Content-Encoding`, `Origin`).
+BODY = "body"
+
+
+def body_error(status: int, message: str, description: str) -> ApiError:
+    """A refusal of the body as a whole, its one violation naming `body`."""
+    return ApiError(status, message, [FieldViolation(BODY, description)])
+
+
+def header_error(status: int, header: str, message: str, description: str) -> ApiError:
+    """A refusal for one request header, its one violation naming the header."""
+    return ApiError(status, message, [FieldViolation(header, description)])
+
+
 def unauthorized(message: str | None = None) -> ApiError:
     """401: the body's projectKey is unknown or revoked, named as the offending field."""
     return ApiError(401, message, [FieldViolation("projectKey", "is unknown or revoked")])

@@ -9,7 +9,14 @@ from google.rpc import status_pb2
 from grpc_status import rpc_status
 
 from apex_ingest.common.rpc import field_violations, retry_delay, violation_count
-from gateway.errors import ApiError, FieldViolation, invalid, unauthorized
+from gateway.errors import (
+    ApiError,
+    FieldViolation,
+    body_error,
+    header_error,
+    invalid,
+    unauthorized,
+)
 from gateway.payload import public_field
 
 log = logging.getLogger(__name__)
@@ -57,13 +64,19 @@ def to_api_error(error: grpc.RpcError, snippet: bool) -> ApiError:
         text = error.details() or ""
         log.warning("IngestEvents hit a transport limit: %r", text)
         if "message larger than max" in text:
-            return ApiError(413, "The request is too large for the ingest server.")
+            return body_error(
+                413,
+                "The request is too large for the ingest server.",
+                "is too large for the ingest server",
+            )
         return ApiError(502, "The ingest server's answer exceeded a transport limit.")
     message = None
     if code in _FORWARD_MESSAGE:
         message = (error.details() or "")[:_MAX_MESSAGE] or None
     if status == 401:
         return unauthorized(message)
+    if status == 403:  # the only refusal for PERMISSION_DENIED: the project's origin allowlist
+        return header_error(403, "Origin", message or "", "is not allowed for this project")
     retry_after = retry_delay(rich) if status in (429, 503) else None
     return ApiError(status, message, retry_after=retry_after)
 

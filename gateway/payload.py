@@ -22,7 +22,7 @@ from apex_ingest.common.limits import MAX_DATA_DEPTH, MAX_EVENTS
 from apex_ingest.common.rpc import new_event_ids
 from apex_ingest.v1 import ingest_pb2
 from gateway import json_codec
-from gateway.errors import FieldViolation, invalid
+from gateway.errors import FieldViolation, body_error, invalid
 
 _TIMESTAMP_EXAMPLE = "2024-05-01T12:00:00Z"
 
@@ -56,7 +56,7 @@ def is_snippet(document: Mapping[str, Any]) -> bool:
 def to_request(document: Any) -> Payload:
     """Translate a parsed JSON body, noting every type violation; ApiError 400 if not an object."""
     if not isinstance(document, dict):
-        raise invalid([], "The body must be a JSON object.")
+        raise body_error(400, "The body must be a JSON object.", "must be a JSON object")
     events = document.get("events")
     if isinstance(events, list):
         _check_count(len(events))

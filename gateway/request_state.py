@@ -15,7 +15,7 @@ from gateway import json_codec
 from gateway.body import read_body
 from gateway.client_ip import client_ip as resolve_client_ip
 from gateway.config import get_settings
-from gateway.errors import ApiError, invalid
+from gateway.errors import ApiError, body_error, invalid
 from gateway.payload import Payload, parse_request, too_deep
 
 
@@ -48,7 +48,8 @@ def _parse_body() -> ParsedBody:
         deep = too_deep(raw) if isinstance(exc, json_codec.JSONTooDeep) else None
         if deep is not None:  # valid JSON, too deep to read: name where (CONTRACT: each field)
             return ParsedBody("", None, invalid([deep]))
-        return ParsedBody("", None, invalid([], f"The body is not valid JSON: {exc}"))
+        refused = body_error(400, f"The body is not valid JSON: {exc}", f"is not valid JSON: {exc}")
+        return ParsedBody("", None, refused)
     return ParsedBody(payload.request.project_key, payload, None)
 
 

@@ -280,6 +280,18 @@ def test_top_level_must_be_an_object(api: Api, body: bytes) -> None:
     response = api.post(raw=body)
     assert response.status_code == 400
     assert response.get_json()["error"]["code"] == "invalid_request"
+    assert response.get_json()["error"]["details"] == [
+        {"field": "body", "description": "must be a JSON object"}
+    ]
+
+
+@pytest.mark.parametrize("body", [b"{", b'{"type": "pageview",}', b"", b"\xff"])
+def test_a_body_that_is_not_json_names_the_body(api: Api, rows: Rows, body: bytes) -> None:
+    response = api.post(raw=body)
+    assert response.status_code == 400
+    assert list(details(response)) == ["body"]
+    assert response.get_json()["error"]["message"].startswith("The body is not valid JSON")
+    assert rows() == []
 
 
 # -- 401 / 403 ---------------------------------------------------------------------------------
@@ -302,6 +314,9 @@ def test_origin_allowlist_is_403(api: Api, grpc_server: RunningServer, rows: Row
     refused = api.post(snippet(key), headers={"Origin": "https://evil.example"})
     assert refused.status_code == 403
     assert refused.get_json()["error"]["code"] == "forbidden"
+    assert refused.get_json()["error"]["details"] == [
+        {"field": "Origin", "description": "is not allowed for this project"}
+    ]
     assert rows() == []
     # The allowed site, and server-side batches (no Origin), get through.
     assert api.post(snippet(key), headers={"Origin": "https://shop.example"}).status_code == 200

@@ -44,6 +44,11 @@ def post_chunked(app: Flask, raw: bytes) -> TestResponse:
     return TestResponse(app_iter, status, headers, request=Request(environ))
 
 
+def fields(response: Any) -> list[str]:
+    """The fields an error answer names (CONTRACT: a header or the body when not a JSON one)."""
+    return [detail["field"] for detail in response.get_json()["error"]["details"]]
+
+
 def code(response: Any) -> str:
     return str(response.get_json()["error"]["code"])
 
@@ -73,6 +78,7 @@ def test_other_content_types_are_415(
     response = api.post(raw=body_of_size(project_key, 200), content_type=content_type)
     assert response.status_code == 415
     assert code(response) == "unsupported_media_type"
+    assert fields(response) == ["Content-Type"]
     assert rows() == []
 
 
@@ -81,6 +87,7 @@ def test_other_encodings_are_415(api: Api, project_key: str, rows: Rows, encodin
     raw = body_of_size(project_key, 200)
     response = api.post(raw=raw, headers={"Content-Encoding": encoding})
     assert response.status_code == 415
+    assert fields(response) == ["Content-Encoding"]
     assert rows() == []
 
 
@@ -105,6 +112,7 @@ def test_concatenated_gzip_members(api: Api, project_key: str) -> None:
 def test_corrupt_gzip_is_400(api: Api, rows: Rows, raw: bytes) -> None:
     response = api.post(raw=raw, headers={"Content-Encoding": "gzip"})
     assert response.status_code == 400
+    assert fields(response) == ["body"]
     assert rows() == []
 
 
@@ -117,11 +125,15 @@ class TestLimit:
         response = api.post(raw=body_of_size(project_key, LIMIT + 1))
         assert response.status_code == 413
         assert code(response) == "payload_too_large"
+        assert response.get_json()["error"]["details"] == [
+            {"field": "body", "description": f"exceeds the limit of {LIMIT} bytes"}
+        ]
         assert rows() == []
 
     def test_chunked_over_the_limit_is_413(self, app: Flask, project_key: str, rows: Rows) -> None:
         response = post_chunked(app, body_of_size(project_key, LIMIT + 1))
         assert response.status_code == 413
+        assert fields(response) == ["body"]
         assert_documented(response)
         assert rows() == []
 

@@ -77,6 +77,7 @@ def test_a_stalled_body_is_a_408_in_time_and_others_are_served(
     assert 0.9 < elapsed < 3.0
     assert headers.get("connection") == "close"
     assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert [d["field"] for d in json.loads(body)["error"]["details"]] == ["body"]
     # The stalled client is still connected: the worker keeps answering others.
     again = requests.get(f"{running.base_url}/healthz", timeout=5)
     assert again.status_code == 200

@@ -43,13 +43,18 @@ def test_the_page_is_served_without_the_key_anywhere(client: FlaskClient) -> Non
 def test_the_feed_refuses_missing_wrong_and_public_keys(
     client: FlaskClient, project_key: str
 ) -> None:
-    assert client.get("/debugger/feed").status_code == 401
+    def named(response: Any) -> list[str]:  # each error names the header or parameter at fault
+        return [d["field"] for d in response.get_json()["error"]["details"]]
+
+    missing = client.get("/debugger/feed")
+    assert missing.status_code == 401 and named(missing) == ["X-Apex-Secret-Key"]
     wrong = client.get("/debugger/feed", headers={"X-Apex-Secret-Key": "sk_live_nope"})
     assert wrong.status_code == 401 and b"data:" not in wrong.data
+    assert named(wrong) == ["X-Apex-Secret-Key"]
     public = client.get("/debugger/feed", headers={"X-Apex-Secret-Key": project_key})
-    assert public.status_code == 403
+    assert public.status_code == 403 and named(public) == ["X-Apex-Secret-Key"]
     bad = client.get("/debugger/feed?after_event=-1", headers={"X-Apex-Secret-Key": "sk_live_nope"})
-    assert bad.status_code == 400
+    assert bad.status_code == 400 and named(bad) == ["after_event"]
     # Not a cross-origin API: no CORS headers for other sites.
     cross = client.get("/debugger/feed", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in cross.headers

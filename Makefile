@@ -33,7 +33,7 @@ $(BUF): package.json package-lock.json
 ## run: serve the gRPC server and the HTTP gateway on the embedded SQLite database
 run: install
 	$(VENV)/bin/apex-ingest db upgrade
-	$(VENV)/bin/apex-ingest demo
+	$(VENV)/bin/apex-ingest demo --ports-free
 	@echo "The apex-ingest commands of README.md, from another shell here: . $(VENV)/bin/activate first (or $(VENV)/bin/apex-ingest ...)."
 	@echo
 	APEX_LOG_FORMAT=$${APEX_LOG_FORMAT:-text} exec $(VENV)/bin/apex-ingest serve

@@ -1006,7 +1006,12 @@ def events_tail(
 
 
 @main.command()
-def demo() -> None:
+@click.option(
+    "--ports-free",
+    is_flag=True,
+    help="Fail first if APEX_HTTP_PORT or APEX_GRPC_PORT is taken (`make run`, before `serve`).",
+)
+def demo(ports_free: bool) -> None:
     """Migrate the database (as `db upgrade`), make sure a project named "demo" exists, print
     its key (and, when it creates the project, a secret key), the snippet tag for this gateway
     and curl examples."""
@@ -1017,6 +1022,9 @@ def demo() -> None:
     from apex_ingest.server.models import Project, ProjectKey
 
     settings = load(ServerSettings)
+    if ports_free:  # else a key and curl lines for a port `serve` is about to fail on
+        _ensure_free(settings.host, settings.grpc_port, "APEX_GRPC_PORT")
+        _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
     # The one admin command that may create the database: through the migrations, like
     # `db upgrade` (what `make run` runs just before), never as an empty file.
     run_upgrade(settings.database_url)

@@ -326,6 +326,23 @@ def test_a_port_already_listened_on_is_refused(sqlite_url: str, command: str) ->
     assert f"127.0.0.1:{taken} ({variable}) is already in use" in result.stderr
 
 
+def test_make_runs_demo_fails_before_printing_a_key_for_a_taken_port(sqlite_url: str) -> None:
+    """`make run` runs `demo --ports-free`, then `serve`: a key and curl lines for a port that
+    `serve` cannot take would send the first hour's requests elsewhere. Without the flag (a
+    second shell while the service runs) demo still prints them."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        taken = other.getsockname()[1]
+        env = {"APEX_HTTP_PORT": str(taken), "APEX_GRPC_PORT": str(free_port())}
+        refused = run_env(sqlite_url, env, "demo", "--ports-free", check=False)
+        beside = run_env(sqlite_url, env, "demo")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"127.0.0.1:{taken} (APEX_HTTP_PORT) is already in use" in refused.stderr
+    assert "pk_live_" not in refused.stdout and "curl" not in refused.stdout
+    assert "pk_live_" in beside.stdout and f"127.0.0.1:{taken}/api/events" in beside.stdout
+
+
 def test_admin_commands_report_an_unreachable_database_in_one_line() -> None:
     result = run(
         "postgresql+psycopg://postgres@127.0.0.1:1/nothing", "projects", "list", check=False

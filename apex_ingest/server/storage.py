@@ -570,9 +570,14 @@ class EventStore:
             pending.done.set()
 
 
+#: What a writer's error names as its statement: `write_rows` runs one of several (a log line
+#: that showed the INSERT for a failed COPY sent readers to the wrong one).
+_GROUP_WRITE = "storage.write_rows (a COPY, the insert statement or the identity links)"
+
+
 def _as_sqlalchemy_error(error: psycopg.Error) -> exc.StatementError:
     """The SQLAlchemy wrapper for a driver error, so callers classify it as they always do."""
-    return exc.DBAPIError.instance(_PG_INSERT_DRIVER, None, error, psycopg.Error)
+    return exc.DBAPIError.instance(_GROUP_WRITE, None, error, psycopg.Error)
 
 
 def storage_reachable(engine: Engine) -> bool:

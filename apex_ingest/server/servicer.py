@@ -65,11 +65,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def IngestEvents(
         self, request: ingest_pb2.IngestEventsRequest, context: grpc.ServicerContext
     ) -> ingest_pb2.IngestEventsResponse:
-        token = request_id_var.set(_request_id(context))
-        started = time.perf_counter()
-        metrics.RPC_IN_FLIGHT.labels("IngestEvents").inc()
-        code, project = grpc.StatusCode.OK, metrics.UNKNOWN_PROJECT
-        try:
+        project = metrics.UNKNOWN_PROJECT
+
+        def fields() -> dict[str, object]:
+            return {"events": len(request.events), "project": project}
+
+        with _Rpc("IngestEvents", context, fields) as rpc:
             try:
                 remaining = context.time_remaining()
                 outcome = ingest_events(
@@ -84,16 +85,16 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             except StorageUnavailable as error:
                 log.warning("storage unavailable: %r", error.__cause__)
                 self._on_storage_unavailable()
-                code, project = _rejected(request, error)
+                rpc.code, project = _rejected(request, error)
                 return _refuse(context, error_status(error))
             except IngestError as error:
-                code, project = _rejected(request, error)
+                rpc.code, project = _rejected(request, error)
                 self._keep(request, error)
                 return _refuse(context, error_status(error))
             except Exception:
                 # A bug, not the caller's fault: INTERNAL (never UNKNOWN), details in our log only.
                 log.exception("IngestEvents failed")
-                code, project = _rejected(request, IngestError())
+                rpc.code, project = _rejected(request, IngestError())
                 return _refuse(context, error_status(IngestError()))
             project = request.project_key  # authenticated by now
             if not request.validate_only:
@@ -105,27 +106,23 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             return ingest_pb2.IngestEventsResponse(
                 received=outcome.received, rejected=_rejected_messages(outcome)
             )
-        finally:
-            _finished(
-                "IngestEvents",
-                code,
-                started,
-                lambda: {"events": len(request.events), "project": project},
-            )
-            request_id_var.reset(token)
 
     def IngestMany(
         self, request: ingest_pb2.IngestManyRequest, context: grpc.ServicerContext
     ) -> ingest_pb2.IngestManyResponse:
-        token = request_id_var.set(_request_id(context))
-        started = time.perf_counter()
-        metrics.RPC_IN_FLIGHT.labels("IngestMany").inc()
-        code = grpc.StatusCode.OK
         results: list[ingest_pb2.IngestResult] = []
-        try:
+
+        def fields() -> dict[str, object]:
+            return {
+                "requests": len(request.requests),
+                "refused": sum(1 for r in results if r.status.code),
+                "events": sum(len(sub.events) for sub in request.requests),
+            }
+
+        with _Rpc("IngestMany", context, fields) as rpc:
             if len(request.requests) > MAX_REQUESTS_PER_CALL:
-                code = grpc.StatusCode.INVALID_ARGUMENT
-                context.abort(code, f"at most {MAX_REQUESTS_PER_CALL} requests per call")
+                rpc.code = grpc.StatusCode.INVALID_ARGUMENT
+                context.abort(rpc.code, f"at most {MAX_REQUESTS_PER_CALL} requests per call")
             remaining = context.time_remaining()
             try:
                 outcomes = ingest_many(
@@ -151,33 +148,21 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 )
             )
             return ingest_pb2.IngestManyResponse(results=results)
-        finally:
-            _finished(
-                "IngestMany",
-                code,
-                started,
-                lambda: {
-                    "requests": len(request.requests),
-                    "refused": sum(1 for r in results if r.status.code),
-                    "events": sum(len(sub.events) for sub in request.requests),
-                },
-            )
-            request_id_var.reset(token)
 
     def RecordRefused(
         self, request: ingest_pb2.RecordRefusedRequest, context: grpc.ServicerContext
     ) -> ingest_pb2.RecordRefusedResponse:
         """Keep the events of a request the gateway refused (JSON type errors) as dead letters;
         answer the server's own violations, as validate_only would (see the proto)."""
-        token = request_id_var.set(_request_id(context))
-        started = time.perf_counter()
-        metrics.RPC_IN_FLIGHT.labels("RecordRefused").inc()
-        code = grpc.StatusCode.OK
         checked = ingest_pb2.IngestEventsRequest()
         checked.CopyFrom(request.request)
         checked.validate_only = True  # whatever the caller set: nothing is ever stored
         checked.partial = False  # every violation is answered, every event kept
-        try:
+
+        def fields() -> dict[str, object]:
+            return {"events": len(checked.events), "violations": len(request.violations)}
+
+        with _Rpc("RecordRefused", context, fields) as rpc:
             if not request.violations:  # nothing refused it: keeping its events would be wrong
                 error: IngestError | None = InvalidRequest(
                     [FieldViolation("violations", "must name at least one violation")]
@@ -189,17 +174,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             if error is None:
                 return ingest_pb2.RecordRefusedResponse()
             status = error_status(error)
-            code = status.code
+            rpc.code = status.code
             _refuse(context, status)
             return ingest_pb2.RecordRefusedResponse()
-        finally:
-            _finished(
-                "RecordRefused",
-                code,
-                started,
-                lambda: {"events": len(checked.events), "violations": len(request.violations)},
-            )
-            request_id_var.reset(token)
 
     def _check_refused(
         self, checked: ingest_pb2.IngestEventsRequest, edge: list[FieldViolation]
@@ -401,25 +378,43 @@ def _rejected_messages(outcome: Outcome) -> list[ingest_pb2.RejectedEvent]:
     ]
 
 
-def _finished(
-    method: str, code: grpc.StatusCode, started: float, fields: Callable[[], dict[str, object]]
-) -> None:
-    """An RPC's end: its metrics, and its access-log record (`fields` built only if logged)."""
-    elapsed = time.perf_counter() - started
-    metrics.RPC_IN_FLIGHT.labels(method).dec()
-    metrics.RPC_DURATION.labels(method, code.name).observe(elapsed)
-    if access_log_enabled():
-        access_log.info(
-            "%s %s",
-            method,
-            code.name,
-            extra={
-                "rpc": method,
-                "code": code.name,
-                **fields(),
-                "duration_ms": round(elapsed * 1000, 3),
-            },
-        )
+class _Rpc:
+    """One RPC's bookkeeping, around its servicer method: the caller's request id in every log
+    record while it runs, the in-flight gauge, and at its end the duration metric and the
+    access-log record (`fields` built only if logged). The method sets `code` when it refuses."""
+
+    def __init__(
+        self, method: str, context: grpc.ServicerContext, fields: Callable[[], dict[str, object]]
+    ) -> None:
+        self.method = method
+        self.code = grpc.StatusCode.OK
+        self._context = context
+        self._fields = fields
+
+    def __enter__(self) -> _Rpc:
+        self._token = request_id_var.set(_request_id(self._context))
+        self._started = time.perf_counter()
+        metrics.RPC_IN_FLIGHT.labels(self.method).inc()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        elapsed = time.perf_counter() - self._started
+        method, code = self.method, self.code.name
+        metrics.RPC_IN_FLIGHT.labels(method).dec()
+        metrics.RPC_DURATION.labels(method, code).observe(elapsed)
+        if access_log_enabled():
+            access_log.info(
+                "%s %s",
+                method,
+                code,
+                extra={
+                    "rpc": method,
+                    "code": code,
+                    **self._fields(),
+                    "duration_ms": round(elapsed * 1000, 3),
+                },
+            )
+        request_id_var.reset(self._token)
 
 
 #: Characters of a caller's violation field or description kept in a dead letter.

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Iterator
 
 import grpc
 import grpc_testing
 import pytest
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import REGISTRY
 
+from apex_ingest.common.logs import REQUEST_ID_METADATA, JsonFormatter
+from apex_ingest.server import metrics
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.servicer import IngestServicer
@@ -128,3 +133,46 @@ def test_an_allowlist_stored_in_unicode_matches_the_punycode_origin(sqlite_url: 
     assert info is not None
     assert info.allows_origin("https://xn--bcher-kva.example")
     assert not info.allows_origin("https://other.example")
+
+
+def test_each_rpc_is_logged_and_measured_with_its_outcome(
+    test_server: grpc_testing.Server, sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One access-log record per RPC (code, events, the project once authenticated), the
+    in-flight gauge back where it was, and the caller's request id in the record."""
+    key = make_project(sqlite_url)
+    event = ingest_pb2.Event(type="pageview", url="/", visitor_id="v")
+
+    def in_flight() -> float:
+        labels = {"method": "IngestEvents"}
+        return REGISTRY.get_sample_value("apex_grpc_requests_in_flight", labels) or 0
+
+    def durations() -> float:
+        labels = {"method": "IngestEvents", "code": "UNAUTHENTICATED"}
+        return REGISTRY.get_sample_value("apex_grpc_request_duration_seconds_count", labels) or 0
+
+    before, refusals = in_flight(), durations()
+    caplog.handler.setFormatter(JsonFormatter())  # it reads the request id as it formats
+    with caplog.at_level(logging.INFO, logger="apex_ingest.access"):
+        rpc = test_server.invoke_unary_unary(
+            METHOD,
+            ((REQUEST_ID_METADATA, "req-42"),),
+            ingest_pb2.IngestEventsRequest(project_key=key, events=[event] * 2),
+            None,
+        )
+        assert rpc.termination()[2] is grpc.StatusCode.OK
+        refused = ingest_pb2.IngestEventsRequest(project_key="pk_live_nope", events=[event])
+        assert invoke(test_server, refused)[1] is grpc.StatusCode.UNAUTHENTICATED
+    records = [r for r in caplog.records if r.name == "apex_ingest.access"]
+    assert [(r.__dict__["code"], r.__dict__["events"]) for r in records] == [
+        ("OK", 2),
+        ("UNAUTHENTICATED", 1),
+    ]
+    assert records[0].__dict__["project"] == key
+    assert records[1].__dict__["project"] == metrics.UNKNOWN_PROJECT
+    assert all(
+        r.__dict__["rpc"] == "IngestEvents" and r.__dict__["duration_ms"] >= 0 for r in records
+    )
+    assert in_flight() == before and durations() == refusals + 1
+    lines = [json.loads(line) for line in caplog.text.splitlines()]
+    assert lines[0]["request_id"] == "req-42" and lines[1]["request_id"] != "req-42"

@@ -305,9 +305,12 @@ def _copy_rows(connection: psycopg.Connection[Any], rows: Sequence[Row]) -> None
 def insert_events(connection: Connection | Session, rows: Sequence[Row]) -> None:
     """Insert rows; a row whose (project_id, event_id) is already stored is skipped.
 
-    The identity links the rows show are recorded in the same transaction (identity.py).
+    The identity links the rows show are recorded in the same transaction (identity.py), from
+    the first row of each id as the events themselves (and `write_rows`): a later row repeating
+    an id is not stored, and shows no link either.
     """
     bind = connection.get_bind() if isinstance(connection, Session) else connection
+    rows = _first_of_each_id(rows)
     links = identity.links_of(rows)
     if bind.dialect.name == "postgresql":
         connection.execute(_PG_INSERT, {"rows": _rows_json(rows).decode()})

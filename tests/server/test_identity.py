@@ -122,6 +122,24 @@ def test_two_users_for_a_new_visitor_in_one_request(
     ]
 
 
+def test_a_repeated_event_id_shows_only_its_first_rows_link(
+    server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
+) -> None:
+    """The second event of an id is not stored: its user id links nothing, on either
+    database (SQLite's insert and PostgreSQL's group commit)."""
+    key = make_project(server.database_url)
+    send(
+        stub,
+        key,
+        [
+            Event(id="same", type="identify", visitor_id="v7", user_id="first"),
+            Event(id="same", type="identify", visitor_id="v7", user_id="second"),
+        ],
+    )
+    assert attributed(server.database_url) == {"same": "first"}
+    assert links(server.database_url) == [("v7", "first", "identify", False)]
+
+
 def test_alias_and_per_event_user_ids(
     server: RunningServer, stub: ingest_pb2_grpc.IngestServiceStub
 ) -> None:

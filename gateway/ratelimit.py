@@ -10,8 +10,10 @@ flask.g by gateway.request_state). Bodies without a usable projectKey are limite
 Only POST /api/events counts: its view calls check() after parsing the body (CORS preflights and
 other endpoints never use up the budget). Every counted answer carries
 X-RateLimit-Limit/-Remaining/-Reset (add_headers), so clients can pace themselves; a refused one
-is a 429 with Retry-After. With memory://, the worker processes of one
-`apex-ingest gateway`/`serve` count in one table (gateway/shared_windows.py). If the shared
+is a 429 with Retry-After; a refused request whose project's limit this worker has not heard
+confirmed for a while asks the server for it first (`_limit_changed`). With memory://, the
+worker processes of one `apex-ingest gateway`/`serve` count in one table
+(gateway/shared_windows.py). If the shared
 storage (Redis) fails, the gateway keeps serving with this machine's limits and tries the
 storage again a few seconds later: losing events is worse than a looser limit for a while.
 
@@ -28,12 +30,14 @@ import threading
 import time
 from dataclasses import dataclass
 
+import grpc
 from flask import Flask, Response, current_app
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage, storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
 from apex_ingest.common.settings import GatewaySettings, Internal
+from apex_ingest.v1 import ingest_pb2
 from gateway import request_state
 from gateway.errors import ApiError
 from gateway.grpc_client import get_client
@@ -190,6 +194,42 @@ def install(app: Flask, settings: GatewaySettings) -> RateLimiter:
 def check() -> _Outcome:
     """Count the current request (a POST to /api/events, called by its view); ApiError 429
     with Retry-After if over a limit. The outcome goes on every answer (add_headers)."""
+    try:
+        return _count()
+    except RateLimited:
+        if not _limit_changed():
+            raise
+        return _count()  # against the project's limit as it is now: windows of their own
+
+
+def _limit_changed() -> bool:
+    """Whether the server now gives the current request's project another rate limit than this
+    worker last heard, asked when that was REFRESH_SECONDS ago or more (gateway.known_keys): a
+    refused project gets no answers to hear it from, so a limit lifted or raised would never
+    reach the gateway. Asked with a validate_only copy of the request (nothing is stored), at
+    most once per key and REFRESH_SECONDS."""
+    payload = request_state.parsed_body().payload
+    if payload is None or payload.violations:
+        return False
+    key = payload.request.project_key
+    client = get_client()
+    before = client.known_keys.project_of(key)
+    if before is None or not client.known_keys.due_for_refresh(key):
+        return False
+    probe = ingest_pb2.IngestEventsRequest()
+    probe.CopyFrom(payload.request)
+    probe.validate_only = True
+    probe.context.CopyFrom(request_state.request_context())
+    try:
+        client.ingest_response(probe)  # its answer's metadata updates known_keys
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+            client.known_keys.forget(key)  # revoked: no longer counted under the project
+        return False
+    return client.known_keys.project_of(key) != before
+
+
+def _count() -> _Outcome:
     limiter: RateLimiter = current_app.extensions[_EXTENSION_KEY]
     reported: _Outcome | None = None
     for key, own_limit in rate_limit_keys():

@@ -176,3 +176,29 @@ def test_rate_limit_per_project_all_keys_together(service: Service, database: st
     # Another project's budget is its own (APEX_RATE_LIMIT, 100/second by default).
     neighbour = post(service, other)
     assert neighbour.status_code == 200 and neighbour.headers["X-RateLimit-Limit"] == "100"
+
+
+def test_a_throttled_project_sees_its_limit_lifted(service: Service, database: str) -> None:
+    """A refused project gets no answers to learn a new limit from: the gateway asks the
+    server (validate_only: nothing stored) once its entry is REFRESH_SECONDS old."""
+    key, _ = create(database, "throttled")
+    run(database, "projects", "update", "--project", key, "--rate-limit", "0/second")
+    assert post(service, key, id="taught").status_code == 200  # unknown yet: the default limit
+    refused = [post(service, key, id=f"refused-{n}") for n in range(3)]
+    assert [a.status_code for a in refused] == [429] * 3, service.output()
+    run(database, "projects", "update", "--project", key, "--default-rate-limit")
+    lifted = wait_for(lambda: post(service, key, id="lifted").status_code == 200, SHOWS_WITHIN)
+    assert lifted, service.output()
+    engine = create_db_engine(database)
+    try:
+        with engine.connect() as connection:
+            stored = connection.execute(
+                text(
+                    "SELECT e.event_id FROM events e JOIN project_keys k"
+                    " ON k.project_id = e.project_id WHERE k.key = :key ORDER BY e.event_id"
+                ),
+                {"key": key},
+            ).scalars()
+            assert list(stored) == ["lifted", "taught"]  # no refused one, no probe
+    finally:
+        engine.dispose()

@@ -37,6 +37,8 @@ class Payload:
     #: JSON type errors (public field names); the request then lacks those fields.
     violations: tuple[FieldViolation, ...] = ()
     #: The body's `partial` field as sent (None: absent or null); gateway.partial reads it.
+    #: Batches only: in a snippet body it is an unknown field, ignored (its one event is all
+    #: or nothing, and an invalid one a 400).
     partial: Any = None
 
 
@@ -88,7 +90,7 @@ def to_request(document: Any) -> Payload:
         request=request,
         snippet=snippet,
         violations=tuple(check.violations),
-        partial=document.get("partial"),
+        partial=None if snippet else document.get("partial"),
     )
 
 
@@ -390,12 +392,7 @@ def parse_request(body: bytes) -> Payload:
     if document.events is msgspec.UNSET:
         request.events.add(**check.fast_event(document, "", visitor_required=True))
         request.derive_visitor_id = check.derive_visitor_id
-        return Payload(
-            request=request,
-            snippet=True,
-            violations=tuple(check.violations),
-            partial=document.partial,
-        )
+        return Payload(request=request, snippet=True, violations=tuple(check.violations))
     request.user_id = check.string_value(document.userId, "userId")
     for index, event in enumerate(document.events):
         request.events.add(**check.fast_event(event, f"events[{index}]."))

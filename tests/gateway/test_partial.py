@@ -121,17 +121,17 @@ def test_the_whole_request_is_refused_for_its_key_or_its_own_fields(
     )
 
 
-def test_the_snippet_format_too(grpc_server: RunningServer, project_key: str) -> None:
-    body = {
-        "projectKey": project_key,
-        "partial": True,
-        "type": "x",
-        "url": "nope",
-        "visitorId": "v",
-    }
-    status, answer = send(grpc_server, body)
-    assert status == 200 and answer["received"] == 0
-    assert answer["rejected"][0]["details"][0]["field"] == "url"
+def test_not_the_snippet_format(api: Any, rows: Any, project_key: str) -> None:
+    """Partial is a batch's option (the OpenAPI's SnippetEvent has no `partial`): in a snippet
+    body it is an unknown field, ignored, and an invalid event is a 400 as always."""
+    body = {"projectKey": project_key, "type": "x", "url": "nope", "visitorId": "v"}
+    for flag in (True, "not even a boolean"):
+        refused = api.post({**body, "partial": flag})
+        assert refused.status_code == 400
+        assert [d["field"] for d in refused.get_json()["error"]["details"]] == ["url"]
+    assert rows() == []
+    accepted = api.post({**body, "url": "/ok", "partial": True})
+    assert accepted.status_code == 200 and accepted.get_json() == {"received": 1}
 
 
 def test_an_answer_maps_the_sent_indexes_back() -> None:

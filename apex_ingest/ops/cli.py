@@ -391,6 +391,7 @@ def projects_create(
 
     try:
         with _session_factory().begin() as session:
+            project_store.check_name(session, name)
             project = project_store.create_project(
                 session,
                 name,
@@ -405,6 +406,10 @@ def projects_create(
             public = project.key
     except ConfigError:
         raise
+    except project_store.NameTaken as error:
+        raise click.ClickException(f"{error}: choose another name") from error
+    except project_store.InvalidName as error:
+        raise click.BadParameter(str(error), param_hint="NAME") from error
     except project_store.KeyExists as error:
         raise click.ClickException(f"a project with key {key!r} already exists") from error
     except project_store.InvalidKey as error:

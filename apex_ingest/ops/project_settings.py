@@ -117,9 +117,16 @@ def _apply_name(project: Project, values: Mapping[str, Any]) -> str | None:
     name: str | None = values.get("name")
     if name is None:
         return None
-    if not name.strip() or len(name) > 200:
-        raise SettingError("a name is 1-200 characters", param_hint="--name")
-    project.name = name
+    from sqlalchemy.orm import object_session
+
+    from apex_ingest.server import projects as project_store
+
+    session = object_session(project)
+    assert session is not None  # loaded by the command's session
+    try:
+        project.name = project_store.check_name(session, name, project.id)
+    except ValueError as error:  # InvalidName, NameTaken
+        raise SettingError(str(error), param_hint="--name") from error
     return name
 
 

@@ -131,6 +131,37 @@ def create_project(
     return project
 
 
+#: A project name's length at most.
+MAX_NAME_CHARS = 200
+
+
+class InvalidName(ValueError):
+    """A blank name, or one over MAX_NAME_CHARS."""
+
+
+class NameTaken(ValueError):
+    """Another project has this name: `--project NAME` could no longer tell them apart."""
+
+
+def check_name(session: Session, name: str, project_id: int | None = None) -> str:
+    """`name` if project `project_id` (None: a new one) may take it; InvalidName, NameTaken.
+
+    The admin commands (`projects create`, `update --name`) keep names unique, exactly as
+    `--project NAME` matches them, revoked projects' included: they find a project by its name.
+    Not a constraint, which databases holding duplicates from before could not take (and
+    which tests creating many projects of one name would trip); two admins creating the same
+    name at the same instant can still both succeed.
+    """
+    if not name.strip() or len(name) > MAX_NAME_CHARS:
+        raise InvalidName(f"a name is 1-{MAX_NAME_CHARS} characters, not only spaces")
+    others = select(Project.id).where(Project.name == name)
+    if project_id is not None:
+        others = others.where(Project.id != project_id)
+    if session.scalars(others.limit(1)).first() is not None:
+        raise NameTaken(f"another project is named {name!r}")
+    return name
+
+
 def check_ip_mode(ip_mode: str) -> str:
     """`ip_mode` if it is one the server knows; ValueError otherwise."""
     if ip_mode not in IP_MODES:

@@ -170,6 +170,26 @@ def test_projects_update_each_setting(sqlite_url: str) -> None:
     assert missing.returncode == 1 and "no project" in missing.stderr
 
 
+def test_project_names_stay_unique_and_not_blank(sqlite_url: str) -> None:
+    """`--project NAME` finds a project by its name: a second project of that name would make
+    every such command fail ("2 projects are named ..."), `make run`'s printed one included."""
+    run(sqlite_url, "projects", "create", "demo")
+    again = run(sqlite_url, "projects", "create", "demo", check=False)
+    assert again.returncode == 1 and "another project is named 'demo'" in again.stderr
+    assert "pk_live_" not in again.stdout
+    for blank in ("", "   "):
+        refused = run(sqlite_url, "projects", "create", blank, check=False)
+        assert refused.returncode == 2 and "1-200 characters" in refused.stderr
+    assert run(sqlite_url, "projects", "list").stdout.count("\tdemo\t") == 1
+    run(sqlite_url, "projects", "create", "shop")
+    rename = ("projects", "update", "--project", "shop", "--name")
+    taken = run(sqlite_url, *rename, "demo", check=False)
+    assert taken.returncode == 2 and "another project is named 'demo'" in taken.stderr
+    kept = run(sqlite_url, *rename, "shop")
+    assert "name = shop" in kept.stdout  # its own name is no conflict
+    run(sqlite_url, "projects", "keys", "add", "--project", "demo", "--kind", "secret")
+
+
 def test_events_list_filters(sqlite_url: str) -> None:
     created = run(sqlite_url, "projects", "create", "Shop")
     key, secret = created.stdout.strip(), created.stderr.split()[-1]

@@ -80,7 +80,7 @@ def _ingest(parsed: ParsedBody, coalescer: Coalescer) -> Response:
                 ratelimit.add_headers(response, outcome)
             return response
         if parsed.payload.violations:
-            raise invalid(_every_violation(parsed.payload))
+            raise _every_violation(parsed.payload)
         try:
             received = coalescer.ingest(request)
         except grpc.RpcError as exc:
@@ -116,27 +116,29 @@ def _partial(prepared: partial.PartialRequest) -> Response:
         raise error from None
     refused = prepared.refused()
     if refused is not None:  # its events with type errors: kept too, as dead letters
-        prepared.found(_record_refused(refused, prepared.snippet) or ())
+        found = _record_refused(refused, prepared.snippet)
+        prepared.found(found[0] if found is not None else ())
     return json_response(prepared.answer(answer.received, answer.rejected))
 
 
 def _record_refused(
     refused: ingest_pb2.RecordRefusedRequest, snippet: bool
-) -> tuple[FieldViolation, ...] | None:
+) -> tuple[tuple[FieldViolation, ...], int] | None:
     """Have the server keep the events of a request refused for type errors as dead letters.
-    Its own violations (none if it cannot say: unknown key, server down); None from a server
-    older than RecordRefused, which keeps nothing."""
+    Its own violations as it listed them, and how many it found in all (none if it cannot say:
+    unknown key, server down); None from a server older than RecordRefused, which keeps
+    nothing."""
     try:
         get_client().record_refused(refused)
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
             return None
         error = to_api_error(exc, snippet)
-        return error.details if error.code == 400 else ()
-    return ()
+        return (error.details, error.total) if error.code == 400 else ((), 0)
+    return (), 0
 
 
-def _every_violation(payload: Payload) -> list[FieldViolation]:
+def _every_violation(payload: Payload) -> ApiError:
     """The body's type errors, and the value errors the server finds in its other fields.
 
     The server keeps the events as dead letters, with every violation (RecordRefused), and
@@ -147,8 +149,10 @@ def _every_violation(payload: Payload) -> list[FieldViolation]:
     refused = refused_request(payload.request, payload.violations, payload.snippet)
     found = _record_refused(refused, payload.snippet)
     if found is None:
-        found = _validate_only(payload)
-    return [*payload.violations, *found]
+        older = _validate_only(payload)
+        found = older, len(older)
+    details, count = found
+    return invalid([*payload.violations, *details], len(payload.violations) + count)
 
 
 def _validate_only(payload: Payload) -> tuple[FieldViolation, ...]:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from flask import Flask, Response, g
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from apex_ingest.common.rpc import listed_count
 from gateway.json_codec import json_response
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,24 @@ class ApiError(HTTPException):
         super().__init__(description=message or MESSAGES.get(status, ""))
         self.code = status
         self.details: tuple[FieldViolation, ...] = tuple(details)
+        #: How many violations there are in all (`invalid`: more than `details` may list).
+        self.total = len(self.details)
         self.retry_after = retry_after
 
 
-def invalid(details: Sequence[FieldViolation], message: str | None = None) -> ApiError:
-    if message is None:
-        count = len(details)
+def invalid(details: Sequence[FieldViolation], total: int | None = None) -> ApiError:
+    """400 listing the violations, as many as fit in the budget the server's answers keep
+    (rpc.listed_count: about 4 KiB); its message counts them all, `total` if more exist than
+    `details` holds (the server listed only some of its own)."""
+    count = max(total or 0, len(details))
+    listed = details[: listed_count((d.field, d.description) for d in details)]
+    if count > len(listed):
+        message = f"The request has {count} invalid fields; the first {len(listed)} are listed."
+    else:
         message = f"The request has {count} invalid field{'s' if count != 1 else ''}."
-    return ApiError(400, message, details)
+    error = ApiError(400, message, listed)
+    error.total = count
+    return error
 
 
 #: The `field` of a violation of the body as a whole (not JSON, too large, late, corrupt gzip).

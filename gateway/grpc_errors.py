@@ -51,13 +51,7 @@ def to_api_error(error: grpc.RpcError, snippet: bool) -> ApiError:
             FieldViolation(public_field(field, snippet), description)
             for field, description in field_violations(rich)
         ]
-        total = violation_count(rich)
-        if total is None:
-            return invalid(violations)
-        return invalid(
-            violations,
-            f"The request has {total} invalid fields; the first {len(violations)} are listed.",
-        )
+        return invalid(violations, violation_count(rich))
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and retry_delay(rich) is None:
         # Not the server saying "come back later" (that carries RetryInfo) but a transport
         # limit: waiting cannot help, so it must never read as a rate limit.

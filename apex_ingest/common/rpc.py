@@ -76,25 +76,38 @@ TRUNCATED_REASON = "VIOLATIONS_TRUNCATED"
 ERROR_DOMAIN = "apex_ingest"
 
 
+def listed_count(violations: Iterable[tuple[str, str]]) -> int:
+    """How many of the violations, in order, one answer lists: as many as fit in
+    MAX_VIOLATION_BYTES (each field cut to 200 characters, each description to 300). The
+    gateway caps its own (JSON type errors) by the same measure."""
+    size = listed = 0
+    for field, description in violations:
+        cost = (
+            error_details_pb2.BadRequest.FieldViolation(
+                field=field[:200], description=description[:300]
+            ).ByteSize()
+            + 3
+        )
+        if size + cost > MAX_VIOLATION_BYTES:
+            break
+        size += cost
+        listed += 1
+    return listed
+
+
 def bad_request(violations: Iterable[tuple[str, str]]) -> list[any_pb2.Any]:
     """BadRequest with the violations, as many as fit in MAX_VIOLATION_BYTES (in order); when
     some are left out, an ErrorInfo (reason VIOLATIONS_TRUNCATED) says how many there are."""
-    listed = error_details_pb2.BadRequest()
-    size = total = 0
-    full = False
-    for field, description in violations:
-        total += 1
-        if full:
-            continue  # counted, not listed: the list stays in order, without gaps
-        violation = error_details_pb2.BadRequest.FieldViolation(
-            field=field[:200], description=description[:300]
-        )
-        cost = violation.ByteSize() + 3
-        if size + cost > MAX_VIOLATION_BYTES:
-            full = True
-            continue
-        listed.field_violations.append(violation)
-        size += cost
+    every = list(violations)
+    total = len(every)
+    listed = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(
+                field=field[:200], description=description[:300]
+            )
+            for field, description in every[: listed_count(every)]
+        ]
+    )
     details = [packed(listed)]
     if total > len(listed.field_violations):
         details.append(

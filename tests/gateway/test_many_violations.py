@@ -43,6 +43,31 @@ def test_five_hundred_invalid_events_are_a_400_naming_the_first(
     assert rows() == []  # a rejected request stores nothing, its valid events included
 
 
+@pytest.mark.parametrize(
+    ("events", "total"),
+    [
+        # One JSON type error, 499 value errors the server finds (each lacks its url).
+        ([{"type": 5, "url": "/"}] + [{"type": "x"}] * 499, 500),
+        # Type errors on every event: the gateway's own list is capped too.
+        ([{"type": 5, "url": "/"}] * 500, 500),
+        ([{"type": 5, "url": 6, "visitorId": 7, "id": 8, "data": 9, "timestamp": 10}] * 500, 3000),
+    ],
+    ids=["one-type-error", "all-type-errors", "six-per-event"],
+)
+def test_type_errors_and_the_servers_are_counted_and_capped_together(
+    api: Api, project_key: str, rows: Rows, events: list[dict[str, Any]], total: int
+) -> None:
+    response = api.post({"projectKey": project_key, "events": events})
+    assert response.status_code == 400, response.get_data(as_text=True)
+    body = response.get_json()["error"]
+    listed = len(body["details"])
+    assert 20 < listed < total
+    message = f"The request has {total} invalid fields; the first {listed} are listed."
+    assert body["message"] == message
+    assert len(response.get_data()) < 2 * MAX_VIOLATION_BYTES  # JSON: ~40 bytes a detail more
+    assert rows() == []
+
+
 def test_the_servers_detail_stays_under_the_metadata_limit(
     grpc_server: RunningServer, project_key: str
 ) -> None:

@@ -85,20 +85,22 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = (
             f"{self.formatTime(record)} {record.levelname} {record.name}: "
-            f"{_escape(record.getMessage())}"
+            f"{escape_control(record.getMessage())}"
         )
         request_id = getattr(record, "request_id", None) or request_id_var.get()
         if request_id:
-            line += f" request_id={_escape(str(request_id))}"
+            line += f" request_id={escape_control(str(request_id))}"
         for key, value in _extra_fields(record).items():
             if key != "request_id":
-                line += f" {key}={_escape(repr(value) if isinstance(value, str) else str(value))}"
+                shown = repr(value) if isinstance(value, str) else str(value)
+                line += f" {key}={escape_control(shown)}"
         if record.exc_info:  # a traceback is ours, not the client's: it keeps its lines
             line += "\n" + self.formatException(record.exc_info)
         return line
 
 
-def _escape(text: str) -> str:
+def escape_control(text: str) -> str:
+    """`text` with control characters (C0, DEL, C1, line and paragraph separators) as \\xNN."""
     return _CONTROL_RE.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 

@@ -32,6 +32,7 @@ from apex_ingest.common.settings import (
     load,
     reachable_host,
 )
+from apex_ingest.ops import tsv
 
 #: Commands that run servers: they log JSON lines unless APEX_LOG_FORMAT=text.
 _SERVER_COMMANDS = frozenset({"serve", "grpc", "gateway", "loader"})
@@ -451,7 +452,7 @@ def projects_list() -> None:
             if project.drop_bots:
                 extra += "\tdrop_bots"
             extra += "\tcookieless" if project.cookieless else ""
-            click.echo(f"{shown}\t{project.name}\t{state}\torigins={origins}{extra}")
+            click.echo(tsv.row(shown, project.name, state, f"origins={origins}") + extra)
 
 
 @projects.command("revoke")
@@ -665,9 +666,14 @@ def dead_letters_list(project: str, limit: int) -> None:
                 f"{v.field}: {v.description}" for v in deadletters.dead_letter_violations(letter)
             )
             click.echo(
-                f"{letter.id}\t{letter.received_at:%Y-%m-%d %H:%M:%S}\t{letter.reason}\t"
-                f"{event.get('type', '')}\t{event.get('id', '')}\t"
-                f"{reasons or 'valid: refused with its request'}"
+                tsv.row(
+                    letter.id,
+                    f"{letter.received_at:%Y-%m-%d %H:%M:%S}",
+                    letter.reason,
+                    event.get("type", ""),
+                    event.get("id", ""),
+                    reasons or "valid: refused with its request",
+                )
             )
 
 
@@ -738,7 +744,7 @@ def dead_letters_replay(project: str, every: bool, ids: tuple[int, ...]) -> None
         reasons = "; ".join(
             f"{v.field}: {v.description}" for v in deadletters.dead_letter_violations(letter)
         )
-        click.echo(f"{letter.id}\t{reasons}")
+        click.echo(tsv.row(letter.id, reasons))
 
 
 @dead_letters.command("purge")
@@ -830,8 +836,15 @@ def _feed_line(item: Any) -> tuple[str, int, int]:
     if item.HasField("event"):
         event = item.event
         return (
-            f"{event.received_at.ToDatetime():%Y-%m-%d %H:%M:%S}\tevent\t{event.type}\t"
-            f"{event.visitor_id or '-'}\t{event.user_id or '-'}\t{event.url}\t{event.data}",
+            tsv.row(
+                f"{event.received_at.ToDatetime():%Y-%m-%d %H:%M:%S}",
+                "event",
+                event.type,
+                event.visitor_id or "-",
+                event.user_id or "-",
+                event.url,
+                event.data,
+            ),
             event.id,
             0,
         )
@@ -839,9 +852,15 @@ def _feed_line(item: Any) -> tuple[str, int, int]:
     reasons = "; ".join(f"{v.field}: {v.description}" for v in letter.violations)
     kept = json.loads(letter.event_json)
     return (
-        f"{letter.received_at.ToDatetime():%Y-%m-%d %H:%M:%S}\trejected\t"
-        f"{kept.get('type', '')}\t{kept.get('visitor_id') or '-'}\t{letter.user_id or '-'}\t"
-        f"{kept.get('url', '')}\t{reasons or letter.reason}",
+        tsv.row(
+            f"{letter.received_at.ToDatetime():%Y-%m-%d %H:%M:%S}",
+            "rejected",
+            kept.get("type", ""),
+            kept.get("visitor_id") or "-",
+            letter.user_id or "-",
+            kept.get("url", ""),
+            reasons or letter.reason,
+        ),
         0,
         letter.id,
     )

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from apex_ingest.ops import tsv
+
 if TYPE_CHECKING:
     from apex_ingest.server.people import Person
 
@@ -165,10 +167,8 @@ def people_suppressions(project: str) -> None:
         while True:
             rows = store.list_suppressions(session, project_id, 1000, after)
             for row in rows:
-                click.echo(
-                    f"{row.id}\t{row.kind}\t{row.value}\t{row.created_at:%Y-%m-%d %H:%M:%S}\t"
-                    f"{row.actor}"
-                )
+                created = f"{row.created_at:%Y-%m-%d %H:%M:%S}"
+                click.echo(tsv.row(row.id, row.kind, row.value, created, row.actor))
             if len(rows) < 1000:
                 return
             after = rows[-1].id

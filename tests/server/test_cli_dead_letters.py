@@ -74,10 +74,14 @@ def test_events_tail_follows_the_live_feed(sqlite_url: str) -> None:
         time.sleep(2)  # the command starts
         send(server.target, key, [Event(id="e1", type="signup", url="/welcome")])
         send(server.target, key, [Event(id="e2", type="click", url="nope")])
+        # What a client sent stays in its column: control characters are escaped.
+        send(server.target, key, [Event(id="e3", type="a\tb\u2028c", url="/", visitor_id="v\tx")])
         assert tail.stdout is not None
-        lines = [tail.stdout.readline(), tail.stdout.readline()]
+        lines = [tail.stdout.readline() for _ in range(3)]
         assert "\tevent\tsignup\t" in lines[0]
         assert "\trejected\tclick\t" in lines[1] and "events[0].url" in lines[1]
+        columns = lines[2].rstrip("\n").split("\t")
+        assert columns[1:5] == ["rejected", "a\\x09b\\x2028c", "v\\x09x", "-"], lines[2]
     finally:
         tail.kill()
         tail.wait()

@@ -28,7 +28,10 @@ def read_body(request: Request, limit: int, timeout: float | None = None) -> byt
     gzip stream, 408 (BodyTimeout) when the body has not arrived within ``timeout`` seconds.
     """
     if request.mimetype not in ACCEPTED_MIMETYPES:
-        rule = f"must be application/json or text/plain, not {_shown(request.mimetype) or 'none'}"
+        shown = _shown(request.mimetype)
+        rule = "must be application/json or text/plain" + (f", not {shown}" if shown else "")
+        if not shown:
+            rule = "is missing: it " + rule
         raise header_error(415, "Content-Type", f"Content-Type {rule}.", rule)
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     gzipped = encoding in _GZIP

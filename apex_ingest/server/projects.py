@@ -50,11 +50,17 @@ def normalize_origin(origin: str) -> str:
     """`https://Shop.Example:443/` -> `https://shop.example`, as browsers send Origin.
 
     A non-ASCII host name becomes its punycode form (`bücher.example` ->
-    `xn--bcher-kva.example`), which is what browsers send.
+    `xn--bcher-kva.example`), which is what browsers send. ValueError for what no browser
+    sends as an Origin (a path, a query, a user, a `*` wildcard): an allowlist entry that could
+    never match would refuse the site it was meant for without a word.
     """
     parts = urlsplit(origin.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) origin: {origin!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"an origin is scheme://host[:port], nothing more: {origin!r}")
+    if "*" in parts.hostname:
+        raise ValueError(f"wildcards are not supported, list each origin: {origin!r}")
     default_port = 443 if parts.scheme == "https" else 80
     host = parts.hostname
     if not host.isascii():

@@ -67,7 +67,7 @@ _MAX_SECONDS = 253_402_300_799
 SKEW_THRESHOLD = timedelta(seconds=10)
 _BEFORE_EPOCH_CORRECTED = (
     "must not be before 1970-01-01T00:00:00Z once corrected by the client's clock skew "
-    "(measured with sent_at)"
+    "(measured with the request's send time: sentAt, or sent_at over gRPC)"
 )
 
 Row = dict[str, Any]
@@ -209,7 +209,10 @@ def build_rows(
             seconds, nanos = ts.seconds, ts.nanos
             too_late = "must not be more than one day after the time of receipt"
             if skew:
-                too_late += " (once corrected by the client's clock skew, measured with sent_at)"
+                too_late += (
+                    " (once corrected by the client's clock skew, measured with the request's"
+                    " send time: sentAt, or sent_at over gRPC)"
+                )
             if not 0 <= nanos <= 999_999_999:
                 problem = "has invalid nanos"
             elif seconds < 0:

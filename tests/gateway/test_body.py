@@ -79,6 +79,11 @@ def test_other_content_types_are_415(
     assert response.status_code == 415
     assert code(response) == "unsupported_media_type"
     assert fields(response) == ["Content-Type"]
+    description = response.get_json()["error"]["details"][0]["description"]
+    if content_type:  # what was sent, shown; else that it is missing (not "not none")
+        assert description.endswith(f", not {content_type.split(';')[0]}")
+    else:
+        assert description == "is missing: it must be application/json or text/plain"
     assert rows() == []
 
 

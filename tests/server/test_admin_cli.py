@@ -144,6 +144,20 @@ def test_projects_update_each_setting(sqlite_url: str) -> None:
     ]
     bad = run(sqlite_url, *update, "--add-allowed-origin", "ftp://x", check=False)
     assert bad.returncode == 2 and "not an http(s) origin" in bad.stderr
+    # What no browser sends as its Origin would never match: refused, not stored.
+    for never, reason in (
+        ("https://*.example.com", "wildcards are not supported"),
+        ("https://shop.example/checkout", "nothing more"),
+        ("https://user@shop.example", "nothing more"),
+    ):
+        refused = run(sqlite_url, *update, "--add-allowed-origin", never, check=False)
+        assert refused.returncode == 2 and reason in refused.stderr, refused.stderr
+        created = run(sqlite_url, "projects", "create", "x", "--allowed-origin", never, check=False)
+        assert created.returncode == 2 and reason in created.stderr, created.stderr
+    assert project_row(sqlite_url, "Shop").allowed_origins == [
+        "http://d.example:8080",
+        "https://c.example",
+    ]
 
     run(sqlite_url, *update, "--redact-param", "Coupon", "--add-redact-param", "ref")
     assert project_row(sqlite_url, "Shop").redact_params == ["coupon", "ref"]

@@ -34,7 +34,7 @@ $(BUF): package.json package-lock.json
 run: install
 	$(VENV)/bin/apex-ingest db upgrade
 	$(VENV)/bin/apex-ingest demo --ports-free
-	@echo "The apex-ingest commands of README.md, from another shell here: . $(VENV)/bin/activate first (or $(VENV)/bin/apex-ingest ...)."
+	@echo "The apex-ingest commands of README.md, from another shell here: . $(VENV)/bin/activate first (or $(VENV)/bin/apex-ingest ...), with the same APEX_* ports and database if you set any."
 	@echo
 	APEX_LOG_FORMAT=$${APEX_LOG_FORMAT:-text} exec $(VENV)/bin/apex-ingest serve
 

@@ -10,12 +10,11 @@ from typing import Any
 import grpc
 import pytest
 import requests
-from sqlalchemy import text
 
-from apex_ingest.server.database import create_db_engine
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc, project_pb2, project_pb2_grpc
 from tests.conftest import fresh_postgres_database
 from tests.server.test_admin_cli import run
+from tests.server.test_identity import query
 from tests.service import Service, running_service, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -104,17 +103,10 @@ def test_rotation_two_live_keys_and_one_revoked(service: Service, database: str)
         assert project.name == "rotating" and list(project.public_keys) == [ci, new]
 
     # Events keep the project, not the key: the five sent with ids, one project id.
-    engine = create_db_engine(database)
-    try:
-        with engine.connect() as connection:
-            stored = connection.execute(
-                text(
-                    "SELECT project_id FROM events "
-                    "WHERE event_id LIKE 'before-%' OR event_id LIKE 'after-%'"
-                )
-            ).all()
-    finally:
-        engine.dispose()
+    stored = query(
+        database,
+        "SELECT project_id FROM events WHERE event_id LIKE 'before-%' OR event_id LIKE 'after-%'",
+    )
     assert [row[0] for row in stored] == [project.id] * 5
     listing = run(database, "projects", "keys", "list", "--project", "rotating").stdout
     states = [line.split("\t")[5].split()[0] for line in listing.splitlines()]
@@ -189,16 +181,10 @@ def test_a_throttled_project_sees_its_limit_lifted(service: Service, database: s
     run(database, "projects", "update", "--project", key, "--default-rate-limit")
     lifted = wait_for(lambda: post(service, key, id="lifted").status_code == 200, SHOWS_WITHIN)
     assert lifted, service.output()
-    engine = create_db_engine(database)
-    try:
-        with engine.connect() as connection:
-            stored = connection.execute(
-                text(
-                    "SELECT e.event_id FROM events e JOIN project_keys k"
-                    " ON k.project_id = e.project_id WHERE k.key = :key ORDER BY e.event_id"
-                ),
-                {"key": key},
-            ).scalars()
-            assert list(stored) == ["lifted", "taught"]  # no refused one, no probe
-    finally:
-        engine.dispose()
+    stored = query(
+        database,
+        "SELECT e.event_id FROM events e JOIN project_keys k ON k.project_id = e.project_id"
+        " WHERE k.key = :key ORDER BY e.event_id",
+        key=key,
+    )
+    assert [row[0] for row in stored] == ["lifted", "taught"]  # no refused one, no probe

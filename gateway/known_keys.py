@@ -10,10 +10,10 @@ itself, as before, and failed authentication per client IP (gateway.auth_guard).
 A key belongs to one project for ever, so an entry stays right; its rate limit is refreshed by
 every answer (the server's own cache: within APEX_PROJECT_CACHE_TTL of a change). A project
 refused with 429 gets no answers, so its limit would never be refreshed (a project throttled
-to 0/second, for ever): `stale` says when an entry has not been for REFRESH_SECONDS, and the
-rate limiter then asks the server (gateway.ratelimit). A key the server refuses (401: revoked) is
-forgotten at once, so that requests with a revoked key do not use up the budget of the
-project's live keys.
+to 0/second, for ever): `due_for_refresh` says when an entry has not been for REFRESH_SECONDS,
+and the rate limiter then asks the server (gateway.ratelimit). A key the server refuses (401:
+revoked) is forgotten at once, so that requests with a revoked key do not use up the budget of
+the project's live keys.
 """
 
 from __future__ import annotations

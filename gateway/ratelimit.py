@@ -84,6 +84,10 @@ class _Outcome:
     allowed: bool
 
 
+#: A request's outcome in each window it was counted in, by window name.
+Seen = dict[str, _Outcome]
+
+
 class RateLimiter:
     """Counts hits per key against every configured limit (e.g. "100/second;5000/hour")."""
 
@@ -121,32 +125,40 @@ class RateLimiter:
                 self._parsed[text] = parsed
         return parsed
 
-    def hit(self, key: str, own_limit: str = "") -> _Outcome:
-        """Count one hit under `key` against `own_limit` (a project's) or the default."""
+    def hit(self, key: str, own_limit: str = "", seen: Seen | None = None) -> _Outcome:
+        """Count one hit under `key` against `own_limit` (a project's) or the default. A window
+        in `seen` (this request counted in it already) is not counted again: its outcome then
+        is the one recorded there; each window counted is recorded in `seen`."""
         limits = self.limits_for(own_limit) if own_limit else self.limits
+        seen = {} if seen is None else seen
         if self._shared is None or (
             self._shared_down_until and time.monotonic() < self._shared_down_until
         ):
-            return self._hit_local(key, limits)
+            return self._hit_local(key, limits, seen)
         try:
-            return self._hit(self._shared, key, limits)
+            return self._hit(self._shared, key, limits, seen)
         except Exception as error:
             with self._lock:
                 if time.monotonic() >= self._shared_down_until:
                     log.warning("rate-limit storage failed (%r); limiting per process", error)
                 self._shared_down_until = time.monotonic() + STORAGE_RETRY_SECONDS
-            return self._hit_local(key, limits)
+            return self._hit_local(key, limits, seen)
 
-    def _hit_local(self, key: str, limits: list[RateLimitItem]) -> _Outcome:
+    def _hit_local(self, key: str, limits: list[RateLimitItem], seen: Seen) -> _Outcome:
         now = time.time()
         reported: _Outcome | None = None
         for limit in limits:
             name = limit.key_for(_KEY_PREFIX, key)
-            counted = None
-            if self._machine is not None:
-                counted = self._machine.hit(name, limit.get_expiry(), now)
-            window_end, hits = counted or self._hit_process(name, limit.get_expiry(), now)
-            outcome = _Outcome(limit, max(0, limit.amount - hits), window_end, hits <= limit.amount)
+            outcome = seen.get(name)
+            if outcome is None:
+                counted = None
+                if self._machine is not None:
+                    counted = self._machine.hit(name, limit.get_expiry(), now)
+                window_end, hits = counted or self._hit_process(name, limit.get_expiry(), now)
+                allowed = hits <= limit.amount
+                outcome = seen[name] = _Outcome(
+                    limit, max(0, limit.amount - hits), window_end, allowed
+                )
             if not outcome.allowed:
                 return outcome
             if reported is None or outcome.remaining < reported.remaining:
@@ -165,14 +177,19 @@ class RateLimiter:
             return window[0], int(window[1])
 
     def _hit(
-        self, strategy: FixedWindowRateLimiter, key: str, limits: list[RateLimitItem]
+        self, strategy: FixedWindowRateLimiter, key: str, limits: list[RateLimitItem], seen: Seen
     ) -> _Outcome:
         reported: _Outcome | None = None
         for limit in limits:
-            allowed = strategy.hit(limit, _KEY_PREFIX, key)
-            stats = strategy.get_window_stats(limit, _KEY_PREFIX, key)
-            outcome = _Outcome(limit, max(0, stats.remaining), stats.reset_time, allowed)
-            if not allowed:
+            name = limit.key_for(_KEY_PREFIX, key)
+            outcome = seen.get(name)
+            if outcome is None:
+                allowed = strategy.hit(limit, _KEY_PREFIX, key)
+                stats = strategy.get_window_stats(limit, _KEY_PREFIX, key)
+                outcome = seen[name] = _Outcome(
+                    limit, max(0, stats.remaining), stats.reset_time, allowed
+                )
+            if not outcome.allowed:
                 return outcome
             if reported is None or outcome.remaining < reported.remaining:
                 reported = outcome
@@ -194,12 +211,15 @@ def install(app: Flask, settings: GatewaySettings) -> RateLimiter:
 def check() -> _Outcome:
     """Count the current request (a POST to /api/events, called by its view); ApiError 429
     with Retry-After if over a limit. The outcome goes on every answer (add_headers)."""
+    seen: Seen = {}
     try:
-        return _count()
+        return _count(seen)
     except RateLimited:
         if not _limit_changed():
             raise
-        return _count()  # against the project's limit as it is now: windows of their own
+        # Against the project's limit as it is now: its new windows are counted, those it
+        # keeps (an unchanged part, "5/minute" of "5/minute;2/hour") are not counted twice.
+        return _count(seen)
 
 
 def _limit_changed() -> bool:
@@ -219,6 +239,7 @@ def _limit_changed() -> bool:
     probe = ingest_pb2.IngestEventsRequest()
     probe.CopyFrom(payload.request)
     probe.validate_only = True
+    probe.partial = True  # OK (with the key's project) even if some event breaks a rule
     probe.context.CopyFrom(request_state.request_context())
     try:
         client.ingest_response(probe)  # its answer's metadata updates known_keys
@@ -229,11 +250,11 @@ def _limit_changed() -> bool:
     return client.known_keys.project_of(key) != before
 
 
-def _count() -> _Outcome:
+def _count(seen: Seen) -> _Outcome:
     limiter: RateLimiter = current_app.extensions[_EXTENSION_KEY]
     reported: _Outcome | None = None
     for key, own_limit in rate_limit_keys():
-        outcome = limiter.hit(key, own_limit)
+        outcome = limiter.hit(key, own_limit, seen)
         if not outcome.allowed:
             retry_after = max(1, math.ceil(outcome.reset_at - time.time()))
             raise RateLimited(outcome, retry_after)

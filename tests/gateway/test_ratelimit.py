@@ -177,3 +177,17 @@ def _hit_many(path: str, name: str, now: float, times: int) -> tuple[int, float]
     ends, hits = zip(*(c for c in counted if c is not None), strict=True)
     assert len(hits) == times
     return max(hits), ends[0]
+
+
+def test_a_recount_after_a_limit_change_skips_the_windows_already_counted() -> None:
+    """A refused request whose project's limit changed meanwhile is counted again against the
+    new one (gateway.ratelimit.check): a part of the limit that did not change ("5/minute" of
+    "5/minute;2/hour" -> "5/minute;100/hour") is the same window, counted once."""
+    limiter = RateLimiter("100/second", "memory://")
+    for _ in range(2):
+        assert limiter.hit("project:p", "5/minute;2/hour").allowed
+    seen: dict[str, Any] = {}
+    assert not limiter.hit("project:p", "5/minute;2/hour", seen).allowed  # the hour's third
+    again = limiter.hit("project:p", "5/minute;100/hour", seen)
+    assert again.allowed and again.remaining == 2  # the minute's third hit, not its fourth
+    assert limiter.hit("project:p", "5/minute;100/hour").remaining == 1

@@ -1066,10 +1066,18 @@ def demo(ports_free: bool) -> None:
         ).first()
         secret = None
         if key is None:
-            project = project_store.create_project(session, "demo")
-            key = project.key
+            # A demo project whose public keys were all revoked gets a new one: a second project
+            # named "demo" would break every `--project demo`.
+            project_id = session.scalars(
+                select(Project.id).where(Project.name == "demo").order_by(Project.id).limit(1)
+            ).first()
+            if project_id is None:
+                project = project_store.create_project(session, "demo")
+                key, project_id = project.key, project.id
+            else:
+                key = project_store.add_key(session, project_id, project_store.PUBLIC)
             # What the debugger and `events list`/`tail` ask for; only its digest is kept.
-            secret = project_store.add_key(session, project.id, project_store.SECRET)
+            secret = project_store.add_key(session, project_id, project_store.SECRET)
     base = f"http://{address_host(reachable_host(settings.host))}:{settings.http_port}"
     url = f"{base}/api/events"
     snippet = (

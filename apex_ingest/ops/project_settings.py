@@ -52,11 +52,18 @@ def _origins(values: Mapping[str, Any], current: Sequence[str]) -> list[str] | N
 
     from apex_ingest.server import projects as project_store
 
-    def normalized(origins: Sequence[str], option: str) -> set[str]:
-        try:
-            return {project_store.normalize_origin(origin) for origin in origins}
-        except ValueError as error:
-            raise SettingError(str(error), param_hint=option) from error
+    def normalized(origins: Sequence[str], option: str, stored: Sequence[str] = ()) -> set[str]:
+        found = set()
+        for origin in origins:
+            try:
+                found.add(project_store.normalize_origin(origin))
+            except ValueError as error:
+                # An entry stored before such origins were refused (`https://*.example`) can
+                # still be named to remove it.
+                if origin.strip() not in stored:
+                    raise SettingError(str(error), param_hint=option) from error
+                found.add(origin.strip())
+        return found
 
     if values.get("any_origin"):
         base: set[str] = set()
@@ -66,7 +73,9 @@ def _origins(values: Mapping[str, Any], current: Sequence[str]) -> list[str] | N
         base = set(current)
     base |= normalized(values.get("add_allowed_origin") or (), "--add-allowed-origin")
     before = bool(base)
-    base -= normalized(values.get("remove_allowed_origin") or (), "--remove-allowed-origin")
+    base -= normalized(
+        values.get("remove_allowed_origin") or (), "--remove-allowed-origin", current
+    )
     if before and not base and not values.get("any_origin"):
         # An empty list allows any origin: never widen it by removing the last one silently.
         raise SettingError(

@@ -158,6 +158,19 @@ def test_projects_update_each_setting(sqlite_url: str) -> None:
         "http://d.example:8080",
         "https://c.example",
     ]
+    # One stored before they were refused can still be removed by name.
+    engine = create_db_engine(sqlite_url)
+    try:
+        with create_session_factory(engine).begin() as session:
+            shop = session.scalars(select(Project).where(Project.name == "Shop")).one()
+            shop.allowed_origins = [*shop.allowed_origins, "https://*.shop.example"]
+    finally:
+        engine.dispose()
+    run(sqlite_url, *update, "--remove-allowed-origin", "https://*.shop.example")
+    assert project_row(sqlite_url, "Shop").allowed_origins == [
+        "http://d.example:8080",
+        "https://c.example",
+    ]
 
     run(sqlite_url, *update, "--redact-param", "Coupon", "--add-redact-param", "ref")
     assert project_row(sqlite_url, "Shop").redact_params == ["coupon", "ref"]

@@ -134,6 +134,18 @@ def test_demo_prints_a_stable_key_and_curl(sqlite_url: str) -> None:
     assert stored == [(secret_digest(secret),)]  # the demo project's one secret key
 
 
+def test_demo_after_its_key_was_revoked_keeps_one_demo_project(sqlite_url: str) -> None:
+    first = run(sqlite_url, "demo").stdout
+    old = next(word for word in first.split() if word.startswith("pk_live_"))
+    run(sqlite_url, "projects", "keys", "revoke", "--project", "demo", old, "--force")
+    second = run(sqlite_url, "demo").stdout
+    new = next(word for word in second.split() if word.startswith("pk_live_"))
+    assert new != old and "sk_live_" in second  # a new public key, and a secret one with it
+    listing = run(sqlite_url, "projects", "list").stdout
+    assert listing.count("\tdemo\t") == 1, listing
+    run(sqlite_url, "projects", "keys", "add", "--project", "demo", "--kind", "secret")
+
+
 def test_demo_prints_the_exact_snippet_tag_for_its_own_address(sqlite_url: str) -> None:
     """http, not https, for a local gateway: the tag works as printed (tests/browser loads it)."""
     env = {"APEX_HOST": "0.0.0.0", "APEX_HTTP_PORT": "8123"}

@@ -337,10 +337,11 @@ def insert_events_fast(connection: Connection, rows: Sequence[Row]) -> None:
 
 
 def _rows_json(rows: Sequence[Row]) -> bytes:
-    """The rows as the statement reads them, each (project_id, event_id) once. Keys that are
+    """The rows as the statement reads them; each (project_id, event_id) must be there once
+    (both callers, `write_rows` and `insert_events`, pass `_first_of_each_id`'s). Keys that are
     not columns (an alias's previous id) are ignored by json_to_recordset; a naive datetime
     is UTC."""
-    return orjson.dumps(_first_of_each_id(rows), option=orjson.OPT_NAIVE_UTC)
+    return orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC)
 
 
 def _parameters(rows: Sequence[Row]) -> list[Json]:

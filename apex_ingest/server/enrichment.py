@@ -4,9 +4,10 @@ Per request (every event of a request shares its IP and User-Agent), computed on
 - the parsed User-Agent: browser family and major version, OS family, device class, bot flag
   (`ua-parser` with its precompiled rules and native resolver, `crawlerdetect`), cached per
   distinct User-Agent in an LRU, so a repeated one costs a dictionary lookup;
-- the country of the client IP (`geoip2fast`'s bundled database, or an operator's MaxMind
-  file), looked up from the full IP BEFORE the IP is reduced as the project's `ip_mode` says
-  (`scrub_ip`), so a project that keeps no IP still gets its countries.
+- the country of the client IP (`geoip2fast`'s bundled database, held as arrays by
+  apex_ingest/server/countries.py, or an operator's MaxMind file), looked up from the full
+  IP BEFORE the IP is reduced as the project's `ip_mode` says (`scrub_ip`), so a project
+  that keeps no IP still gets its countries.
 
 Per event: the campaign parameters of the (already redacted) URL and the referrer's host and
 class. URLs without a campaign marker skip the parsing; referrer classes are cached per host.
@@ -28,6 +29,7 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from apex_ingest.common.ip import truncated_ip
+from apex_ingest.server.countries import CountryTable
 
 log = logging.getLogger(__name__)
 
@@ -285,21 +287,6 @@ class _Countries(Protocol):
     def country(self, ip: str) -> str | None: ...
 
 
-class _Geoip2Fast:
-    """geoip2fast's bundled country database, IPv4 and IPv6 (its `geoip2fast-ipv6.dat.gz`,
-    from GeoLite2 by MaxMind, CC BY-SA 4.0): loaded once per process on the first global IP,
-    ~0.6 s and ~48 MB of memory; a lookup costs ~20 µs (then cached per IP)."""
-
-    def __init__(self) -> None:
-        from geoip2fast import GeoIP2Fast
-
-        self._db: Any = GeoIP2Fast(geoip2fast_data_file="geoip2fast-ipv6.dat.gz", verbose=False)
-
-    def country(self, ip: str) -> str | None:
-        code = getattr(self._db.lookup(ip), "country_code", None)
-        return code if isinstance(code, str) and len(code) == 2 and code.isalpha() else None
-
-
 class _MaxMind:
     """A MaxMind DB file the operator provides (GeoLite2-Country.mmdb or compatible)."""
 
@@ -366,7 +353,7 @@ def _open_countries(geoip: str) -> _Countries:
     if geoip == "off":
         return _NoCountries()
     try:
-        return _Geoip2Fast() if geoip == "builtin" else _MaxMind(geoip)
+        return CountryTable.load() if geoip == "builtin" else _MaxMind(geoip)
     except Exception:  # a missing or broken database must not stop ingestion
         log.exception("no country database (APEX_GEOIP=%s): countries are not stored", geoip)
         return _NoCountries()

@@ -9,7 +9,7 @@ last ids it saw (`after_event`, `after_dead_letter`), so a gateway stopping or r
 no page for good and holds no request long.
 
 The feed is not under /api/: no CORS, so no other site's script can read it even with a key.
-Registered by one line in gateway/__init__.py (`app.register_blueprint(debugger.bp)`).
+Registered by one line in gateway/app.py (`app.register_blueprint(debugger.bp)`).
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ import sys
 
 from apex_ingest.common.logs import configure_logging
 from apex_ingest.common.settings import GatewaySettings, load
-from gateway import create_app, shutdown
+from gateway import shutdown
+from gateway.app import create_app
 
 configure_logging()  # in each worker process: JSON lines unless APEX_LOG_FORMAT=text
 if "granian" in sys.modules:  # a granian worker (what `serve` and `gateway` run); another

@@ -16,7 +16,7 @@ import pytest
 import requests
 from flask.testing import FlaskClient
 
-from gateway import create_app
+from gateway.app import create_app
 from gateway.snippet import SNIPPET
 from tests.browser.support import APEX_JS
 

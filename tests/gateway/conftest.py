@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, text
 from werkzeug.test import TestResponse
 
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from gateway import create_app
+from gateway.app import create_app
 from tests.conftest import RunningServer
 
 OPENAPI: dict[str, Any] = json.loads(

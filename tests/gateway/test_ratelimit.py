@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from gateway import create_app, shared_windows
+from gateway import shared_windows
+from gateway.app import create_app
 from gateway.ratelimit import RateLimiter
 from gateway.shared_windows import SharedWindows, create_table
 from tests.conftest import RunningServer, make_project

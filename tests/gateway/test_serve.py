@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import signal
+import subprocess
+import sys
 import threading
 from types import SimpleNamespace
 
@@ -41,3 +43,21 @@ def test_a_signal_during_the_masters_interrupt_handler_is_ignored() -> None:
     ignore_repeated_interrupts(master)
     master.signal_handler_interrupt(signal.SIGINT, None)
     assert master.interrupt_signal and master.main_loop_interrupt.arrived
+
+
+def test_the_process_that_runs_granian_holds_no_app() -> None:
+    """`serve`'s supervisor imports gateway.serve to run granian; the app (Flask, gRPC, the
+    rate limiter...) is imported by each worker for itself. The supervisor needs none of it,
+    and pages it held were counted again in every forked worker's RSS (~15 MB of issue #21's
+    summed-RSS budget; the summed PSS is the same either way)."""
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, gateway.serve; print(' '.join(sorted(sys.modules)))",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert not {"flask", "grpc", "gateway.app", "limits", "prometheus_client"} & set(loaded)

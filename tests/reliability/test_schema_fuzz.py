@@ -36,7 +36,7 @@ from sqlalchemy import create_engine, text
 from apex_ingest.server import validation
 from apex_ingest.server.errors import FieldViolation
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
-from gateway import create_app
+from gateway.app import create_app
 from tests.conftest import make_project, start_server
 from tests.reliability.support import record
 

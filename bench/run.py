@@ -476,6 +476,9 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
             urls[mode] = f"http://127.0.0.1:{http_port}/api/events"
             wait_http(f"http://127.0.0.1:{http_port}/healthz")
         print(f"services up after {time.monotonic() - started:.1f} s", flush=True)
+        samplers = {mode: RssSampler(service.pid) for mode, service in services.items()}
+        for sampler in samplers.values():
+            sampler.start()
         connections = {"snippet": 32, "snippet4": 4, "batch": 16}
         # gRPC direct counts events/s (its "request" is one event); the others requests/s.
         per_request = {"snippet": 1, "snippet4": 1, "batch": BATCH, "grpc": 1}
@@ -519,6 +522,10 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
                 f"  {'':8} p99 {value_a} {statistics.median(p99s[value_a, load]):.1f} ms"
                 f"  {value_b} {statistics.median(p99s[value_b, load]):.1f} ms (medians)"
             )
+        print(
+            f"  peak RSS of all service processes: {value_a} {samplers[value_a].peak_mb:.0f} MB"
+            f"  {value_b} {samplers[value_b].peak_mb:.0f} MB"
+        )
         return 0
     finally:
         for service in services.values():

@@ -128,23 +128,30 @@ def wrk(
 
 
 class RssSampler(threading.Thread):
-    """Sums the RSS of a process tree every 200 ms; keeps the peak, overall and per phase."""
+    """Sums the RSS of a process tree every 200 ms; keeps the peak, overall and per phase.
+
+    Also the peak of the summed PSS (a shared page counted once, split among the processes
+    that map it: the libraries' code the processes share), which is what they hold together.
+    """
 
     def __init__(self, root_pid: int) -> None:
         super().__init__(daemon=True)
         self.root_pid = root_pid
         self.peak_mb = 0.0
+        self.peak_pss_mb = 0.0
         self.phase = "start"
         self.phases: dict[str, float] = {}
         self.stopped = threading.Event()
 
     def run(self) -> None:
         while not self.stopped.wait(0.2):
-            sample, phase = self.sample(), self.phase
+            (sample, pss), phase = self.sample(), self.phase
             self.peak_mb = max(self.peak_mb, sample)
+            self.peak_pss_mb = max(self.peak_pss_mb, pss)
             self.phases[phase] = max(self.phases.get(phase, 0.0), sample)
 
-    def sample(self) -> float:
+    def sample(self) -> tuple[float, float]:
+        """The summed RSS and PSS of the tree, in MB."""
         pids: list[int] = [self.root_pid]
         children: dict[int, list[int]] = {}
         for status in Path("/proc").glob("[0-9]*/stat"):
@@ -153,17 +160,20 @@ class RssSampler(threading.Thread):
                 children.setdefault(int(fields[1]), []).append(int(status.parent.name))
             except (OSError, IndexError):
                 continue
-        total, stack = 0, list(pids)
+        rss = pss = 0
+        stack = list(pids)
         while stack:
             pid = stack.pop()
             stack.extend(children.get(pid, []))
             try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+                for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
             except OSError:
                 pass
-        return total / 1024
+        return rss / 1024, pss / 1024
 
 
 def write_snippet_manifest(directory: Path, key: str) -> Path:
@@ -260,6 +270,7 @@ class Figures:
     copy_today: float
     hists: dict[str, dict[str, str]]
     peak_mb: float
+    peak_pss_mb: float
     peak_by_phase: dict[str, float]
 
     @property
@@ -364,7 +375,7 @@ def report(f: Figures) -> bool:
     phases = ", ".join(f"{name} {mb:.0f}" for name, mb in f.peak_by_phase.items())
     print(
         f"peak RSS of all service processes: {f.peak_mb:.0f} MB (target < 400 MB;"
-        f" peak per load: {phases})"
+        f" peak per load: {phases}); summed PSS {f.peak_pss_mb:.0f} MB"
     )
     print(f"-- sizing: rows for docs/deploy.md's Sizing table (this run, {n}) --")
     print(
@@ -411,10 +422,11 @@ ENRICHMENT = ("APEX_ENRICHMENT", "1", "0")
 
 
 def parse_compare(spec: str) -> tuple[str, str, str]:
-    """`NAME=A,B` (e.g. `APEX_HTTP_WORKERS=1,2`) -> (NAME, A, B)."""
+    """`NAME=A,B` (e.g. `APEX_HTTP_WORKERS=1,2`, or glibc's `MALLOC_ARENA_MAX=2,16`) ->
+    (NAME, A, B)."""
     name, _, values = spec.partition("=")
     first, _, second = values.partition(",")
-    if not name.startswith("APEX_") or not first or not second or "," in second:
+    if not name.startswith(("APEX_", "MALLOC_")) or not first or not second or "," in second:
         raise argparse.ArgumentTypeError(f"expected APEX_NAME=A,B, not {spec!r}")
     return name, first, second
 
@@ -523,8 +535,9 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
                 f"  {value_b} {statistics.median(p99s[value_b, load]):.1f} ms (medians)"
             )
         print(
-            f"  peak RSS of all service processes: {value_a} {samplers[value_a].peak_mb:.0f} MB"
-            f"  {value_b} {samplers[value_b].peak_mb:.0f} MB"
+            f"  peak RSS (PSS) of all service processes: {value_a}"
+            f" {samplers[value_a].peak_mb:.0f} ({samplers[value_a].peak_pss_mb:.0f}) MB"
+            f"  {value_b} {samplers[value_b].peak_mb:.0f} ({samplers[value_b].peak_pss_mb:.0f}) MB"
         )
         return 0
     finally:
@@ -712,6 +725,7 @@ def main() -> int:
                     "gRPC direct": direct_hist,
                 },
                 peak_mb=sampler.peak_mb,
+                peak_pss_mb=sampler.peak_pss_mb,
                 peak_by_phase=dict(sampler.phases),
             )
         )

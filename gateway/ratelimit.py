@@ -41,6 +41,7 @@ from apex_ingest.v1 import ingest_pb2
 from gateway import request_state
 from gateway.errors import ApiError
 from gateway.grpc_client import get_client
+from gateway.grpc_errors import to_api_error
 from gateway.shared_windows import SharedWindows
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,12 @@ def check() -> _Outcome:
         return _count(seen)
 
 
+#: A probe's refusals that are the request's own answer (401, 403), not the rate limit's.
+_REFUSED_WHATEVER_THE_RATE = frozenset(
+    {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+)
+
+
 def _limit_changed() -> bool:
     """Whether the server now gives the current request's project another rate limit than this
     worker last heard, asked when that was REFRESH_SECONDS ago or more (gateway.known_keys): a
@@ -244,8 +251,13 @@ def _limit_changed() -> bool:
     try:
         client.ingest_response(probe)  # its answer's metadata updates known_keys
     except grpc.RpcError as error:
-        if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        code = error.code()
+        if code == grpc.StatusCode.UNAUTHENTICATED:
             client.known_keys.forget(key)  # revoked: no longer counted under the project
+        if code in _REFUSED_WHATEVER_THE_RATE:
+            # The request itself is refused now (its key revoked, its origin no longer
+            # allowed): that is its answer, not a wait that could never help.
+            raise to_api_error(error, payload.snippet) from None
         return False
     return client.known_keys.project_of(key) != before
 

@@ -8,8 +8,10 @@ import pytest
 from apex_ingest.common import key_projects
 from apex_ingest.common.key_projects import KeyProject
 from apex_ingest.server.database import create_db_engine, create_session_factory
+from apex_ingest.server.models import Project
 from apex_ingest.server.projects import PUBLIC, add_key, create_project, revoke_key
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from gateway import known_keys
 from gateway.known_keys import KnownKeys
 from tests.conftest import RunningServer
 from tests.gateway.conftest import Api
@@ -108,3 +110,52 @@ def test_a_revoked_key_stops_using_its_projects_budget(
     # it, so its flood is counted under the key alone, not under the project.
     assert [post(leaked) for _ in range(4)] == [401, 401, 429, 429]
     assert [post(kept), post(kept), post(kept)] == [200, 200, 429]  # the project's 3 per minute
+
+
+@pytest.mark.parametrize("app_config", [{"APEX_RATE_LIMIT": "2/minute"}])
+def test_a_throttled_key_revoked_meanwhile_is_answered_401_not_429(
+    api: Api, grpc_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refused key's project is asked again (ratelimit._limit_changed); if the server now
+    refuses the key itself, that is the answer: the request would never be accepted, waiting
+    out a rate limit cannot help."""
+    monkeypatch.setattr(known_keys, "REFRESH_SECONDS", 0.0)  # ask on every refusal
+    engine = create_db_engine(grpc_server.database_url)
+    with create_session_factory(engine).begin() as session:
+        project = create_project(session, "shop")
+        leaked = project.key
+        add_key(session, project.id, PUBLIC, label="new")  # revoking its last key is refused
+
+    def post(key: str) -> int:
+        body = {"projectKey": key, "events": [{"type": "t", "url": "/"}]}
+        return api.post(body).status_code
+
+    answers = [post(leaked) for _ in range(4)]
+    assert answers[0] == 200 and answers[-1] == 429, answers  # 2 per minute, then refused
+    with create_session_factory(engine).begin() as session:
+        assert revoke_key(session, PUBLIC, leaked)
+    engine.dispose()
+    assert post(leaked) == 401
+
+
+@pytest.mark.parametrize("app_config", [{"APEX_RATE_LIMIT": "2/minute"}])
+def test_a_throttled_origin_removed_meanwhile_is_answered_403_not_429(
+    api: Api, grpc_server: RunningServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(known_keys, "REFRESH_SECONDS", 0.0)
+    engine = create_db_engine(grpc_server.database_url)
+    with create_session_factory(engine).begin() as session:
+        project = create_project(session, "shop")
+        project.allowed_origins = ["https://shop.example"]
+        key, project_id = project.key, project.id
+
+    def post() -> int:
+        body = {"projectKey": key, "events": [{"type": "t", "url": "/"}]}
+        return api.post(body, headers={"Origin": "https://shop.example"}).status_code
+
+    answers = [post() for _ in range(4)]
+    assert answers[0] == 200 and answers[-1] == 429, answers
+    with create_session_factory(engine).begin() as session:
+        session.get(Project, project_id).allowed_origins = ["https://other.example"]  # type: ignore[union-attr]
+    engine.dispose()
+    assert post() == 403

@@ -2,7 +2,7 @@
 
 geoip2fast (GeoLite2 Country data by MaxMind, CC BY-SA 4.0) keeps its ~790,000 networks as
 Python lists of ints: ~47 MB in every process that loads it, and `serve` may run several
-gRPC processes. The same table as `array`s takes ~8 MB, and a lookup is a few bisections.
+gRPC processes. The same table as `array`s takes ~10 MB, and a lookup is a few bisections.
 
 This module is the only one that reads geoip2fast's data file itself. Its layout (a gzipped
 pickle: format version, source info, network count, then the chunked lists) is the package's
@@ -20,7 +20,6 @@ from array import array
 from bisect import bisect_left, bisect_right
 from contextlib import suppress
 from dataclasses import dataclass
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,9 @@ DATA_FILE = "geoip2fast-ipv6.dat.gz"
 _RESERVED_IDS = 16
 _MAX_V4 = 2**32 - 1
 _LOW_64 = 2**64 - 1
-_V4_MAPPED = 0xFFFF << 32
+#: The upper 96 bits of an IPv4 address written as IPv6: mapped (::ffff:a.b.c.d, what a
+#: dual-stack socket reports for an IPv4 client) and the old compatible form (::a.b.c.d).
+_IPV4_IN_IPV6 = (0xFFFF, 0)
 
 
 class LayoutChanged(RuntimeError):
@@ -65,9 +66,10 @@ class _Networks:
         last = bisect_right(self.high, high) - 1
         if last < 0 or self.high[last] != high:
             return last
+        # Among the networks whose upper halves equal the address's, by the lower halves
+        # (start - 1 if all are above it: the network before them).
         start = bisect_left(self.high, high, 0, last)
-        index = bisect_right(self.low, low, start, last + 1) - 1
-        return index if index >= start else start - 1
+        return bisect_right(self.low, low, start, last + 1) - 1
 
     def nbytes(self) -> int:
         parts = (self.high, self.low, self.prefix, self.country)
@@ -103,12 +105,12 @@ class CountryTable:
             address = int.from_bytes(socket.inet_pton(socket.AF_INET, ip), "big")
             networks = self.v4
         except OSError:
-            try:
-                address = int.from_bytes(socket.inet_pton(socket.AF_INET6, ip), "big")
+            try:  # a zone ("fe80::1%eth0") says which interface, not which address
+                packed = socket.inet_pton(socket.AF_INET6, ip.partition("%")[0])
             except OSError:
                 return None
-            networks = self.v6
-            if address >> 32 == _V4_MAPPED >> 32:  # ::ffff:a.b.c.d is an IPv4 client
+            address, networks = int.from_bytes(packed, "big"), self.v6
+            if address >> 32 in _IPV4_IN_IPV6:
                 address, networks = address & _MAX_V4, self.v4
         index = networks.find(address)
         return None if index is None else self.codes[networks.country[index]]
@@ -118,44 +120,49 @@ class CountryTable:
 
 
 def _from_layout(layout: Any) -> CountryTable:
+    """The arrays, built chunk by chunk, each chunk's lists dropped once read: at most the
+    pickle's ~47 MB and the arrays' ~10 are held at once, not flattened copies besides."""
+    v4 = array("I")
+    high, low = array("Q"), array("Q")
+    prefixes, countries = array("B"), array("H")
     try:
         version, info, total, database = layout
         if version not in FORMAT_VERSIONS:
             raise LayoutChanged(f"format {version!r}, this module reads {FORMAT_VERSIONS}")
         if not (info["country"] and info["ipv6"]) or info["city"] or info["asn"]:
             raise LayoutChanged(f"not an IPv4+IPv6 country-only database: {info!r}")
-        index, names, firsts, ids, prefixes = database
-        flat_firsts = [address for chunk in firsts for address in chunk]
-        flat_ids = [name for chunk in ids for name in chunk]
-        flat_prefixes = [length for chunk in prefixes for length in chunk]
-        if not (len(flat_firsts) == len(flat_ids) == len(flat_prefixes) == total):
-            raise LayoutChanged(f"{total} networks announced, lists of other lengths")
-        if [chunk[0] for chunk in firsts] != list(index):
-            raise LayoutChanged("the index is not the chunks' first addresses")
+        index, names, firsts, ids, lengths = database
+        if not len(index) == len(firsts) == len(ids) == len(lengths):
+            raise LayoutChanged("the index and the chunk lists differ in length")
         codes = tuple(_code(number, str(name)) for number, name in enumerate(names))
+        previous = -1
+        for number, chunk in enumerate(firsts):
+            if not (len(chunk) == len(ids[number]) == len(lengths[number])) or (
+                chunk[0] != index[number]
+            ):
+                raise LayoutChanged(f"chunk {number} does not match the index or its lists")
+            for address in chunk:
+                if address <= previous:
+                    raise LayoutChanged("networks are not sorted by first address")
+                previous = address
+                if address <= _MAX_V4:
+                    v4.append(address)
+                else:
+                    high.append(address >> 64)
+                    low.append(address & _LOW_64)
+            prefixes.extend(lengths[number])
+            countries.extend(ids[number])
+            firsts[number] = ids[number] = lengths[number] = None
+        if len(prefixes) != total:
+            raise LayoutChanged(f"{total} networks announced, {len(prefixes)} found")
     except LayoutChanged:
         raise
-    except (TypeError, ValueError, KeyError, IndexError) as error:
+    except (TypeError, ValueError, KeyError, IndexError, OverflowError) as error:
         raise LayoutChanged(f"geoip2fast's data file: {error!r}") from error
-    if any(a >= b for a, b in pairwise(flat_firsts)):
-        raise LayoutChanged("networks are not sorted by first address")
-    v4_count = bisect_right(flat_firsts, _MAX_V4)
-    v6_firsts = flat_firsts[v4_count:]
+    v4_count = len(v4)
     return CountryTable(
-        v4=_Networks(
-            32,
-            array("I", flat_firsts[:v4_count]),
-            None,
-            array("B", flat_prefixes[:v4_count]),
-            array("H", flat_ids[:v4_count]),
-        ),
-        v6=_Networks(
-            128,
-            array("Q", [address >> 64 for address in v6_firsts]),
-            array("Q", [address & _LOW_64 for address in v6_firsts]),
-            array("B", flat_prefixes[v4_count:]),
-            array("H", flat_ids[v4_count:]),
-        ),
+        v4=_Networks(32, v4, None, prefixes[:v4_count], countries[:v4_count]),
+        v6=_Networks(128, high, low, prefixes[v4_count:], countries[v4_count:]),
         codes=codes,
         source=str(info.get("info", "")),
     )

@@ -90,6 +90,9 @@ def test_answers_as_geoip2fast_does(table: CountryTable, reference: GeoIP2Fast) 
         ("81.2.69.142", "GB"),
         ("2001:4860:4860::8888", "US"),
         ("::ffff:81.2.69.142", "GB"),  # an IPv4 client as a dual-stack socket reports it
+        ("::81.2.69.142", "GB"),  # the old IPv4-compatible form (geoip2fast answers it too)
+        ("2001:4860:4860::8888%eth0", "US"),  # a zone names an interface, not the address
+        ("fe80::1%eth0", None),
         ("10.1.2.3", None),
         ("0.0.0.0", None),
         ("255.255.255.255", None),
@@ -103,9 +106,9 @@ def test_known_and_unknown_addresses(table: CountryTable, ip: str, code: str | N
     assert table.country(ip) == code
 
 
-def test_the_table_is_a_sixth_of_geoip2fasts_lists(table: CountryTable) -> None:
+def test_the_table_is_a_fraction_of_geoip2fasts_lists(table: CountryTable) -> None:
     assert len(table.v4.high) > 400_000 and len(table.v6.high) > 200_000
-    assert table.nbytes() < 10 * 2**20
+    assert table.nbytes() < 16 * 2**20  # ~9 MB today; geoip2fast's lists ~47 MB
 
 
 COUNTRY_ONLY = {"country": True, "ipv6": True, "city": False, "asn": False}

@@ -136,6 +136,8 @@ class RssSampler(threading.Thread):
 
     def __init__(self, root_pid: int) -> None:
         super().__init__(daemon=True)
+        if not Path("/proc/self/smaps_rollup").exists():  # Linux < 4.14: would read 0 MB
+            raise SystemExit("bench: no /proc/PID/smaps_rollup to measure memory with")
         self.root_pid = root_pid
         self.peak_mb = 0.0
         self.peak_pss_mb = 0.0
@@ -172,7 +174,7 @@ class RssSampler(threading.Thread):
                     elif line.startswith("Pss:"):
                         pss += int(line.split()[1])
             except OSError:
-                pass
+                pass  # the process has just exited
         return rss / 1024, pss / 1024
 
 
@@ -427,7 +429,7 @@ def parse_compare(spec: str) -> tuple[str, str, str]:
     name, _, values = spec.partition("=")
     first, _, second = values.partition(",")
     if not name.startswith(("APEX_", "MALLOC_")) or not first or not second or "," in second:
-        raise argparse.ArgumentTypeError(f"expected APEX_NAME=A,B, not {spec!r}")
+        raise argparse.ArgumentTypeError(f"expected APEX_NAME=A,B or MALLOC_NAME=A,B, not {spec!r}")
     return name, first, second
 
 
@@ -568,7 +570,7 @@ def main() -> int:
         type=parse_compare,
         metavar="APEX_NAME=A,B",
         help="only compare two values of one setting (interleaved runs), e.g. "
-        "APEX_HTTP_WORKERS=1,2",
+        "APEX_HTTP_WORKERS=1,2 (or glibc's MALLOC_ARENA_MAX=2,16)",
     )
     parser.add_argument("--rounds", type=int, default=5, help="runs per value (--compare)")
     parser.add_argument(

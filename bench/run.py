@@ -381,8 +381,8 @@ def report(f: Figures) -> bool:
     )
     print(f"-- sizing: rows for docs/deploy.md's Sizing table (this run, {n}) --")
     print(
-        f"| `serve` on {cores} cores, PostgreSQL on the same machine (2 gateway workers,"
-        f" 1 gRPC process) | {f.snippet.requests_per_s:.0f}"
+        f"| `serve` on {cores} cores, PostgreSQL on the same machine ({_topology(cores)})"
+        f" | {f.snippet.requests_per_s:.0f}"
         f" | {batch_events:.0f} over HTTP | snippet: {f.snippet.p99_ms:.0f} ms at 32 connections,"
         f" {f.snippet4.p99_ms:.0f} ms at 4, p50 {f.idle.p50_ms:.1f} ms at 1; batches:"
         f" {f.batch.p99_ms:.0f} ms at 16 |"
@@ -421,6 +421,17 @@ def report(f: Figures) -> bool:
 
 #: `--enrichment-compare`: what enrichment costs the whole service (issue #19).
 ENRICHMENT = ("APEX_ENRICHMENT", "1", "0")
+
+
+def _topology(cores: int) -> str:
+    """What `serve` ran, as it chooses: APEX_HTTP_WORKERS (default: the cores) gateway
+    workers, APEX_GRPC_PROCESSES (default: half the cores) gRPC processes."""
+    workers = int(os.environ.get("APEX_HTTP_WORKERS") or cores)
+    processes = int(os.environ.get("APEX_GRPC_PROCESSES") or max(1, cores // 2))
+    return (
+        f"{workers} gateway worker{'s' * (workers != 1)},"
+        f" {processes} gRPC process{'es' * (processes != 1)}"
+    )
 
 
 def parse_compare(spec: str) -> tuple[str, str, str]:

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 import idna
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.server.cookieless import VisitorSalts
@@ -149,17 +149,25 @@ class NameTaken(ValueError):
     """Another project has this name: `--project NAME` could no longer tell them apart."""
 
 
+#: The advisory lock (PostgreSQL) that serializes naming projects until each transaction ends.
+_NAMING_LOCK = 0x61706578_6E616D65  # "apexname"
+
+
 def check_name(session: Session, name: str, project_id: int | None = None) -> str:
     """`name` if project `project_id` (None: a new one) may take it; InvalidName, NameTaken.
 
     The admin commands (`projects create`, `update --name`) keep names unique, exactly as
     `--project NAME` matches them, revoked projects' included: they find a project by its name.
     Not a constraint, which databases holding duplicates from before could not take (and
-    which tests creating many projects of one name would trip); two admins creating the same
-    name at the same instant can still both succeed.
+    which tests creating many projects of one name would trip). Two admins naming projects at
+    the same instant: on PostgreSQL the second check waits for the first one's transaction
+    (a transaction-level advisory lock), then sees its name; SQLite lets one writer at a time
+    commit, and the other's transaction fails.
     """
     if not name.strip() or len(name) > MAX_NAME_CHARS:
         raise InvalidName(f"a name is 1-{MAX_NAME_CHARS} characters, not only spaces")
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _NAMING_LOCK})
     others = select(Project.id).where(Project.name == name)
     if project_id is not None:
         others = others.where(Project.id != project_id)

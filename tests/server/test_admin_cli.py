@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import grpc
@@ -13,7 +14,7 @@ from apex_ingest.ops.cli import main
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.models import Event as EventRow
 from apex_ingest.server.models import Project
-from apex_ingest.server.projects import ProjectDirectory
+from apex_ingest.server.projects import NameTaken, ProjectDirectory, check_name, create_project
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.conftest import start_server
 from tests.server.test_dead_letters import dead_letters
@@ -215,6 +216,38 @@ def test_project_names_stay_unique_and_not_blank(sqlite_url: str) -> None:
     kept = run(sqlite_url, *rename, "shop")
     assert "name = shop" in kept.stdout  # its own name is no conflict
     run(sqlite_url, "projects", "keys", "add", "--project", "demo", "--kind", "secret")
+
+
+def test_two_admins_naming_at_once_cannot_both_succeed(postgres_url: str) -> None:
+    """The name check and the new row are one transaction, but two such transactions could
+    each check before the other's row is committed: the second check waits for the first."""
+    engine = create_db_engine(postgres_url)
+    factory = create_session_factory(engine)
+    outcome: list[str] = []
+
+    def second_admin() -> None:
+        try:
+            with factory.begin() as session:
+                check_name(session, "twin")
+                create_project(session, "twin")
+            outcome.append("created")
+        except NameTaken:
+            outcome.append("taken")
+
+    try:
+        with factory.begin() as first:
+            check_name(first, "twin")
+            create_project(first, "twin")
+            other = threading.Thread(target=second_admin)
+            other.start()
+            other.join(0.5)
+            assert other.is_alive(), f"the second check did not wait: {outcome}"
+        other.join(10)
+        assert outcome == ["taken"]
+        with factory() as session:
+            assert session.scalars(select(Project.id).where(Project.name == "twin")).all()[1:] == []
+    finally:
+        engine.dispose()
 
 
 def test_events_list_filters(sqlite_url: str) -> None:

@@ -160,14 +160,19 @@ def check_name(session: Session, name: str, project_id: int | None = None) -> st
     `--project NAME` matches them, revoked projects' included: they find a project by its name.
     Not a constraint, which databases holding duplicates from before could not take (and
     which tests creating many projects of one name would trip). Two admins naming projects at
-    the same instant: on PostgreSQL the second check waits for the first one's transaction
-    (a transaction-level advisory lock), then sees its name; SQLite lets one writer at a time
-    commit, and the other's transaction fails.
+    the same instant: the second check waits for the first one's transaction (PostgreSQL: a
+    transaction-level advisory lock; SQLite: its write lock, taken before the check), then
+    sees its name.
     """
     if not name.strip() or len(name) > MAX_NAME_CHARS:
         raise InvalidName(f"a name is 1-{MAX_NAME_CHARS} characters, not only spaces")
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _NAMING_LOCK})
+    elif dialect == "sqlite":
+        # A write that changes nothing takes SQLite's write lock now, before the check reads
+        # (another writer's transaction is waited for), not at the INSERT after it.
+        session.execute(text("UPDATE projects SET name = name WHERE 0"))
     others = select(Project.id).where(Project.name == name)
     if project_id is not None:
         others = others.where(Project.id != project_id)

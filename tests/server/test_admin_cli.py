@@ -218,10 +218,10 @@ def test_project_names_stay_unique_and_not_blank(sqlite_url: str) -> None:
     run(sqlite_url, "projects", "keys", "add", "--project", "demo", "--kind", "secret")
 
 
-def test_two_admins_naming_at_once_cannot_both_succeed(postgres_url: str) -> None:
+def test_two_admins_naming_at_once_cannot_both_succeed(database_url: str) -> None:
     """The name check and the new row are one transaction, but two such transactions could
     each check before the other's row is committed: the second check waits for the first."""
-    engine = create_db_engine(postgres_url)
+    engine = create_db_engine(database_url)
     factory = create_session_factory(engine)
     outcome: list[str] = []
 

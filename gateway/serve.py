@@ -33,6 +33,7 @@ def run_gateway(host: str, port: int, workers: int | None = None) -> None:
     limits, the workers count in one table (gateway/shared_windows.py), removed at exit.
     """
     settings = load(GatewaySettings)
+    Internal.set(Internal.GATEWAY_MASTER_PID, str(os.getpid()))  # granian's master: this one
     if not Internal.get(Internal.RATE_LIMIT_TABLE):
         descriptor, path = tempfile.mkstemp(prefix="apex-ratelimit-")
         os.close(descriptor)

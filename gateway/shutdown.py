@@ -24,6 +24,7 @@ from typing import Any
 
 from flask import Flask, Response
 
+from apex_ingest.common.settings import Internal
 from gateway import granian_hooks
 
 log = logging.getLogger(__name__)
@@ -92,9 +93,13 @@ def stop_when_orphaned(interval: float = 1.0) -> None:
     """Stop this worker (drain, then exit) once granian's master process is gone.
 
     A master killed with SIGKILL cannot stop its workers, and granian's workers do not notice
-    on their own: they would keep the port and serve with no supervisor.
+    on their own: they would keep the port and serve with no supervisor. The master's pid comes
+    from gateway/serve.py (Internal.GATEWAY_MASTER_PID), not from getppid() here: a worker
+    still importing the app when the master died would otherwise take its new parent (init,
+    a subreaper) for the master and never stop.
     """
-    parent = os.getppid()
+    master = Internal.get(Internal.GATEWAY_MASTER_PID)
+    parent = int(master) if master.isdigit() else os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:

@@ -538,6 +538,8 @@ class Internal:
 
     #: The pid of the `serve`/`grpc` process supervising this gRPC child.
     PARENT_PID = "_APEX_PARENT_PID"
+    #: The pid of granian's master process, for the gateway workers it forks.
+    GATEWAY_MASTER_PID = "_APEX_GATEWAY_MASTER_PID"
     #: The file in which a gateway's workers share their in-memory rate-limit windows.
     RATE_LIMIT_TABLE = "_APEX_RATE_LIMIT_TABLE"
     #: Set when a parent serves its children's metrics (the children must not bind the port).

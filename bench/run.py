@@ -484,7 +484,7 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
         directory = Path(bodies.name)
         manifests = {"batch": write_manifest(directory, events.batches(8), key)}
         manifests["snippet"] = write_snippet_manifest(directory, key)
-        manifests["snippet4"] = manifests["snippet"]
+        manifests["snippet4"] = manifests["snippet1"] = manifests["snippet"]
         urls, grpc_targets = {}, {}
         for mode in (value_a, value_b):
             http_port, grpc_port = free_port(), free_port()
@@ -504,29 +504,31 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
         samplers = {mode: RssSampler(service.pid) for mode, service in services.items()}
         for sampler in samplers.values():
             sampler.start()
-        connections = {"snippet": 32, "snippet4": 4, "batch": 16}
+        connections = {"snippet": 32, "snippet4": 4, "snippet1": 1, "batch": 16}
         # gRPC direct counts events/s (its "request" is one event); the others requests/s.
-        per_request = {"snippet": 1, "snippet4": 1, "batch": BATCH, "grpc": 1}
+        per_request = {"snippet": 1, "snippet4": 1, "snippet1": 1, "batch": BATCH, "grpc": 1}
 
-        def run_one(mode: str, load: str, seconds: int) -> tuple[float, float]:
+        def run_one(mode: str, load: str, seconds: int) -> tuple[float, float, float]:
             if load == "grpc":
                 direct = grpc_load.run_load(grpc_targets[mode], key, seconds)
-                return direct.events_per_s, direct.p99_ms
+                return direct.events_per_s, direct.p50_ms, direct.p99_ms
             result = wrk(urls[mode], connections[load], seconds, manifest=manifests[load])
-            return result.requests_per_s, result.p99_ms
+            return result.requests_per_s, result.p50_ms, result.p99_ms
 
         for mode in (value_a, value_b):  # warm-up: caches, pools, the parser's rules
             for load in loads:
                 run_one(mode, load, 1)
         rates: dict[tuple[str, str], list[float]] = {}
+        p50s: dict[tuple[str, str], list[float]] = {}
         p99s: dict[tuple[str, str], list[float]] = {}
         print(f"warmed up after {time.monotonic() - started:.1f} s", flush=True)
         for index in range(rounds):
             order = (value_a, value_b) if index % 2 == 0 else (value_b, value_a)
             for mode in order:
                 for load in loads:
-                    rate, p99 = run_one(mode, load, seconds)
+                    rate, p50, p99 = run_one(mode, load, seconds)
                     rates.setdefault((mode, load), []).append(rate)
+                    p50s.setdefault((mode, load), []).append(p50)
                     p99s.setdefault((mode, load), []).append(p99)
         print(
             f"{setting}={value_a} vs {value_b}: {rounds} interleaved runs of {seconds} s each, "
@@ -544,7 +546,9 @@ def compare(seconds: int, rounds: int, loads: list[str], variable: tuple[str, st
                 f" {value_b}: {', '.join(f'{r:.0f}' for r in rates[value_b, load])})"
             )
             print(
-                f"  {'':8} p99 {value_a} {statistics.median(p99s[value_a, load]):.1f} ms"
+                f"  {'':8} p50 {value_a} {statistics.median(p50s[value_a, load]):.1f} ms"
+                f"  {value_b} {statistics.median(p50s[value_b, load]):.1f} ms,"
+                f" p99 {value_a} {statistics.median(p99s[value_a, load]):.1f} ms"
                 f"  {value_b} {statistics.median(p99s[value_b, load]):.1f} ms (medians)"
             )
         print(
@@ -587,8 +591,8 @@ def main() -> int:
     parser.add_argument(
         "--loads",
         default="snippet,batch",
-        help="comma-separated loads for --compare: snippet (32 connections), snippet4 (4), batch,"
-        " grpc (gRPC direct, events/s)",
+        help="comma-separated loads for --compare: snippet (32 connections), snippet4 (4),"
+        " snippet1 (1), batch, grpc (gRPC direct, events/s)",
     )
     parser.add_argument(
         "--no-stream", action="store_true", help="Skip stream mode (bench/stream_mode.py)."

@@ -116,7 +116,7 @@ def gateway(workers: int | None) -> None:
     check_all()
     settings = load(ServerSettings)
     count = _count(workers, load(ProcessSettings).http_workers)
-    # Before anything imports prometheus-client (each worker's gateway.app does): it decides
+    # Before anything imports prometheus-client (gateway.serve does, with the app): it decides
     # at import whether samples go to the shared directory that /metrics adds up.
     prepare_multiprocess_dir()
     _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")

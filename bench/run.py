@@ -154,19 +154,8 @@ class RssSampler(threading.Thread):
 
     def sample(self) -> tuple[float, float]:
         """The summed RSS and PSS of the tree, in MB."""
-        pids: list[int] = [self.root_pid]
-        children: dict[int, list[int]] = {}
-        for status in Path("/proc").glob("[0-9]*/stat"):
-            try:
-                fields = status.read_text().rsplit(")", 1)[1].split()
-                children.setdefault(int(fields[1]), []).append(int(status.parent.name))
-            except (OSError, IndexError):
-                continue
         rss = pss = 0
-        stack = list(pids)
-        while stack:
-            pid = stack.pop()
-            stack.extend(children.get(pid, []))
+        for pid in [self.root_pid, *_descendants(self.root_pid)]:
             try:
                 for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
                     if line.startswith("Rss:"):
@@ -176,6 +165,40 @@ class RssSampler(threading.Thread):
             except OSError:
                 pass  # the process has just exited
         return rss / 1024, pss / 1024
+
+
+def _descendants(root_pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for status in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = status.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(status.parent.name))
+        except (OSError, IndexError):
+            continue
+    found, stack = [], list(children.get(root_pid, []))
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, []))
+    return found
+
+
+def topology(serve_pid: int) -> str:
+    """What the running `serve` is made of, read from its process tree: its children are the
+    gateway workers (granian forks them) and the gRPC processes (`apex_ingest grpc`)."""
+    grpc = workers = 0
+    for pid in _descendants(serve_pid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"apex_ingest\x00grpc" in command:
+            grpc += 1
+        elif b"apex_ingest\x00serve" in command or b"apex-ingest\x00serve" in command:
+            workers += 1
+    return (
+        f"{workers} gateway worker{'s' * (workers != 1)}, {grpc} gRPC process{'es' * (grpc != 1)}"
+    )
 
 
 def write_snippet_manifest(directory: Path, key: str) -> Path:
@@ -273,6 +296,7 @@ class Figures:
     hists: dict[str, dict[str, str]]
     peak_mb: float
     peak_pss_mb: float
+    topology: str
     peak_by_phase: dict[str, float]
 
     @property
@@ -381,7 +405,7 @@ def report(f: Figures) -> bool:
     )
     print(f"-- sizing: rows for docs/deploy.md's Sizing table (this run, {n}) --")
     print(
-        f"| `serve` on {cores} cores, PostgreSQL on the same machine ({_topology(cores)})"
+        f"| `serve` on {cores} cores, PostgreSQL on the same machine ({f.topology})"
         f" | {f.snippet.requests_per_s:.0f}"
         f" | {batch_events:.0f} over HTTP | snippet: {f.snippet.p99_ms:.0f} ms at 32 connections,"
         f" {f.snippet4.p99_ms:.0f} ms at 4, p50 {f.idle.p50_ms:.1f} ms at 1; batches:"
@@ -421,17 +445,6 @@ def report(f: Figures) -> bool:
 
 #: `--enrichment-compare`: what enrichment costs the whole service (issue #19).
 ENRICHMENT = ("APEX_ENRICHMENT", "1", "0")
-
-
-def _topology(cores: int) -> str:
-    """What `serve` ran, as it chooses: APEX_HTTP_WORKERS (default: the cores) gateway
-    workers, APEX_GRPC_PROCESSES (default: half the cores) gRPC processes."""
-    workers = int(os.environ.get("APEX_HTTP_WORKERS") or cores)
-    processes = int(os.environ.get("APEX_GRPC_PROCESSES") or max(1, cores // 2))
-    return (
-        f"{workers} gateway worker{'s' * (workers != 1)},"
-        f" {processes} gRPC process{'es' * (processes != 1)}"
-    )
 
 
 def parse_compare(spec: str) -> tuple[str, str, str]:
@@ -652,6 +665,7 @@ def main() -> int:
             [python, "-m", "apex_ingest", "serve"], env=env, start_new_session=True
         )
         wait_http(f"http://127.0.0.1:{http_port}/healthz")
+        serving = topology(service.pid)
         sampler = RssSampler(service.pid)
         sampler.phase = "idle"
         sampler.start()
@@ -743,6 +757,7 @@ def main() -> int:
                 },
                 peak_mb=sampler.peak_mb,
                 peak_pss_mb=sampler.peak_pss_mb,
+                topology=serving,
                 peak_by_phase=dict(sampler.phases),
             )
         )

@@ -83,7 +83,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     self._suppressions,
                 )
             except StorageUnavailable as error:
-                log.warning("storage unavailable: %r", error.__cause__)
+                # The database's own error if there was one; else the store's (no answer in time).
+                log.warning("storage unavailable: %r", error.__cause__ or error)
                 self._on_storage_unavailable()
                 rpc.code, project = _rejected(request, error)
                 return _refuse(context, error_status(error))

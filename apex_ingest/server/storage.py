@@ -43,6 +43,10 @@ UNAVAILABLE_ERRORS: tuple[type[Exception], ...] = (
     exc.TimeoutError,  # no pooled connection within pool_timeout
 )
 
+#: How long before a caller's deadline a refusal is sent, so that it arrives while the caller
+#: still waits for it (the gateway's call, and its answer, cross a network).
+ANSWER_MARGIN_SECONDS = 0.5
+
 Row = dict[str, Any]
 
 _COLUMNS = (
@@ -441,8 +445,19 @@ class EventStore:
                     writer.start()
             self._queue.extend(pendings)
             self._wakeup.notify(len(pendings))
-        give_up = None if self._commit_timeout is None else time.monotonic() + self._commit_timeout
+        give_up = self._give_up_at(time.monotonic(), deadline)
         return [self._outcome(pending, give_up) for pending in pendings]
+
+    def _give_up_at(self, now: float, deadline: float | None) -> float | None:
+        """When a caller stops waiting for a writer: at the commit timeout, or early enough
+        before its own deadline for the refusal (UNAVAILABLE with RetryInfo: a 503 with
+        Retry-After) to reach it, rather than the deadline passing first (a bare 504)."""
+        candidates = []
+        if self._commit_timeout is not None:
+            candidates.append(now + self._commit_timeout)
+        if deadline is not None and deadline > now:  # past: the writer answers DeadlinePassed
+            candidates.append(deadline - min(ANSWER_MARGIN_SECONDS, (deadline - now) / 2))
+        return min(candidates, default=None)
 
     def _outcome(self, pending: _Pending, give_up: float | None) -> IngestError | None:
         """Wait for a writer to answer `pending`, at most until `give_up` (time.monotonic())."""
@@ -456,7 +471,7 @@ class EventStore:
                 else:
                     return StorageUnavailable(self._retry_after)
             if not pending.done.is_set():
-                log.warning("no answer from the database within %s s", self._commit_timeout)
+                log.warning("no answer from the database in time; the caller is told to retry")
                 return StorageUnavailable(self._retry_after, maybe_stored=True)
         return pending.error
 

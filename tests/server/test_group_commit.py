@@ -253,6 +253,24 @@ def test_a_database_that_stops_answering_is_unavailable_within_the_commit_timeou
     assert refused.value.maybe_stored and "same event ids" in str(refused.value)
 
 
+def test_a_database_that_stops_answering_is_unavailable_before_the_callers_deadline(
+    sqlite_sessions: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refusal (503 with Retry-After at the gateway) must come before the deadline (a 504),
+    even when the deadline is shorter than the commit timeout."""
+    project_id = new_project(sqlite_sessions)
+    store = EventStore(sqlite_sessions, 1, commit_timeout=10)
+    answer = threading.Event()
+    monkeypatch.setattr(store, "_commit", lambda rows: answer.wait(10))
+    deadline = time.monotonic() + 1.5
+    with pytest.raises(StorageUnavailable) as refused:
+        store.store(project_id, rows_for("stuck", 1, project_id), deadline)
+    answered = time.monotonic()
+    answer.set()
+    assert answered < deadline
+    assert refused.value.maybe_stored
+
+
 @pytest.mark.postgres
 def test_a_connection_lost_during_the_commit_with_no_new_one_is_maybe_stored(
     postgres_url: str, monkeypatch: pytest.MonkeyPatch

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 from apex_ingest.common.logs import REQUEST_ID_METADATA, JsonFormatter
 from apex_ingest.server import metrics
 from apex_ingest.server.database import create_db_engine, create_session_factory
+from apex_ingest.server.errors import StorageUnavailable
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.servicer import IngestServicer
 from apex_ingest.server.storage import EventStore, Row
@@ -92,6 +93,32 @@ def test_storage_down_is_unavailable_with_retry_info(tmp_path: object) -> None:
     retry = error_details_pb2.RetryInfo()
     assert status.details[0].Unpack(retry)
     assert retry.retry_delay.seconds == 2
+
+
+def test_a_storage_timeout_is_logged_by_what_happened(
+    sqlite_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refusal with no database error behind it (no answer in time) says so, not "None"."""
+
+    class SilentStore(EventStore):
+        def store(self, project_id: int, rows: list[Row], deadline: float | None = None) -> None:
+            raise StorageUnavailable(1, maybe_stored=True)
+
+    engine = create_db_engine(sqlite_url)
+    sessions = create_session_factory(engine)
+    servicer = IngestServicer(ProjectDirectory(sessions, ttl=0), SilentStore(sessions, 1))
+    server = grpc_testing.server_from_dictionary(
+        {SERVICE: servicer}, grpc_testing.strict_real_time()
+    )
+    request = ingest_pb2.IngestEventsRequest(
+        project_key=make_project(sqlite_url), events=[ingest_pb2.Event(type="t", url="/")]
+    )
+    with caplog.at_level(logging.WARNING, logger="apex_ingest.server.servicer"):
+        _, code, _ = invoke(server, request)
+    engine.dispose()
+    assert code is grpc.StatusCode.UNAVAILABLE
+    [line] = [r.getMessage() for r in caplog.records if r.name == "apex_ingest.server.servicer"]
+    assert "None" not in line and "same event ids" in line
 
 
 def test_unexpected_failure_is_internal_not_unknown(sqlite_url: str) -> None:

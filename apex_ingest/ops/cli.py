@@ -233,10 +233,11 @@ def upgrade() -> None:
     from apex_ingest.ops.migrate import current_revision
     from apex_ingest.ops.migrate import upgrade as run_upgrade
 
-    url = load(ServerSettings).database_url
-    before = current_revision(url)
-    run_upgrade(url)
-    after = current_revision(url)
+    settings = load(ServerSettings)
+    url, timeout = settings.database_url, settings.db_connect_timeout
+    before = current_revision(url, timeout)
+    run_upgrade(url, connect_timeout=timeout)
+    after = current_revision(url, timeout)
     if before == after:
         click.echo(f"database is up to date (revision {after})")
     else:
@@ -317,7 +318,7 @@ def _engine() -> Iterator[Engine]:
     from apex_ingest.server.database import create_db_engine
 
     settings = dataclasses.replace(load(ServerSettings), db_statement_timeout_ms=0)
-    _require_schema(settings.database_url)
+    _require_schema(settings.database_url, settings.db_connect_timeout)
     engine = create_db_engine(settings.database_url, settings)
     try:
         yield engine
@@ -1051,7 +1052,7 @@ def demo(ports_free: bool) -> None:
         _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
     # The one admin command that may create the database: through the migrations, like
     # `db upgrade` (what `make run` runs just before), never as an empty file.
-    run_upgrade(settings.database_url)
+    run_upgrade(settings.database_url, connect_timeout=settings.db_connect_timeout)
     with _session_factory().begin() as session:
         key = session.scalars(
             select(ProjectKey.key)
@@ -1133,7 +1134,7 @@ class NoDatabase(click.ClickException):
     """An admin command pointed at a database that does not exist or has no schema."""
 
 
-def _require_schema(url: str) -> None:
+def _require_schema(url: str, connect_timeout: float) -> None:
     """Admin commands work on an existing, migrated database and never create one: a SQLite
     file that does not exist is not opened (SQLite would create it, empty)."""
     from sqlalchemy.engine import make_url
@@ -1156,7 +1157,7 @@ def _require_schema(url: str) -> None:
             f"APEX_DATABASE_URL is {'the default' if _is_default(url) else 'set'} "
             f"and relative paths start in {Path.cwd()}; {fix}"
         )
-    if current_revision(url) is None:
+    if current_revision(url, connect_timeout) is None:
         raise NoDatabase(f"the database {_describe_database(url)} has no Apex Ingest tables; {fix}")
 
 
@@ -1170,7 +1171,7 @@ def _session_factory() -> sessionmaker[Session]:
     from apex_ingest.server.database import create_db_engine, create_session_factory
 
     settings = load(ServerSettings)
-    _require_schema(settings.database_url)
+    _require_schema(settings.database_url, settings.db_connect_timeout)
     return create_session_factory(create_db_engine(settings.database_url, settings))
 
 

@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 def serve(settings: ServerSettings) -> None:
     """Run until SIGTERM/SIGINT, then drain in-flight calls within the grace period."""
     if settings.migrate_on_start:
-        migrate_at_start(settings.database_url)
+        migrate_at_start(settings.database_url, settings.db_connect_timeout)
     server, port = create_server(f"{address_host(settings.host)}:{settings.grpc_port}", settings)
     stop = StopSignals()
     server.start()
@@ -37,11 +37,11 @@ def _orphaned() -> bool:
     return parent.isdigit() and os.getppid() != int(parent)
 
 
-def migrate_at_start(database_url: str) -> None:
+def migrate_at_start(database_url: str, connect_timeout: float) -> None:
     """Apply pending migrations; never fatal (the database may be down: start NOT_SERVING)."""
     from apex_ingest.ops.migrate import upgrade
 
     try:
-        upgrade(database_url)
+        upgrade(database_url, connect_timeout=connect_timeout)
     except Exception as error:  # the database may be down: start anyway, NOT_SERVING
         log.warning("could not apply migrations at start: %s", error)

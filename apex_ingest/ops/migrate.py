@@ -51,15 +51,39 @@ def alembic_config(database_url: str) -> Config:
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+#: Seconds to connect to PostgreSQL before a migration gives up (APEX_DB_CONNECT_TIMEOUT where
+#: the caller has settings): a database that accepts connections but never answers must fail
+#: `db upgrade`, and a server's start, rather than hang them.
+DEFAULT_CONNECT_TIMEOUT = 10.0
 
 
-def current_revision(database_url: str) -> str | None:
+def upgrade(
+    database_url: str, revision: str = "head", connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> None:
+    config = alembic_config(database_url)
+    config.attributes["connect_timeout"] = connect_timeout  # read by migrations/env.py
+    command.upgrade(config, revision)
+
+
+def postgres_connect_args(database_url: str, connect_timeout: float) -> dict[str, Any]:
+    """The connect arguments of a migration's engine: a bounded connect on PostgreSQL (no
+    statement timeout: a migration may rightly take long)."""
+    from sqlalchemy.engine import make_url
+
+    if make_url(database_url).get_backend_name() != "postgresql":
+        return {}
+    return {"connect_timeout": max(1, round(connect_timeout))}
+
+
+def current_revision(
+    database_url: str, connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+) -> str | None:
     from alembic.runtime.migration import MigrationContext
     from sqlalchemy import create_engine
 
-    engine = create_engine(database_url)
+    engine = create_engine(
+        database_url, connect_args=postgres_connect_args(database_url, connect_timeout)
+    )
     try:
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision()

@@ -132,24 +132,15 @@ def _forget_metrics_of(pid: int) -> None:
         mark_process_dead(pid)
 
 
-def start_grpc_processes(settings: ServerSettings, processes: int) -> list[Supervised]:
-    """Migrate once, then start `processes` single-process gRPC servers on one port."""
+def start_grpc_processes(
+    settings: ServerSettings, processes: int, stopping: Callable[[], bool]
+) -> list[Supervised]:
+    """Migrate once, then start `processes` single-process gRPC servers on one port (none if
+    `stopping()` turned true while migrating)."""
     if settings.migrate_on_start:
-        # In a process of its own: Alembic and SQLAlchemy would otherwise stay in this one, and
-        # in the gateway workers it forks (~20 MB of resident memory in each). Never fatal:
-        # the database may be down, the servers then start NOT_SERVING.
-        done = subprocess.run(
-            [sys.executable, "-m", "apex_ingest", "db", "upgrade"],
-            env=child_environment(),
-            check=False,
-            capture_output=True,
-            text=True,
-        )
-        if done.returncode == 0:
-            log.info("%s", done.stdout.strip())  # in this process's log format
-        else:
-            reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
-            log.warning("could not apply migrations at start: %s", reason)
+        _migrate(stopping)
+        if stopping():
+            return []
     env = child_environment(
         **{
             variable("migrate_on_start"): "0",
@@ -166,9 +157,38 @@ def start_grpc_processes(settings: ServerSettings, processes: int) -> list[Super
     return children
 
 
+def _migrate(stopping: Callable[[], bool]) -> None:
+    """`db upgrade` in a process of its own: Alembic and SQLAlchemy would otherwise stay in this
+    one, and in the gateway workers it forks (~20 MB of resident memory in each). Never fatal:
+    the database may be down, the servers then start NOT_SERVING. A stop signal meanwhile ends
+    it (its transaction rolls back) rather than waiting for a database that may never answer."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "apex_ingest", "db", "upgrade"],
+        env=child_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while True:
+        try:
+            out, err = child.communicate(timeout=0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if stopping():
+                child.terminate()
+                child.communicate()
+                log.warning("stopped before the migrations were applied")
+                return
+    if child.returncode == 0:
+        log.info("%s", out.strip())  # in this process's log format
+    else:
+        reason = (err.strip().splitlines() or ["no message"])[-1]
+        log.warning("could not apply migrations at start: %s", reason)
+
+
 def run_grpc_processes(settings: ServerSettings, processes: int) -> None:
     stop = StopSignals()
-    children = start_grpc_processes(settings, processes)
+    children = start_grpc_processes(settings, processes, lambda: bool(stop.received))
     stop.wait()
     _stop_all(children)
     _exit_if_given_up(children)
@@ -182,7 +202,7 @@ def serve_all(settings: ServerSettings, gateway_workers: int, grpc_processes: in
     # Until granian installs its own handlers: a stop signal (or a child given up, which sends
     # one) while waiting for the gRPC server must stop everything in order, not kill us.
     early = StopSignals()
-    children = start_grpc_processes(settings, grpc_processes)
+    children = start_grpc_processes(settings, grpc_processes, lambda: bool(early.received))
     try:
         _wait_listening(
             host,

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.service import free_port, running_service
+from tests.service import free_port, logged_process, running_service, wait_for
 
 pytestmark = pytest.mark.postgres
 
@@ -131,3 +133,62 @@ supervisor.serve_all(settings, 1, 1)
     )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "could not start" in result.stderr
+
+
+@pytest.fixture
+def silent_database() -> Iterator[str]:
+    """A PostgreSQL URL whose server accepts connections and never answers (a frozen database,
+    or a middlebox that still completes TCP handshakes)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        yield f"postgresql+psycopg://apex@127.0.0.1:{listener.getsockname()[1]}/apex"
+
+
+def test_serve_starts_not_serving_when_its_database_never_answers(silent_database: str) -> None:
+    """The migration at start used to wait for the database forever, deaf to SIGTERM."""
+    http_port, grpc_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "APEX_DATABASE_URL": silent_database,
+        "APEX_HOST": "127.0.0.1",
+        "APEX_HTTP_PORT": str(http_port),
+        "APEX_GRPC_PORT": str(grpc_port),
+        "APEX_HTTP_WORKERS": "1",
+        "APEX_SHUTDOWN_DRAIN": "0.2",
+        "APEX_DB_CONNECT_TIMEOUT": "1",
+    }
+    argv = [sys.executable, "-m", "apex_ingest", "serve"]
+    with logged_process(argv, env) as (process, log_path):
+        answer = wait_for(
+            lambda: requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5).json(), 45
+        )
+        assert answer is not None, log_path.read_text()[-3000:]
+        health = requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5)
+        assert health.status_code == 503 and health.headers["Retry-After"] == "1"
+        assert "could not apply migrations at start" in log_path.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0, log_path.read_text()[-3000:]
+
+
+def test_a_stop_signal_during_the_migration_at_start_stops_serve(silent_database: str) -> None:
+    env = {
+        **os.environ,
+        "APEX_DATABASE_URL": silent_database,
+        "APEX_HOST": "127.0.0.1",
+        "APEX_HTTP_PORT": str(free_port()),
+        "APEX_GRPC_PORT": str(free_port()),
+        "APEX_DB_CONNECT_TIMEOUT": "300",  # the migration would wait this long
+    }
+    argv = [sys.executable, "-m", "apex_ingest", "serve"]
+    with logged_process(argv, env) as (process, log_path):
+        assert wait_for(lambda: "db\x00upgrade" in _child_commands(process.pid), 30) is not None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0, log_path.read_text()[-3000:]
+        assert "stopped before the migrations were applied" in log_path.read_text()
+
+
+def _child_commands(pid: int) -> str:
+    return "\n".join(
+        Path(f"/proc/{child}/cmdline").read_text(errors="replace") for child in _children(pid)
+    )

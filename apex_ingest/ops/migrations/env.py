@@ -5,7 +5,11 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from apex_ingest.ops.migrate import include_in_autogenerate
+from apex_ingest.ops.migrate import (
+    DEFAULT_CONNECT_TIMEOUT,
+    include_in_autogenerate,
+    postgres_connect_args,
+)
 from apex_ingest.server.models import Base
 
 config = context.config
@@ -15,7 +19,10 @@ target_metadata = Base.metadata
 def run_migrations() -> None:
     url = config.get_main_option("sqlalchemy.url")
     assert url, "sqlalchemy.url is not set"
-    engine = create_engine(url, poolclass=pool.NullPool)
+    timeout = config.attributes.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)
+    engine = create_engine(
+        url, poolclass=pool.NullPool, connect_args=postgres_connect_args(url, timeout)
+    )
     with engine.connect() as connection:
         context.configure(
             connection=connection,

@@ -55,9 +55,11 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 @contextmanager
-def fresh_postgres_database(prefix: str = "apex_test", options: str = "") -> Iterator[str]:
-    """A migrated PostgreSQL database of the caller's own, dropped afterwards; `options` are
-    CREATE DATABASE's (a collation, say).
+def fresh_postgres_database(
+    prefix: str = "apex_test", options: str = "", migrate: bool = True
+) -> Iterator[str]:
+    """A migrated PostgreSQL database of the caller's own (empty if not `migrate`), dropped
+    afterwards; `options` are CREATE DATABASE's (a collation, say).
 
     Unreachable PostgreSQL fails the test under CI=true and skips it (loudly) elsewhere.
     """
@@ -72,7 +74,8 @@ def fresh_postgres_database(prefix: str = "apex_test", options: str = "") -> Ite
         connection.execute(text(f'CREATE DATABASE "{name}" {options}'))
     url = make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     try:
-        upgrade(url)
+        if migrate:
+            upgrade(url)
         yield url
     finally:
         with admin.connect() as connection:

@@ -15,10 +15,12 @@ log = logging.getLogger(__name__)
 
 def serve(settings: ServerSettings) -> None:
     """Run until SIGTERM/SIGINT, then drain in-flight calls within the grace period."""
-    if settings.migrate_on_start:
-        migrate_at_start(settings.database_url, settings.db_connect_timeout)
-    server, port = create_server(f"{address_host(settings.host)}:{settings.grpc_port}", settings)
     stop = StopSignals()
+    if settings.migrate_on_start:
+        from apex_ingest.ops.supervisor import migrate_at_start
+
+        migrate_at_start(lambda: bool(stop.received))
+    server, port = create_server(f"{address_host(settings.host)}:{settings.grpc_port}", settings)
     server.start()
     log.info("gRPC server listening on %s:%d", settings.host, port)
     metrics.serve_metrics(settings.host, settings.metrics_port)
@@ -35,13 +37,3 @@ def _orphaned() -> bool:
     """True once the `serve` process that started this one (Internal.PARENT_PID) has died."""
     parent = Internal.get(Internal.PARENT_PID)
     return parent.isdigit() and os.getppid() != int(parent)
-
-
-def migrate_at_start(database_url: str, connect_timeout: float) -> None:
-    """Apply pending migrations; never fatal (the database may be down: start NOT_SERVING)."""
-    from apex_ingest.ops.migrate import upgrade
-
-    try:
-        upgrade(database_url, connect_timeout=connect_timeout)
-    except Exception as error:  # the database may be down: start anyway, NOT_SERVING
-        log.warning("could not apply migrations at start: %s", error)

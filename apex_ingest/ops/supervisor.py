@@ -138,7 +138,7 @@ def start_grpc_processes(
     """Migrate once, then start `processes` single-process gRPC servers on one port (none if
     `stopping()` turned true while migrating)."""
     if settings.migrate_on_start:
-        _migrate(stopping)
+        migrate_at_start(stopping)
         if stopping():
             return []
     env = child_environment(
@@ -157,11 +157,37 @@ def start_grpc_processes(
     return children
 
 
-def _migrate(stopping: Callable[[], bool]) -> None:
-    """`db upgrade` in a process of its own: Alembic and SQLAlchemy would otherwise stay in this
-    one, and in the gateway workers it forks (~20 MB of resident memory in each). Never fatal:
-    the database may be down, the servers then start NOT_SERVING. A stop signal meanwhile ends
-    it (its transaction rolls back) rather than waiting for a database that may never answer."""
+#: Seconds between two tries of the migration at start, after one failed (the database down).
+MIGRATION_RETRY_SECONDS = 10.0
+
+
+def migrate_at_start(stopping: Callable[[], bool]) -> None:
+    """Apply pending migrations before the servers start. Never fatal: if the database cannot
+    be migrated now (it is down), the servers start NOT_SERVING and the migration is tried
+    again in the background until it is applied or `stopping()`; health turns SERVING then."""
+    if _migrate(stopping) or stopping():
+        return
+    threading.Thread(
+        target=_migrate_until_applied, args=(stopping,), name="migrate", daemon=True
+    ).start()
+
+
+def _migrate_until_applied(stopping: Callable[[], bool]) -> None:
+    while True:
+        next_try = time.monotonic() + MIGRATION_RETRY_SECONDS
+        while time.monotonic() < next_try:
+            if stopping():
+                return
+            time.sleep(0.2)
+        if _migrate(stopping):
+            return
+
+
+def _migrate(stopping: Callable[[], bool]) -> bool:
+    """`db upgrade` in a process of its own (True: applied): Alembic and SQLAlchemy would
+    otherwise stay in this one, and in the gateway workers it forks (~20 MB of resident memory
+    in each). A stop signal meanwhile ends it (its transaction rolls back) rather than waiting
+    for a database that may never answer."""
     child = subprocess.Popen(
         [sys.executable, "-m", "apex_ingest", "db", "upgrade"],
         env=child_environment(),
@@ -178,12 +204,17 @@ def _migrate(stopping: Callable[[], bool]) -> None:
                 child.terminate()
                 child.communicate()
                 log.warning("stopped before the migrations were applied")
-                return
+                return False
     if child.returncode == 0:
         log.info("%s", out.strip())  # in this process's log format
-    else:
-        reason = (err.strip().splitlines() or ["no message"])[-1]
-        log.warning("could not apply migrations at start: %s", reason)
+        return True
+    reason = (err.strip().splitlines() or ["no message"])[-1]
+    log.warning(
+        "could not apply migrations at start (trying again in %.0f s): %s",
+        MIGRATION_RETRY_SECONDS,
+        reason,
+    )
+    return False
 
 
 def run_grpc_processes(settings: ServerSettings, processes: int) -> None:
@@ -202,7 +233,10 @@ def serve_all(settings: ServerSettings, gateway_workers: int, grpc_processes: in
     # Until granian installs its own handlers: a stop signal (or a child given up, which sends
     # one) while waiting for the gRPC server must stop everything in order, not kill us.
     early = StopSignals()
-    children = start_grpc_processes(settings, grpc_processes, lambda: bool(early.received))
+    stopped = threading.Event()  # for a migration still being retried (granian owns signals)
+    children = start_grpc_processes(
+        settings, grpc_processes, lambda: bool(early.received) or stopped.is_set()
+    )
     try:
         _wait_listening(
             host,
@@ -213,6 +247,7 @@ def serve_all(settings: ServerSettings, gateway_workers: int, grpc_processes: in
         if not early.received:
             run_gateway(settings.host, settings.http_port, gateway_workers)
     finally:
+        stopped.set()
         _stop_all(children)
     _exit_if_given_up(children)
 

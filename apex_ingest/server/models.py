@@ -26,6 +26,12 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import UserDefinedType
 
+#: The newest migration (apex_ingest/ops/migrations/versions): the schema this code reads and
+#: writes. A database behind it cannot take events (health says so); one ahead of it (a newer
+#: release migrated it during a rolling upgrade) can. tests/server/test_database.py keeps it
+#: equal to Alembic's head.
+SCHEMA_REVISION = "0010"
+
 # SQLite only auto-increments INTEGER PRIMARY KEY columns.
 BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
 

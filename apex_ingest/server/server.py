@@ -139,7 +139,9 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
         )
     )
     monitor = StorageHealthMonitor(
-        stream.reachable if stream is not None else engine,
+        engine
+        if stream is None
+        else (lambda: None if stream.reachable() else "stream unreachable"),
         health_servicer,
         settings.health_interval,
     )

@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from apex_ingest.server import identity, metrics
 from apex_ingest.server.errors import DeadlinePassed, IngestError, StorageUnavailable
-from apex_ingest.server.models import Event
+from apex_ingest.server.models import SCHEMA_REVISION, Event
 
 log = logging.getLogger(__name__)
 
@@ -608,3 +608,33 @@ def storage_reachable(engine: Engine) -> bool:
         return False
     except exc.TimeoutError:
         return False
+
+
+_SCHEMA_VERSION = text("SELECT version_num FROM alembic_version")
+
+
+def storage_problem(engine: Engine) -> str | None:
+    """Why the database cannot take events now, or None: unreachable, or reachable without this
+    code's schema (never migrated, or behind it: every write would fail)."""
+    try:
+        with engine.connect() as connection:
+            try:
+                revision = connection.execute(_SCHEMA_VERSION).scalar()
+            except exc.DBAPIError as error:
+                if not _no_such_table(error):
+                    raise
+                revision = None
+    except (exc.DBAPIError, exc.TimeoutError):
+        return "the database is unreachable"
+    if revision is None or (revision.isdigit() and int(revision) < int(SCHEMA_REVISION)):
+        return (
+            f"the database's schema is at revision {revision or 'none'}, this server needs "
+            f"{SCHEMA_REVISION}: run `apex-ingest db upgrade`"
+        )
+    return None
+
+
+def _no_such_table(error: exc.DBAPIError) -> bool:
+    return isinstance(error.orig, psycopg.errors.UndefinedTable) or (
+        "no such table" in str(error.orig)  # SQLite's OperationalError
+    )

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 import requests
+from sqlalchemy import create_engine, text
 
+from tests.conftest import fresh_postgres_database
 from tests.service import free_port, logged_process, running_service, wait_for
 
 pytestmark = pytest.mark.postgres
@@ -145,26 +147,32 @@ def silent_database() -> Iterator[str]:
         yield f"postgresql+psycopg://apex@127.0.0.1:{listener.getsockname()[1]}/apex"
 
 
-def test_serve_starts_not_serving_when_its_database_never_answers(silent_database: str) -> None:
-    """The migration at start used to wait for the database forever, deaf to SIGTERM."""
-    http_port, grpc_port = free_port(), free_port()
-    env = {
+def _serve_env(database_url: str, **extra: str) -> dict[str, str]:
+    return {
         **os.environ,
-        "APEX_DATABASE_URL": silent_database,
+        "APEX_DATABASE_URL": database_url,
         "APEX_HOST": "127.0.0.1",
-        "APEX_HTTP_PORT": str(http_port),
-        "APEX_GRPC_PORT": str(grpc_port),
+        "APEX_HTTP_PORT": str(free_port()),
+        "APEX_GRPC_PORT": str(free_port()),
         "APEX_HTTP_WORKERS": "1",
         "APEX_SHUTDOWN_DRAIN": "0.2",
-        "APEX_DB_CONNECT_TIMEOUT": "1",
+        **extra,
     }
-    argv = [sys.executable, "-m", "apex_ingest", "serve"]
-    with logged_process(argv, env) as (process, log_path):
-        answer = wait_for(
-            lambda: requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5).json(), 45
-        )
-        assert answer is not None, log_path.read_text()[-3000:]
-        health = requests.get(f"http://127.0.0.1:{http_port}/healthz", timeout=5)
+
+
+def _health(env: dict[str, str]) -> requests.Response:
+    return requests.get(f"http://127.0.0.1:{env['APEX_HTTP_PORT']}/healthz", timeout=5)
+
+
+SERVE = [sys.executable, "-m", "apex_ingest", "serve"]
+
+
+def test_serve_starts_not_serving_when_its_database_never_answers(silent_database: str) -> None:
+    """The migration at start used to wait for the database forever, deaf to SIGTERM."""
+    env = _serve_env(silent_database, APEX_DB_CONNECT_TIMEOUT="1")
+    with logged_process(SERVE, env) as (process, log_path):
+        assert wait_for(lambda: _health(env).json(), 45) is not None, log_path.read_text()[-3000:]
+        health = _health(env)
         assert health.status_code == 503 and health.headers["Retry-After"] == "1"
         assert "could not apply migrations at start" in log_path.read_text()
         process.send_signal(signal.SIGTERM)
@@ -172,20 +180,42 @@ def test_serve_starts_not_serving_when_its_database_never_answers(silent_databas
 
 
 def test_a_stop_signal_during_the_migration_at_start_stops_serve(silent_database: str) -> None:
-    env = {
-        **os.environ,
-        "APEX_DATABASE_URL": silent_database,
-        "APEX_HOST": "127.0.0.1",
-        "APEX_HTTP_PORT": str(free_port()),
-        "APEX_GRPC_PORT": str(free_port()),
-        "APEX_DB_CONNECT_TIMEOUT": "300",  # the migration would wait this long
-    }
-    argv = [sys.executable, "-m", "apex_ingest", "serve"]
-    with logged_process(argv, env) as (process, log_path):
+    env = _serve_env(silent_database, APEX_DB_CONNECT_TIMEOUT="300")  # the migration waits so
+    with logged_process(SERVE, env) as (process, log_path):
         assert wait_for(lambda: "db\x00upgrade" in _child_commands(process.pid), 30) is not None
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0, log_path.read_text()[-3000:]
         assert "stopped before the migrations were applied" in log_path.read_text()
+
+
+def test_an_unmigrated_database_is_not_serving(tmp_path: Path) -> None:
+    """It answered SERVING (the database was reachable) and every event was refused (502)."""
+    env = _serve_env(f"sqlite:///{tmp_path / 'empty.db'}", APEX_MIGRATE_ON_START="0")
+    with logged_process(SERVE, env) as (_process, log_path):
+        assert wait_for(lambda: _health(env).json(), 45) is not None, log_path.read_text()[-3000:]
+        assert _health(env).json() == {"status": "NOT_SERVING"}
+        assert "apex-ingest db upgrade" in log_path.read_text()
+
+
+def test_a_migration_that_failed_at_start_is_applied_once_the_database_is_there() -> None:
+    """The database was missing when `serve` started: it used to stay NOT_SERVING for good."""
+    with fresh_postgres_database(migrate=False) as url:
+        missing = url.rsplit("/", 1)[0] + "/apex_not_yet_" + url.rsplit("_", 1)[1]
+        env = _serve_env(missing)
+        with logged_process(SERVE, env) as (_process, log_path):
+            assert wait_for(lambda: _health(env).status_code == 503, 45) is not None
+            admin = create_engine(url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
+            with admin.connect() as connection:
+                connection.execute(text(f'CREATE DATABASE "{missing.rsplit("/", 1)[1]}"'))
+            try:
+                took = wait_for(lambda: _health(env).status_code == 200, 45)
+                assert took is not None, log_path.read_text()[-3000:]
+                assert "database migrated from revision none" in log_path.read_text()
+            finally:
+                with admin.connect() as connection:
+                    name = missing.rsplit("/", 1)[1]
+                    connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                admin.dispose()
 
 
 def _child_commands(pid: int) -> str:

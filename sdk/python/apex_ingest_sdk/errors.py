@@ -99,7 +99,7 @@ def _rebuild(
 
 
 #: ``on_error(error, events)``: ``events`` are the undelivered events as JSON objects, as they
-#: were (or would have been) sent, plus ``"userId"`` when the event had one.
+#: were (or would have been) sent: ``"userId"`` included, when the event had one.
 ErrorCallback = Callable[[ApexError, list[dict[str, Any]]], None]
 
 

@@ -39,15 +39,25 @@ class Batching(unittest.TestCase):
     def setUp(self) -> None:
         self.fake = FakeIngest()
 
-    def test_batches_per_user_id(self) -> None:
+    def test_users_share_batches_and_each_event_carries_its_user(self) -> None:
+        # One batch per user would send 1000 requests here, against a per-key rate limit.
         apex = client(self.fake)
-        for i in range(12):
-            apex.track("e", f"/{i}", user_id=[None, "alice", "bob", ""][i % 4])
+        users = [f"user_{i}" for i in range(1000)]
+        ids = [apex.track("e", "/", user_id=user) for user in users]
+        self.assertTrue(apex.close(30))
+        self.assertEqual([len(r.ids) for r in self.fake.requests], [500, 500])
+        self.assertTrue(all("userId" not in r.json for r in self.fake.requests))
+        sent = [(e["id"], e["userId"]) for r in self.fake.accepted for e in r.json["events"]]
+        self.assertEqual(sent, list(zip(ids, users, strict=True)))
+
+    def test_events_without_a_user_carry_none(self) -> None:
+        apex = client(self.fake)
+        for user in (None, "alice", ""):
+            apex.track("e", "/", user_id=user)
         apex.close()
-        by_user = {r.json.get("userId"): len(r.json["events"]) for r in self.fake.requests}
-        # "" means no user to the server, so those events travel with the anonymous ones.
-        self.assertEqual(by_user, {None: 6, "alice": 3, "bob": 3})
-        self.assertEqual(len(self.fake.requests), 3)
+        [request] = self.fake.requests
+        # "" means no user to the server, so it is not sent either.
+        self.assertEqual([e.get("userId") for e in request.json["events"]], [None, "alice", None])
 
     def test_request_goes_to_the_events_url_with_the_timeout(self) -> None:
         apex = client(self.fake, timeout=3.5)
@@ -224,20 +234,20 @@ class Refusals(unittest.TestCase):
 
     def test_400_reaches_on_error_without_retry(self) -> None:
         self.fake.responder = lambda r, n: refuse(
-            400, "userId is too long", ("userId", "must be 1-128 characters")
+            400, "projectKey is too long", ("projectKey", "must be 1-128 characters")
         )
         errors = Errors()
         apex = client(self.fake, on_error=errors)
-        ids = [apex.track("e", "/", user_id="u" * 200) for _ in range(3)]
+        ids = [apex.track("e", "/") for _ in range(3)]
         self.assertTrue(apex.flush(10))
         apex.close()
         self.assertEqual(len(self.fake.requests), 1)
         [(error, events)] = errors.calls
         self.assertEqual((error.status, error.code), (400, "invalid_request"))
-        self.assertEqual(error.message, "userId is too long")
-        self.assertEqual(error.field_violations, [("userId", "must be 1-128 characters")])
+        self.assertEqual(error.message, "projectKey is too long")
+        self.assertEqual(error.field_violations, [("projectKey", "must be 1-128 characters")])
         self.assertEqual([e["id"] for e in events], ids)
-        self.assertIn("userId is too long", str(error))
+        self.assertIn("projectKey is too long", str(error))
 
     def test_400_for_some_events_still_delivers_the_others(self) -> None:
         def responder(request: Received, n: int) -> Answer:
@@ -263,7 +273,7 @@ class Refusals(unittest.TestCase):
 
     def test_400_naming_a_request_field_fails_the_whole_batch(self) -> None:
         self.fake.responder = lambda r, n: refuse(
-            400, "bad", ("events[0].url", "bad"), ("userId", "bad")
+            400, "bad", ("events[0].url", "bad"), ("projectKey", "bad")
         )
         errors = Errors()
         apex = client(self.fake, on_error=errors)

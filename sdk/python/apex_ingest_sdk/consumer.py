@@ -63,6 +63,10 @@ def with_sent_at(body: bytes) -> bytes:
     return b'{"sentAt":"' + stamp.encode() + b'",' + body[1:]
 
 
+#: What ``with_sent_at`` adds to a body: always the same length (a millisecond UTC stamp).
+_SENT_AT_BYTES: Final = len(with_sent_at(b"{}")) - len(b"{}")
+
+
 _NOT_A_GATEWAY = (
     "this is not an Apex Ingest gateway; host must be the gateway's base URL, scheme://host[:port]"
 )
@@ -115,7 +119,9 @@ class Consumer:
         if partial:
             head += b',"partial":true'
         self._head = head + b',"events":['
-        self._empty_size = len(self._head) + len(b"]}")
+        # sentAt is added as each attempt leaves: count it now, or a batch filled up to the
+        # limit would be refused (413) and then sent again in halves.
+        self._empty_size = len(self._head) + len(b"]}") + _SENT_AT_BYTES
         self._closed = False
         self._last_drop_log = -_DROP_LOG_INTERVAL
         self._drops_unlogged = 0

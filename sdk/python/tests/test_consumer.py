@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -22,6 +23,9 @@ from fake_ingest import (
 )
 
 from apex_ingest_sdk import Apex, ApexError
+
+STAMP = "2026-12-04T10:00:00Z"
+PAD = {"pad": "x" * 300}
 
 
 def client(fake: FakeIngest, **kwargs: Any) -> Apex:
@@ -97,6 +101,25 @@ class Batching(unittest.TestCase):
         self.assertGreater(len(self.fake.requests), 1)
         self.assertTrue(all(len(r.body) <= 4000 for r in self.fake.requests))
         self.assertEqual(self.fake.accepted_ids(), ids)
+
+    def test_a_batch_filled_to_the_byte_limit_is_accepted_at_once(self) -> None:
+        def event(i: int) -> dict[str, Any]:
+            return {"id": f"{i:032x}", "type": "e", "url": "/", "timestamp": STAMP, "data": PAD}
+
+        size = len(json.dumps(event(0), separators=(",", ":")))
+        head = len(b'{"projectKey":"pk_test","events":[')
+        # Ten events fill a body to the byte, before the sentAt each request is stamped with.
+        limit = head + 10 * size + 9 + len(b"]}")
+        self.fake.responder = lambda r, n: (
+            refuse(413, "too large") if len(r.body) > limit else ok(r, n)
+        )
+        apex = client(self.fake, max_body_bytes=limit)
+        for i in range(20):
+            apex.track("e", "/", PAD, id=event(i)["id"], timestamp=STAMP)
+        apex.close()
+        self.assertNotIn(413, self.fake.statuses)
+        self.assertEqual([len(r.ids) for r in self.fake.requests], [9, 9, 2])
+        self.assertEqual(self.fake.accepted_ids(), [event(i)["id"] for i in range(20)])
 
     def test_flush_interval_sends_without_flush(self) -> None:
         apex = client(self.fake, flush_interval=0.2)

@@ -32,7 +32,14 @@ SERVER_CODES: Final[Mapping[int, str]] = {
 }
 
 #: The client's own codes, for failures that got no answer from the server (``status`` None).
-CLIENT_CODES: Final = ("queue_full", "closed", "network_error", "shutdown", "internal_error")
+CLIENT_CODES: Final = (
+    "queue_full",
+    "closed",
+    "network_error",
+    "not_a_gateway",
+    "shutdown",
+    "internal_error",
+)
 
 
 class ApexError(Exception):

@@ -10,6 +10,7 @@ import time
 import unittest
 from collections import Counter
 from typing import Any
+from unittest import mock
 
 from fake_ingest import (
     Answer,
@@ -150,6 +151,24 @@ class Batching(unittest.TestCase):
 class Retries(unittest.TestCase):
     def setUp(self) -> None:
         self.fake = FakeIngest()
+
+    def test_backoff_doubles_from_backoff_base(self) -> None:
+        ceilings: list[float] = []
+
+        def no_wait(low: float, high: float) -> float:
+            ceilings.append(high)
+            return 0.0
+
+        failing = FailingTransport()
+        apex = client(
+            self.fake, transport=failing, backoff_base=0.5, max_retries=4, on_error=Errors()
+        )
+        apex.track("e", "/")
+        with mock.patch("apex_ingest_sdk.consumer.random.uniform", no_wait):
+            self.assertTrue(apex.flush(10))
+        apex.close()
+        # The first retry waits up to backoff_base itself (docs/sdk.md: 2**(n - 1)).
+        self.assertEqual(ceilings, [0.5, 1.0, 2.0, 4.0])
 
     def test_503_then_200_stores_each_event_once(self) -> None:
         def responder(request: Received, n: int) -> Answer:

@@ -30,3 +30,9 @@ def test_the_backoff_formula_is_the_clients() -> None:
     # The first retry waits up to backoff_base * 2**0 (sdk/python/tests/test_consumer.py,
     # test_backoff_doubles_from_backoff_base).
     assert "`min(backoff_max, backoff_base * 2**(n - 1))`" in DOC
+
+
+def test_the_pool_context_manager_is_warned_about() -> None:
+    # `with Pool()` terminates its workers with SIGTERM: their queued events are lost.
+    assert "`with Pool() as pool:` loses events" in DOC
+    assert "pool.close()" in DOC and "pool.join()" in DOC

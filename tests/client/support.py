@@ -10,6 +10,16 @@ from apex_ingest_sdk import ApexError, Response, UrllibTransport
 from sqlalchemy import create_engine, text
 
 
+def query(database_url: str, sql: str) -> list[tuple[Any, ...]]:
+    """The rows ``sql`` selects, as tuples."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as connection:
+            return [tuple(row) for row in connection.execute(text(sql))]
+    finally:
+        engine.dispose()
+
+
 def count_rows(database_url: str) -> tuple[int, int]:
     """(stored events, distinct event ids)"""
     engine = create_engine(database_url)

@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 
 from apex_ingest.common import rpc
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
+from gateway.payload import parse_timestamp
 from tests.client.support import count_rows
 from tests.conftest import RunningServer, make_project
 
@@ -113,6 +114,23 @@ def test_conversion_details() -> None:
         to_event({"type": "t", "url": "/", "data": {"x": float("nan")}})  # not JSON
     with pytest.raises(TypeError):
         to_event(ingest_pb2.RequestContext())  # a message, but not an Event
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2024-01-02T03:04:05Z",
+        "2024-01-02t03:04:05z",
+        "2024-01-02t03:04:05.25+01:00",
+        "2024-01-02 03:04:05Z",
+        "2024-01-02T03:04:05",
+    ],
+)
+def test_rfc_3339_text_reads_as_the_gateway_reads_it(text: str) -> None:
+    expected = parse_timestamp(text)
+    assert expected is not None
+    event = to_event({"type": "t", "url": "/", "timestamp": text})
+    assert event.timestamp.ToJsonString() == expected.ToJsonString()
 
 
 def test_server_and_sdk_event_messages_are_both_accepted() -> None:

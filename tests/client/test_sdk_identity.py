@@ -1,6 +1,8 @@
-"""identify and alias from both SDK clients against the real service (issue #18): the events
-are stored, the links recorded, and `events_with_user` attributes the visitor's earlier
-anonymous events to the user. `apex-ingest serve` on PostgreSQL."""
+"""Users from both SDK clients against the real service (`apex-ingest serve` on PostgreSQL, the
+default rate limit): each event is stored with its own user id, and the HTTP client batches the
+events of all users together rather than sending a request per user, which ran into the per-key
+rate limit. identify and alias (issue #18): the events are stored, the links recorded, and
+`events_with_user` attributes the visitor's earlier anonymous events to the user."""
 
 from __future__ import annotations
 
@@ -9,22 +11,17 @@ from typing import Any
 
 import pytest
 from apex_ingest_sdk import Apex, IngestClient
-from sqlalchemy import create_engine, text
 
-from tests.client.support import Errors
+from tests.client.support import Errors, SpyTransport, query
 from tests.conftest import make_project
 from tests.service import running_service
 
 pytestmark = pytest.mark.postgres
 
 
-def query(database_url: str, sql: str) -> list[tuple[Any, ...]]:
-    engine = create_engine(database_url)
-    try:
-        with engine.connect() as connection:
-            return [tuple(row) for row in connection.execute(text(sql))]
-    finally:
-        engine.dispose()
+def stored_users(database_url: str) -> dict[str, str | None]:
+    """event id -> the stored user id"""
+    return dict(query(database_url, "SELECT event_id, user_id FROM events"))
 
 
 @pytest.fixture
@@ -64,7 +61,7 @@ def test_identify_and_alias_from_both_clients(service: Any, postgres_url: str) -
         ]
         assert client.ingest(key, events, user_id="batch-user") == 3
 
-    stored = dict(query(postgres_url, "SELECT event_id, user_id FROM events"))
+    stored = stored_users(postgres_url)
     assert stored == {
         "anon-http": None,
         "identify-http": "u-http",
@@ -85,3 +82,30 @@ def test_identify_and_alias_from_both_clients(service: Any, postgres_url: str) -
     resolved = dict(query(postgres_url, "SELECT event_id, resolved_user_id FROM events_with_user"))
     assert resolved["anon-http"] == "u-http"
     assert resolved["anon-grpc"] == "u-grpc"
+
+
+def test_a_thousand_users_go_in_a_few_requests(service: Any, postgres_url: str) -> None:
+    key = make_project(postgres_url)
+    errors = Errors()
+    spy = SpyTransport()
+    apex = Apex(key, service.base_url, on_error=errors, transport=spy)
+    expected: dict[str, str | None] = {}
+    for i in range(1000):
+        user = f"user_{i}" if i % 10 else None
+        expected[apex.track("e", f"/u/{i}", user_id=user)] = user
+    assert apex.close(60)
+    assert errors.calls == []
+    assert spy.statuses == [200, 200]  # 500 events a request, whatever their users
+    assert stored_users(postgres_url) == expected
+
+
+def test_grpc_events_carry_their_own_users(service: Any, postgres_url: str) -> None:
+    key = make_project(postgres_url)
+    events: list[dict[str, Any]] = [
+        {"id": f"g{i}", "type": "e", "url": "/", "userId": f"user_{i}"} for i in range(499)
+    ]
+    events.append({"id": "batch", "type": "e", "url": "/"})
+    with IngestClient(service.grpc_target) as client:
+        assert client.ingest(key, events, user_id="batch-user") == 500
+    expected = {f"g{i}": f"user_{i}" for i in range(499)} | {"batch": "batch-user"}
+    assert stored_users(postgres_url) == expected

@@ -6,18 +6,21 @@ event ids, and exactly the ids the client handed out.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from apex_ingest_sdk import Apex, IngestClient, IngestError, Response
+from apex_ingest_sdk.limits import MAX_BODY_BYTES
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -127,6 +130,38 @@ def test_wrong_path_fails_at_once(service: Any, postgres_url: str) -> None:
     assert (error.status, error.code) == (404, "not_found")
     assert "not an Apex Ingest gateway" in error.message
     assert [e["id"] for e in events] == [event_id]
+
+
+def test_a_batch_filled_to_the_body_limit_is_accepted_at_once(
+    service: Any, postgres_url: str
+) -> None:
+    """The gateway's 1 MiB counts the sentAt stamped on the request as it leaves."""
+    key = make_project(postgres_url)
+    stamp = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+    def event(i: int, pad: int) -> dict[str, Any]:
+        return {
+            "id": f"{i:032x}",
+            "type": "e",
+            "url": "/",
+            "timestamp": stamp,
+            "data": {"pad": "x" * pad},
+        }
+
+    # 40 events fill a body to the byte before sentAt; the last one takes up the remainder.
+    head = len(b'{"projectKey":' + json.dumps(key).encode() + b',"events":[')
+    room = MAX_BODY_BYTES - head - len(b"]}") - 39  # the commas between the events
+    bare = len(json.dumps(event(0, 0), separators=(",", ":")))
+    pad = room // 40 - bare
+    events = [event(i, pad) for i in range(39)] + [event(39, room - 39 * (bare + pad) - bare)]
+    errors = Errors()
+    spy = SpyTransport()
+    with Apex(key, service.base_url, on_error=errors, transport=spy) as apex:
+        for e in events:
+            apex.track("e", "/", e["data"], timestamp=stamp, id=e["id"])
+    assert errors.calls == []
+    assert spy.statuses == [200, 200]  # 39 events, then 1: no 413 and no halving
+    assert count_rows(postgres_url) == (40, 40)
 
 
 def test_the_grpc_port_fails_at_once_saying_so(service: Any, postgres_url: str) -> None:

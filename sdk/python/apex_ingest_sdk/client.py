@@ -184,22 +184,17 @@ class Apex:
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"{name} must be a string")
         if user_id == "":
-            user_id = None  # the server treats "" as no user: batch them with the anonymous ones
+            user_id = None  # the server treats "" as no user: send none
         event_id = id if id is not None else new_event_id()
         event: dict[str, Any] = {"id": event_id, "type": type, "url": url}
         event["timestamp"] = format_timestamp(timestamp if timestamp is not None else time.time())
         if visitor_id is not None:
             event["visitorId"] = visitor_id
+        if user_id is not None:
+            event["userId"] = user_id
         if data is not None:
             event["data"] = dict(data)  # json only encodes real dicts
-        encoded = dumps(event)
-        rejected = self._consumer.put(user_id, encoded)
-        if rejected is not None:
-            snapshot: dict[str, Any] = json.loads(encoded)
-            if user_id is not None:
-                snapshot["userId"] = user_id
-            self._consumer.report(rejected, [snapshot])
-        return event_id
+        return self._queue(event)
 
     def identify(
         self,
@@ -263,19 +258,22 @@ class Apex:
         if url is not None:
             event["url"] = url
         event["timestamp"] = format_timestamp(timestamp if timestamp is not None else time.time())
+        event["userId"] = user_id
         if visitor_id is not None:
             event["visitorId"] = visitor_id
         if previous_id is not None:
             event["previousId"] = previous_id
         if traits is not None:
             event["data"] = dict(traits)
+        return self._queue(event)
+
+    def _queue(self, event: dict[str, Any]) -> str:
+        """Serialise ``event`` and queue it (or report why not); returns its id."""
         encoded = dumps(event)
-        rejected = self._consumer.put(user_id, encoded)
+        rejected = self._consumer.put(encoded)
         if rejected is not None:
-            snapshot: dict[str, Any] = json.loads(encoded)
-            snapshot["userId"] = user_id
-            self._consumer.report(rejected, [snapshot])
-        return event_id
+            self._consumer.report(rejected, [json.loads(encoded)])
+        return str(event["id"])
 
     def flush(self, timeout: float | None = None) -> bool:
         """Block until every event tracked before this call is sent or handed to ``on_error``.

@@ -1,11 +1,11 @@
 """The queue behind ``Apex`` and the daemon thread that sends it.
 
-Events arrive already serialised (``put``); the sender thread cuts them into gzip-compressed
-batches of one ``userId`` each, within the request limits, and delivers every batch or hands it
-to ``on_error``: retries with backoff and ``Retry-After``, a ``400`` that blames some events
-splits them out, a ``413`` halves the batch. It also owns the process life cycle: a forked
-child starts with an empty queue, and every consumer is closed at interpreter exit (and at the
-end of a ``multiprocessing`` child, which skips ``atexit``).
+Events arrive already serialised (``put``), each carrying its own ``userId``; the sender thread
+cuts them into gzip-compressed batches within the request limits, whatever their users, and
+delivers every batch or hands it to ``on_error``: retries with backoff and ``Retry-After``, a
+``400`` that blames some events splits them out, a ``413`` halves the batch. It also owns the
+process life cycle: a forked child starts with an empty queue, and every consumer is closed at
+interpreter exit (and at the end of a ``multiprocessing`` child, which skips ``atexit``).
 """
 
 from __future__ import annotations
@@ -41,24 +41,10 @@ _DROP_LOG_INTERVAL = 10.0
 _WRONG_ENDPOINT = frozenset({404, 405})
 
 
-class _Buffer:
-    """The queued events of one user_id, already cut into request-sized chunks."""
-
-    __slots__ = ("closed", "current", "current_size", "head", "user_id")
-
-    def __init__(self, user_id: str | None, head: bytes) -> None:
-        self.user_id = user_id
-        self.head = head
-        self.closed: list[list[bytes]] = []
-        self.current: list[bytes] = []
-        self.current_size = len(head) + 2  # the closing b"]}"
-
-
 class _Batch:
-    __slots__ = ("events", "head", "user_id")
+    __slots__ = ("events", "head")
 
-    def __init__(self, user_id: str | None, head: bytes, events: list[bytes]) -> None:
-        self.user_id = user_id
+    def __init__(self, head: bytes, events: list[bytes]) -> None:
         self.head = head
         self.events = events
 
@@ -75,6 +61,10 @@ def with_sent_at(body: bytes) -> bytes:
     """``body`` (a JSON object) with ``"sentAt"``: now, by this machine's clock, in RFC 3339."""
     stamp = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     return b'{"sentAt":"' + stamp.encode() + b'",' + body[1:]
+
+
+#: What ``with_sent_at`` adds to a body: always the same length (a millisecond UTC stamp).
+_SENT_AT_BYTES: Final = len(with_sent_at(b"{}")) - len(b"{}")
 
 
 _NOT_A_GATEWAY = (
@@ -122,7 +112,16 @@ class Consumer:
         self.backoff_max = backoff_max
         self.shutdown_timeout = shutdown_timeout
         self.compress = compress
-        self._key_json = dumps(project_key)
+        # One head for every batch: each event carries its own userId (which overrides a
+        # batch's), so the events of all users share batches; one batch per user would send a
+        # request per user and run into the per-key rate limit.
+        head = b'{"projectKey":' + dumps(project_key)
+        if partial:
+            head += b',"partial":true'
+        self._head = head + b',"events":['
+        # sentAt is added as each attempt leaves: count it now, or a batch filled up to the
+        # limit would be refused (413) and then sent again in halves.
+        self._empty_size = len(self._head) + len(b"]}") + _SENT_AT_BYTES
         self._closed = False
         self._last_drop_log = -_DROP_LOG_INTERVAL
         self._drops_unlogged = 0
@@ -139,8 +138,10 @@ class Consumer:
         self._log_lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._abort = threading.Event()
-        self._buffers: dict[str | None, _Buffer] = {}
-        self._ready: set[str | None] = set()
+        # Full chunks of events, ready to leave; then the chunk being filled, and its body size.
+        self._chunks: list[list[bytes]] = []
+        self._current: list[bytes] = []
+        self._current_size = self._empty_size
         self._pending = 0
         self._deadline: float | None = None
         self._busy = False
@@ -157,7 +158,7 @@ class Consumer:
     def pending(self) -> int:
         return self._pending
 
-    def put(self, user_id: str | None, encoded: bytes) -> ApexError | None:
+    def put(self, encoded: bytes) -> ApexError | None:
         """Queue one serialised event; the error when it was refused (closed, queue full)."""
         with self._lock:
             if self._closed:
@@ -167,37 +168,28 @@ class Consumer:
                     f"the queue is full ({self.max_queue} events); dropped the newest event",
                     code="queue_full",
                 )
-            self._append(user_id, encoded)
+            self._append(encoded)
             return None
 
-    def _append(self, user_id: str | None, encoded: bytes) -> None:
-        buffer = self._buffers.get(user_id)
-        if buffer is None:
-            head = b'{"projectKey":' + self._key_json
-            if self.partial:
-                head += b',"partial":true'
-            if user_id is not None:
-                head += b',"userId":' + dumps(user_id)
-            buffer = self._buffers[user_id] = _Buffer(user_id, head + b',"events":[')
-        added = len(encoded) + (1 if buffer.current else 0)
-        if buffer.current and buffer.current_size + added > self.max_body_bytes:
-            self._close_chunk(buffer)
+    def _append(self, encoded: bytes) -> None:
+        added = len(encoded) + (1 if self._current else 0)
+        if self._current and self._current_size + added > self.max_body_bytes:
+            self._close_chunk()
             added = len(encoded)
-        buffer.current.append(encoded)
-        buffer.current_size += added
-        if len(buffer.current) >= self.max_batch:
-            self._close_chunk(buffer)
+        self._current.append(encoded)
+        self._current_size += added
+        if len(self._current) >= self.max_batch:
+            self._close_chunk()
         self._pending += 1
         self._ensure_sender()
         if self._deadline is None:
             self._deadline = time.monotonic() + self.flush_interval
             self._cond.notify()
 
-    def _close_chunk(self, buffer: _Buffer) -> None:
-        buffer.closed.append(buffer.current)
-        buffer.current = []
-        buffer.current_size = len(buffer.head) + 2
-        self._ready.add(buffer.user_id)
+    def _close_chunk(self) -> None:
+        self._chunks.append(self._current)
+        self._current = []
+        self._current_size = self._empty_size
         self._cond.notify()
 
     def _ensure_sender(self) -> None:
@@ -247,7 +239,7 @@ class Consumer:
                         or self._flush_target > self._drains_started
                         or (self._deadline is not None and now >= self._deadline)
                     )
-                    if full or self._ready:
+                    if full or self._chunks:
                         break
                     self._cond.wait(None if self._deadline is None else self._deadline - now)
                 drain = 0
@@ -269,24 +261,15 @@ class Consumer:
 
     def _take(self, full: bool) -> list[_Batch]:
         """Take the events to send now: all of them, or only the chunks that are already full."""
-        batches: list[_Batch] = []
-        if full:
-            for buffer in self._buffers.values():
-                chunks = [*buffer.closed, buffer.current] if buffer.current else buffer.closed
-                batches.extend(_Batch(buffer.user_id, buffer.head, c) for c in chunks)
-            self._buffers.clear()
-            self._pending = 0
-        else:
-            for user_id in self._ready:
-                buffer = self._buffers[user_id]
-                for chunk in buffer.closed:
-                    batches.append(_Batch(user_id, buffer.head, chunk))
-                    self._pending -= len(chunk)
-                buffer.closed = []
-        self._ready.clear()
+        chunks, self._chunks = self._chunks, []
+        if full and self._current:
+            chunks.append(self._current)
+            self._current = []
+            self._current_size = self._empty_size
+        self._pending -= sum(len(chunk) for chunk in chunks)
         if self._pending == 0:
             self._deadline = None
-        return batches
+        return [_Batch(self._head, chunk) for chunk in chunks]
 
     def _deliver(self, batch: _Batch) -> None:
         try:
@@ -310,8 +293,8 @@ class Consumer:
             if error.status == 413 and len(batch.events) > 1:
                 # The server's limit is lower than ours: halve until it fits.
                 half = len(batch.events) // 2
-                work.append(_Batch(batch.user_id, batch.head, batch.events[half:]))
-                work.append(_Batch(batch.user_id, batch.head, batch.events[:half]))
+                work.append(_Batch(batch.head, batch.events[half:]))
+                work.append(_Batch(batch.head, batch.events[:half]))
                 continue
             bad = _invalid_events(error, batch) if error.status == 400 else None
             if bad:
@@ -319,7 +302,7 @@ class Consumer:
                 self.report(_renumber(error, bad), _decode(batch, sorted(bad)))
                 rest = [e for i, e in enumerate(batch.events) if i not in bad]
                 if rest:
-                    work.append(_Batch(batch.user_id, batch.head, rest))
+                    work.append(_Batch(batch.head, rest))
                 continue
             self.report(error, _decode(batch))
 
@@ -423,11 +406,7 @@ def _rejected(body: bytes, status: int) -> _Rejected | None:
 
 def _decode(batch: _Batch, indexes: list[int] | None = None) -> list[dict[str, Any]]:
     chosen = batch.events if indexes is None else [batch.events[i] for i in indexes]
-    events: list[dict[str, Any]] = [json.loads(e) for e in chosen]
-    if batch.user_id is not None:
-        for event in events:
-            event["userId"] = batch.user_id
-    return events
+    return [json.loads(e) for e in chosen]
 
 
 def _invalid_events(error: ApexError, batch: _Batch) -> set[int] | None:

@@ -32,7 +32,14 @@ SERVER_CODES: Final[Mapping[int, str]] = {
 }
 
 #: The client's own codes, for failures that got no answer from the server (``status`` None).
-CLIENT_CODES: Final = ("queue_full", "closed", "network_error", "shutdown", "internal_error")
+CLIENT_CODES: Final = (
+    "queue_full",
+    "closed",
+    "network_error",
+    "not_a_gateway",
+    "shutdown",
+    "internal_error",
+)
 
 
 class ApexError(Exception):
@@ -99,7 +106,7 @@ def _rebuild(
 
 
 #: ``on_error(error, events)``: ``events`` are the undelivered events as JSON objects, as they
-#: were (or would have been) sent, plus ``"userId"`` when the event had one.
+#: were (or would have been) sent: ``"userId"`` included, when the event had one.
 ErrorCallback = Callable[[ApexError, list[dict[str, Any]]], None]
 
 

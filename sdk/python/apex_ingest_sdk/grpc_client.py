@@ -162,8 +162,9 @@ def _timestamp(value: Any) -> Timestamp:
     if isinstance(value, Timestamp):
         return value
     if isinstance(value, str):
-        # fromisoformat accepts RFC 3339 (including "Z") from Python 3.11 on.
-        value = datetime.fromisoformat(value)
+        # fromisoformat accepts RFC 3339 (including "Z") from Python 3.11 on, but not the
+        # lower-case "t" and "z" that RFC 3339 allows and the gateway accepts.
+        value = datetime.fromisoformat(value.upper())
     elif isinstance(value, int | float) and not isinstance(value, bool):
         value = datetime.fromtimestamp(value, UTC)
     if not isinstance(value, datetime):

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
 import unittest
 from collections import Counter
 from typing import Any
+from unittest import mock
 
 from fake_ingest import (
     Answer,
@@ -22,6 +24,9 @@ from fake_ingest import (
 )
 
 from apex_ingest_sdk import Apex, ApexError
+
+STAMP = "2026-12-04T10:00:00Z"
+PAD = {"pad": "x" * 300}
 
 
 def client(fake: FakeIngest, **kwargs: Any) -> Apex:
@@ -39,15 +44,25 @@ class Batching(unittest.TestCase):
     def setUp(self) -> None:
         self.fake = FakeIngest()
 
-    def test_batches_per_user_id(self) -> None:
+    def test_users_share_batches_and_each_event_carries_its_user(self) -> None:
+        # One batch per user would send 1000 requests here, against a per-key rate limit.
         apex = client(self.fake)
-        for i in range(12):
-            apex.track("e", f"/{i}", user_id=[None, "alice", "bob", ""][i % 4])
+        users = [f"user_{i}" for i in range(1000)]
+        ids = [apex.track("e", "/", user_id=user) for user in users]
+        self.assertTrue(apex.close(30))
+        self.assertEqual([len(r.ids) for r in self.fake.requests], [500, 500])
+        self.assertTrue(all("userId" not in r.json for r in self.fake.requests))
+        sent = [(e["id"], e["userId"]) for r in self.fake.accepted for e in r.json["events"]]
+        self.assertEqual(sent, list(zip(ids, users, strict=True)))
+
+    def test_events_without_a_user_carry_none(self) -> None:
+        apex = client(self.fake)
+        for user in (None, "alice", ""):
+            apex.track("e", "/", user_id=user)
         apex.close()
-        by_user = {r.json.get("userId"): len(r.json["events"]) for r in self.fake.requests}
-        # "" means no user to the server, so those events travel with the anonymous ones.
-        self.assertEqual(by_user, {None: 6, "alice": 3, "bob": 3})
-        self.assertEqual(len(self.fake.requests), 3)
+        [request] = self.fake.requests
+        # "" means no user to the server, so it is not sent either.
+        self.assertEqual([e.get("userId") for e in request.json["events"]], [None, "alice", None])
 
     def test_request_goes_to_the_events_url_with_the_timeout(self) -> None:
         apex = client(self.fake, timeout=3.5)
@@ -88,6 +103,25 @@ class Batching(unittest.TestCase):
         self.assertTrue(all(len(r.body) <= 4000 for r in self.fake.requests))
         self.assertEqual(self.fake.accepted_ids(), ids)
 
+    def test_a_batch_filled_to_the_byte_limit_is_accepted_at_once(self) -> None:
+        def event(i: int) -> dict[str, Any]:
+            return {"id": f"{i:032x}", "type": "e", "url": "/", "timestamp": STAMP, "data": PAD}
+
+        size = len(json.dumps(event(0), separators=(",", ":")))
+        head = len(b'{"projectKey":"pk_test","events":[')
+        # Ten events fill a body to the byte, before the sentAt each request is stamped with.
+        limit = head + 10 * size + 9 + len(b"]}")
+        self.fake.responder = lambda r, n: (
+            refuse(413, "too large") if len(r.body) > limit else ok(r, n)
+        )
+        apex = client(self.fake, max_body_bytes=limit)
+        for i in range(20):
+            apex.track("e", "/", PAD, id=event(i)["id"], timestamp=STAMP)
+        apex.close()
+        self.assertNotIn(413, self.fake.statuses)
+        self.assertEqual([len(r.ids) for r in self.fake.requests], [9, 9, 2])
+        self.assertEqual(self.fake.accepted_ids(), [event(i)["id"] for i in range(20)])
+
     def test_flush_interval_sends_without_flush(self) -> None:
         apex = client(self.fake, flush_interval=0.2)
         apex.track("e", "/")
@@ -117,6 +151,24 @@ class Batching(unittest.TestCase):
 class Retries(unittest.TestCase):
     def setUp(self) -> None:
         self.fake = FakeIngest()
+
+    def test_backoff_doubles_from_backoff_base(self) -> None:
+        ceilings: list[float] = []
+
+        def no_wait(low: float, high: float) -> float:
+            ceilings.append(high)
+            return 0.0
+
+        failing = FailingTransport()
+        apex = client(
+            self.fake, transport=failing, backoff_base=0.5, max_retries=4, on_error=Errors()
+        )
+        apex.track("e", "/")
+        with mock.patch("apex_ingest_sdk.consumer.random.uniform", no_wait):
+            self.assertTrue(apex.flush(10))
+        apex.close()
+        # The first retry waits up to backoff_base itself (docs/sdk.md: 2**(n - 1)).
+        self.assertEqual(ceilings, [0.5, 1.0, 2.0, 4.0])
 
     def test_503_then_200_stores_each_event_once(self) -> None:
         def responder(request: Received, n: int) -> Answer:
@@ -224,20 +276,20 @@ class Refusals(unittest.TestCase):
 
     def test_400_reaches_on_error_without_retry(self) -> None:
         self.fake.responder = lambda r, n: refuse(
-            400, "userId is too long", ("userId", "must be 1-128 characters")
+            400, "projectKey is too long", ("projectKey", "must be 1-128 characters")
         )
         errors = Errors()
         apex = client(self.fake, on_error=errors)
-        ids = [apex.track("e", "/", user_id="u" * 200) for _ in range(3)]
+        ids = [apex.track("e", "/") for _ in range(3)]
         self.assertTrue(apex.flush(10))
         apex.close()
         self.assertEqual(len(self.fake.requests), 1)
         [(error, events)] = errors.calls
         self.assertEqual((error.status, error.code), (400, "invalid_request"))
-        self.assertEqual(error.message, "userId is too long")
-        self.assertEqual(error.field_violations, [("userId", "must be 1-128 characters")])
+        self.assertEqual(error.message, "projectKey is too long")
+        self.assertEqual(error.field_violations, [("projectKey", "must be 1-128 characters")])
         self.assertEqual([e["id"] for e in events], ids)
-        self.assertIn("userId is too long", str(error))
+        self.assertIn("projectKey is too long", str(error))
 
     def test_400_for_some_events_still_delivers_the_others(self) -> None:
         def responder(request: Received, n: int) -> Answer:
@@ -263,7 +315,7 @@ class Refusals(unittest.TestCase):
 
     def test_400_naming_a_request_field_fails_the_whole_batch(self) -> None:
         self.fake.responder = lambda r, n: refuse(
-            400, "bad", ("events[0].url", "bad"), ("userId", "bad")
+            400, "bad", ("events[0].url", "bad"), ("projectKey", "bad")
         )
         errors = Errors()
         apex = client(self.fake, on_error=errors)

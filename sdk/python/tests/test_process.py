@@ -100,6 +100,19 @@ class ProcessLifeCycle(unittest.TestCase):
                 self.assertEqual(sorted(e["data"]["i"] for e in events), list(range(700)))
                 self.assertEqual({e["data"]["who"] for e in events}, {method})
 
+    def test_pool_closed_and_joined_sends_everything(self) -> None:
+        # The pattern docs/sdk.md gives for pools: close() and join(), not terminate().
+        pool = multiprocessing.get_context("spawn").Pool(2)
+        try:
+            pool.starmap(_track_in_child, [(self.fake.url, f"task{n}", 300) for n in range(4)])
+        finally:
+            pool.close()
+            pool.join()
+        events = [e for r in self.fake.accepted for e in r.json["events"]]
+        self.assertEqual(
+            Counter(e["data"]["who"] for e in events), {f"task{n}": 300 for n in range(4)}
+        )
+
 
 if __name__ == "__main__":
     unittest.main()

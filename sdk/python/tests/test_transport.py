@@ -204,7 +204,7 @@ class OverHttp(unittest.TestCase):
         self.assertEqual(request.headers["Content-Type"], "application/json")
         self.assertEqual(request.raw[:2], b"\x1f\x8b")
         self.assertEqual(gzip.decompress(request.raw), request.body)
-        self.assertEqual(request.json["userId"], "u")
+        self.assertEqual({e["userId"] for e in request.json["events"]}, {"u"})
         self.assertEqual(request.ids, ids)
 
     def test_503_with_retry_after_then_200(self) -> None:

@@ -29,6 +29,7 @@ only one that reads or writes `os.environ` (import-linter cannot check that; a t
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import math
 import os
@@ -192,6 +193,14 @@ def address_host(host: str) -> str:
     """`host` as written before ":port" in an address or URL: an IPv6 literal in brackets."""
     host = host.strip("[]")
     return f"[{host}]" if ":" in host else host
+
+
+def cannot_listen(host: str, port: int, name: str, error: OSError) -> ConfigError:
+    """The one-line error of a server that cannot listen on host:port (the variable `name`)."""
+    where = f"{address_host(reachable_host(host))}:{port} ({name})"
+    if error.errno == errno.EADDRINUSE:
+        return ConfigError(f"{where} is already in use: is another apex-ingest running there?")
+    return ConfigError(f"cannot listen on {where}: {error.strerror}")
 
 
 # --- the gRPC server ---------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import html
 import os
 import shlex
@@ -28,10 +27,12 @@ from apex_ingest.common.settings import (
     ProcessSettings,
     ServerSettings,
     address_host,
+    cannot_listen,
     check_all,
     load,
     reachable_host,
 )
+from apex_ingest.common.settings import variable as setting_variable
 from apex_ingest.ops import tsv
 
 #: Commands that run servers: they log JSON lines unless APEX_LOG_FORMAT=text.
@@ -95,7 +96,7 @@ def grpc(processes: int | None) -> None:
     check_all()
     settings = load(ServerSettings)
     count = _count(processes, load(ProcessSettings).grpc_processes)
-    _ensure_free(settings.host, settings.grpc_port, "APEX_GRPC_PORT")
+    _ensure_ports_free(settings, "grpc_port", "metrics_port")
     if count == 1:
         from apex_ingest.ops.grpc_process import serve
 
@@ -119,7 +120,7 @@ def gateway(workers: int | None) -> None:
     # Before anything imports prometheus-client (gateway.serve does, with the app): it decides
     # at import whether samples go to the shared directory that /metrics adds up.
     prepare_multiprocess_dir()
-    _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
+    _ensure_ports_free(settings, "http_port")
     from gateway.serve import run_gateway
 
     run_gateway(settings.host, settings.http_port, count)
@@ -143,8 +144,7 @@ def serve(workers: int | None, grpc_processes: int | None) -> None:
     grpc_count = _count(
         grpc_processes, processes.grpc_processes, max(1, (os.cpu_count() or 1) // 2)
     )
-    _ensure_free(settings.host, settings.grpc_port, "APEX_GRPC_PORT")
-    _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
+    _ensure_ports_free(settings, "grpc_port", "http_port", "metrics_port")
     # The gateway's /metrics then shows the gRPC processes' metrics too (one directory).
     _serve_children_metrics(settings)
     serve_all(settings, http_workers, grpc_count)
@@ -177,12 +177,23 @@ def _ensure_free(host: str, port: int, variable: str) -> None:
         try:
             probe.bind(address)
         except OSError as error:
-            where = f"{address_host(reachable_host(host))}:{port} ({variable})"
-            if error.errno == errno.EADDRINUSE:
-                raise ConfigError(
-                    f"{where} is already in use: is another apex-ingest running there?"
-                ) from None
-            raise ConfigError(f"cannot listen on {where}: {error.strerror}") from None
+            raise cannot_listen(host, port, variable, error) from None
+
+
+def _ensure_ports_free(settings: ServerSettings, *fields: str) -> None:
+    """`_ensure_free` for each port field this command listens on (unset ones skipped), and
+    none given twice: two of our own servers on one port would fail only once started (the
+    metrics server first, then granian with a panic)."""
+    owners: dict[int, str] = {}
+    for field in fields:
+        port: int | None = getattr(settings, field)
+        if port is None:
+            continue
+        name = setting_variable(field)
+        if port in owners:
+            raise ConfigError(f"{name} and {owners[port]} are both {port}: give each its own port")
+        owners[port] = name
+        _ensure_free(settings.host, port, name)
 
 
 @main.group()
@@ -219,7 +230,9 @@ def loader() -> None:
     """Load the stream into the database (stream mode); run several to load faster."""
     from apex_ingest.ops.loader import run_loader
 
-    run_loader(_stream_settings())
+    settings = _stream_settings()
+    _ensure_ports_free(settings, "loader_port")
+    run_loader(settings)
 
 
 @main.group()
@@ -1033,7 +1046,8 @@ def events_tail(
 @click.option(
     "--ports-free",
     is_flag=True,
-    help="Fail first if APEX_HTTP_PORT or APEX_GRPC_PORT is taken (`make run`, before `serve`).",
+    help="Fail first if APEX_HTTP_PORT, APEX_GRPC_PORT or APEX_METRICS_PORT is taken "
+    "(`make run`, before `serve`).",
 )
 def demo(ports_free: bool) -> None:
     """Migrate the database (as `db upgrade`), make sure a project named "demo" exists, print
@@ -1047,8 +1061,7 @@ def demo(ports_free: bool) -> None:
 
     settings = load(ServerSettings)
     if ports_free:  # else a key and curl lines for a port `serve` is about to fail on
-        _ensure_free(settings.host, settings.grpc_port, "APEX_GRPC_PORT")
-        _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
+        _ensure_ports_free(settings, "grpc_port", "http_port", "metrics_port")
     # The one admin command that may create the database: through the migrations, like
     # `db upgrade` (what `make run` runs just before), never as an empty file.
     run_upgrade(settings.database_url)

@@ -17,11 +17,13 @@ def serve(settings: ServerSettings) -> None:
     """Run until SIGTERM/SIGINT, then drain in-flight calls within the grace period."""
     if settings.migrate_on_start:
         migrate_at_start(settings.database_url)
+    # Before the gRPC port is taken: a metrics port that cannot be had stops the process while
+    # it serves nothing yet.
+    metrics.serve_metrics(settings.host, settings.metrics_port)
     server, port = create_server(f"{address_host(settings.host)}:{settings.grpc_port}", settings)
     stop = StopSignals()
     server.start()
     log.info("gRPC server listening on %s:%d", settings.host, port)
-    metrics.serve_metrics(settings.host, settings.metrics_port)
     received = stop.wait(until=_orphaned)
     if received:
         log.info("received %s, draining", received)

@@ -29,6 +29,16 @@ def run(database_url: str, *args: str, check: bool = True) -> subprocess.Complet
     )
 
 
+def refusal(result: subprocess.CompletedProcess[str]) -> str:
+    """The one `Error: ...` line of a command refused with exit status 2 (after click's usage
+    lines for a bad option or argument), asserting there is no traceback."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
+    return errors[0]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

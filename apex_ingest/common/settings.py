@@ -46,6 +46,9 @@ from apex_ingest.common import limits
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_DATABASE_URL = "sqlite:///apex-ingest.db"
+#: The most days of anything kept (a century): more would reach past year 1 when subtracted
+#: from now (OverflowError).
+MAX_KEPT_DAYS = 36500
 ENV_PREFIX = "APEX_"
 
 _YES = frozenset({"1", "true", "yes", "on"})
@@ -338,11 +341,11 @@ class ServerSettings(NetworkSettings, LimitSettings, StreamSettings):
     #: Days of events kept (unset: forever). The servers refuse events older than this, and
     #: `apex-ingest db retention` removes them: an accepted event is never one the next
     #: retention run deletes on the spot.
-    retention_days: int | None = setting(None, ge=1, le=36500)
+    retention_days: int | None = setting(None, ge=1, le=MAX_KEPT_DAYS)
     #: Dead letters (events of refused requests) kept per project; the oldest go first.
     dead_letter_max_rows: int = setting(10_000, ge=0)
     #: Days a dead letter is kept.
-    dead_letter_max_age_days: float = setting(7.0, ge=0)
+    dead_letter_max_age_days: float = setting(7.0, ge=0, le=MAX_KEPT_DAYS)
     #: Dead letters kept in all, every project together; the oldest go first.
     dead_letter_max_total_rows: int = setting(1_000_000, ge=0)
     #: Refused requests waiting for the dead-letter writer, per server process; beyond it

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import html
 import os
+import re
 import shlex
 import socket
 import sys
@@ -16,12 +17,15 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sqlalchemy import Connection, Engine
     from sqlalchemy.orm import Session, sessionmaker
 
     from apex_ingest.server.models import Project
 
 from apex_ingest.common.settings import (
+    MAX_KEPT_DAYS,
     ConfigError,
     Internal,
     ProcessSettings,
@@ -87,6 +91,9 @@ def _serve_children_metrics(settings: ServerSettings) -> None:
 
 
 _COUNT = click.IntRange(min=1)
+#: A row id (a key's, a dead letter's): a larger number than the databases' BIGINT would
+#: fail in the driver (SQLite: OverflowError) instead of matching no row.
+_ROW_ID = click.IntRange(1, 2**63 - 1)
 
 
 @main.command()
@@ -282,9 +289,10 @@ def partitions(months_ahead: int) -> None:
 @db.command()
 @click.option(
     "--days",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_KEPT_DAYS),
     default=None,
-    help="Keep this many days (default: APEX_RETENTION_DAYS, what the servers use).",
+    help=f"Keep this many days, 1-{MAX_KEPT_DAYS} (default: APEX_RETENTION_DAYS, what the "
+    "servers use).",
 )
 def retention(days: int | None) -> None:
     """Remove events that occurred more than N days ago (APEX_RETENTION_DAYS, or --days).
@@ -586,7 +594,7 @@ def project_keys_list(project: str) -> None:
 @project_keys.command("revoke")
 @_PROJECT
 @click.argument("key", required=False)
-@click.option("--id", "key_id", type=int, default=None, help="The key's id (`keys list`).")
+@click.option("--id", "key_id", type=_ROW_ID, default=None, help="The key's id (`keys list`).")
 @click.option(
     "--force",
     is_flag=True,
@@ -692,7 +700,7 @@ def dead_letters_list(project: str, limit: int) -> None:
 
 @dead_letters.command("show")
 @_PROJECT
-@click.argument("letter_id", type=int)
+@click.argument("letter_id", type=_ROW_ID)
 def dead_letters_show(project: str, letter_id: int) -> None:
     """One dead letter as JSON."""
     import json
@@ -738,7 +746,7 @@ def _chosen(ids: tuple[int, ...], every: bool) -> list[int] | None:
 @dead_letters.command("replay")
 @_PROJECT
 @click.option("--all", "every", is_flag=True, help="Every dead letter of the project.")
-@click.argument("ids", type=int, nargs=-1)
+@click.argument("ids", type=_ROW_ID, nargs=-1)
 def dead_letters_replay(project: str, every: bool, ids: tuple[int, ...]) -> None:
     """Submit dead letters again through validation and storage.
 
@@ -763,7 +771,7 @@ def dead_letters_replay(project: str, every: bool, ids: tuple[int, ...]) -> None
 @dead_letters.command("purge")
 @_PROJECT
 @click.option("--all", "every", is_flag=True, help="Every dead letter of the project.")
-@click.argument("ids", type=int, nargs=-1)
+@click.argument("ids", type=_ROW_ID, nargs=-1)
 def dead_letters_purge(project: str, every: bool, ids: tuple[int, ...]) -> None:
     """Delete dead letters."""
     from apex_ingest.server import deadletters
@@ -817,29 +825,34 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def _since(text: str | None) -> Any:
     """--since as a protobuf Timestamp, or None."""
-    import re
-    from datetime import UTC, datetime, timedelta
-
     from google.protobuf.timestamp_pb2 import Timestamp
 
     if text is None:
         return None
+    stamp = Timestamp()
+    try:
+        stamp.FromDatetime(_since_moment(text))
+    except OverflowError:  # an age, or a time in another zone, that reaches before year 1
+        raise click.BadParameter(
+            f"{text.strip()!r} is before year 1", param_hint="--since"
+        ) from None
+    return stamp
+
+
+def _since_moment(text: str) -> datetime:
+    from datetime import UTC, datetime, timedelta
+
     age = re.fullmatch(r"\s*(\d{1,9})\s*([smhd])\s*", text)
     if age:
-        moment = datetime.now(UTC) - timedelta(seconds=int(age[1]) * _AGE_UNITS[age[2]])
-    else:
-        try:
-            moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise click.BadParameter(
-                "an ISO 8601 time (2026-12-02T10:00:00Z) or an age (30s, 15m, 2h, 7d)",
-                param_hint="--since",
-            ) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
+        return datetime.now(UTC) - timedelta(seconds=int(age[1]) * _AGE_UNITS[age[2]])
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            "an ISO 8601 time (2026-12-02T10:00:00Z) or an age (30s, 15m, 2h, 7d)",
+            param_hint="--since",
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _feed_line(item: Any) -> tuple[str, int, int]:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from sqlalchemy import Connection, Engine
     from sqlalchemy.orm import Session, sessionmaker
 
-    from apex_ingest.server.models import Project
+    from apex_ingest.server.models import Project, ProjectKey
 
 from apex_ingest.common.settings import (
     MAX_KEPT_DAYS,
@@ -476,22 +476,47 @@ def projects_list() -> None:
             click.echo(tsv.row(shown, project.name, state, f"origins={origins}") + extra)
 
 
+_FORCE = click.option(
+    "--force",
+    is_flag=True,
+    default=False,
+    help="Revoke even the project's last active key of its kind (it then stops receiving "
+    "events, or cannot be administered with a secret key).",
+)
+
+
 @projects.command("revoke")
 @click.argument("key")
-def projects_revoke(key: str) -> None:
-    """Revoke a public or secret key (takes effect within APEX_PROJECT_CACHE_TTL seconds).
+@_FORCE
+def projects_revoke(key: str, force: bool) -> None:
+    """Revoke a public or secret key of any project (takes effect within
+    APEX_PROJECT_CACHE_TTL seconds).
 
-    Only that key: the project's other keys stay valid.
+    Only that key: the project's other keys stay valid. The last active key of a kind is kept
+    unless --force, as with `projects keys revoke`.
     """
     from apex_ingest.server import projects as project_store
 
     with _session_factory().begin() as session:
-        if not (
-            project_store.revoke_key(session, project_store.PUBLIC, key)
-            or project_store.revoke_key(session, project_store.SECRET, key)
-        ):
+        row = project_store.find_key(session, None, key)
+        if row is None or row.revoked_at is not None:
             raise click.ClickException(f"no active project with key {key!r}")
+        _revoke_key_row(session, row, force)
     click.echo(f"revoked {key}")
+
+
+def _revoke_key_row(session: Session, row: ProjectKey, force: bool) -> None:
+    """Revoke a ProjectKey row; the last active key of its kind only with --force."""
+    from apex_ingest.server import projects as project_store
+
+    try:
+        revoked = project_store.revoke_key_row(session, row, allow_last=force)
+    except project_store.LastKey as error:
+        raise click.ClickException(
+            f"{error}: add a new one first (`projects keys add`), or pass --force"
+        ) from None
+    if not revoked:
+        raise click.ClickException(f"key {row.id} was revoked already")
 
 
 def _project(session: Session, reference: str) -> Project:
@@ -595,13 +620,7 @@ def project_keys_list(project: str) -> None:
 @_PROJECT
 @click.argument("key", required=False)
 @click.option("--id", "key_id", type=_ROW_ID, default=None, help="The key's id (`keys list`).")
-@click.option(
-    "--force",
-    is_flag=True,
-    default=False,
-    help="Revoke even the project's last active key of its kind (it then stops receiving "
-    "events, or cannot be administered with a secret key).",
-)
+@_FORCE
 def project_keys_revoke(project: str, key: str | None, key_id: int | None, force: bool) -> None:
     """Revoke one key, given as it is (a public or a secret key) or by --id.
 
@@ -624,14 +643,7 @@ def project_keys_revoke(project: str, key: str | None, key_id: int | None, force
             row = project_store.find_key(session, project_id, key)
         if row is None:
             raise click.ClickException("no such key in this project")
-        try:
-            revoked = project_store.revoke_key_row(session, row, allow_last=force)
-        except project_store.LastKey as error:
-            raise click.ClickException(
-                f"{error}: add a new one first (`projects keys add`), or pass --force"
-            ) from None
-        if not revoked:
-            raise click.ClickException(f"key {row.id} was revoked already")
+        _revoke_key_row(session, row, force)
         shown = project_store.shown_key(row)
     click.echo(f"revoked {row.kind} key {shown} (id {row.id})")
 

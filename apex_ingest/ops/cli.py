@@ -755,6 +755,24 @@ def _chosen(ids: tuple[int, ...], every: bool) -> list[int] | None:
     return None if every else list(ids)
 
 
+def _require_letters(session: Session, project_id: int, ids: list[int] | None, done: str) -> None:
+    """Refuse (doing nothing) ids that are no dead letter of the project: a mistyped id would
+    otherwise read as done, `replayed 0` or `purged 0` and exit 0."""
+    from sqlalchemy import select
+
+    from apex_ingest.server.models import DeadLetter
+
+    if ids is None:
+        return
+    found = session.scalars(
+        select(DeadLetter.id).where(DeadLetter.project_id == project_id, DeadLetter.id.in_(ids))
+    )
+    missing = sorted(set(ids) - set(found))
+    if missing:
+        listed = ", ".join(map(str, missing))
+        raise click.ClickException(f"no dead letter {listed} in this project; nothing {done}")
+
+
 @dead_letters.command("replay")
 @_PROJECT
 @click.option("--all", "every", is_flag=True, help="Every dead letter of the project.")
@@ -771,6 +789,7 @@ def dead_letters_replay(project: str, every: bool, ids: tuple[int, ...]) -> None
     factory = _session_factory()
     with factory() as session:
         project_id, origins = _project_id(session, project)
+        _require_letters(session, project_id, chosen, "replayed")
     result = deadletters.replay(factory, project_id, origins, chosen)
     click.echo(f"replayed {result.replayed}; {len(result.failed)} refused again")
     for letter in result.failed:
@@ -791,6 +810,7 @@ def dead_letters_purge(project: str, every: bool, ids: tuple[int, ...]) -> None:
     chosen = _chosen(ids, every)
     with _session_factory().begin() as session:
         project_id, _ = _project_id(session, project)
+        _require_letters(session, project_id, chosen, "purged")
         purged = deadletters.purge(session, project_id, chosen)
     click.echo(f"purged {purged}")
 

@@ -10,6 +10,7 @@ import re
 import shlex
 import socket
 import sys
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -988,7 +989,7 @@ _FATAL_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT")
     type=click.IntRange(1, 1000),
     default=50,
     show_default=True,
-    help="The newest this many events, oldest first.",
+    help="The newest this many events (and rejections, with --rejected), oldest first.",
 )
 @click.option(
     "--rejected/--no-rejected",
@@ -1021,10 +1022,13 @@ def events_list(
     )
     with _project_stub(secret_key, target, project) as (stub, metadata):
         try:
-            for item in stub.TailEvents(request, metadata=metadata, timeout=60):
-                click.echo(_feed_line(item)[0])
+            # The server sends up to `limit` of each kind, oldest first: the last `limit` of
+            # them are the newest of both together.
+            newest = deque(stub.TailEvents(request, metadata=metadata, timeout=60), maxlen=limit)
         except grpc_lib.RpcError as error:
             raise click.ClickException(error.details() or error.code().name) from None
+    for item in newest:
+        click.echo(_feed_line(item)[0])
 
 
 @events.command("tail")

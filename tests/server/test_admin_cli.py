@@ -304,6 +304,9 @@ def test_events_list_filters(sqlite_url: str) -> None:
         assert listed("--since", "2999-01-01T00:00:00Z") == []
         with_rejected = listed("--rejected")
         assert [r[1] for r in with_rejected].count("rejected") == 1
+        # --limit counts events and rejections together: the newest two of all, not two of each.
+        assert listed("--rejected", "--limit", "2") == with_rejected[-2:]
+        assert [r[5] for r in with_rejected[-2:]] == ["/d", "nope"]
         assert listed("--project", "Shop") == every
         wrong = run(
             sqlite_url,

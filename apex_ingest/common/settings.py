@@ -386,6 +386,26 @@ def _networks(value: Any) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+#: Targets in gRPC's own naming schemes, passed to gRPC as they are.
+_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+
+
+def _grpc_target(value: Any) -> str:
+    """HOST:PORT (an IPv6 address in brackets) or a URI of gRPC's naming schemes: anything else
+    would fail only at the gateway's first call, as a 503 for every request."""
+    text = str(value).strip()
+    if text.startswith(_GRPC_SCHEMES):
+        return text
+    host, _, port = text.rpartition(":")
+    unbracketed_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+    if not host.strip("[]") or unbracketed_ipv6 or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            "must be HOST:PORT (an IPv6 address in brackets, [::1]:50051) or a gRPC URI "
+            "(dns:, unix:, ipv4:, ipv6:, ...)"
+        )
+    return text
+
+
 def _rate_limit(value: Any) -> str:
     from limits import parse_many  # a gateway dependency; only needed here
 
@@ -415,7 +435,7 @@ class GatewaySettings(NetworkSettings, LimitSettings):
 
     #: Where the gateway finds the gRPC server (default: APEX_HOST, loopback for a
     #: wildcard, and APEX_GRPC_PORT).
-    grpc_target: str = ""
+    grpc_target: str = setting("", parse=_grpc_target)
     #: Deadline in seconds of each gateway -> gRPC call; 504 when it passes.
     grpc_timeout: float = setting(5.0, gt=0)
     #: gRPC connections per gateway worker, used round-robin.

@@ -24,7 +24,7 @@ from prometheus_client import (
 from prometheus_client import multiprocess as _multiprocess
 
 from apex_ingest.common import metric_values
-from apex_ingest.common.settings import Internal
+from apex_ingest.common.settings import Internal, cannot_listen, variable
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,10 @@ def serve_metrics(host: str, port: int | None) -> int | None:
         return None
     if port is None:
         return None
-    server, _thread = start_http_server(port, addr=host, registry=registry())
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry())
+    except OSError as error:  # taken since the command checked it: one line, not a traceback
+        raise cannot_listen(host, port, variable("metrics_port"), error) from None
     bound = int(server.server_address[1])
     log.info("metrics on http://%s:%d/metrics", host, bound)
     return bound

@@ -29,6 +29,7 @@ only one that reads or writes `os.environ` (import-linter cannot check that; a t
 from __future__ import annotations
 
 import dataclasses
+import errno
 import ipaddress
 import math
 import os
@@ -45,6 +46,9 @@ from apex_ingest.common import limits
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_DATABASE_URL = "sqlite:///apex-ingest.db"
+#: The most days of anything kept (a century): more would reach past year 1 when subtracted
+#: from now (OverflowError).
+MAX_KEPT_DAYS = 36500
 ENV_PREFIX = "APEX_"
 
 _YES = frozenset({"1", "true", "yes", "on"})
@@ -194,6 +198,14 @@ def address_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def cannot_listen(host: str, port: int, name: str, error: OSError) -> ConfigError:
+    """The one-line error of a server that cannot listen on host:port (the variable `name`)."""
+    where = f"{address_host(reachable_host(host))}:{port} ({name})"
+    if error.errno == errno.EADDRINUSE:
+        return ConfigError(f"{where} is already in use: is another apex-ingest running there?")
+    return ConfigError(f"cannot listen on {where}: {error.strerror}")
+
+
 # --- the gRPC server ---------------------------------------------------------------------
 
 
@@ -329,11 +341,11 @@ class ServerSettings(NetworkSettings, LimitSettings, StreamSettings):
     #: Days of events kept (unset: forever). The servers refuse events older than this, and
     #: `apex-ingest db retention` removes them: an accepted event is never one the next
     #: retention run deletes on the spot.
-    retention_days: int | None = setting(None, ge=1, le=36500)
+    retention_days: int | None = setting(None, ge=1, le=MAX_KEPT_DAYS)
     #: Dead letters (events of refused requests) kept per project; the oldest go first.
     dead_letter_max_rows: int = setting(10_000, ge=0)
     #: Days a dead letter is kept.
-    dead_letter_max_age_days: float = setting(7.0, ge=0)
+    dead_letter_max_age_days: float = setting(7.0, ge=0, le=MAX_KEPT_DAYS)
     #: Dead letters kept in all, every project together; the oldest go first.
     dead_letter_max_total_rows: int = setting(1_000_000, ge=0)
     #: Refused requests waiting for the dead-letter writer, per server process; beyond it
@@ -374,6 +386,26 @@ def _networks(value: Any) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
+#: Targets in gRPC's own naming schemes, passed to gRPC as they are.
+_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+
+
+def _grpc_target(value: Any) -> str:
+    """HOST:PORT (an IPv6 address in brackets) or a URI of gRPC's naming schemes: anything else
+    would fail only at the gateway's first call, as a 503 for every request."""
+    text = str(value).strip()
+    if text.startswith(_GRPC_SCHEMES):
+        return text
+    host, _, port = text.rpartition(":")
+    unbracketed_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+    if not host.strip("[]") or unbracketed_ipv6 or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(
+            "must be HOST:PORT (an IPv6 address in brackets, [::1]:50051) or a gRPC URI "
+            "(dns:, unix:, ipv4:, ipv6:, ...)"
+        )
+    return text
+
+
 def _rate_limit(value: Any) -> str:
     from limits import parse_many  # a gateway dependency; only needed here
 
@@ -403,7 +435,7 @@ class GatewaySettings(NetworkSettings, LimitSettings):
 
     #: Where the gateway finds the gRPC server (default: APEX_HOST, loopback for a
     #: wildcard, and APEX_GRPC_PORT).
-    grpc_target: str = ""
+    grpc_target: str = setting("", parse=_grpc_target)
     #: Deadline in seconds of each gateway -> gRPC call; 504 when it passes.
     grpc_timeout: float = setting(5.0, gt=0)
     #: gRPC connections per gateway worker, used round-robin.

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import html
 import os
+import re
 import shlex
 import socket
 import sys
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,21 +18,26 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sqlalchemy import Connection, Engine
     from sqlalchemy.orm import Session, sessionmaker
 
-    from apex_ingest.server.models import Project
+    from apex_ingest.server.models import Project, ProjectKey
 
 from apex_ingest.common.settings import (
+    MAX_KEPT_DAYS,
     ConfigError,
     Internal,
     ProcessSettings,
     ServerSettings,
     address_host,
+    cannot_listen,
     check_all,
     load,
     reachable_host,
 )
+from apex_ingest.common.settings import variable as setting_variable
 from apex_ingest.ops import tsv
 
 #: Commands that run servers: they log JSON lines unless APEX_LOG_FORMAT=text.
@@ -86,6 +92,9 @@ def _serve_children_metrics(settings: ServerSettings) -> None:
 
 
 _COUNT = click.IntRange(min=1)
+#: A row id (a key's, a dead letter's): a larger number than the databases' BIGINT would
+#: fail in the driver (SQLite: OverflowError) instead of matching no row.
+_ROW_ID = click.IntRange(1, 2**63 - 1)
 
 
 @main.command()
@@ -95,7 +104,7 @@ def grpc(processes: int | None) -> None:
     check_all()
     settings = load(ServerSettings)
     count = _count(processes, load(ProcessSettings).grpc_processes)
-    _ensure_free(settings.host, settings.grpc_port, "APEX_GRPC_PORT")
+    _ensure_ports_free(settings, "grpc_port", "metrics_port")
     if count == 1:
         from apex_ingest.ops.grpc_process import serve
 
@@ -119,7 +128,7 @@ def gateway(workers: int | None) -> None:
     # Before anything imports prometheus-client (gateway.serve does, with the app): it decides
     # at import whether samples go to the shared directory that /metrics adds up.
     prepare_multiprocess_dir()
-    _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
+    _ensure_ports_free(settings, "http_port")
     from gateway.serve import run_gateway
 
     run_gateway(settings.host, settings.http_port, count)
@@ -143,8 +152,7 @@ def serve(workers: int | None, grpc_processes: int | None) -> None:
     grpc_count = _count(
         grpc_processes, processes.grpc_processes, max(1, (os.cpu_count() or 1) // 2)
     )
-    _ensure_free(settings.host, settings.grpc_port, "APEX_GRPC_PORT")
-    _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
+    _ensure_ports_free(settings, "grpc_port", "http_port", "metrics_port")
     # The gateway's /metrics then shows the gRPC processes' metrics too (one directory).
     _serve_children_metrics(settings)
     serve_all(settings, http_workers, grpc_count)
@@ -177,12 +185,23 @@ def _ensure_free(host: str, port: int, variable: str) -> None:
         try:
             probe.bind(address)
         except OSError as error:
-            where = f"{address_host(reachable_host(host))}:{port} ({variable})"
-            if error.errno == errno.EADDRINUSE:
-                raise ConfigError(
-                    f"{where} is already in use: is another apex-ingest running there?"
-                ) from None
-            raise ConfigError(f"cannot listen on {where}: {error.strerror}") from None
+            raise cannot_listen(host, port, variable, error) from None
+
+
+def _ensure_ports_free(settings: ServerSettings, *fields: str) -> None:
+    """`_ensure_free` for each port field this command listens on (unset ones skipped), and
+    none given twice: two of our own servers on one port would fail only once started (the
+    metrics server first, then granian with a panic)."""
+    owners: dict[int, str] = {}
+    for field in fields:
+        port: int | None = getattr(settings, field)
+        if port is None:
+            continue
+        name = setting_variable(field)
+        if port in owners:
+            raise ConfigError(f"{name} and {owners[port]} are both {port}: give each its own port")
+        owners[port] = name
+        _ensure_free(settings.host, port, name)
 
 
 @main.group()
@@ -219,7 +238,9 @@ def loader() -> None:
     """Load the stream into the database (stream mode); run several to load faster."""
     from apex_ingest.ops.loader import run_loader
 
-    run_loader(_stream_settings())
+    settings = _stream_settings()
+    _ensure_ports_free(settings, "loader_port")
+    run_loader(settings)
 
 
 @main.group()
@@ -270,9 +291,10 @@ def partitions(months_ahead: int) -> None:
 @db.command()
 @click.option(
     "--days",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_KEPT_DAYS),
     default=None,
-    help="Keep this many days (default: APEX_RETENTION_DAYS, what the servers use).",
+    help=f"Keep this many days, 1-{MAX_KEPT_DAYS} (default: APEX_RETENTION_DAYS, what the "
+    "servers use).",
 )
 def retention(days: int | None) -> None:
     """Remove events that occurred more than N days ago (APEX_RETENTION_DAYS, or --days).
@@ -456,22 +478,47 @@ def projects_list() -> None:
             click.echo(tsv.row(shown, project.name, state, f"origins={origins}") + extra)
 
 
+_FORCE = click.option(
+    "--force",
+    is_flag=True,
+    default=False,
+    help="Revoke even the project's last active key of its kind (it then stops receiving "
+    "events, or cannot be administered with a secret key).",
+)
+
+
 @projects.command("revoke")
 @click.argument("key")
-def projects_revoke(key: str) -> None:
-    """Revoke a public or secret key (takes effect within APEX_PROJECT_CACHE_TTL seconds).
+@_FORCE
+def projects_revoke(key: str, force: bool) -> None:
+    """Revoke a public or secret key of any project (takes effect within
+    APEX_PROJECT_CACHE_TTL seconds).
 
-    Only that key: the project's other keys stay valid.
+    Only that key: the project's other keys stay valid. The last active key of a kind is kept
+    unless --force, as with `projects keys revoke`.
     """
     from apex_ingest.server import projects as project_store
 
     with _session_factory().begin() as session:
-        if not (
-            project_store.revoke_key(session, project_store.PUBLIC, key)
-            or project_store.revoke_key(session, project_store.SECRET, key)
-        ):
+        row = project_store.find_key(session, None, key)
+        if row is None or row.revoked_at is not None:
             raise click.ClickException(f"no active project with key {key!r}")
+        _revoke_key_row(session, row, force)
     click.echo(f"revoked {key}")
+
+
+def _revoke_key_row(session: Session, row: ProjectKey, force: bool) -> None:
+    """Revoke a ProjectKey row; the last active key of its kind only with --force."""
+    from apex_ingest.server import projects as project_store
+
+    try:
+        revoked = project_store.revoke_key_row(session, row, allow_last=force)
+    except project_store.LastKey as error:
+        raise click.ClickException(
+            f"{error}: add a new one first (`projects keys add`), or pass --force"
+        ) from None
+    if not revoked:
+        raise click.ClickException(f"key {row.id} was revoked already")
 
 
 def _project(session: Session, reference: str) -> Project:
@@ -574,14 +621,8 @@ def project_keys_list(project: str) -> None:
 @project_keys.command("revoke")
 @_PROJECT
 @click.argument("key", required=False)
-@click.option("--id", "key_id", type=int, default=None, help="The key's id (`keys list`).")
-@click.option(
-    "--force",
-    is_flag=True,
-    default=False,
-    help="Revoke even the project's last active key of its kind (it then stops receiving "
-    "events, or cannot be administered with a secret key).",
-)
+@click.option("--id", "key_id", type=_ROW_ID, default=None, help="The key's id (`keys list`).")
+@_FORCE
 def project_keys_revoke(project: str, key: str | None, key_id: int | None, force: bool) -> None:
     """Revoke one key, given as it is (a public or a secret key) or by --id.
 
@@ -604,14 +645,7 @@ def project_keys_revoke(project: str, key: str | None, key_id: int | None, force
             row = project_store.find_key(session, project_id, key)
         if row is None:
             raise click.ClickException("no such key in this project")
-        try:
-            revoked = project_store.revoke_key_row(session, row, allow_last=force)
-        except project_store.LastKey as error:
-            raise click.ClickException(
-                f"{error}: add a new one first (`projects keys add`), or pass --force"
-            ) from None
-        if not revoked:
-            raise click.ClickException(f"key {row.id} was revoked already")
+        _revoke_key_row(session, row, force)
         shown = project_store.shown_key(row)
     click.echo(f"revoked {row.kind} key {shown} (id {row.id})")
 
@@ -680,7 +714,7 @@ def dead_letters_list(project: str, limit: int) -> None:
 
 @dead_letters.command("show")
 @_PROJECT
-@click.argument("letter_id", type=int)
+@click.argument("letter_id", type=_ROW_ID)
 def dead_letters_show(project: str, letter_id: int) -> None:
     """One dead letter as JSON."""
     import json
@@ -723,10 +757,28 @@ def _chosen(ids: tuple[int, ...], every: bool) -> list[int] | None:
     return None if every else list(ids)
 
 
+def _require_letters(session: Session, project_id: int, ids: list[int] | None, done: str) -> None:
+    """Refuse (doing nothing) ids that are no dead letter of the project: a mistyped id would
+    otherwise read as done, `replayed 0` or `purged 0` and exit 0."""
+    from sqlalchemy import select
+
+    from apex_ingest.server.models import DeadLetter
+
+    if ids is None:
+        return
+    found = session.scalars(
+        select(DeadLetter.id).where(DeadLetter.project_id == project_id, DeadLetter.id.in_(ids))
+    )
+    missing = sorted(set(ids) - set(found))
+    if missing:
+        listed = ", ".join(map(str, missing))
+        raise click.ClickException(f"no dead letter {listed} in this project; nothing {done}")
+
+
 @dead_letters.command("replay")
 @_PROJECT
 @click.option("--all", "every", is_flag=True, help="Every dead letter of the project.")
-@click.argument("ids", type=int, nargs=-1)
+@click.argument("ids", type=_ROW_ID, nargs=-1)
 def dead_letters_replay(project: str, every: bool, ids: tuple[int, ...]) -> None:
     """Submit dead letters again through validation and storage.
 
@@ -739,6 +791,7 @@ def dead_letters_replay(project: str, every: bool, ids: tuple[int, ...]) -> None
     factory = _session_factory()
     with factory() as session:
         project_id, origins = _project_id(session, project)
+        _require_letters(session, project_id, chosen, "replayed")
     result = deadletters.replay(factory, project_id, origins, chosen)
     click.echo(f"replayed {result.replayed}; {len(result.failed)} refused again")
     for letter in result.failed:
@@ -751,7 +804,7 @@ def dead_letters_replay(project: str, every: bool, ids: tuple[int, ...]) -> None
 @dead_letters.command("purge")
 @_PROJECT
 @click.option("--all", "every", is_flag=True, help="Every dead letter of the project.")
-@click.argument("ids", type=int, nargs=-1)
+@click.argument("ids", type=_ROW_ID, nargs=-1)
 def dead_letters_purge(project: str, every: bool, ids: tuple[int, ...]) -> None:
     """Delete dead letters."""
     from apex_ingest.server import deadletters
@@ -759,6 +812,7 @@ def dead_letters_purge(project: str, every: bool, ids: tuple[int, ...]) -> None:
     chosen = _chosen(ids, every)
     with _session_factory().begin() as session:
         project_id, _ = _project_id(session, project)
+        _require_letters(session, project_id, chosen, "purged")
         purged = deadletters.purge(session, project_id, chosen)
     click.echo(f"purged {purged}")
 
@@ -805,29 +859,34 @@ _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def _since(text: str | None) -> Any:
     """--since as a protobuf Timestamp, or None."""
-    import re
-    from datetime import UTC, datetime, timedelta
-
     from google.protobuf.timestamp_pb2 import Timestamp
 
     if text is None:
         return None
+    stamp = Timestamp()
+    try:
+        stamp.FromDatetime(_since_moment(text))
+    except OverflowError:  # an age, or a time in another zone, that reaches before year 1
+        raise click.BadParameter(
+            f"{text.strip()!r} is before year 1", param_hint="--since"
+        ) from None
+    return stamp
+
+
+def _since_moment(text: str) -> datetime:
+    from datetime import UTC, datetime, timedelta
+
     age = re.fullmatch(r"\s*(\d{1,9})\s*([smhd])\s*", text)
     if age:
-        moment = datetime.now(UTC) - timedelta(seconds=int(age[1]) * _AGE_UNITS[age[2]])
-    else:
-        try:
-            moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-        except ValueError:
-            raise click.BadParameter(
-                "an ISO 8601 time (2026-12-02T10:00:00Z) or an age (30s, 15m, 2h, 7d)",
-                param_hint="--since",
-            ) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-    stamp = Timestamp()
-    stamp.FromDatetime(moment)
-    return stamp
+        return datetime.now(UTC) - timedelta(seconds=int(age[1]) * _AGE_UNITS[age[2]])
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter(
+            "an ISO 8601 time (2026-12-02T10:00:00Z) or an age (30s, 15m, 2h, 7d)",
+            param_hint="--since",
+        ) from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _feed_line(item: Any) -> tuple[str, int, int]:
@@ -931,7 +990,7 @@ _FATAL_CODES = ("UNAUTHENTICATED", "PERMISSION_DENIED", "INVALID_ARGUMENT")
     type=click.IntRange(1, 1000),
     default=50,
     show_default=True,
-    help="The newest this many events, oldest first.",
+    help="The newest this many events (and rejections, with --rejected), oldest first.",
 )
 @click.option(
     "--rejected/--no-rejected",
@@ -964,10 +1023,13 @@ def events_list(
     )
     with _project_stub(secret_key, target, project) as (stub, metadata):
         try:
-            for item in stub.TailEvents(request, metadata=metadata, timeout=60):
-                click.echo(_feed_line(item)[0])
+            # The server sends up to `limit` of each kind, oldest first: the last `limit` of
+            # them are the newest of both together.
+            newest = deque(stub.TailEvents(request, metadata=metadata, timeout=60), maxlen=limit)
         except grpc_lib.RpcError as error:
             raise click.ClickException(error.details() or error.code().name) from None
+    for item in newest:
+        click.echo(_feed_line(item)[0])
 
 
 @events.command("tail")
@@ -1034,7 +1096,8 @@ def events_tail(
 @click.option(
     "--ports-free",
     is_flag=True,
-    help="Fail first if APEX_HTTP_PORT or APEX_GRPC_PORT is taken (`make run`, before `serve`).",
+    help="Fail first if APEX_HTTP_PORT, APEX_GRPC_PORT or APEX_METRICS_PORT is taken "
+    "(`make run`, before `serve`).",
 )
 def demo(ports_free: bool) -> None:
     """Migrate the database (as `db upgrade`), make sure a project named "demo" exists, print
@@ -1048,8 +1111,7 @@ def demo(ports_free: bool) -> None:
 
     settings = load(ServerSettings)
     if ports_free:  # else a key and curl lines for a port `serve` is about to fail on
-        _ensure_free(settings.host, settings.grpc_port, "APEX_GRPC_PORT")
-        _ensure_free(settings.host, settings.http_port, "APEX_HTTP_PORT")
+        _ensure_ports_free(settings, "grpc_port", "http_port", "metrics_port")
     # The one admin command that may create the database: through the migrations, like
     # `db upgrade` (what `make run` runs just before), never as an empty file.
     run_upgrade(settings.database_url, connect_timeout=settings.db_connect_timeout)

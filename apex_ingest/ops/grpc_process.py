@@ -20,10 +20,12 @@ def serve(settings: ServerSettings) -> None:
         from apex_ingest.ops.supervisor import migrate_at_start
 
         migrate_at_start(lambda: bool(stop.received))
+    # Before the gRPC port is taken: a metrics port that cannot be had stops the process while
+    # it serves nothing yet.
+    metrics.serve_metrics(settings.host, settings.metrics_port)
     server, port = create_server(f"{address_host(settings.host)}:{settings.grpc_port}", settings)
     server.start()
     log.info("gRPC server listening on %s:%d", settings.host, port)
-    metrics.serve_metrics(settings.host, settings.metrics_port)
     received = stop.wait(until=_orphaned)
     if received:
         log.info("received %s, draining", received)

@@ -53,7 +53,7 @@ from nats.aio.msg import Msg
 from nats.js import api
 from sqlalchemy import Connection, Engine
 
-from apex_ingest.common.settings import ServerSettings
+from apex_ingest.common.settings import ServerSettings, cannot_listen, variable
 from apex_ingest.server import metrics
 from apex_ingest.server.database import create_db_engine
 from apex_ingest.server.privacy_filter import honour_privacy
@@ -528,6 +528,9 @@ def serve_loader_health(host: str, port: int, state: LoaderState) -> int:
         def log_message(self, format: str, *args: Any) -> None:
             return  # probes are not worth a log line
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as error:  # taken since the command checked it: one line, not a traceback
+        raise cannot_listen(host, port, variable("loader_port"), error) from None
     threading.Thread(target=server.serve_forever, name="loader-health", daemon=True).start()
     return int(server.server_address[1])

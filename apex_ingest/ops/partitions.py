@@ -31,6 +31,8 @@ from psycopg.errors import LockNotAvailable
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 
+from apex_ingest.common.settings import MAX_KEPT_DAYS
+
 DEFAULT_PARTITION = "events_default"
 _NAME_RE = re.compile(r"^events_p(\d{4})_(\d{2})$")
 
@@ -206,8 +208,8 @@ def apply_retention(
 
     SQLite (not partitioned; its unique index is the dedup): delete the rows, in batches.
     """
-    if days < 1:
-        raise ValueError("retention must be at least one day")
+    if not 1 <= days <= MAX_KEPT_DAYS:
+        raise ValueError(f"retention must be 1 to {MAX_KEPT_DAYS} days")
     cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
     if engine.dialect.name == "sqlite":
         return RetentionReport(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import getpass
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
@@ -38,7 +38,7 @@ _IDS_FILE = click.option(
     "--ids-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="A file of ids, one a line: a user id, or `visitor:ID` for a visitor id "
+    help="A UTF-8 file of ids, one a line: a user id, or `visitor:ID` for a visitor id "
     "(`user:ID` also reads as a user id); blank lines and lines starting with # are skipped.",
 )
 _ACTOR = click.option(
@@ -55,6 +55,32 @@ def _actor(actor: str | None) -> str:
         return "unknown"
 
 
+def _read_ids_file(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise click.BadParameter(
+            f"{path} is not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start})",
+            param_hint="--ids-file",
+        ) from None
+    except OSError as error:
+        raise click.BadParameter(
+            f"cannot read {path}: {error.strerror}", param_hint="--ids-file"
+        ) from None
+
+
+def _open_output(path: Path) -> TextIO:
+    """--output opened for writing; a path that cannot be written is a bad --output, said
+    before anything is exported (and audited)."""
+    try:
+        return path.open("w", encoding="utf-8")
+    except OSError as error:
+        raise click.BadParameter(
+            f"cannot write {path}: {error.strerror}", param_hint="--output"
+        ) from None
+
+
 def _people(
     user_ids: tuple[str, ...], visitor_ids: tuple[str, ...], ids_file: Path | None
 ) -> Iterator[Person]:
@@ -63,7 +89,7 @@ def _people(
 
     users, visitors = list(user_ids), list(visitor_ids)
     if ids_file is not None:
-        for raw in ids_file.read_text(encoding="utf-8").splitlines():
+        for raw in _read_ids_file(ids_file).splitlines():
             line = raw.strip()
             if not line or line.startswith("#"):
                 continue
@@ -204,7 +230,7 @@ def people_export(
     factory = _session_factory()
     with factory() as session:
         project_id, _ = _project_id(session, project)
-    sink = output.open("w", encoding="utf-8") if output is not None else None
+    sink = _open_output(output) if output is not None else None
     try:
         for person in _people(user_ids, visitor_ids, ids_file):
             for record in store.export_person(

@@ -42,6 +42,17 @@ def _given(values: Mapping[str, Any], *names: str) -> bool:
     return any(values.get(name) not in (None, (), False) for name in names)
 
 
+def _without(kept: set[str], removed: set[str], what: str, option: str) -> set[str]:
+    """`kept` less `removed`, every one of which must be there: a mistyped name would otherwise
+    change nothing and still be reported as the new setting."""
+    absent = removed - kept
+    if absent:
+        raise SettingError(
+            f"not {what} of this project: {', '.join(sorted(absent))}", param_hint=option
+        )
+    return kept - removed
+
+
 def _origins(values: Mapping[str, Any], current: Sequence[str]) -> list[str] | None:
     if not _given(values, "allowed_origins", "add_allowed_origin", "remove_allowed_origin") and (
         not values.get("any_origin")
@@ -65,25 +76,24 @@ def _origins(values: Mapping[str, Any], current: Sequence[str]) -> list[str] | N
                 found.add(origin.strip())
         return found
 
-    if values.get("any_origin"):
-        base: set[str] = set()
-    elif values.get("allowed_origins"):
+    if values.get("allowed_origins"):
         base = normalized(values["allowed_origins"], "--allowed-origin")
     else:
         base = set(current)
     base |= normalized(values.get("add_allowed_origin") or (), "--add-allowed-origin")
-    before = bool(base)
-    base -= normalized(
-        values.get("remove_allowed_origin") or (), "--remove-allowed-origin", current
-    )
-    if before and not base and not values.get("any_origin"):
+    option = "--remove-allowed-origin"
+    removed = normalized(values.get("remove_allowed_origin") or (), option, current)
+    kept = _without(base, removed, "an allowed origin", option)
+    if values.get("any_origin"):
+        return []
+    if base and not kept:
         # An empty list allows any origin: never widen it by removing the last one silently.
         raise SettingError(
             "this removes every allowed origin, which allows any origin: "
             "pass --any-origin to say so",
-            param_hint="--remove-allowed-origin",
+            param_hint=option,
         )
-    return sorted(base)
+    return sorted(kept)
 
 
 def _apply_origins(project: Project, values: Mapping[str, Any]) -> str | None:
@@ -117,7 +127,9 @@ def _apply_redact_params(project: Project, values: Mapping[str, Any]) -> str | N
     else:
         names = set(project.redact_params or ())
     names |= checked(values.get("add_redact_param") or (), "--add-redact-param")
-    names -= checked(values.get("remove_redact_param") or (), "--remove-redact-param")
+    option = "--remove-redact-param"
+    removed = checked(values.get("remove_redact_param") or (), option)
+    names = _without(names, removed, "a redacted parameter", option)
     project.redact_params = sorted(names) or None
     return ",".join(sorted(names)) or "(only the built-in names)"
 

@@ -253,11 +253,13 @@ def shown_key(row: ProjectKey) -> str:
     return row.key if row.kind == PUBLIC else f"sk_live_... (sha256 {row.key[:12]})"
 
 
-def find_key(session: Session, project_id: int, key: str) -> ProjectKey | None:
-    """The project's key row for `key`, a public key or a secret key given in plain."""
+def find_key(session: Session, project_id: int | None, key: str) -> ProjectKey | None:
+    """The key row for `key`, a public key or a secret key given in plain: the project's, or
+    any project's when `project_id` is None (keys are unique per kind)."""
+    of_project = [] if project_id is None else [ProjectKey.project_id == project_id]
     return session.scalars(
         select(ProjectKey).where(
-            ProjectKey.project_id == project_id,
+            *of_project,
             ((ProjectKey.kind == PUBLIC) & (ProjectKey.key == key))
             | ((ProjectKey.kind == SECRET) & (ProjectKey.key == secret_digest(key))),
         )

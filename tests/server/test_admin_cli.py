@@ -304,6 +304,9 @@ def test_events_list_filters(sqlite_url: str) -> None:
         assert listed("--since", "2999-01-01T00:00:00Z") == []
         with_rejected = listed("--rejected")
         assert [r[1] for r in with_rejected].count("rejected") == 1
+        # --limit counts events and rejections together: the newest two of all, not two of each.
+        assert listed("--rejected", "--limit", "2") == with_rejected[-2:]
+        assert [r[5] for r in with_rejected[-2:]] == ["/d", "nope"]
         assert listed("--project", "Shop") == every
         wrong = run(
             sqlite_url,
@@ -372,3 +375,26 @@ def test_migration_0009_adds_and_drops_rate_limit(database_url: str) -> None:
         assert project_row(database_url, "Kept").rate_limit is None
     finally:
         engine.dispose()
+
+
+def test_removing_an_origin_or_a_parameter_the_project_lacks_is_refused(sqlite_url: str) -> None:
+    """A typo in a removal changed nothing and still printed the list as if it had."""
+    run(sqlite_url, "projects", "create", "Shop", "--allowed-origin", "https://a.example")
+    update = ["projects", "update", "--project", "Shop"]
+    run(sqlite_url, *update, "--add-redact-param", "coupon")
+    for option, absent, what in (
+        ("--remove-allowed-origin", "https://typo.example", "an allowed origin"),
+        ("--remove-redact-param", "coupn", "a redacted parameter"),
+    ):
+        refused = run(sqlite_url, *update, option, absent, check=False)
+        assert refused.returncode == 2, refused.stderr
+        assert f"Invalid value for {option}: not {what} of this project: {absent}" in (
+            refused.stderr
+        )
+    row = project_row(sqlite_url, "Shop")
+    assert (row.allowed_origins, row.redact_params) == (["https://a.example"], ["coupon"])
+    # The last origin goes with --any-origin, named or not.
+    widened = run(
+        sqlite_url, *update, "--remove-allowed-origin", "https://a.example", "--any-origin"
+    )
+    assert "allowed origins = * (any origin)" in widened.stdout

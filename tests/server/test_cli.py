@@ -29,6 +29,16 @@ def run(database_url: str, *args: str, check: bool = True) -> subprocess.Complet
     )
 
 
+def refusal(result: subprocess.CompletedProcess[str]) -> str:
+    """The one `Error: ...` line of a command refused with exit status 2 (after click's usage
+    lines for a bad option or argument), asserting there is no traceback."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and result.stderr.strip().endswith(errors[0]), result.stderr
+    return errors[0]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -64,16 +74,35 @@ def test_projects_create_list_revoke(database_url: str) -> None:
     assert f"{key}\tShop\tactive" in listing
     assert "origins=https://blog.example" in listing
 
-    assert run(database_url, "projects", "revoke", key).returncode == 0
+    assert run(database_url, "projects", "revoke", key, "--force").returncode == 0  # its last
     assert "revoked" in run(database_url, "projects", "list").stdout.splitlines()[0]
     again = run(database_url, "projects", "revoke", key, check=False)
     assert again.returncode != 0 and "no active project" in again.stderr
-    assert run(database_url, "projects", "revoke", secret).returncode == 0  # secret keys too
+    assert run(database_url, "projects", "revoke", secret, "--force").returncode == 0  # secret too
 
     clash = run(database_url, "projects", "create", "X", "--key", own, check=False)
     assert clash.returncode != 0 and "already exists" in clash.stderr
     bad = run(database_url, "projects", "create", "X", "--allowed-origin", "ftp://x", check=False)
     assert bad.returncode != 0 and "origin" in bad.stderr
+
+
+def test_projects_revoke_keeps_the_last_key_of_a_kind_unless_forced(sqlite_url: str) -> None:
+    """As `projects keys revoke` does: a project left without a public key receives nothing."""
+    created = run(sqlite_url, "projects", "create", "Shop")
+    key, secret = created.stdout.strip(), created.stderr.split()[-1]
+    for last in (key, secret):
+        refused = run(sqlite_url, "projects", "revoke", last, check=False)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr
+        kind = "public" if last == key else "secret"
+        assert refused.stderr.strip().splitlines() == [
+            f"Error: this is the project's last active {kind} key: add a new one first "
+            "(`projects keys add`), or pass --force"
+        ]
+    assert "\tShop\tactive" in run(sqlite_url, "projects", "list").stdout
+    second = run(sqlite_url, "projects", "keys", "add", "--project", "Shop").stdout.strip()
+    assert run(sqlite_url, "projects", "revoke", key).stdout == f"revoked {key}\n"
+    assert run(sqlite_url, "projects", "list").stdout.startswith(f"{second}\tShop\tactive")
+    assert run(sqlite_url, "projects", "revoke", secret, "--force").returncode == 0
 
 
 @pytest.mark.parametrize("key", ["pk_live_\x01bad", "k" * 129, " pk_live_padded", ""])

@@ -127,3 +127,30 @@ def test_rejected_with_a_filter_is_refused_not_ignored(sqlite_url: str, command:
 @pytest.fixture(autouse=True)
 def _no_stray_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("APEX_GRPC_TARGET", raising=False)
+
+
+def test_replay_and_purge_refuse_ids_that_are_no_dead_letter_of_the_project(
+    sqlite_url: str,
+) -> None:
+    """A mistyped id is said, and nothing is done (not `replayed 0` and exit 0)."""
+    key = run(sqlite_url, "projects", "create", "Shop").stdout.strip()
+    run(sqlite_url, "projects", "create", "Other")
+    server = start_server(sqlite_url)
+    try:
+        send(server.target, key, [Event(id="y", type="b", url="nope")])
+        (letter,) = dead_letters(sqlite_url, wait_for=1)
+        stored = str(letter["id"])
+    finally:
+        server.server.stop(0)
+    for command, done in (("replay", "replayed"), ("purge", "purged")):
+        for project in ("Shop", "Other"):
+            ids = [stored, "999"] if project == "Shop" else [stored]
+            refused = run(
+                sqlite_url, "dead-letters", command, "--project", project, *ids, check=False
+            )
+            missing = "999" if project == "Shop" else stored
+            assert refused.returncode == 1, refused.stderr
+            assert refused.stderr.strip().splitlines() == [
+                f"Error: no dead letter {missing} in this project; nothing {done}"
+            ]
+    assert [row["id"] for row in dead_letters(sqlite_url)] == [letter["id"]]  # left as it was

@@ -10,7 +10,7 @@ import grpc
 
 from apex_ingest.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.conftest import start_server
-from tests.server.test_cli import run
+from tests.server.test_cli import refusal, run
 from tests.server.test_identity import query
 
 Event = ingest_pb2.Event
@@ -88,3 +88,34 @@ def test_export_delete_suppress_unsuppress(database_url: str, tmp_path: Path) ->
 
     usage = run(database_url, "people", "delete", "--project", "Shop", check=False)
     assert usage.returncode == 2 and "--user-id" in usage.stderr
+
+
+def test_an_ids_file_that_is_not_utf8_is_refused_in_one_line(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    run(sqlite_url, "projects", "create", "Shop")
+    not_utf8 = tmp_path / "ids.txt"
+    not_utf8.write_bytes(b"ann\n\xff\xfe\n")
+    for command in ("delete", "unsuppress", "export"):
+        refused = run(
+            sqlite_url, "people", command, "--project", "Shop", "--ids-file", str(not_utf8),
+            check=False,
+        )  # fmt: skip
+        error = refusal(refused)
+        assert error.startswith("Error: Invalid value for --ids-file: ")
+        assert error.endswith(f"{not_utf8} is not UTF-8 text (byte 0xff at offset 4)")
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_exporting(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    run(sqlite_url, "projects", "create", "Shop")
+    nowhere = tmp_path / "no" / "such" / "dir" / "export.jsonl"
+    refused = run(
+        sqlite_url, "people", "export", "--project", "Shop", "--user-id", "ann", "-o", str(nowhere),
+        check=False,
+    )  # fmt: skip
+    assert refusal(refused) == (
+        f"Error: Invalid value for --output: cannot write {nowhere}: No such file or directory"
+    )
+    assert query(sqlite_url, "SELECT count(*) FROM privacy_audit") == [(0,)]  # nothing exported

@@ -18,7 +18,7 @@ from apex_ingest.common.rpc import (
     SERVICE_NAME,
 )
 from apex_ingest.common.settings import ServerSettings, load
-from apex_ingest.server import enrichment, metrics, reflection
+from apex_ingest.server import decoding, enrichment, metrics, reflection
 from apex_ingest.server.admission import AdmissionInterceptor, CountingExecutor
 from apex_ingest.server.database import create_db_engine, create_session_factory
 from apex_ingest.server.deadletters import DeadLetterRecorder
@@ -174,12 +174,16 @@ def create_server(address: str, settings: ServerSettings | None = None) -> tuple
             stale_for=settings.stream_key_grace if stream is not None else 0.0,
         ),
     )
-    ingest_pb2_grpc.add_IngestServiceServicer_to_server(ingest_servicer, server)  # type: ignore[no-untyped-call]
-    project_pb2_grpc.add_ProjectServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        ProjectServicer(projects, session_factory), server
+    decoding.register(ingest_pb2_grpc.add_IngestServiceServicer_to_server, ingest_servicer, server)
+    decoding.register(
+        project_pb2_grpc.add_ProjectServiceServicer_to_server,
+        ProjectServicer(projects, session_factory),
+        server,
     )
-    people_pb2_grpc.add_PeopleServiceServicer_to_server(  # type: ignore[no-untyped-call]
-        PeopleServicer(projects, session_factory), server
+    decoding.register(
+        people_pb2_grpc.add_PeopleServiceServicer_to_server,
+        PeopleServicer(projects, session_factory),
+        server,
     )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -55,9 +55,14 @@ class StorageUnavailable(IngestError):
     is back. Events carrying ids are stored once however often they are sent again.
     """
 
-    def __init__(self, retry_after_seconds: int, maybe_stored: bool = False) -> None:
+    def __init__(
+        self, retry_after_seconds: int, maybe_stored: bool = False, for_deadline: bool = False
+    ) -> None:
         self.retry_after_seconds = retry_after_seconds
         self.maybe_stored = maybe_stored
+        #: Answered early so that the refusal beats the caller's deadline: the database was
+        #: slow for this caller, which says nothing yet of its health (the probe will tell).
+        self.for_deadline = for_deadline
         super().__init__(
             "storage unavailable; the events may have been stored before the connection to the "
             "database broke: retry with the same event ids"

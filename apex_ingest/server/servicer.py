@@ -83,9 +83,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                     self._suppressions,
                 )
             except StorageUnavailable as error:
-                # The database's own error if there was one; else the store's (no answer in time).
-                log.warning("storage unavailable: %r", error.__cause__ or error)
-                self._on_storage_unavailable()
+                _log_unavailable(error, request)
+                self._mark_unavailable(error)
                 rpc.code, project = _rejected(request, error)
                 return _refuse(context, error_status(error))
             except IngestError as error:
@@ -197,7 +196,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
                 self._suppressions,
             ).project_id
         except StorageUnavailable as error:
-            self._on_storage_unavailable()
+            self._mark_unavailable(error)
             return error
         except IngestError as error:
             found, project_id = error, error.project_id
@@ -251,12 +250,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         """One request's result, counted in the metrics as IngestEvents would count it."""
         if isinstance(outcome, IngestError):
             if isinstance(outcome, StorageUnavailable):
-                log.warning(
-                    "storage unavailable: %r",
-                    outcome.__cause__,
-                    extra={"request_id": request.context.request_id or request_id_var.get()},
-                )
-                self._on_storage_unavailable()
+                _log_unavailable(outcome, request)
+                self._mark_unavailable(outcome)
             _rejected(request, outcome)
             self._keep(request, outcome)
             rich = rich_status(outcome)
@@ -324,6 +319,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             return frozenset(), "none"
         return project.redact_params, project.ip_mode
 
+    def _mark_unavailable(self, error: StorageUnavailable) -> None:
+        """Health turns at once on the database's failure, not on one caller's short wait."""
+        if not error.for_deadline:
+            self._on_storage_unavailable()
+
     def _keep(self, request: ingest_pb2.IngestEventsRequest, error: IngestError) -> None:
         """Keep the events of a request refused for its content as dead letters (queued; never
         blocks, never raises). Unknown keys are only counted."""
@@ -344,6 +344,15 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             isinstance(error, InvalidRequest) and error.project_id is None
         ):
             metrics.DEAD_LETTERS_DROPPED.labels("unknown_key").inc(max(1, len(request.events)))
+
+
+def _log_unavailable(error: StorageUnavailable, request: ingest_pb2.IngestEventsRequest) -> None:
+    # The database's own error if there was one; else the store's refusal (no answer in time).
+    log.warning(
+        "storage unavailable: %r",
+        error.__cause__ or error,
+        extra={"request_id": request.context.request_id or request_id_var.get()},
+    )
 
 
 def _count_accepted(project: str, outcome: Outcome) -> None:

@@ -445,21 +445,25 @@ class EventStore:
                     writer.start()
             self._queue.extend(pendings)
             self._wakeup.notify(len(pendings))
-        give_up = self._give_up_at(time.monotonic(), deadline)
-        return [self._outcome(pending, give_up) for pending in pendings]
+        give_up, for_deadline = self._give_up_at(time.monotonic(), deadline)
+        return [self._outcome(pending, give_up, for_deadline) for pending in pendings]
 
-    def _give_up_at(self, now: float, deadline: float | None) -> float | None:
-        """When a caller stops waiting for a writer: at the commit timeout, or early enough
-        before its own deadline for the refusal (UNAVAILABLE with RetryInfo: a 503 with
-        Retry-After) to reach it, rather than the deadline passing first (a bare 504)."""
-        candidates = []
-        if self._commit_timeout is not None:
-            candidates.append(now + self._commit_timeout)
-        if deadline is not None and deadline > now:  # past: the writer answers DeadlinePassed
-            candidates.append(deadline - min(ANSWER_MARGIN_SECONDS, (deadline - now) / 2))
-        return min(candidates, default=None)
+    def _give_up_at(self, now: float, deadline: float | None) -> tuple[float | None, bool]:
+        """When a caller stops waiting for a writer, and whether its deadline decided it: at
+        the commit timeout, or, for a caller that gave itself time enough, early enough before
+        its deadline for the refusal (UNAVAILABLE with RetryInfo: a 503 with Retry-After) to
+        reach it rather than the deadline passing first (a bare 504). A shorter deadline is
+        the caller's choice: it gets DEADLINE_EXCEEDED as before, a slow commit no refusal."""
+        at = None if self._commit_timeout is None else now + self._commit_timeout
+        if deadline is not None and deadline - now >= 2 * ANSWER_MARGIN_SECONDS:
+            early = deadline - ANSWER_MARGIN_SECONDS
+            if at is None or early < at:
+                return early, True
+        return at, False
 
-    def _outcome(self, pending: _Pending, give_up: float | None) -> IngestError | None:
+    def _outcome(
+        self, pending: _Pending, give_up: float | None, for_deadline: bool
+    ) -> IngestError | None:
         """Wait for a writer to answer `pending`, at most until `give_up` (time.monotonic())."""
         timeout = None if give_up is None else max(0.0, give_up - time.monotonic())
         if not pending.done.wait(timeout):
@@ -469,10 +473,12 @@ class EventStore:
                 except ValueError:
                     pass
                 else:
-                    return StorageUnavailable(self._retry_after)
+                    return StorageUnavailable(self._retry_after, for_deadline=for_deadline)
             if not pending.done.is_set():
                 log.warning("no answer from the database in time; the caller is told to retry")
-                return StorageUnavailable(self._retry_after, maybe_stored=True)
+                return StorageUnavailable(
+                    self._retry_after, maybe_stored=True, for_deadline=for_deadline
+                )
         return pending.error
 
     def _write_forever(self) -> None:

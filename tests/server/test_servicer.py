@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from apex_ingest.common.logs import REQUEST_ID_METADATA, JsonFormatter
 from apex_ingest.server import metrics
 from apex_ingest.server.database import create_db_engine, create_session_factory
-from apex_ingest.server.errors import StorageUnavailable
+from apex_ingest.server.errors import IngestError, StorageUnavailable
 from apex_ingest.server.projects import ProjectDirectory
 from apex_ingest.server.servicer import IngestServicer
 from apex_ingest.server.storage import EventStore, Row
@@ -95,18 +95,28 @@ def test_storage_down_is_unavailable_with_retry_info(tmp_path: object) -> None:
     assert retry.retry_delay.seconds == 2
 
 
+@pytest.mark.parametrize("method", ["IngestEvents", "IngestMany"])
+@pytest.mark.parametrize("for_deadline", [False, True])
 def test_a_storage_timeout_is_logged_by_what_happened(
-    sqlite_url: str, caplog: pytest.LogCaptureFixture
+    sqlite_url: str, caplog: pytest.LogCaptureFixture, method: str, for_deadline: bool
 ) -> None:
-    """A refusal with no database error behind it (no answer in time) says so, not "None"."""
+    """A refusal with no database error behind it (no answer in time) says so, not "None"; one
+    given early for the caller's deadline does not turn health (one caller's short wait)."""
 
     class SilentStore(EventStore):
-        def store(self, project_id: int, rows: list[Row], deadline: float | None = None) -> None:
-            raise StorageUnavailable(1, maybe_stored=True)
+        def store_many(
+            self, requests: object, deadline: float | None = None
+        ) -> list[IngestError | None]:
+            return [StorageUnavailable(1, maybe_stored=True, for_deadline=for_deadline)]
 
     engine = create_db_engine(sqlite_url)
     sessions = create_session_factory(engine)
-    servicer = IngestServicer(ProjectDirectory(sessions, ttl=0), SilentStore(sessions, 1))
+    marked: list[bool] = []
+    servicer = IngestServicer(
+        ProjectDirectory(sessions, ttl=0),
+        SilentStore(sessions, 1),
+        on_storage_unavailable=lambda: marked.append(True),
+    )
     server = grpc_testing.server_from_dictionary(
         {SERVICE: servicer}, grpc_testing.strict_real_time()
     )
@@ -114,11 +124,19 @@ def test_a_storage_timeout_is_logged_by_what_happened(
         project_key=make_project(sqlite_url), events=[ingest_pb2.Event(type="t", url="/")]
     )
     with caplog.at_level(logging.WARNING, logger="apex_ingest.server.servicer"):
-        _, code, _ = invoke(server, request)
+        if method == "IngestEvents":
+            _, code, _ = invoke(server, request)
+            assert code is grpc.StatusCode.UNAVAILABLE
+        else:
+            many = ingest_pb2.IngestManyRequest(requests=[request])
+            rpc = server.invoke_unary_unary(SERVICE.methods_by_name[method], (), many, None)
+            response, _, code, _ = rpc.termination()
+            assert code is grpc.StatusCode.OK
+            assert response.results[0].status.code == grpc.StatusCode.UNAVAILABLE.value[0]
     engine.dispose()
-    assert code is grpc.StatusCode.UNAVAILABLE
     [line] = [r.getMessage() for r in caplog.records if r.name == "apex_ingest.server.servicer"]
     assert "None" not in line and "same event ids" in line
+    assert marked == ([] if for_deadline else [True])
 
 
 def test_unexpected_failure_is_internal_not_unknown(sqlite_url: str) -> None:

@@ -251,12 +251,17 @@ def db() -> None:
 @db.command()
 def upgrade() -> None:
     """Apply every pending migration."""
-    from apex_ingest.ops.migrate import current_revision
+    from apex_ingest.ops.migrate import current_revision, is_known_revision
     from apex_ingest.ops.migrate import upgrade as run_upgrade
 
     settings = load(ServerSettings)
     url, timeout = settings.database_url, settings.db_connect_timeout
     before = current_revision(url, timeout)
+    if before is not None and not is_known_revision(before):
+        # A newer release migrated it (a rolling upgrade): nothing for this one to do, and not
+        # an error, or every older server would fail (and retry) its migration at start.
+        click.echo(f"database is at revision {before}, newer than this release's migrations")
+        return
     run_upgrade(url, connect_timeout=timeout)
     after = current_revision(url, timeout)
     if before == after:

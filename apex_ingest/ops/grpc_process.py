@@ -20,6 +20,8 @@ def serve(settings: ServerSettings) -> None:
         from apex_ingest.ops.supervisor import migrate_at_start
 
         migrate_at_start(lambda: bool(stop.received))
+        if stop.received:
+            return
     # Before the gRPC port is taken: a metrics port that cannot be had stops the process while
     # it serves nothing yet.
     metrics.serve_metrics(settings.host, settings.metrics_port)

@@ -89,3 +89,17 @@ def current_revision(
             return MigrationContext.configure(connection).get_current_revision()
     finally:
         engine.dispose()
+
+
+def is_known_revision(revision: str) -> bool:
+    """Whether `revision` is one of this release's migrations (else a newer release's)."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        return (
+            ScriptDirectory.from_config(alembic_config("sqlite://")).get_revision(revision)
+            is not None
+        )
+    except CommandError:
+        return False

@@ -157,8 +157,10 @@ def start_grpc_processes(
     return children
 
 
-#: Seconds between two tries of the migration at start, after one failed (the database down).
+#: Seconds before the migration at start is tried again after it failed (the database down),
+#: doubled after each failure up to MIGRATION_RETRY_MAX_SECONDS.
 MIGRATION_RETRY_SECONDS = 10.0
+MIGRATION_RETRY_MAX_SECONDS = 300.0
 
 
 def migrate_at_start(stopping: Callable[[], bool]) -> None:
@@ -173,17 +175,19 @@ def migrate_at_start(stopping: Callable[[], bool]) -> None:
 
 
 def _migrate_until_applied(stopping: Callable[[], bool]) -> None:
+    wait = MIGRATION_RETRY_SECONDS
     while True:
-        next_try = time.monotonic() + MIGRATION_RETRY_SECONDS
+        next_try = time.monotonic() + wait
         while time.monotonic() < next_try:
             if stopping():
                 return
             time.sleep(0.2)
-        if _migrate(stopping):
+        wait = min(2 * wait, MIGRATION_RETRY_MAX_SECONDS)
+        if _migrate(stopping, wait):
             return
 
 
-def _migrate(stopping: Callable[[], bool]) -> bool:
+def _migrate(stopping: Callable[[], bool], next_wait: float = MIGRATION_RETRY_SECONDS) -> bool:
     """`db upgrade` in a process of its own (True: applied): Alembic and SQLAlchemy would
     otherwise stay in this one, and in the gateway workers it forks (~20 MB of resident memory
     in each). A stop signal meanwhile ends it (its transaction rolls back) rather than waiting
@@ -208,11 +212,12 @@ def _migrate(stopping: Callable[[], bool]) -> bool:
     if child.returncode == 0:
         log.info("%s", out.strip())  # in this process's log format
         return True
+    if stopping():  # a Ctrl-C reached the child too: nothing to retry
+        log.warning("stopped before the migrations were applied")
+        return False
     reason = (err.strip().splitlines() or ["no message"])[-1]
     log.warning(
-        "could not apply migrations at start (trying again in %.0f s): %s",
-        MIGRATION_RETRY_SECONDS,
-        reason,
+        "could not apply migrations at start (trying again in %.0f s): %s", next_wait, reason
     )
     return False
 

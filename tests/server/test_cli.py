@@ -246,6 +246,16 @@ def test_commands_give_up_on_a_database_that_never_answers(args: list[str]) -> N
     assert "timeout" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_db_upgrade_leaves_a_newer_releases_schema_alone(sqlite_url: str) -> None:
+    """During a rolling upgrade an older server's migration at start met a revision it does not
+    know: `db upgrade` failed, and the server retried it for as long as it ran."""
+    with sqlite3.connect(sqlite_url.removeprefix("sqlite:///")) as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999'")
+    result = run(sqlite_url, "db", "upgrade")
+    assert result.stdout == "database is at revision 9999, newer than this release's migrations\n"
+    assert current_revision(sqlite_url) == "9999"
+
+
 def test_db_upgrade_and_demo_create_the_database_with_its_schema(tmp_path: Path) -> None:
     """`demo` (what `make run` runs) migrates as `db upgrade` does: never an empty file."""
     out = run_env("", {}, "demo", cwd=tmp_path).stdout

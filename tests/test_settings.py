@@ -210,16 +210,27 @@ def test_only_the_settings_module_touches_the_environment() -> None:
 
 @pytest.mark.parametrize(
     "target",
-    ["::::", "localhost", "localhost:", "host:0", "host:65536", "host:grpc", "::1:50051", ":50051"],
+    ["::::", "localhost:", "host:0", "host:65536", "host:grpc", "::1:50051", ":50051", "a b:1"],
 )
 def test_a_grpc_target_no_channel_could_use_names_the_variable(target: str) -> None:
-    with pytest.raises(ConfigError, match=r"^APEX_GRPC_TARGET: must be HOST:PORT"):
+    with pytest.raises(ConfigError, match=r"^APEX_GRPC_TARGET: must be HOST:PORT or HOST"):
         GatewaySettings.from_config({"APEX_GRPC_TARGET": target})
 
 
 @pytest.mark.parametrize(
     "target",
-    ["127.0.0.1:50051", "grpc.internal:443", "[::1]:50051", "dns:///grpc:50051", "unix:/run/a"],
+    [
+        "127.0.0.1:50051",
+        "grpc.internal:443",
+        "grpc.internal",  # gRPC's default port, 443
+        "[::1]:50051",
+        "dns:///grpc:50051",
+        "DNS:///grpc:50051",
+        "unix:/run/a",
+        "ipv4:10.0.0.1:50051,10.0.0.2:50051",
+        "xds:///ingest",
+        "google-c2p:///ingest",
+    ],
 )
 def test_grpc_targets_channels_take(target: str) -> None:
     assert GatewaySettings.from_config({"APEX_GRPC_TARGET": target}).grpc_target == target

@@ -33,6 +33,7 @@ import errno
 import ipaddress
 import math
 import os
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -386,24 +387,33 @@ def _networks(value: Any) -> tuple[IPNetwork, ...]:
     return tuple(networks)
 
 
-#: Targets in gRPC's own naming schemes, passed to gRPC as they are.
-_GRPC_SCHEMES = ("dns:", "unix:", "unix-abstract:", "ipv4:", "ipv6:", "vsock:")
+#: A target URI of gRPC's naming schemes, passed to gRPC as it is: SCHEME:/... (dns:///,
+#: xds:///, google-c2p:///: gRPC knows more than we could list), or one of the schemes that
+#: take no slash.
+_GRPC_URI = re.compile(
+    r"[A-Za-z][A-Za-z0-9+.-]*:/\S*|(?i:ipv4|ipv6|unix|unix-abstract|vsock|dns):\S+"
+)
+#: Otherwise HOST or HOST:PORT (gRPC's default port then 443), an IPv6 address in brackets.
+_GRPC_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+(%\w+)?\]|[^\s:\[\]/]+)(:(\d{1,5}))?")
 
 
 def _grpc_target(value: Any) -> str:
-    """HOST:PORT (an IPv6 address in brackets) or a URI of gRPC's naming schemes: anything else
-    would fail only at the gateway's first call, as a 503 for every request."""
+    """A gRPC target. Only what gRPC could never resolve is refused ('::::', a host with a bad
+    port): it would fail only at the gateway's first call, as a 503 for every request."""
     text = str(value).strip()
-    if text.startswith(_GRPC_SCHEMES):
+    if not text:
         return text
-    host, _, port = text.rpartition(":")
-    unbracketed_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
-    if not host.strip("[]") or unbracketed_ipv6 or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(
-            "must be HOST:PORT (an IPv6 address in brackets, [::1]:50051) or a gRPC URI "
-            "(dns:, unix:, ipv4:, ipv6:, ...)"
-        )
-    return text
+    host_port = _GRPC_HOST_PORT.fullmatch(text)
+    if host_port is not None:
+        port = host_port.group(4)
+        if port is None or 0 < int(port) < 65536:
+            return text
+    elif _GRPC_URI.fullmatch(text):
+        return text
+    raise ValueError(
+        "must be HOST:PORT or HOST (an IPv6 address in brackets, [::1]:50051) or a gRPC target URI "
+        "(dns:///host:port, ipv4:, unix:, xds:, ...)"
+    )
 
 
 def _rate_limit(value: Any) -> str:

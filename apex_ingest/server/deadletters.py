@@ -201,7 +201,6 @@ def rows_for(
         "received_at": received_at,
         "reason": reason,
         # Refused values may hold anything; PostgreSQL's text holds no NUL.
-        "user_id": request.user_id.replace("\x00", "")[:128] or None,
         "origin": context.origin.replace("\x00", "")[:4096] or None,
         "ip": scrub_ip(normalized_ip(context.client_ip), ip_mode),
         "user_agent": clean_user_agent(context.user_agent),
@@ -217,6 +216,9 @@ def rows_for(
         rows.append(
             {
                 **shared,
+                # The event's own user (the SDK's batches carry one per event), else the batch's.
+                "user_id": (events[index].user_id or request.user_id).replace("\x00", "")[:128]
+                or None,
                 "event_index": index,
                 "violations": json.dumps(
                     [{"field": v.field, "description": v.description} for v in own],

@@ -66,6 +66,7 @@ def test_a_refused_request_with_a_known_key_is_kept_with_its_reasons(
         events=[
             Event(id="ok-1", type="pageview", url="/fine", data='{"n": 1.50}'),
             Event(id="bad-1", type="click", url="ftp://nope", visitor_id="v1"),
+            Event(id="own-1", type="click", url="/", user_id="u2"),  # its own user (the SDK's)
         ],
         context=ingest_pb2.RequestContext(
             client_ip="::ffff:192.0.2.1", user_agent="UA\x01/1", request_id="req-1"
@@ -75,7 +76,7 @@ def test_a_refused_request_with_a_known_key_is_kept_with_its_reasons(
         stub.IngestEvents(request, timeout=5)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # the answer is unchanged
     kept = dead_letters(server.database_url, wait_for=2)
-    assert [row["event_index"] for row in kept] == [0, 1]
+    assert [row["event_index"] for row in kept] == [0, 1, 2]
     assert {row["reason"] for row in kept} == {"invalid_argument"}
     assert json.loads(kept[0]["violations"]) == []  # valid, refused with its request
     assert [v["field"] for v in json.loads(kept[1]["violations"])] == ["events[1].url"]
@@ -85,6 +86,7 @@ def test_a_refused_request_with_a_known_key_is_kept_with_its_reasons(
     assert kept[1]["ip"] == "::ffff:c000:201"  # normalized as events store it
     assert kept[1]["user_agent"] == "UA/1"
     assert kept[1]["user_id"] == "u1" and kept[1]["request_id"] == "req-1"
+    assert kept[2]["user_id"] == "u2"
     assert count_events(server.database_url) == 0  # still not events
 
 

@@ -42,10 +42,13 @@ def _given(values: Mapping[str, Any], *names: str) -> bool:
     return any(values.get(name) not in (None, (), False) for name in names)
 
 
-def _without(kept: set[str], removed: set[str], what: str, option: str) -> set[str]:
-    """`kept` less `removed`, every one of which must be there: a mistyped name would otherwise
-    change nothing and still be reported as the new setting."""
-    absent = removed - kept
+def _without(
+    kept: set[str], removed: set[str], what: str, option: str, current: Sequence[str]
+) -> set[str]:
+    """`kept` less `removed`, every one of which must be there or in the project's `current`
+    list (which a new list may replace): a mistyped name would otherwise change nothing and
+    still be reported as the new setting."""
+    absent = removed - kept - set(current)
     if absent:
         raise SettingError(
             f"not {what} of this project: {', '.join(sorted(absent))}", param_hint=option
@@ -83,7 +86,7 @@ def _origins(values: Mapping[str, Any], current: Sequence[str]) -> list[str] | N
     base |= normalized(values.get("add_allowed_origin") or (), "--add-allowed-origin")
     option = "--remove-allowed-origin"
     removed = normalized(values.get("remove_allowed_origin") or (), option, current)
-    kept = _without(base, removed, "an allowed origin", option)
+    kept = _without(base, removed, "an allowed origin", option, current)
     if values.get("any_origin"):
         return []
     if base and not kept:
@@ -129,7 +132,7 @@ def _apply_redact_params(project: Project, values: Mapping[str, Any]) -> str | N
     names |= checked(values.get("add_redact_param") or (), "--add-redact-param")
     option = "--remove-redact-param"
     removed = checked(values.get("remove_redact_param") or (), option)
-    names = _without(names, removed, "a redacted parameter", option)
+    names = _without(names, removed, "a redacted parameter", option, project.redact_params or ())
     project.redact_params = sorted(names) or None
     return ",".join(sorted(names)) or "(only the built-in names)"
 

@@ -393,6 +393,23 @@ def test_removing_an_origin_or_a_parameter_the_project_lacks_is_refused(sqlite_u
         )
     row = project_row(sqlite_url, "Shop")
     assert (row.allowed_origins, row.redact_params) == (["https://a.example"], ["coupon"])
+    # A removal of what the project has, beside a new list that replaces it, is no typo.
+    replaced = run(
+        sqlite_url,
+        *update,
+        "--allowed-origin",
+        "https://b.example",
+        "--remove-allowed-origin",
+        "https://a.example",
+        "--redact-param",
+        "promo",
+        "--remove-redact-param",
+        "coupon",
+    )
+    assert replaced.returncode == 0, replaced.stderr
+    row = project_row(sqlite_url, "Shop")
+    assert (row.allowed_origins, row.redact_params) == (["https://b.example"], ["promo"])
+    run(sqlite_url, *update, "--allowed-origin", "https://a.example")
     # The last origin goes with --any-origin, named or not.
     widened = run(
         sqlite_url, *update, "--remove-allowed-origin", "https://a.example", "--any-origin"

@@ -206,7 +206,10 @@ def _migrate(stopping: Callable[[], bool], next_wait: float = MIGRATION_RETRY_SE
         except subprocess.TimeoutExpired:
             if stopping():
                 child.terminate()
-                child.communicate()
+                try:
+                    child.communicate(timeout=5)
+                except subprocess.TimeoutExpired:  # a pipe held open elsewhere: do not hang
+                    child.kill()
                 log.warning("stopped before the migrations were applied")
                 return False
     if child.returncode == 0:

@@ -76,7 +76,8 @@ def _tolerant(service: str, method: str, handler: Any) -> grpc.RpcMethodHandler:
 
     def call(request: Any, context: grpc.ServicerContext) -> Any:
         if isinstance(request, Undecodable):
-            log.info("/%s/%s: undecodable request refused: %s", service, method, request.reason)
+            # DEBUG: the caller is told why, and garbage traffic must not flood the log.
+            log.debug("/%s/%s: undecodable request refused: %s", service, method, request.reason)
             status = status_pb2.Status(
                 code=code_pb2.INVALID_ARGUMENT,
                 message=f"the request could not be decoded: {request.reason}",

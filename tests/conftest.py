@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,6 +89,16 @@ def postgres_url() -> Iterator[str]:
     """A migrated PostgreSQL database of this test's own, dropped afterwards."""
     with fresh_postgres_database() as url:
         yield url
+
+
+@pytest.fixture
+def silent_database() -> Iterator[str]:
+    """A PostgreSQL URL whose server accepts connections and never answers (a frozen database,
+    or a middlebox that still completes TCP handshakes)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(128)
+        yield f"postgresql+psycopg://apex@127.0.0.1:{listener.getsockname()[1]}/apex"
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

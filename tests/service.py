@@ -72,15 +72,29 @@ def running_service(database_url: str, env: dict[str, str] | None = None) -> Ite
     On exit: SIGTERM, and wait for the process to drain and stop (killed if it takes longer
     than STOP_TIMEOUT).
     """
-    # A test may choose the HTTP port (e.g. to match a tag printed beforehand).
-    http_port = int((env or {}).get("APEX_HTTP_PORT") or free_port())
-    grpc_port = free_port()
+    environment = service_environment(database_url, env)
+    argv = [sys.executable, "-m", "apex_ingest", "serve"]
+    with logged_process(argv, environment, prefix="apex-service-") as (process, log_path):
+        service = Service(
+            base_url=f"http://127.0.0.1:{environment['APEX_HTTP_PORT']}",
+            grpc_target=f"127.0.0.1:{environment['APEX_GRPC_PORT']}",
+            process=process,
+            log_path=log_path,
+        )
+        _wait_healthy(service)
+        yield service
+
+
+def service_environment(database_url: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of `apex_ingest serve` on two free loopback ports (APEX_HTTP_PORT and
+    APEX_GRPC_PORT), with `env` over it."""
     environment = {
         **os.environ,
         "APEX_DATABASE_URL": database_url,
         "APEX_HOST": "127.0.0.1",
-        "APEX_HTTP_PORT": str(http_port),
-        "APEX_GRPC_PORT": str(grpc_port),
+        # A test may choose the HTTP port (e.g. to match a tag printed beforehand).
+        "APEX_HTTP_PORT": str(free_port()),
+        "APEX_GRPC_PORT": str(free_port()),
         "APEX_HTTP_WORKERS": "2",
         "APEX_SHUTDOWN_DRAIN": "0.2",  # tests stop services often; the drain has its own test
         **(env or {}),
@@ -88,16 +102,7 @@ def running_service(database_url: str, env: dict[str, str] | None = None) -> Ite
     # The service must find its own target from the ports, not from the caller's environment.
     if env is None or "APEX_GRPC_TARGET" not in env:
         environment.pop("APEX_GRPC_TARGET", None)
-    argv = [sys.executable, "-m", "apex_ingest", "serve"]
-    with logged_process(argv, environment, prefix="apex-service-") as (process, log_path):
-        service = Service(
-            base_url=f"http://127.0.0.1:{http_port}",
-            grpc_target=f"127.0.0.1:{grpc_port}",
-            process=process,
-            log_path=log_path,
-        )
-        _wait_healthy(service)
-        yield service
+    return environment
 
 
 def _wait_healthy(service: Service) -> None:

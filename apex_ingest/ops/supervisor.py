@@ -199,23 +199,22 @@ def _migrate(stopping: Callable[[], bool], next_wait: float = MIGRATION_RETRY_SE
         stderr=subprocess.PIPE,
         text=True,
     )
-    while True:
+    out = err = ""
+    while child.returncode is None:
         try:
             out, err = child.communicate(timeout=0.2)
-            break
         except subprocess.TimeoutExpired:
             if stopping():
                 child.terminate()
                 try:
-                    child.communicate(timeout=5)
+                    out, err = child.communicate(timeout=5)
                 except subprocess.TimeoutExpired:  # a pipe held open elsewhere: do not hang
                     child.kill()
-                log.warning("stopped before the migrations were applied")
-                return False
+                    child.wait()
     if child.returncode == 0:
         log.info("%s", out.strip())  # in this process's log format
         return True
-    if stopping():  # a Ctrl-C reached the child too: nothing to retry
+    if stopping():  # ended by us, or by the Ctrl-C that reached it too: nothing to retry
         log.warning("stopped before the migrations were applied")
         return False
     reason = (err.strip().splitlines() or ["no message"])[-1]

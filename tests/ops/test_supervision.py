@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,13 @@ import requests
 from sqlalchemy import create_engine, text
 
 from tests.conftest import fresh_postgres_database
-from tests.service import free_port, logged_process, running_service, wait_for
+from tests.service import (
+    free_port,
+    logged_process,
+    running_service,
+    service_environment,
+    wait_for,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -137,27 +141,8 @@ supervisor.serve_all(settings, 1, 1)
     assert "could not start" in result.stderr
 
 
-@pytest.fixture
-def silent_database() -> Iterator[str]:
-    """A PostgreSQL URL whose server accepts connections and never answers (a frozen database,
-    or a middlebox that still completes TCP handshakes)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(128)
-        yield f"postgresql+psycopg://apex@127.0.0.1:{listener.getsockname()[1]}/apex"
-
-
 def _serve_env(database_url: str, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "APEX_DATABASE_URL": database_url,
-        "APEX_HOST": "127.0.0.1",
-        "APEX_HTTP_PORT": str(free_port()),
-        "APEX_GRPC_PORT": str(free_port()),
-        "APEX_HTTP_WORKERS": "1",
-        "APEX_SHUTDOWN_DRAIN": "0.2",
-        **extra,
-    }
+    return service_environment(database_url, {"APEX_HTTP_WORKERS": "1", **extra})
 
 
 def _health(env: dict[str, str]) -> requests.Response:

@@ -235,13 +235,11 @@ def test_admin_commands_refuse_a_database_without_the_schema(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("args", [["db", "upgrade"], ["projects", "list"]])
-def test_commands_give_up_on_a_database_that_never_answers(args: list[str]) -> None:
+def test_commands_give_up_on_a_database_that_never_answers(
+    silent_database: str, args: list[str]
+) -> None:
     """They used to wait forever (no connect timeout before the schema check or migrations)."""
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen(16)
-        url = f"postgresql+psycopg://apex@127.0.0.1:{listener.getsockname()[1]}/apex"
-        result = run_env(url, {"APEX_DB_CONNECT_TIMEOUT": "1"}, *args, check=False)
+    result = run_env(silent_database, {"APEX_DB_CONNECT_TIMEOUT": "1"}, *args, check=False)
     assert result.returncode == 1
     assert "timeout" in result.stderr and "Traceback" not in result.stderr
 
